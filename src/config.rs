@@ -1,0 +1,743 @@
+//! The settings, loaded and validated once.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file given with
+//! `--config`, then environment variables `CONVSTORE_SECTION__KEY` (for
+//! example `CONVSTORE_QUEUE__CAPACITY=500`). Unknown keys are errors, so a typo
+//! never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything convstore can be told. Key names are a contract (DESIGN.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Managed cluster, journal and models live here.
+    pub state_dir: PathBuf,
+    pub log: LogSettings,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub queue: QueueSettings,
+    pub batch: BatchSettings,
+    pub pipeline: PipelineSettings,
+    pub chunking: ChunkingSettings,
+    pub embedding: EmbeddingSettings,
+    pub cache: CacheSettings,
+    pub journal: JournalSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            log: LogSettings::default(),
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            queue: QueueSettings::default(),
+            batch: BatchSettings::default(),
+            pipeline: PipelineSettings::default(),
+            chunking: ChunkingSettings::default(),
+            embedding: EmbeddingSettings::default(),
+            cache: CacheSettings::default(),
+            journal: JournalSettings::default(),
+            shutdown: ShutdownSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter directive, e.g. `info` or `convstore=debug,sqlx=warn`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// `""` disables TCP.
+    pub http_addr: String,
+    /// `""` disables the Unix socket.
+    pub unix_socket: String,
+    /// Octal permission bits of the socket file.
+    pub socket_mode: String,
+    pub max_body_bytes: NonZeroUsize,
+    /// Upper bound on messages in one conversation.
+    pub max_messages: NonZeroUsize,
+    /// Upper bound on items in one batch request.
+    pub max_batch_items: NonZeroUsize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:7070".into(),
+            unix_socket: default_unix_socket(),
+            socket_mode: "0660".into(),
+            max_body_bytes: nz(1_048_576),
+            max_messages: nz(1_000),
+            max_batch_items: nz(1_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Empty means managed mode: a private cluster under `state_dir/postgres`.
+    pub url: String,
+    pub pool_size: NonZeroU32,
+    /// How a batch's chunk rows reach PostgreSQL (see docs/STORAGE.md).
+    pub write_method: WriteMethod,
+    /// Managed mode: directory holding `initdb` and `postgres`. Empty = search.
+    pub managed_bin_dir: String,
+    /// Managed mode when convstore runs as root: the unprivileged account the
+    /// PostgreSQL processes run as (PostgreSQL refuses to run as root).
+    /// Empty = `convstore` if that account exists, else `nobody`.
+    pub managed_user: String,
+    /// Managed mode: `shared_buffers` for the private cluster.
+    pub managed_shared_buffers: String,
+    /// How long start-up waits for the database before giving up.
+    pub connect_timeout_ms: NonZeroU64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: NonZeroU32::new(8).unwrap_or(NonZeroU32::MIN),
+            write_method: WriteMethod::Copy,
+            managed_bin_dir: String::new(),
+            managed_user: String::new(),
+            managed_shared_buffers: "256MB".into(),
+            connect_timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMethod {
+    /// Binary `COPY ... FROM STDIN` for chunk rows.
+    Copy,
+    /// `INSERT ... SELECT FROM UNNEST($1::..[])` for chunk rows.
+    Unnest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// Conversations held in memory between acknowledgement and storage.
+    pub capacity: NonZeroUsize,
+    /// Bytes of conversation text held in memory, whatever the count.
+    pub max_bytes: NonZeroUsize,
+    pub when_full: WhenFull,
+    /// With `when_full = "block"`: how long a request may wait for room.
+    pub block_timeout_ms: NonZeroU64,
+    /// Seconds a 429 tells the client to wait.
+    pub retry_after_secs: NonZeroU32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            capacity: nz(10_000),
+            max_bytes: nz(268_435_456),
+            when_full: WhenFull::Reject,
+            block_timeout_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            retry_after_secs: NonZeroU32::new(1).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// What ingress does when the queue has no room.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Answer 429 with `Retry-After` at once: the caller keeps control.
+    Reject,
+    /// Hold the request up to `queue.block_timeout_ms`, then 429: smooths
+    /// bursts at the price of caller latency.
+    Block,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Conversations per batch.
+    pub max_size: NonZeroUsize,
+    /// A batch closes this long after its first item at the latest.
+    pub max_wait_ms: NonZeroU64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_size: nz(64),
+            max_wait_ms: NonZeroU64::new(20).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    /// Batches embedded and stored concurrently.
+    pub workers: NonZeroUsize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self { workers: nz(4) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkingSettings {
+    /// Largest chunk in (estimated) tokens; 0 = the model's context length.
+    /// Never above the model's context length, whatever is set here.
+    pub max_tokens: usize,
+    /// Used when no backend has reported its context length yet.
+    pub fallback_context_tokens: NonZeroUsize,
+}
+
+impl Default for ChunkingSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 0,
+            fallback_context_tokens: nz(512),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingSettings {
+    pub model: String,
+    /// Checked against every backend at start-up; fixes the vector column.
+    pub dimensions: NonZeroUsize,
+    pub strategy: Strategy,
+    /// Most texts sent in one backend request.
+    pub max_batch_inputs: NonZeroUsize,
+    /// First retry delay after a retryable backend failure; doubles each time.
+    pub retry_initial_ms: NonZeroU64,
+    /// Ceiling of the retry delay.
+    pub retry_max_ms: NonZeroU64,
+    pub backends: Vec<BackendSettings>,
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        Self {
+            model: "nomic-embed-text".into(),
+            dimensions: nz(768),
+            strategy: Strategy::LeastOutstanding,
+            max_batch_inputs: nz(32),
+            retry_initial_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
+            retry_max_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            backends: vec![BackendSettings::default()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    LeastOutstanding,
+    RoundRobin,
+    Weighted,
+    Latency,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendSettings {
+    pub name: String,
+    pub kind: BackendKind,
+    pub url: String,
+    /// Empty = `embedding.model`.
+    pub model: String,
+    pub weight: NonZeroU32,
+    pub max_in_flight: NonZeroUsize,
+    pub timeout_ms: NonZeroU64,
+    /// Name of the environment variable holding the bearer key (openai).
+    pub api_key_env: String,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        Self {
+            name: "local-ollama".into(),
+            kind: BackendKind::Ollama,
+            url: "http://127.0.0.1:11434".into(),
+            model: String::new(),
+            weight: NonZeroU32::MIN,
+            max_in_flight: nz(2),
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            api_key_env: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Ollama,
+    Openai,
+    Builtin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Entries in the in-memory LRU (L1).
+    pub max_entries: NonZeroUsize,
+    /// L2: the `embedding_cache` table shared by every instance.
+    pub shared: bool,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_entries: nz(50_000),
+            shared: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSettings {
+    pub enabled: bool,
+    pub fsync_interval_ms: NonZeroU64,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            fsync_interval_ms: NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// Deadline for draining the queue on SIGTERM.
+    pub timeout_ms: NonZeroU64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the file (if any), then `CONVSTORE_*` variables; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with an explicit environment (tests pass their own).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CONVSTORE_") && k.contains("__") || is_top_level_env(k))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("CONVSTORE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let settings: Settings = merged
+            .try_deserialize()
+            .map_err(describe_deserialize_error)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that serde cannot express: addresses, modes, relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("state_dir", "must not be empty"));
+        }
+        if self.server.http_addr.is_empty() && self.server.unix_socket.is_empty() {
+            return Err(ConfigError::invalid(
+                "server.http_addr",
+                "both server.http_addr and server.unix_socket are empty: convstore would not listen anywhere",
+            ));
+        }
+        if !self.server.http_addr.is_empty() {
+            self.server.http_addr.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid(
+                    "server.http_addr",
+                    format!(
+                        "`{}` is not an IP:port address ({e})",
+                        self.server.http_addr
+                    ),
+                )
+            })?;
+        }
+        if !self.server.unix_socket.is_empty() && !Path::new(&self.server.unix_socket).is_absolute()
+        {
+            return Err(ConfigError::invalid(
+                "server.unix_socket",
+                "must be an absolute path",
+            ));
+        }
+        self.server.socket_mode_bits()?;
+        if !self.database.url.is_empty()
+            && !(self.database.url.starts_with("postgres://")
+                || self.database.url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "must start with postgres:// or postgresql:// (empty = managed cluster)",
+            ));
+        }
+        if self.embedding.model.trim().is_empty() {
+            return Err(ConfigError::invalid("embedding.model", "must not be empty"));
+        }
+        if self.embedding.dimensions.get() > 2000 {
+            return Err(ConfigError::invalid(
+                "embedding.dimensions",
+                "pgvector's HNSW index takes at most 2000 dimensions",
+            ));
+        }
+        if self.embedding.retry_max_ms < self.embedding.retry_initial_ms {
+            return Err(ConfigError::invalid(
+                "embedding.retry_max_ms",
+                "must not be below embedding.retry_initial_ms",
+            ));
+        }
+        if self.embedding.backends.is_empty() {
+            return Err(ConfigError::invalid(
+                "embedding.backends",
+                "at least one backend is needed",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, backend) in self.embedding.backends.iter().enumerate() {
+            let key = |field: &str| format!("embedding.backends[{i}].{field}");
+            if backend.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(backend.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("`{}` is used by two backends", backend.name),
+                ));
+            }
+            if backend.kind != BackendKind::Builtin {
+                let url = reqwest::Url::parse(&backend.url).map_err(|e| {
+                    ConfigError::invalid(
+                        key("url"),
+                        format!("`{}` is not a URL ({e})", backend.url),
+                    )
+                })?;
+                if url.scheme() != "http" {
+                    return Err(ConfigError::invalid(
+                        key("url"),
+                        "only http:// is supported (put a local TLS proxy in front of remote servers)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Where managed PostgreSQL keeps its data directory.
+    pub fn managed_cluster_dir(&self) -> PathBuf {
+        self.state_dir.join("postgres")
+    }
+}
+
+impl ServerSettings {
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let bits =
+            u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
+                ConfigError::invalid(
+                    "server.socket_mode",
+                    format!("`{}` is not an octal mode like 0660", self.socket_mode),
+                )
+            })?;
+        if bits > 0o777 {
+            return Err(ConfigError::invalid(
+                "server.socket_mode",
+                format!("`{}` has bits beyond 0777", self.socket_mode),
+            ));
+        }
+        Ok(bits)
+    }
+}
+
+impl EmbeddingSettings {
+    /// The model a backend serves: its own `model`, else `embedding.model`.
+    pub fn model_for<'a>(&'a self, backend: &'a BackendSettings) -> &'a str {
+        if backend.model.is_empty() {
+            &self.model
+        } else {
+            &backend.model
+        }
+    }
+}
+
+/// `CONVSTORE_STATE_DIR` is the one top-level key: no `__` in it.
+fn is_top_level_env(key: &str) -> bool {
+    key == "CONVSTORE_STATE_DIR"
+}
+
+/// serde's messages name the field but not where it sits; config's name the
+/// key path. Keep both and say it plainly.
+fn describe_deserialize_error(e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    // config renders "unknown field `x`, expected one of ... for key `server`".
+    if let Some(pos) = text.find(" for key `") {
+        let key = text[pos + 10..].trim_end_matches('`').to_string();
+        let reason = text[..pos].to_string();
+        return ConfigError::Invalid { key, reason };
+    }
+    ConfigError::Load(text)
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `/var/lib/convstore` for root (as systemd's StateDirectory); otherwise the
+/// XDG state directory, so a developer's `convstore serve` needs no sudo.
+fn default_state_dir() -> PathBuf {
+    if running_as_root() {
+        return PathBuf::from("/var/lib/convstore");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("convstore");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/convstore"),
+        None => PathBuf::from("convstore-state"),
+    }
+}
+
+/// `/run/convstore/convstore.sock` for root; otherwise under `XDG_RUNTIME_DIR`.
+fn default_unix_socket() -> String {
+    if running_as_root() {
+        return "/run/convstore/convstore.sock".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir)
+            .join("convstore/convstore.sock")
+            .to_string_lossy()
+            .into_owned(),
+        None => default_state_dir()
+            .join("convstore.sock")
+            .to_string_lossy()
+            .into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(contents: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        std::io::Write::write_all(&mut file, contents.as_bytes()).expect("write");
+        file
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_design() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.server.http_addr, "127.0.0.1:7070");
+        assert_eq!(s.queue.capacity.get(), 10_000);
+        assert_eq!(s.batch.max_size.get(), 64);
+        assert_eq!(s.pipeline.workers.get(), 4);
+        assert_eq!(s.queue.when_full, WhenFull::Reject);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let file = write("[queue]\ncapacity = 50\n[batch]\nmax_size = 8\n");
+        let s = Settings::load_from(
+            Some(file.path()),
+            env(&[
+                ("CONVSTORE_QUEUE__CAPACITY", "77"),
+                ("CONVSTORE_SERVER__HTTP_ADDR", "127.0.0.1:9999"),
+                ("CONVSTORE_STATE_DIR", "/tmp/x"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.queue.capacity.get(), 77);
+        assert_eq!(s.batch.max_size.get(), 8);
+        assert_eq!(s.server.http_addr, "127.0.0.1:9999");
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let file = write("[queue]\ncapacty = 50\n");
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("capacty"), "{text}");
+    }
+
+    #[test]
+    fn zero_size_is_rejected() {
+        let file = write("[batch]\nmax_size = 0\n");
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("max_size") || err.to_string().contains("batch"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn negative_size_is_rejected() {
+        let err =
+            Settings::load_from(None, env(&[("CONVSTORE_QUEUE__CAPACITY", "-5")])).unwrap_err();
+        assert!(
+            err.to_string().contains("capacity") || err.to_string().contains("queue"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = Settings::load_from(None, env(&[("CONVSTORE_SERVER__HTTP_ADDR", "localhost")]))
+            .unwrap_err();
+        match err {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "server.http_addr"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn bad_socket_mode_is_named() {
+        let err = Settings::load_from(None, env(&[("CONVSTORE_SERVER__SOCKET_MODE", "rw-rw")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("server.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn backends_from_file() {
+        let file = write(
+            "[embedding]\nmodel = \"all-minilm\"\ndimensions = 384\n\
+             [[embedding.backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\n\
+             [[embedding.backends]]\nname = \"b\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:2\"\nweight = 3\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(s.embedding.backends.len(), 2);
+        assert_eq!(s.embedding.backends[1].weight.get(), 3);
+        assert_eq!(s.embedding.backends[1].kind, BackendKind::Openai);
+    }
+
+    #[test]
+    fn duplicate_backend_names_rejected() {
+        let file = write(
+            "[[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\n\
+             [[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:2\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[1].name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rendered_config_loads_back_identically() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults");
+        let file = write(&s.to_toml());
+        let again = Settings::load_from(Some(file.path()), env(&[])).expect("reloads");
+        assert_eq!(s, again);
+    }
+}

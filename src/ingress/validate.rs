@@ -1,0 +1,440 @@
+//! Request body → validated [`Conversation`], or an error naming the field.
+//!
+//! Everything PostgreSQL would refuse later (NUL bytes in text or JSON,
+//! invalid timestamps) is refused here, before acknowledgement, so that an
+//! accepted conversation can always be stored.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::model::{Conversation, Message};
+
+use super::error::ApiError;
+
+/// Namespace for ids derived from a caller's non-UUID id (UUIDv5), so the
+/// same client id always maps to the same row.
+const CLIENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_5b7d_4e21_9c8a_2f4d_1e0b_7c55);
+
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+const MAX_ID_BYTES: usize = 256;
+const MAX_LABEL_BYTES: usize = 256;
+const MAX_METADATA_DEPTH: usize = 16;
+
+/// Limits that come from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_messages: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationIn {
+    id: Option<String>,
+    user_id: String,
+    channel: String,
+    messages: Option<Vec<MessageIn>>,
+    transcript: Option<String>,
+    summary: Option<String>,
+    metadata: Option<serde_json::Value>,
+    created_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageIn {
+    role: String,
+    content: String,
+    ts: Option<String>,
+}
+
+/// Parses and validates one conversation from JSON bytes.
+pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: ConversationIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
+    de.end().map_err(|e| {
+        ApiError::invalid_json(format!("trailing data after the conversation: {e}"))
+    })?;
+    validate(parsed, limits)
+}
+
+/// Validates one conversation already parsed as a JSON value (batch items).
+pub fn conversation_from_value(
+    value: serde_json::Value,
+    limits: Limits,
+) -> Result<Conversation, ApiError> {
+    let parsed: ConversationIn = serde_path_to_error::deserialize(value).map_err(schema_error)?;
+    validate(parsed, limits)
+}
+
+fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    let looks_syntactic = inner.contains("at line")
+        && (inner.contains("expected") || inner.contains("EOF") || inner.contains("invalid"))
+        && !inner.contains("invalid type")
+        && !inner.contains("unknown field")
+        && !inner.contains("missing field");
+    if looks_syntactic {
+        return ApiError::invalid_json(format!("body is not valid JSON: {inner}"));
+    }
+    if path == "." || path.is_empty() {
+        // Missing or unknown top-level fields: serde names the field in the message.
+        let field = quoted_field(&inner).unwrap_or_default();
+        return ApiError::invalid_field(&field, inner);
+    }
+    ApiError::invalid_field(&path, inner)
+}
+
+/// The first `name` in serde's "missing field `name`" style messages.
+fn quoted_field(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, ApiError> {
+    let client_id = match input.id {
+        Some(id) => {
+            check_label("id", &id, MAX_ID_BYTES)?;
+            Some(id)
+        }
+        None => None,
+    };
+    check_label("user_id", &input.user_id, MAX_LABEL_BYTES)?;
+    check_label("channel", &input.channel, MAX_LABEL_BYTES)?;
+
+    let (messages, transcript) = match (input.messages, input.transcript) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_field(
+                "transcript",
+                "give either messages or transcript, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_field(
+                "messages",
+                "missing: give messages (a non-empty array) or transcript",
+            ));
+        }
+        (Some(messages), None) => (validate_messages(messages, limits)?, None),
+        (None, Some(transcript)) => {
+            check_text("transcript", &transcript)?;
+            (Vec::new(), Some(transcript))
+        }
+    };
+
+    if let Some(summary) = &input.summary {
+        check_no_nul("summary", summary)?;
+    }
+    let metadata = match input.metadata {
+        None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+        Some(value @ serde_json::Value::Object(_)) => {
+            check_json("metadata", &value, 0)?;
+            value
+        }
+        Some(_) => return Err(ApiError::invalid_field("metadata", "must be a JSON object")),
+    };
+    let created_at = input
+        .created_at
+        .as_deref()
+        .map(|s| parse_timestamp("created_at", s))
+        .transpose()?;
+
+    let id = match &client_id {
+        Some(cid) => Uuid::parse_str(cid)
+            .unwrap_or_else(|_| Uuid::new_v5(&CLIENT_ID_NAMESPACE, cid.as_bytes())),
+        None => Uuid::now_v7(),
+    };
+    Ok(Conversation {
+        id,
+        client_id,
+        user_id: input.user_id,
+        channel: input.channel,
+        messages,
+        transcript,
+        summary: input.summary,
+        metadata,
+        created_at,
+        received_at: Utc::now(),
+        received_instant: Instant::now(),
+    })
+}
+
+fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Message>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_field("messages", "must not be empty"));
+    }
+    if messages.len() > limits.max_messages {
+        return Err(ApiError::invalid_field(
+            "messages",
+            format!(
+                "{} messages; at most {} are allowed (server.max_messages)",
+                messages.len(),
+                limits.max_messages
+            ),
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid_field(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`{}` is not one of {}",
+                        truncate_for_message(&m.role),
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
+            check_text(&format!("messages[{i}].content"), &m.content)?;
+            let ts =
+                m.ts.as_deref()
+                    .map(|s| parse_timestamp(&format!("messages[{i}].ts"), s))
+                    .transpose()?;
+            Ok(Message {
+                role: m.role,
+                content: m.content,
+                ts,
+            })
+        })
+        .collect()
+}
+
+/// Non-empty text without NUL bytes (PostgreSQL `text` cannot hold NUL).
+fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid_field(field, "must not be empty"));
+    }
+    check_no_nul(field, text)
+}
+
+fn check_no_nul(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.contains('\0') {
+        return Err(ApiError::invalid_field(
+            field,
+            "contains a NUL character (\\u0000), which PostgreSQL cannot store",
+        ));
+    }
+    Ok(())
+}
+
+/// Ids and labels: 1..=max bytes, no control characters.
+fn check_label(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid_field(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{} bytes; at most {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid_field(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// No NUL anywhere (keys included; `jsonb` refuses `\u0000`), bounded depth.
+fn check_json(field: &str, value: &serde_json::Value, depth: usize) -> Result<(), ApiError> {
+    if depth > MAX_METADATA_DEPTH {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("nested deeper than {MAX_METADATA_DEPTH} levels"),
+        ));
+    }
+    match value {
+        serde_json::Value::String(s) => check_no_nul(field, s),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v, depth + 1)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let path = format!("{field}.{k}");
+            check_no_nul(&path, k)?;
+            check_json(&path, v, depth + 1)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// RFC 3339, between 1970 and a day from now (clock skew allowed).
+fn parse_timestamp(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    let parsed = DateTime::parse_from_rfc3339(value).map_err(|e| {
+        ApiError::invalid_field(
+            field,
+            format!(
+                "`{}` is not an RFC 3339 timestamp ({e})",
+                truncate_for_message(value)
+            ),
+        )
+    })?;
+    let utc = parsed.with_timezone(&Utc);
+    let earliest = DateTime::<Utc>::UNIX_EPOCH;
+    let latest = Utc::now() + chrono::Duration::days(1);
+    if utc < earliest || utc > latest {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("`{value}` is outside 1970-01-01 .. now + 1 day"),
+        ));
+    }
+    Ok(utc)
+}
+
+fn truncate_for_message(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_messages: 10 };
+
+    fn field_of(body: &str) -> String {
+        match parse_conversation(body.as_bytes(), LIMITS) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => e.field().unwrap_or("<none>").to_string(),
+        }
+    }
+
+    #[test]
+    fn valid_conversation_gets_v7_id() {
+        let c = parse_conversation(
+            br#"{"user_id":"u1","channel":"web","messages":[{"role":"user","content":"hi","ts":"2024-05-01T10:00:00Z"}],"metadata":{"k":[1,2]}}"#,
+            LIMITS,
+        )
+        .expect("valid");
+        assert_eq!(c.id.get_version_num(), 7);
+        assert_eq!(c.messages.len(), 1);
+        assert!(c.messages[0].ts.is_some());
+    }
+
+    #[test]
+    fn client_id_is_stable() {
+        let body = br#"{"id":"conv-42","user_id":"u","channel":"c","transcript":"hello"}"#;
+        let a = parse_conversation(body, LIMITS).unwrap();
+        let b = parse_conversation(body, LIMITS).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.client_id.as_deref(), Some("conv-42"));
+        let uuid = "0191e6f3-0000-7000-8000-000000000001";
+        let c = parse_conversation(
+            format!(r#"{{"id":"{uuid}","user_id":"u","channel":"c","transcript":"x"}}"#).as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(c.id.to_string(), uuid);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            field_of(r#"{"channel":"c","messages":[{"role":"user","content":"x"}]}"#),
+            "user_id"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","messages":[]}"#),
+            "messages"
+        );
+        assert_eq!(field_of(r#"{"user_id":"u","channel":"c"}"#), "messages");
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"  "}]}"#
+            ),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}"#
+            ),
+            "messages[1].role"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a\u0000b"}]}"#
+            ),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a","ts":"yesterday"}]}"#
+            ),
+            "messages[0].ts"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","transcript":"x","created_at":"2024-13-01T00:00:00Z"}"#
+            ),
+            "created_at"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","transcript":"x","created_at":"3024-01-01T00:00:00Z"}"#
+            ),
+            "created_at"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","metadata":[1]}"#),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"a":"\u0000"}}"#),
+            "metadata.a"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","colour":"red"}"#),
+            "colour"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":5,"channel":"c","transcript":"x"}"#),
+            "user_id"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":1}]}"#),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"x"}],"transcript":"y"}"#
+            ),
+            "transcript"
+        );
+    }
+
+    #[test]
+    fn invalid_json_is_not_a_field_error() {
+        let err = parse_conversation(b"{\"user_id\": ", LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        let err = parse_conversation(b"{} {}", LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        let err = parse_conversation(b"\xff\xfe", LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+    }
+
+    #[test]
+    fn too_many_messages() {
+        let msgs: Vec<String> = (0..11)
+            .map(|_| r#"{"role":"user","content":"x"}"#.to_string())
+            .collect();
+        let body = format!(
+            r#"{{"user_id":"u","channel":"c","messages":[{}]}}"#,
+            msgs.join(",")
+        );
+        assert_eq!(field_of(&body), "messages");
+    }
+
+    #[test]
+    fn deep_metadata_rejected() {
+        let deep = format!("{}1{}", "{\"a\":".repeat(20), "}".repeat(20));
+        let body = format!(r#"{{"user_id":"u","channel":"c","transcript":"x","metadata":{deep}}}"#);
+        assert!(field_of(&body).starts_with("metadata"));
+    }
+}

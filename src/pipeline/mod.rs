@@ -1,0 +1,161 @@
+//! Behind the queue: the batcher closes batches by size or time, a pool of
+//! workers chunks, embeds and stores them, one transaction per batch.
+//!
+//! ```text
+//! queue ──► batcher ──(channel of 1: the next batch forms while
+//!                      the current ones are embedded)──► workers × N
+//!                                                        chunk → cache → embed → store
+//! ```
+
+pub mod batcher;
+pub mod chunker;
+pub mod embedding;
+pub mod retry;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::embed::Embedder;
+use crate::embed::cache::EmbeddingCache;
+use crate::model::Conversation;
+use crate::queue::BoundedQueue;
+use crate::store::Store;
+
+/// What every worker shares.
+pub struct PipelineContext {
+    pub embedder: Arc<dyn Embedder>,
+    pub cache: Arc<EmbeddingCache>,
+    pub store: Arc<Store>,
+    /// The model whose vectors are stored (cache key, chunk rows).
+    pub model: Arc<str>,
+    pub dimensions: usize,
+    /// The model's context length in tokens, updated when a backend reports
+    /// it; chunks are cut to fit it.
+    pub context_tokens: Arc<AtomicUsize>,
+    /// `chunking.max_tokens` (0 = the context length).
+    pub max_chunk_tokens: usize,
+    pub max_batch_inputs: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub drain: Arc<DrainDeadline>,
+    /// Conversations taken off the queue and not yet stored (or given up).
+    pub in_flight: Arc<AtomicUsize>,
+    /// Batches finished, for progress checks (watchdog, stats).
+    pub batches_done: Arc<AtomicU64>,
+}
+
+/// The moment retry loops stop waiting for a backend or the database:
+/// unset while running, set when shutdown begins.
+#[derive(Debug, Default)]
+pub struct DrainDeadline {
+    deadline: OnceLock<Instant>,
+}
+
+impl DrainDeadline {
+    pub fn set(&self, deadline: Instant) {
+        let _ = self.deadline.set(deadline);
+    }
+
+    pub fn get(&self) -> Option<Instant> {
+        self.deadline.get().copied()
+    }
+
+    pub fn deadline_passed(&self) -> bool {
+        self.get().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether sleeping `delay` from now would end past the deadline.
+    pub fn would_pass(&self, delay: Duration) -> bool {
+        self.get().is_some_and(|d| Instant::now() + delay >= d)
+    }
+}
+
+/// Batches for the workers.
+pub type Batch = Vec<Conversation>;
+
+/// The running batcher and workers.
+pub struct Pipeline {
+    tasks: JoinSet<()>,
+    ctx: Arc<PipelineContext>,
+}
+
+/// What was left when a drain hit its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub queued_left: usize,
+    pub in_flight_left: usize,
+    pub completed: bool,
+}
+
+impl Pipeline {
+    /// Starts the batcher and `workers` workers on `queue`.
+    pub fn start(
+        ctx: Arc<PipelineContext>,
+        queue: Arc<BoundedQueue<Conversation>>,
+        workers: usize,
+        batch_max_size: usize,
+        batch_max_wait: Duration,
+    ) -> Self {
+        let mut tasks = JoinSet::new();
+        // Capacity 1: one finished batch waits while all workers are busy,
+        // so the next batch is formed while the current ones are embedded.
+        let (tx, rx) = mpsc::channel::<Batch>(1);
+        tasks.spawn(batcher::run(
+            queue,
+            tx,
+            batch_max_size,
+            batch_max_wait,
+            ctx.in_flight.clone(),
+        ));
+        let rx = Arc::new(Mutex::new(rx));
+        for id in 0..workers {
+            tasks.spawn(worker::run(id, ctx.clone(), rx.clone()));
+        }
+        Self { tasks, ctx }
+    }
+
+    pub fn context(&self) -> &Arc<PipelineContext> {
+        &self.ctx
+    }
+
+    /// Waits for the batcher to empty the (closed) queue and the workers to
+    /// store everything, until `deadline`. Retry loops give up at the
+    /// deadline (texts without vectors are stored as pending); tasks still
+    /// running after it are aborted and reported.
+    pub async fn drain(
+        mut self,
+        queue: &BoundedQueue<Conversation>,
+        deadline: Instant,
+    ) -> DrainReport {
+        // Leave a slice of the budget for the final writes after embedding
+        // retries give up.
+        let now = Instant::now();
+        let budget = deadline.saturating_duration_since(now);
+        self.ctx.drain.set(now + budget.mul_f64(0.8));
+        let finished = tokio::time::timeout_at(deadline, async {
+            while let Some(res) = self.tasks.join_next().await {
+                if let Err(e) = res {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "A pipeline task panicked");
+                    }
+                }
+            }
+        })
+        .await
+        .is_ok();
+        if !finished {
+            self.tasks.abort_all();
+        }
+        DrainReport {
+            queued_left: queue.len(),
+            in_flight_left: self.ctx.in_flight.load(Ordering::Relaxed),
+            completed: finished,
+        }
+    }
+}

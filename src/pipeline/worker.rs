@@ -1,0 +1,161 @@
+//! One worker: takes a batch, chunks it, gets vectors (cache, then backend),
+//! writes the batch in one transaction, and records what happened.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::{Mutex, mpsc};
+
+use crate::model::{EmbeddedChunk, EmbeddingStatus, ReadyConversation};
+use crate::telemetry::metrics as m;
+
+use super::chunker::Chunker;
+use super::embedding::{VectorOutcome, embed_chunks};
+use super::retry::Backoff;
+use super::{Batch, PipelineContext};
+
+pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Receiver<Batch>>>) {
+    loop {
+        // Hold the lock only while waiting for the next batch.
+        let batch = { rx.lock().await.recv().await };
+        let Some(batch) = batch else { break };
+        let count = batch.len();
+        process(&ctx, batch).await;
+        ctx.in_flight.fetch_sub(count, Ordering::Relaxed);
+        ctx.batches_done.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(worker = id, "Worker done");
+}
+
+async fn process(ctx: &PipelineContext, batch: Batch) {
+    let chunker = Chunker::new(
+        ctx.context_tokens.load(Ordering::Relaxed),
+        ctx.max_chunk_tokens,
+    );
+    let chunked: Vec<_> = batch
+        .into_iter()
+        .map(|c| {
+            let chunks = chunker.chunk(&c);
+            (c, chunks)
+        })
+        .collect();
+    let chunk_count: usize = chunked.iter().map(|(_, ch)| ch.len()).sum();
+    metrics::histogram!(m::BATCH_CHUNKS).record(chunk_count as f64);
+
+    let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(_, ch)| ch.iter())).await;
+    let ready: Vec<ReadyConversation> = chunked
+        .into_iter()
+        .map(|(conversation, chunks)| ReadyConversation {
+            chunks: chunks
+                .into_iter()
+                .map(|chunk| attach(chunk, &outcomes))
+                .collect(),
+            conversation,
+            model: ctx.model.to_string(),
+        })
+        .collect();
+    store_with_retry(ctx, ready).await;
+}
+
+fn attach(
+    chunk: crate::model::Chunk,
+    outcomes: &HashMap<crate::model::ContentHash, VectorOutcome>,
+) -> EmbeddedChunk {
+    match outcomes.get(&chunk.content_hash) {
+        Some(VectorOutcome::Embedded(v)) => EmbeddedChunk {
+            chunk,
+            status: EmbeddingStatus::Embedded,
+            embedding: Some(v.clone()),
+            error: None,
+        },
+        Some(VectorOutcome::Failed(reason)) => EmbeddedChunk {
+            chunk,
+            status: EmbeddingStatus::Failed,
+            embedding: None,
+            error: Some(reason.clone()),
+        },
+        Some(VectorOutcome::Pending) | None => EmbeddedChunk {
+            chunk,
+            status: EmbeddingStatus::Pending,
+            embedding: None,
+            error: None,
+        },
+    }
+}
+
+/// Writes the batch in one transaction, retrying while the database is
+/// unavailable. A batch the database refuses is retried one conversation at
+/// a time, so one bad row cannot hold back the others.
+async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) {
+    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
+    loop {
+        let started = Instant::now();
+        match ctx.store.write_batch(&ready).await {
+            Ok(outcome) => {
+                let elapsed = started.elapsed().as_secs_f64();
+                metrics::histogram!(m::STORE_SECONDS).record(elapsed);
+                record_stored(&ready, &outcome);
+                return;
+            }
+            Err(e) if e.is_retryable() => {
+                metrics::counter!(m::STORE_RETRIES).increment(1);
+                let delay = backoff.next_delay(None);
+                if ctx.drain.deadline_passed() || ctx.drain.would_pass(delay) {
+                    let ids: Vec<String> = ready
+                        .iter()
+                        .map(|r| r.conversation.id.to_string())
+                        .collect();
+                    tracing::error!(
+                        error = %e,
+                        conversations = ready.len(),
+                        ids = ?ids,
+                        "Database unavailable until the shutdown deadline; these accepted conversations were NOT stored"
+                    );
+                    metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "database_unavailable")
+                        .increment(ready.len() as u64);
+                    return;
+                }
+                tracing::warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "Database write failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) if ready.len() > 1 => {
+                tracing::warn!(error = %e, conversations = ready.len(), "Database refused a batch; writing its conversations one by one");
+                for one in ready {
+                    Box::pin(store_with_retry(ctx, vec![one])).await;
+                }
+                return;
+            }
+            Err(e) => {
+                let id = ready
+                    .first()
+                    .map(|r| r.conversation.id.to_string())
+                    .unwrap_or_default();
+                tracing::error!(error = %e, id = %id, "Database refused a conversation; it was NOT stored");
+                metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "rejected_by_database")
+                    .increment(1);
+                return;
+            }
+        }
+    }
+}
+
+fn record_stored(ready: &[ReadyConversation], outcome: &crate::store::WriteOutcome) {
+    metrics::counter!(m::CONVERSATIONS_STORED).increment(outcome.conversations_inserted as u64);
+    metrics::counter!(m::CONVERSATIONS_DUPLICATE).increment(outcome.duplicates as u64);
+    metrics::counter!(m::STORE_ROWS, "table" => "conversations")
+        .increment(outcome.conversations_inserted as u64);
+    metrics::counter!(m::STORE_ROWS, "table" => "conversation_chunks")
+        .increment(outcome.chunks_inserted as u64);
+    let embedded = outcome
+        .chunks_inserted
+        .saturating_sub(outcome.chunks_pending + outcome.chunks_failed);
+    metrics::counter!(m::CHUNKS_STORED, "status" => "embedded").increment(embedded as u64);
+    metrics::counter!(m::CHUNKS_STORED, "status" => "pending").increment(outcome.chunks_pending as u64);
+    metrics::counter!(m::CHUNKS_STORED, "status" => "failed").increment(outcome.chunks_failed as u64);
+    let e2e = metrics::histogram!(m::END_TO_END_SECONDS);
+    for r in ready {
+        e2e.record(r.conversation.received_instant.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,168 @@
+//! The parts of the schema that depend on the configuration, not on the
+//! schema version: the vector dimension and the HNSW index.
+//!
+//! An HNSW index needs a fixed dimension, and the dimension belongs to the
+//! embedding model the operator configured. So the migration leaves
+//! `conversation_chunks.embedding` as a bare `vector`, and start-up fixes it
+//! to `vector(embedding.dimensions)` and builds the index. A later start with
+//! another dimension is refused with an explanation instead of mixing
+//! vectors of different models in one index.
+
+use sqlx::PgPool;
+use sqlx::postgres::PgConnection;
+
+use super::StoreError;
+
+/// Name of the cosine HNSW index on `conversation_chunks.embedding`.
+pub const HNSW_INDEX: &str = "conversation_chunks_embedding_hnsw_idx";
+
+/// The index, with pgvector's default build parameters (m 16,
+/// ef_construction 64) written out, so that a change of pgvector's defaults
+/// does not silently change ours. Search code orders by `embedding <=> $1`
+/// (cosine distance) to use it.
+const CREATE_HNSW_INDEX: &str = "CREATE INDEX IF NOT EXISTS conversation_chunks_embedding_hnsw_idx \
+     ON conversation_chunks USING hnsw (embedding vector_cosine_ops) \
+     WITH (m = 16, ef_construction = 64)";
+
+/// pgvector indexes `vector` columns of at most 2,000 dimensions with HNSW.
+pub const HNSW_MAX_DIMENSIONS: usize = 2000;
+
+/// Serialises [`ensure_vector_column`] between instances sharing a database
+/// (an arbitrary constant: "convstor" in ASCII; sqlx's migrator uses a key
+/// derived from the database name, so they do not collide).
+const SCHEMA_LOCK_KEY: i64 = 0x636f_6e76_7374_6f72;
+
+/// Makes `conversation_chunks.embedding` a `vector(dims)` column with a
+/// cosine HNSW index (m 16, ef_construction 64).
+///
+/// - No dimension yet (fresh database): checks that stored vectors, if any,
+///   have `dims` dimensions, then `ALTER ... TYPE vector(dims)`.
+/// - Already `vector(dims)`: nothing to alter.
+/// - Another dimension: [`StoreError::Schema`] saying what the database
+///   holds and what the operator can do.
+///
+/// Then creates the index if it is missing. Everything runs in one
+/// transaction under an advisory lock, so instances starting together do it
+/// once and the others wait and find it done.
+pub async fn ensure_vector_column(pool: &PgPool, dims: usize) -> Result<(), StoreError> {
+    if dims == 0 || dims > HNSW_MAX_DIMENSIONS {
+        return Err(StoreError::Schema(format!(
+            "embedding.dimensions is {dims}; the HNSW index supports 1 to {HNSW_MAX_DIMENSIONS} dimensions"
+        )));
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SCHEMA_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+
+    match column_dimensions(&mut tx).await? {
+        None => fix_dimensions(&mut tx, dims).await?,
+        Some(current) if current == dims => {}
+        Some(current) => {
+            let model = stored_model(&mut tx).await?;
+            return Err(dimension_mismatch(current, dims, model.as_deref()));
+        }
+    }
+
+    let index_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(HNSW_INDEX)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !index_exists {
+        tracing::info!(
+            index = HNSW_INDEX,
+            dimensions = dims,
+            "Creating the HNSW index on conversation_chunks.embedding"
+        );
+        // Checking first instead of relying on IF NOT EXISTS alone: CREATE
+        // INDEX takes a SHARE lock on the table even when the index exists,
+        // which would stall other instances' writes at every start.
+        sqlx::query(CREATE_HNSW_INDEX).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The column's fixed dimension (`vector(N)` → N), or `None` for a bare
+/// `vector`.
+async fn column_dimensions(conn: &mut PgConnection) -> Result<Option<usize>, StoreError> {
+    let typmod: Option<i32> = sqlx::query_scalar(
+        "SELECT atttypmod FROM pg_attribute \
+         WHERE attrelid = 'conversation_chunks'::regclass \
+           AND attname = 'embedding' AND NOT attisdropped",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(typmod) = typmod else {
+        return Err(StoreError::Schema(
+            "conversation_chunks has no embedding column: the migrations have not run \
+             (run `convstore migrate`)"
+                .into(),
+        ));
+    };
+    // pgvector stores the dimension itself as the typmod; -1 means none.
+    Ok(usize::try_from(typmod).ok().filter(|d| *d > 0))
+}
+
+async fn fix_dimensions(conn: &mut PgConnection, dims: usize) -> Result<(), StoreError> {
+    // The ALTER below would fail on a stored vector of another size too, but
+    // with "expected N dimensions, not M"; say instead what it means.
+    let other: Option<i32> = sqlx::query_scalar(
+        "SELECT vector_dims(embedding) FROM conversation_chunks \
+         WHERE embedding IS NOT NULL AND vector_dims(embedding) <> $1 LIMIT 1",
+    )
+    .bind(i32::try_from(dims).unwrap_or(i32::MAX))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(other) = other {
+        let model = stored_model(conn).await?;
+        let current = usize::try_from(other).unwrap_or(0);
+        return Err(dimension_mismatch(current, dims, model.as_deref()));
+    }
+    tracing::info!(
+        dimensions = dims,
+        "Fixing conversation_chunks.embedding to vector({dims})"
+    );
+    // A type modifier cannot be a bind parameter; `dims` is a checked
+    // integer (1..=2000), so formatting it in is safe.
+    let ddl = format!("ALTER TABLE conversation_chunks ALTER COLUMN embedding TYPE vector({dims})");
+    sqlx::query(sqlx::AssertSqlSafe(ddl))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A model that produced the stored vectors, to name it in the error.
+async fn stored_model(conn: &mut PgConnection) -> Result<Option<String>, StoreError> {
+    let model = sqlx::query_scalar(
+        "SELECT model FROM conversation_chunks WHERE embedding IS NOT NULL LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(model)
+}
+
+fn dimension_mismatch(stored: usize, configured: usize, model: Option<&str>) -> StoreError {
+    let by = model.map_or(String::new(), |m| format!(" (from model `{m}`)"));
+    StoreError::Schema(format!(
+        "the database holds {stored}-dimensional vectors{by}; embedding.dimensions is \
+         {configured}. Vectors of different models cannot share one index. Either configure \
+         the model that produced them (embedding.model, embedding.dimensions = {stored}), \
+         or use a new database (another database.url, or another state_dir in managed mode)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_message_says_what_and_what_to_do() {
+        let text = dimension_mismatch(384, 768, Some("all-minilm")).to_string();
+        assert!(text.contains("384-dimensional"), "{text}");
+        assert!(text.contains("embedding.dimensions is 768"), "{text}");
+        assert!(text.contains("all-minilm"), "{text}");
+        assert!(text.contains("database.url"), "{text}");
+    }
+}
