@@ -2,14 +2,14 @@
 # Installs what convstore's managed mode and its tests need, and nothing more:
 #
 #  * the portable PostgreSQL 16 with pgvector from the PyPI wheel
-#    pgserver==0.1.4 (its pgserver/pginstall tree), as
+#    pgserver==0.1.4, reachable as
 #      /usr/local/lib/convstore/pginstall        when run as root,
 #      $HOME/.local/lib/convstore/pginstall      otherwise
-#    (a symlink into pgserver-0.1.4/ beside it, which keeps the wheel's
-#    layout: the tools find their bundled libpq relative to themselves)
-#    (override with CONVSTORE_PGINSTALL_DIR; convstore itself only searches
-#    the two default places, so point database.managed_bin_dir at
-#    <dir>/bin if you override it);
+#    (a symlink to pgserver-0.1.4/pgserver/pginstall beside it: the tree
+#    keeps the wheel's layout because its tools find their bundled libpq
+#    relative to themselves). CONVSTORE_PGINSTALL_DIR overrides the path;
+#    convstore only searches the two default places, so then point
+#    database.managed_bin_dir at <dir>/bin;
 #  * when root, the system account `convstore` the managed PostgreSQL runs
 #    as (PostgreSQL refuses to run as root);
 #  * when root and missing, the Debian packages these steps need
@@ -113,7 +113,8 @@ install_postgres() {
     mkdir -p "$parent"
     rm -rf "$staging"
     mkdir "$staging"
-    cp -a "$src/pgserver" "$src/pgserver.libs" "$staging/"
+    cp -a "$src/pgserver" "$staging/"
+    [ ! -d "$src/pgserver.libs" ] || cp -a "$src/pgserver.libs" "$staging/"
     if ! "$staging/pgserver/pginstall/bin/postgres" --version >/dev/null ||
         ! "$staging/pgserver/pginstall/bin/initdb" --version >/dev/null; then
         rm -rf "$staging"

@@ -454,10 +454,8 @@ impl Settings {
             ));
         }
         self.server.socket_mode_bits()?;
-        if !self.database.url.is_empty()
-            && !(self.database.url.starts_with("postgres://")
-                || self.database.url.starts_with("postgresql://"))
-        {
+        let url = &self.database.url;
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(
                 "database.url",
                 "must start with postgres:// or postgresql:// (empty = managed cluster)",

@@ -174,7 +174,10 @@ async fn stale_pid_file_of_a_dead_process_is_removed() {
     gone.wait().expect("reap");
     std::fs::write(
         data_dir.join("postmaster.pid"),
-        format!("{dead_pid}\n{}\n1700000000\n5432\n/nonexistent\n\n", data_dir.display()),
+        format!(
+            "{dead_pid}\n{}\n1700000000\n5432\n/nonexistent\n\n",
+            data_dir.display()
+        ),
     )
     .expect("write stale postmaster.pid");
 
@@ -193,7 +196,10 @@ async fn stale_pid_file_naming_an_unrelated_live_process_is_removed_and_it_survi
     let data_dir = tc.cluster().data_dir().to_path_buf();
     tc.stop().await;
 
-    let mut unrelated = Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+    let mut unrelated = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
     std::fs::write(
         data_dir.join("postmaster.pid"),
         format!("{}\n{}\n", unrelated.id(), data_dir.display()),
@@ -204,7 +210,10 @@ async fn stale_pid_file_naming_an_unrelated_live_process_is_removed_and_it_survi
     let still_running = unrelated.try_wait().expect("try_wait").is_none();
     unrelated.kill().ok();
     unrelated.wait().ok();
-    assert!(still_running, "an unrelated process must never be signalled");
+    assert!(
+        still_running,
+        "an unrelated process must never be signalled"
+    );
     assert_eq!(read_postmaster_pid(&data_dir), Some(tc.cluster().pid()));
 }
 
@@ -270,7 +279,10 @@ async fn orphaned_server_is_replaced() {
         .canonicalize()
         .expect("data dir");
     let orphan = read_postmaster_pid(&data_dir).expect("orphan's postmaster.pid");
-    assert!(!pid_gone(orphan), "the orphan server should still be running");
+    assert!(
+        !pid_gone(orphan),
+        "the orphan server should still be running"
+    );
 
     let cluster = cluster::start_cluster(&settings).await;
     let new_pid = cluster.pid();
@@ -292,9 +304,27 @@ async fn orphaned_server_is_replaced() {
     };
     check.await;
     cluster.stop().await.expect("stop");
-    wait_until("no PostgreSQL runs on the data dir", Duration::from_secs(10), || {
-        postgres_processes_in(&data_dir).is_empty()
-    });
+    wait_until(
+        "no PostgreSQL runs on the data dir",
+        Duration::from_secs(10),
+        || postgres_processes_in(&data_dir).is_empty(),
+    );
+}
+
+#[tokio::test]
+async fn dropping_without_stop_shuts_the_server_down() {
+    ensure_setup();
+    let dir = cluster::traversable_tempdir();
+    let settings = test_settings(&dir.path().join("state"));
+    let cluster = cluster::start_cluster(&settings).await;
+    let pid = cluster.pid();
+    let data_dir = cluster.data_dir().to_path_buf();
+    drop(cluster);
+    wait_until(
+        "the dropped cluster's server exits",
+        Duration::from_secs(30),
+        || pid_gone(pid) && postgres_processes_in(&data_dir).is_empty(),
+    );
 }
 
 #[tokio::test]
@@ -305,7 +335,10 @@ async fn a_second_manager_of_the_same_cluster_is_refused() {
         .expect_err("second start on the same state_dir must fail");
     assert!(matches!(err, ManagedError::InUse { .. }), "{err}");
     assert!(err.to_string().contains("another convstore"), "{err}");
-    assert!(tc.cluster_mut().is_running(), "the first server is untouched");
+    assert!(
+        tc.cluster_mut().is_running(),
+        "the first server is untouched"
+    );
     let mut conn = connect(&tc.url()).await;
     sqlx::raw_sql("SELECT 1")
         .execute(&mut conn)

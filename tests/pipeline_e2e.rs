@@ -42,7 +42,12 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
 
     // 1. HTTP, one by one.
     for conv in &data[..quarter] {
-        let resp = post_json(&http, &format!("{}/v1/conversations", daemon.base_url()), conv).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations", daemon.base_url()),
+            conv,
+        )
+        .await;
         assert_eq!(resp.status(), 202);
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["status"], "queued");
@@ -50,7 +55,12 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
     }
     // 2. HTTP, JSON-array batches.
     for batch in data[quarter..2 * quarter].chunks(250) {
-        let resp = post_json(&http, &format!("{}/v1/conversations/batch", daemon.base_url()), &json!(batch)).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations/batch", daemon.base_url()),
+            &json!(batch),
+        )
+        .await;
         assert_eq!(resp.status(), 202);
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["accepted"], batch.len());
@@ -59,7 +69,11 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
     let mut unix = daemon.unix_client();
     for conv in &data[2 * quarter..3 * quarter] {
         let resp = unix
-            .post_json("/v1/conversations", "application/json", Bytes::from(serde_json::to_vec(conv).unwrap()))
+            .post_json(
+                "/v1/conversations",
+                "application/json",
+                Bytes::from(serde_json::to_vec(conv).unwrap()),
+            )
             .await
             .expect("unix post");
         assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
@@ -72,14 +86,24 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
             body.push(b'\n');
         }
         let resp = unix
-            .post_json("/v1/conversations/batch", "application/x-ndjson", Bytes::from(body))
+            .post_json(
+                "/v1/conversations/batch",
+                "application/x-ndjson",
+                Bytes::from(body),
+            )
             .await
             .expect("unix batch");
         assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
     }
 
     let db = connect_db(&ws.database_url()).await;
-    let stored = wait_for_count(&db, "SELECT count(*) FROM conversations", n as i64, Duration::from_secs(600)).await;
+    let stored = wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversations",
+        n as i64,
+        Duration::from_secs(600),
+    )
+    .await;
     assert_eq!(stored, n as i64, "log:\n{}", daemon.log_text());
     let pending = wait_for_count(
         &db,
@@ -97,7 +121,10 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
         .unwrap()
         .into_iter()
         .collect();
-    let sent: HashSet<String> = data.iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    let sent: HashSet<String> = data
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, sent);
     let rows = sqlx::query("SELECT content, embedding::text AS v, model FROM conversation_chunks")
         .fetch_all(&db)
@@ -114,7 +141,11 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
             .split(',')
             .map(|x| x.parse().unwrap())
             .collect();
-        assert_eq!(stored, standin_vector(&content, DIMS), "vector of chunk {content:?}");
+        assert_eq!(
+            stored,
+            standin_vector(&content, DIMS),
+            "vector of chunk {content:?}"
+        );
     }
     // Chunks reassemble each conversation's text, in order.
     let texts: Vec<(String, String)> = sqlx::query_as(
@@ -124,13 +155,22 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
     .fetch_all(&db)
     .await
     .unwrap();
-    let by_id: HashMap<String, &Value> = data.iter().map(|c| (c["id"].as_str().unwrap().to_string(), c)).collect();
+    let by_id: HashMap<String, &Value> = data
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c))
+        .collect();
     for (id, joined) in &texts {
         let expected: String = by_id[id]["messages"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| format!("{}: {}\n", m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .map(|m| {
+                format!(
+                    "{}: {}\n",
+                    m["role"].as_str().unwrap(),
+                    m["content"].as_str().unwrap()
+                )
+            })
             .collect();
         assert_eq!(joined, &expected, "chunks of {id}");
     }
@@ -138,14 +178,26 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
 
     // Everything again: nothing changes.
     for batch in data.chunks(500) {
-        let resp = post_json(&http, &format!("{}/v1/conversations/batch", daemon.base_url()), &json!(batch)).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations/batch", daemon.base_url()),
+            &json!(batch),
+        )
+        .await;
         assert_eq!(resp.status(), 202);
     }
     // The duplicates are written (and skipped) by the pipeline: wait until
     // the daemon reports them all, then compare.
     let started = std::time::Instant::now();
     loop {
-        let metrics = http.get(format!("{}/metrics", daemon.base_url())).send().await.unwrap().text().await.unwrap();
+        let metrics = http
+            .get(format!("{}/metrics", daemon.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         let dup = metric_value(&metrics, "convstore_conversations_duplicate_total");
         if dup >= n as f64 || started.elapsed() > Duration::from_secs(300) {
             assert_eq!(dup, n as f64, "duplicates seen by the daemon");
@@ -153,8 +205,14 @@ async fn sample_is_stored_over_every_transport_with_exact_vectors() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations").fetch_one(&db).await.unwrap();
-    let chunks_after: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_chunks").fetch_one(&db).await.unwrap();
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let chunks_after: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_chunks")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(after, n as i64);
     assert_eq!(chunks_after, chunk_count);
 }
@@ -184,7 +242,12 @@ async fn full_queue_answers_429_and_keeps_what_it_accepted() {
     let mut accepted = Vec::new();
     let mut saw_429 = false;
     for conv in &data {
-        let resp = post_json(&http, &format!("{}/v1/conversations", daemon.base_url()), conv).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations", daemon.base_url()),
+            conv,
+        )
+        .await;
         match resp.status().as_u16() {
             202 => accepted.push(conv["id"].as_str().unwrap().to_string()),
             429 => {
@@ -198,9 +261,15 @@ async fn full_queue_answers_429_and_keeps_what_it_accepted() {
         }
     }
     assert!(saw_429, "the queue never filled");
-    assert!(accepted.len() >= 20, "accepted {} before 429", accepted.len());
+    assert!(
+        accepted.len() >= 20,
+        "accepted {} before 429",
+        accepted.len()
+    );
 
-    standin.set_faults(json!({"latency_per_request_ms": 0.0})).await;
+    standin
+        .set_faults(json!({"latency_per_request_ms": 0.0}))
+        .await;
     let db = connect_db(&ws.database_url()).await;
     let stored = wait_for_count(
         &db,
@@ -210,7 +279,12 @@ async fn full_queue_answers_429_and_keeps_what_it_accepted() {
     )
     .await;
     assert_eq!(stored, accepted.len() as i64, "log:\n{}", daemon.log_text());
-    let ids: HashSet<String> = sqlx::query_scalar("SELECT client_id FROM conversations").fetch_all(&db).await.unwrap().into_iter().collect();
+    let ids: HashSet<String> = sqlx::query_scalar("SELECT client_id FROM conversations")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(ids, accepted.into_iter().collect::<HashSet<_>>());
 }
 
@@ -230,7 +304,12 @@ async fn sigterm_with_full_queue_stores_everything_then_exits_zero() {
     let data = convstore::dataset::generate(600, 2);
     let mut accepted = Vec::new();
     for batch in data.chunks(100) {
-        let resp = post_json(&http, &format!("{}/v1/conversations/batch", daemon.base_url()), &json!(batch)).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations/batch", daemon.base_url()),
+            &json!(batch),
+        )
+        .await;
         let body: Value = resp.json().await.unwrap();
         for (item, result) in batch.iter().zip(body["results"].as_array().unwrap()) {
             if result["status"] == "queued" {
@@ -241,15 +320,30 @@ async fn sigterm_with_full_queue_stores_everything_then_exits_zero() {
             break;
         }
     }
-    assert!(accepted.len() >= 300, "queue not filled: {}", accepted.len());
+    assert!(
+        accepted.len() >= 300,
+        "queue not filled: {}",
+        accepted.len()
+    );
     let status = daemon.terminate(Duration::from_secs(180));
-    assert!(status.success(), "exit status {status}; log:\n{}", daemon.log_text());
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        daemon.log_text()
+    );
 
     // The daemon stopped its cluster; bring the same cluster up to look.
     let settings = convstore::config::Settings::load(Some(&ws.config_path())).unwrap();
-    let cluster = convstore::store::managed::ManagedCluster::start(&settings).await.unwrap();
+    let cluster = convstore::store::managed::ManagedCluster::start(&settings)
+        .await
+        .unwrap();
     let db = connect_db(&cluster.url()).await;
-    let ids: HashSet<String> = sqlx::query_scalar("SELECT client_id FROM conversations").fetch_all(&db).await.unwrap().into_iter().collect();
+    let ids: HashSet<String> = sqlx::query_scalar("SELECT client_id FROM conversations")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     db.close().await;
     cluster.stop().await.unwrap();
     assert_eq!(ids.len(), accepted.len());
@@ -263,7 +357,8 @@ async fn malformed_input_is_refused_with_the_field_and_nothing_is_stored() {
     let ws = Workspace::new();
     let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
     // The environment overrides the file (CONVSTORE_SECTION__KEY).
-    let daemon = Daemon::start_with_env(&ws, &addr, &[("CONVSTORE_SERVER__MAX_BODY_BYTES", "4096")]).await;
+    let daemon =
+        Daemon::start_with_env(&ws, &addr, &[("CONVSTORE_SERVER__MAX_BODY_BYTES", "4096")]).await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/conversations", daemon.base_url());
 
@@ -290,10 +385,18 @@ async fn malformed_input_is_refused_with_the_field_and_nothing_is_stored() {
             .unwrap();
         assert_eq!(resp.status().as_u16(), *status, "{name}");
         let err: Value = resp.json().await.unwrap();
-        assert!(err["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}: {err}"
+        );
         if !field.is_empty() {
             assert_eq!(err["error"]["field"], *field, "{name}: {err}");
-            assert!(err["error"]["message"].as_str().unwrap().contains(field), "{name}: {err}");
+            assert!(
+                err["error"]["message"].as_str().unwrap().contains(field),
+                "{name}: {err}"
+            );
         } else {
             assert_eq!(err["error"]["code"], "invalid_json", "{name}: {err}");
         }
@@ -302,7 +405,13 @@ async fn malformed_input_is_refused_with_the_field_and_nothing_is_stored() {
     let big = json!({"user_id":"u","channel":"c","transcript":"x".repeat(5000)});
     let resp = post_json(&http, &url, &big).await;
     assert_eq!(resp.status(), 413);
-    let resp = http.post(&url).header("content-type", "text/plain").body("hello").send().await.unwrap();
+    let resp = http
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 415);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "unsupported_media_type");
@@ -320,10 +429,19 @@ async fn malformed_input_is_refused_with_the_field_and_nothing_is_stored() {
 
     // The valid item is the barrier: once it is stored, nothing else is.
     let db = connect_db(&ws.database_url()).await;
-    let n = wait_for_count(&db, "SELECT count(*) FROM conversations", 1, Duration::from_secs(60)).await;
+    let n = wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversations",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(n, 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ids: Vec<String> = sqlx::query_scalar("SELECT client_id FROM conversations").fetch_all(&db).await.unwrap();
+    let ids: Vec<String> = sqlx::query_scalar("SELECT client_id FROM conversations")
+        .fetch_all(&db)
+        .await
+        .unwrap();
     assert_eq!(ids, vec!["good-1".to_string()]);
 }
 
@@ -337,21 +455,42 @@ async fn restart_reuses_the_managed_cluster() {
     {
         let mut daemon = Daemon::start(&ws, &addr).await;
         let http = reqwest::Client::new();
-        let resp = post_json(&http, &format!("{}/v1/conversations/batch", daemon.base_url()), &json!(data)).await;
+        let resp = post_json(
+            &http,
+            &format!("{}/v1/conversations/batch", daemon.base_url()),
+            &json!(data),
+        )
+        .await;
         assert_eq!(resp.status(), 202);
         let db = connect_db(&ws.database_url()).await;
-        assert_eq!(wait_for_count(&db, "SELECT count(*) FROM conversations", 10, Duration::from_secs(60)).await, 10);
+        assert_eq!(
+            wait_for_count(
+                &db,
+                "SELECT count(*) FROM conversations",
+                10,
+                Duration::from_secs(60)
+            )
+            .await,
+            10
+        );
         db.close().await;
         assert!(daemon.terminate(Duration::from_secs(60)).success());
     }
     let daemon = Daemon::start(&ws, &addr).await;
     let http = reqwest::Client::new();
     let id = data[0]["id"].as_str().unwrap();
-    let resp = http.get(format!("{}/v1/conversations/{id}", daemon.base_url())).send().await.unwrap();
+    let resp = http
+        .get(format!("{}/v1/conversations/{id}", daemon.base_url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let stored: Value = resp.json().await.unwrap();
     assert_eq!(stored["client_id"], id);
     let db = connect_db(&ws.database_url()).await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations").fetch_one(&db).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(n, 10);
 }

@@ -248,6 +248,13 @@ impl Embedder for OllamaBackend {
     async fn probe(&self) -> Result<ModelInfo, EmbedError> {
         let (status, retry_after, body) =
             self.send(self.client.get(self.version_url.clone())).await?;
+        if status == StatusCode::NOT_FOUND {
+            // Not "model missing": there is no Ollama at this URL at all.
+            return Err(EmbedError::ModelUnavailable(format!(
+                "backend `{}` answered 404 to {}: is this an Ollama server? check its url",
+                self.name, self.version_url
+            )));
+        }
         if status != StatusCode::OK {
             return Err(self.status_error("/api/version", status, retry_after, &body));
         }
@@ -814,6 +821,17 @@ mod tests {
             matches!(result, Err(EmbedError::ModelUnavailable(_))),
             "{result:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn not_an_ollama_server() {
+        let (url, _task) = fake(Router::new()).await;
+        match backend(&url, "m").probe().await {
+            Err(EmbedError::ModelUnavailable(m)) => {
+                assert!(m.contains("is this an Ollama server"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -22,10 +22,10 @@ pub async fn bind_tcp(addr: &str) -> Result<TcpListener, ListenError> {
             addr: addr.to_string(),
             source,
         })?;
-    if let Ok(local) = listener.local_addr() {
-        if !local.ip().is_loopback() {
-            tracing::warn!(addr = %local, "Listening on a non-loopback address: anyone who can reach it can write conversations");
-        }
+    if let Ok(local) = listener.local_addr()
+        && !local.ip().is_loopback()
+    {
+        tracing::warn!(addr = %local, "Listening on a non-loopback address: anyone who can reach it can write conversations");
     }
     Ok(listener)
 }

@@ -413,7 +413,11 @@ mod tests {
     fn invalid_json_is_not_a_field_error() {
         let err = parse_conversation(b"{\"user_id\": ", LIMITS).unwrap_err();
         assert_eq!(err.code(), "invalid_json");
-        let err = parse_conversation(b"{} {}", LIMITS).unwrap_err();
+        let err = parse_conversation(
+            br#"{"user_id":"u","channel":"c","transcript":"x"} {}"#,
+            LIMITS,
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "invalid_json");
         let err = parse_conversation(b"\xff\xfe", LIMITS).unwrap_err();
         assert_eq!(err.code(), "invalid_json");

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::embed::cache::CacheKey;
 use crate::embed::EmbedError;
+use crate::embed::cache::CacheKey;
 use crate::model::{Chunk, ContentHash};
 use crate::telemetry::metrics as m;
 

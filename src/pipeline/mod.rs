@@ -140,10 +140,10 @@ impl Pipeline {
         self.ctx.drain.set(now + budget.mul_f64(0.8));
         let finished = tokio::time::timeout_at(deadline, async {
             while let Some(res) = self.tasks.join_next().await {
-                if let Err(e) = res {
-                    if e.is_panic() {
-                        tracing::error!(error = %e, "A pipeline task panicked");
-                    }
+                if let Err(e) = res
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "A pipeline task panicked");
                 }
             }
         })

@@ -496,7 +496,7 @@ mod tests {
                 standin_vector("first text", 8)
             ]
         );
-        assert_eq!(v["prompt_eval_count"], 3 + 2 + 3);
+        assert_eq!(v["prompt_eval_count"], 2 + 2 + 2);
         assert!(v["total_duration"].is_u64());
         assert!(v["load_duration"].is_u64());
 

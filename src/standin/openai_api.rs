@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(v["object"], "list");
         assert_eq!(v["model"], "nomic-embed-text");
-        assert_eq!(v["usage"], json!({"prompt_tokens": 6, "total_tokens": 6}));
+        assert_eq!(v["usage"], json!({"prompt_tokens": 4, "total_tokens": 4}));
         let data = v["data"].as_array().cloned().unwrap_or_default();
         assert_eq!(data.len(), 2);
         for (i, (item, text)) in data.iter().zip(["hello world", "second"]).enumerate() {

@@ -107,8 +107,8 @@ pub enum ManagedError {
 
     #[error(
         "{dir} cannot be entered by user `{user}` (uid {uid}), which the managed PostgreSQL \
-         runs as; allow it (for example `chmod o+x {dir}`) or choose a state_dir under a \
-         directory that account can reach"
+         runs as; allow it (for example `chmod o+x {dir}`), or keep state_dir and the \
+         PostgreSQL binaries under directories that account can reach"
     )]
     NotTraversable {
         dir: PathBuf,
@@ -291,11 +291,10 @@ impl ManagedCluster {
     }
 
     /// Whether the server process is still running (for readiness checks).
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+    /// Our child stays a zombie until we reap it (only `stop` does), so its
+    /// pid cannot be reused meanwhile and a dead server reads as not running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && process_alive(self.pid as i32)
     }
 
     /// The postmaster's process id.
@@ -606,7 +605,11 @@ struct Plan {
 impl Plan {
     fn prepare(settings: &Settings) -> Result<Plan, ManagedError> {
         let db = &settings.database;
-        let bins = locate_binaries(&db.managed_bin_dir)?;
+        let cluster_major =
+            fs::read_to_string(settings.managed_cluster_dir().join("data/PG_VERSION"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+        let bins = locate_binaries(&db.managed_bin_dir, cluster_major)?;
         let run_as = if running_as_root() {
             Some(resolve_account(&db.managed_user)?)
         } else {
@@ -628,6 +631,13 @@ impl Plan {
         }
         if let Some(account) = &run_as {
             check_traversable(&layout.cluster_dir, account)?;
+            // The account must also reach the binaries (and, beside them,
+            // their lib and share directories).
+            let bin_dir = bins
+                .bin_dir
+                .canonicalize()
+                .map_err(io_err("resolve", &bins.bin_dir))?;
+            check_traversable(&bin_dir.join("postgres"), account)?;
         }
 
         let lock = OpenOptions::new()
@@ -919,36 +929,46 @@ fn dynamic_shared_memory_type() -> &'static str {
 // ---------------------------------------------------------------------------
 // Binaries
 
-fn locate_binaries(managed_bin_dir: &str) -> Result<Binaries, ManagedError> {
+/// The binaries to use. Without `database.managed_bin_dir`, the first usable
+/// candidate whose major version matches an existing cluster's wins (so
+/// installing another PostgreSQL later does not strand the data), else the
+/// first usable one.
+fn locate_binaries(
+    managed_bin_dir: &str,
+    cluster_major: Option<u32>,
+) -> Result<Binaries, ManagedError> {
     if !managed_bin_dir.is_empty() {
         let dir = PathBuf::from(managed_bin_dir);
         return inspect_bin_dir(&dir).map_err(|problem| ManagedError::BadBinDir { dir, problem });
     }
     let mut searched = Vec::new();
+    let mut candidates = Vec::new();
     match system_bin_dir() {
-        Some(dir) => match inspect_bin_dir(&dir) {
-            Ok(bins) => return Ok(bins),
-            Err(problem) => searched.push(format!(
-                "pg_config on PATH names {}: {problem}",
-                dir.display()
-            )),
-        },
+        Some(dir) => candidates.push((format!("pg_config on PATH names {}", dir.display()), dir)),
         None => searched.push("no pg_config on PATH".to_string()),
     }
     for install in portable_dirs() {
         let dir = install.join("bin");
-        if !dir.exists() {
+        if dir.exists() {
+            candidates.push((install.display().to_string(), dir));
+        } else {
             searched.push(format!("{}: not installed", install.display()));
-            continue;
-        }
-        match inspect_bin_dir(&dir) {
-            Ok(bins) => return Ok(bins),
-            Err(problem) => searched.push(format!("{}: {problem}", install.display())),
         }
     }
-    Err(ManagedError::BinariesNotFound {
-        searched: searched.join("; "),
-    })
+    let mut usable = Vec::new();
+    for (label, dir) in candidates {
+        match inspect_bin_dir(&dir) {
+            Ok(bins) if cluster_major.is_none_or(|major| major == bins.major) => return Ok(bins),
+            Ok(bins) => usable.push(bins),
+            Err(problem) => searched.push(format!("{label}: {problem}")),
+        }
+    }
+    usable
+        .into_iter()
+        .next()
+        .ok_or_else(|| ManagedError::BinariesNotFound {
+            searched: searched.join("; "),
+        })
 }
 
 fn portable_dirs() -> Vec<PathBuf> {
@@ -1541,7 +1561,7 @@ mod tests {
     #[test]
     fn bad_bin_dir_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = locate_binaries(&dir.path().to_string_lossy()).unwrap_err();
+        let err = locate_binaries(&dir.path().to_string_lossy(), None).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, ManagedError::BadBinDir { .. }), "{text}");
         assert!(text.contains("initdb"), "{text}");

@@ -43,6 +43,15 @@ pub fn ensure_setup() {
     }
 }
 
+/// Test logs on `RUST_LOG` (e.g. `RUST_LOG=convstore=debug`), shown by the
+/// test harness for failing tests.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// A temp directory PostgreSQL can use even when the tests run as root (the
 /// server then runs as an unprivileged account, which must be able to
 /// traverse it).
@@ -85,6 +94,7 @@ impl TestCluster {
 
     /// Like [`TestCluster::start`], after `adjust` has edited the settings.
     pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> TestCluster {
+        init_tracing();
         ensure_setup();
         let dir = traversable_tempdir();
         let mut settings = test_settings(&dir.path().join("state"));
@@ -182,8 +192,6 @@ pub fn postgres_processes_in(data_dir: &Path) -> Vec<u32> {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == target)
-        })
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == target))
         .collect()
 }

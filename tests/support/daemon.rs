@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use convstore::cli::client::{Client, Endpoint};
 use serde_json::Value;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_convstore");
 
@@ -25,7 +25,12 @@ impl Standin {
     pub fn start(model: &str, dims: usize, context: usize, extra: &[&str]) -> Standin {
         let mut child = Command::new(BIN)
             .args(["standin", "--listen", "127.0.0.1:0", "--model", model])
-            .args(["--dimensions", &dims.to_string(), "--context-length", &context.to_string()])
+            .args([
+                "--dimensions",
+                &dims.to_string(),
+                "--context-length",
+                &context.to_string(),
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -33,7 +38,9 @@ impl Standin {
             .expect("spawn standin");
         let stdout = child.stdout.take().expect("standin stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read standin address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read standin address");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -54,7 +61,11 @@ impl Standin {
             .send()
             .await
             .expect("standin faults");
-        assert!(resp.status().is_success(), "faults update refused: {}", resp.text().await.unwrap_or_default());
+        assert!(
+            resp.status().is_success(),
+            "faults update refused: {}",
+            resp.text().await.unwrap_or_default()
+        );
     }
 
     /// `GET /_standin/stats`.
@@ -83,8 +94,12 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Workspace {
-        let dir = tempfile::Builder::new().prefix("convstore-test-").tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dir = tempfile::Builder::new()
+            .prefix("convstore-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         Workspace { dir }
     }
 
@@ -183,16 +198,29 @@ impl Daemon {
         let started = Instant::now();
         let client = reqwest::Client::new();
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("daemon exited during start-up ({status}); log:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "daemon exited during start-up ({status}); log:\n{}",
+                    self.log_text()
+                );
             }
-            if let Ok(resp) = client.get(format!("http://{}/readyz", self.http_addr)).send().await {
-                if resp.status().is_success() {
-                    return;
-                }
+            if let Ok(resp) = client
+                .get(format!("http://{}/readyz", self.http_addr))
+                .send()
+                .await
+                && resp.status().is_success()
+            {
+                return;
             }
             if started.elapsed() > limit {
-                panic!("daemon not ready after {limit:?}; log:\n{}", self.log_text());
+                panic!(
+                    "daemon not ready after {limit:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -228,7 +256,10 @@ impl Daemon {
             }
             if started.elapsed() > limit {
                 let _ = child.kill();
-                panic!("daemon did not exit within {limit:?} after SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "daemon did not exit within {limit:?} after SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -265,10 +296,18 @@ pub async fn connect_db(url: &str) -> PgPool {
 }
 
 /// Polls `query` (a single bigint) until it returns `expected` or `limit` passes.
-pub async fn wait_for_count(pool: &PgPool, query: &'static str, expected: i64, limit: Duration) -> i64 {
+pub async fn wait_for_count(
+    pool: &PgPool,
+    query: &'static str,
+    expected: i64,
+    limit: Duration,
+) -> i64 {
     let started = Instant::now();
     loop {
-        let n: i64 = sqlx::query_scalar(query).fetch_one(pool).await.expect("count query");
+        let n: i64 = sqlx::query_scalar(query)
+            .fetch_one(pool)
+            .await
+            .expect("count query");
         if n == expected || started.elapsed() > limit {
             return n;
         }

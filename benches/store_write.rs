@@ -1,0 +1,373 @@
+//! COPY vs UNNEST for chunk rows, measured through `Store::write_batch`
+//! (one transaction per batch, conversations + chunks), with and without
+//! the HNSW index.
+//!
+//! `cargo bench --bench store_write`. By default it starts a private managed
+//! PostgreSQL (shared_buffers 256MB, the managed default) in a temp
+//! directory; `CONVSTORE_BENCH_DATABASE_URL` points it at a server instead
+//! (it creates and drops its own databases there).
+//!
+//! The two methods write alternating blocks into the *same* table, so both
+//! see the same index size and the same background noise: HNSW insert cost
+//! grows with the graph, and a method measured second on a bigger index
+//! would look slower for no fault of its own.
+//!
+//! Knobs (environment): `BENCH_ROWS` chunk rows per method with the index
+//! (6000), `BENCH_ROWS_NO_INDEX` (20000), `BENCH_DIMS` (768),
+//! `BENCH_BATCH` conversations per batch (64), `BENCH_CHUNKS` chunks per
+//! conversation (2), `BENCH_BLOCK` batches per alternating block (4),
+//! `BENCH_WRITERS` concurrent batches (1), `BENCH_PREFILL` rows written
+//! before measuring (0).
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use convstore::config::WriteMethod;
+use convstore::model::{
+    Chunk, Conversation, EmbeddedChunk, EmbeddingStatus, Message, ReadyConversation, content_hash,
+};
+use convstore::store::Store;
+use uuid::Uuid;
+
+struct Params {
+    rows: usize,
+    rows_no_index: usize,
+    dims: usize,
+    batch: usize,
+    chunks: usize,
+    block: usize,
+    writers: usize,
+    prefill: usize,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0 || name == "BENCH_PREFILL")
+        .unwrap_or(default)
+}
+
+/// splitmix64: deterministic, dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Random unit vectors, and ~1.5 KB of text per chunk (a chunk of a chat).
+struct Generator {
+    rng: Rng,
+    next_id: u128,
+    params_dims: usize,
+    chunks: usize,
+}
+
+impl Generator {
+    fn batch(&mut self, conversations: usize) -> Vec<ReadyConversation> {
+        (0..conversations).map(|_| self.conversation()).collect()
+    }
+
+    fn conversation(&mut self) -> ReadyConversation {
+        self.next_id += 1;
+        let id = Uuid::from_u128(self.next_id);
+        let words = [
+            "flight", "Seattle", "refund", "order", "password", "weather", "invoice", "meeting",
+            "delivery", "account", "please", "thanks", "tomorrow", "booking", "support",
+        ];
+        let chunks = (0..self.chunks)
+            .map(|seq| {
+                let mut text = format!("user: conversation {id} part {seq}\n");
+                while text.len() < 1500 {
+                    text.push_str(words[(self.rng.next() % words.len() as u64) as usize]);
+                    text.push(' ');
+                }
+                let mut v: Vec<f32> = (0..self.params_dims).map(|_| self.rng.unit()).collect();
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                v.iter_mut().for_each(|x| *x /= norm);
+                EmbeddedChunk {
+                    chunk: Chunk {
+                        seq: seq as i32,
+                        content_hash: content_hash(&text),
+                        content: text,
+                    },
+                    status: EmbeddingStatus::Embedded,
+                    embedding: Some(Arc::from(v)),
+                    error: None,
+                }
+            })
+            .collect::<Vec<_>>();
+        let transcript = chunks
+            .iter()
+            .map(|c| c.chunk.content.as_str())
+            .collect::<String>();
+        ReadyConversation {
+            conversation: Conversation {
+                id,
+                client_id: Some(format!("bench-{}", self.next_id)),
+                user_id: format!("user-{}", self.next_id % 100),
+                channel: "bench".into(),
+                messages: vec![Message {
+                    role: "user".into(),
+                    content: transcript,
+                    ts: None,
+                }],
+                transcript: None,
+                summary: None,
+                metadata: serde_json::json!({"source": "bench"}),
+                created_at: None,
+                received_at: Utc::now(),
+                received_instant: Instant::now(),
+            },
+            chunks,
+            model: "bench-model".into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    rows: usize,
+    elapsed: Duration,
+}
+
+impl Tally {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Writes `batches` pre-built batches with `writers` concurrent tasks;
+/// returns chunk rows written and wall time.
+async fn write_all(
+    store: &Store,
+    batches: Vec<Vec<ReadyConversation>>,
+    writers: usize,
+) -> (usize, Duration) {
+    let started = Instant::now();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let store = store.clone();
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rows = 0;
+            loop {
+                let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
+                let Some(batch) = next else { break };
+                let outcome = store.write_batch(&batch).await.expect("write batch");
+                assert_eq!(outcome.duplicates, 0);
+                rows += outcome.chunks_inserted;
+            }
+            rows
+        }));
+    }
+    let mut rows = 0;
+    for task in tasks {
+        rows += task.await.expect("writer task");
+    }
+    (rows, started.elapsed())
+}
+
+/// Alternates blocks of `block` batches between the methods until each has
+/// written `rows` chunk rows; prints the running rates.
+async fn alternate(
+    copy: &Store,
+    unnest: &Store,
+    gen_: &mut Generator,
+    p: &Params,
+    rows: usize,
+    label: &str,
+) -> (Tally, Tally) {
+    let mut tallies = (Tally::default(), Tally::default());
+    let rows_per_block = p.block * p.batch * p.chunks;
+    let blocks = rows.div_ceil(rows_per_block);
+    for b in 0..blocks {
+        // Swap who goes first each block, so neither always meets the
+        // slightly bigger index.
+        let order = if b.is_multiple_of(2) { [0, 1] } else { [1, 0] };
+        for which in order {
+            let batches: Vec<_> = (0..p.block).map(|_| gen_.batch(p.batch)).collect();
+            let store = if which == 0 { copy } else { unnest };
+            let (n, elapsed) = write_all(store, batches, p.writers).await;
+            let t = if which == 0 { &mut tallies.0 } else { &mut tallies.1 };
+            t.rows += n;
+            t.elapsed += elapsed;
+        }
+        if (b + 1).is_multiple_of(5) || b + 1 == blocks {
+            println!(
+                "  {label}: {:>6} rows per method so far — COPY {:>8.0} rows/s, UNNEST {:>8.0} rows/s",
+                tallies.0.rows,
+                tallies.0.rate(),
+                tallies.1.rate()
+            );
+        }
+    }
+    (tallies.0, tallies.1)
+}
+
+async fn table_rows(store: &Store) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM conversation_chunks")
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+}
+
+async fn fresh_database(admin: &Store, base_url: &str, name: &str) -> String {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+        .execute(admin.pool())
+        .await
+        .expect("drop database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(admin.pool())
+        .await
+        .expect("create database");
+    with_database(base_url, name)
+}
+
+/// `base_url` with its database replaced by `name`.
+fn with_database(base_url: &str, name: &str) -> String {
+    let (before_query, query) = match base_url.split_once('?') {
+        Some((a, q)) => (a, format!("?{q}")),
+        None => (base_url, String::new()),
+    };
+    let authority_end = before_query
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| before_query[start..].find('/').map(|j| start + j))
+        .unwrap_or(before_query.len());
+    format!("{}/{name}{query}", &before_query[..authority_end])
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` lists benches; there are no tests here.
+        return;
+    }
+    let p = Params {
+        rows: env_usize("BENCH_ROWS", 6000),
+        rows_no_index: env_usize("BENCH_ROWS_NO_INDEX", 20_000),
+        dims: env_usize("BENCH_DIMS", 768),
+        batch: env_usize("BENCH_BATCH", 64),
+        chunks: env_usize("BENCH_CHUNKS", 2),
+        block: env_usize("BENCH_BLOCK", 4),
+        writers: env_usize("BENCH_WRITERS", 1),
+        prefill: env_usize("BENCH_PREFILL", 0),
+    };
+
+    let external = std::env::var("CONVSTORE_BENCH_DATABASE_URL").ok();
+    let _cluster;
+    let base_url = match external {
+        Some(url) => url,
+        None => {
+            let c = cluster::TestCluster::start_with(|s| {
+                s.database.managed_shared_buffers = "256MB".into();
+            })
+            .await;
+            let url = c.url();
+            _cluster = c;
+            url
+        }
+    };
+    let admin = Store::connect(&base_url, 1, Duration::from_secs(60))
+        .await
+        .expect("connect");
+    let version: String = sqlx::query_scalar(
+        "SELECT current_setting('server_version') || ', pgvector ' || \
+         coalesce((SELECT extversion FROM pg_extension WHERE extname = 'vector'), '?') || \
+         ', shared_buffers ' || current_setting('shared_buffers')",
+    )
+    .fetch_one(admin.pool())
+    .await
+    .expect("version");
+    println!(
+        "PostgreSQL {version}; {} dims, {} conversations x {} chunks per batch ({} rows), {} writer(s)",
+        p.dims,
+        p.batch,
+        p.chunks,
+        p.batch * p.chunks,
+        p.writers
+    );
+
+    let mut gen_ = Generator {
+        rng: Rng(0x5eed),
+        next_id: 0,
+        params_dims: p.dims,
+        chunks: p.chunks,
+    };
+
+    // The two methods share one database (one table) per phase.
+    for (phase, with_index, rows) in [
+        ("no index", false, p.rows_no_index),
+        ("HNSW index", true, p.rows),
+    ] {
+        let url = fresh_database(&admin, &base_url, "convstore_bench").await;
+        let copy = Store::connect(&url, p.writers as u32 + 1, Duration::from_secs(60))
+            .await
+            .expect("connect")
+            .with_write_method(WriteMethod::Copy);
+        copy.migrate().await.expect("migrate");
+        copy.ensure_vector_column(p.dims).await.expect("vector column");
+        if !with_index {
+            sqlx::query("DROP INDEX conversation_chunks_embedding_hnsw_idx")
+                .execute(copy.pool())
+                .await
+                .expect("drop index");
+        }
+        let unnest = copy.clone().with_write_method(WriteMethod::Unnest);
+        if p.prefill > 0 {
+            let batches: Vec<_> = (0..p.prefill.div_ceil(p.batch * p.chunks))
+                .map(|_| gen_.batch(p.batch))
+                .collect();
+            let (n, elapsed) = write_all(&copy, batches, p.writers).await;
+            println!(
+                "  prefill: {n} rows in {:.1}s ({:.0} rows/s)",
+                elapsed.as_secs_f64(),
+                n as f64 / elapsed.as_secs_f64()
+            );
+        }
+        let start_rows = table_rows(&copy).await;
+        println!("{phase}: table starts with {start_rows} chunk rows");
+        let (c, u) = alternate(&copy, &unnest, &mut gen_, &p, rows, phase).await;
+        let end_rows = table_rows(&copy).await;
+        let index_mb: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_relation_size(to_regclass('conversation_chunks_embedding_hnsw_idx')) / 1048576",
+        )
+        .fetch_one(copy.pool())
+        .await
+        .expect("index size");
+        println!(
+            "RESULT {phase}: rows {start_rows} -> {end_rows}; COPY {} rows in {:.1}s = {:.0} rows/s; \
+             UNNEST {} rows in {:.1}s = {:.0} rows/s; COPY/UNNEST = {:.2}; index {} MB",
+            c.rows,
+            c.elapsed.as_secs_f64(),
+            c.rate(),
+            u.rows,
+            u.elapsed.as_secs_f64(),
+            u.rate(),
+            c.rate() / u.rate().max(1e-9),
+            index_mb.unwrap_or(0)
+        );
+        copy.close().await;
+    }
+    sqlx::query("DROP DATABASE IF EXISTS convstore_bench")
+        .execute(admin.pool())
+        .await
+        .expect("drop database");
+    admin.close().await;
+}
