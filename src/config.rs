@@ -559,16 +559,41 @@ fn is_top_level_env(key: &str) -> bool {
 }
 
 /// serde's messages name the field but not where it sits; config's name the
-/// key path. Keep both and say it plainly.
+/// key path ("… for key `queue` in the environment"). Put the two together
+/// so the message names the full key, e.g. `queue.capacty`.
 fn describe_deserialize_error(e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
-    // config renders "unknown field `x`, expected one of ... for key `server`".
-    if let Some(pos) = text.find(" for key `") {
-        let key = text[pos + 10..].trim_end_matches('`').to_string();
-        let reason = text[..pos].to_string();
-        return ConfigError::Invalid { key, reason };
+    let Some(pos) = text.find(" for key `") else {
+        return ConfigError::Load(text);
+    };
+    let reason = &text[..pos];
+    let after = &text[pos + " for key `".len()..];
+    let (mut key, origin) = match after.find('`') {
+        Some(end) => (after[..end].to_string(), after[end + 1..].trim()),
+        None => (after.to_string(), ""),
+    };
+    let mut reason = reason.to_string();
+    if let Some(field) = reason
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() {
+            field.to_string()
+        } else {
+            format!("{key}.{field}")
+        };
+        let expected = reason.split_once(", expected ").map(|(_, e)| e.to_string());
+        reason = match expected {
+            Some(e) => format!("unknown key (expected {e})"),
+            None => "unknown key".to_string(),
+        };
+    } else if reason.contains("does not have variant constructor") {
+        reason = format!("{reason}; see README.md for the accepted values");
     }
-    ConfigError::Load(text)
+    if !origin.is_empty() {
+        reason = format!("{reason} (set {origin})");
+    }
+    ConfigError::Invalid { key, reason }
 }
 
 fn nz(n: usize) -> NonZeroUsize {

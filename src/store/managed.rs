@@ -277,7 +277,8 @@ impl ManagedCluster {
     }
 
     /// A sqlx connection URL for database `convstore` over the Unix socket,
-    /// e.g. `postgres://convstore@localhost:5432/convstore?host=%2Fvar%2Flib%2Fconvstore%2Fpostgres%2Frun&sslmode=disable`.
+    /// e.g. `postgres://convstore@localhost:5432/convstore?host=/var/lib/convstore/postgres/run&sslmode=disable`
+    /// (the directory percent-encoded where needed).
     pub fn url(&self) -> String {
         format!(
             "postgres://{SUPERUSER}@localhost:{PORT}/{DATABASE}?host={}&sslmode=disable",
