@@ -45,8 +45,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitStatus> {
     let metrics_handle = crate::telemetry::metrics::install();
-    std::fs::create_dir_all(&settings.state_dir)
-        .with_context(|| format!("cannot create state_dir {}", settings.state_dir.display()))?;
+    create_state_dir(&settings.state_dir)?;
 
     let mut managed = None;
     let url = if settings.database.url.is_empty() {
@@ -63,8 +62,6 @@ pub async fn run(
     if let Some(cluster) = managed {
         if let Err(e) = cluster.stop().await {
             tracing::error!(error = %e, "Managed PostgreSQL did not stop cleanly");
-        } else {
-            tracing::info!("Managed PostgreSQL stopped");
         }
     }
     result
@@ -365,6 +362,24 @@ pub async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Creates `state_dir` (mode 0711) if missing. 0711, not the umask's 0700
+/// under systemd's `UMask=0077`: as root, the managed cluster's unprivileged
+/// account must be able to traverse it to reach its own data directory.
+fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .with_context(|| format!("cannot create state_dir {}", dir.display()))?;
+    // The mode given to mkdir is filtered by the umask; set it explicitly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot set the mode of state_dir {}", dir.display()))
 }
 
 /// `convstore migrate`: migrations and the vector index, nothing else.
