@@ -59,10 +59,10 @@ pub async fn run(
         settings.database.url.clone()
     };
     let result = run_with_database(&settings, &url, metrics_handle, shutdown).await;
-    if let Some(cluster) = managed {
-        if let Err(e) = cluster.stop().await {
-            tracing::error!(error = %e, "Managed PostgreSQL did not stop cleanly");
-        }
+    if let Some(cluster) = managed
+        && let Err(e) = cluster.stop().await
+    {
+        tracing::error!(error = %e, "Managed PostgreSQL did not stop cleanly");
     }
     result
 }

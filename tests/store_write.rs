@@ -43,7 +43,10 @@ async fn fresh_store(cluster: &TestCluster, name: &str, method: WriteMethod) -> 
         .expect("connect")
         .with_write_method(method);
     store.migrate().await.expect("migrate");
-    store.ensure_vector_column(DIMS).await.expect("vector column");
+    store
+        .ensure_vector_column(DIMS)
+        .await
+        .expect("vector column");
     store
 }
 
@@ -202,7 +205,10 @@ async fn copy_and_unnest_store_the_same_rows() {
         .expect("read")
         .expect("present");
     assert_eq!(stored.embedding_status, EmbeddingStatus::Pending);
-    assert_eq!(stored.messages.as_ref(), Some(&rows[5].conversation.messages));
+    assert_eq!(
+        stored.messages.as_ref(),
+        Some(&rows[5].conversation.messages)
+    );
     assert_eq!(stored.created_at, rows[5].conversation.created_at);
     assert_eq!(stored.received_at, rows[5].conversation.received_at);
     let statuses: Vec<_> = stored.chunks.iter().map(|c| c.embedding_status).collect();
@@ -214,7 +220,10 @@ async fn copy_and_unnest_store_the_same_rows() {
             EmbeddingStatus::Failed
         ]
     );
-    assert_eq!(stored.chunks[2].error.as_deref(), Some("input rejected: too long"));
+    assert_eq!(
+        stored.chunks[2].error.as_deref(),
+        Some("input rejected: too long")
+    );
     assert!(stored.chunks[0].embedded_at.is_some());
     assert!(stored.chunks[1].embedded_at.is_none());
 
@@ -249,7 +258,10 @@ async fn copy_and_unnest_store_the_same_rows() {
 #[tokio::test]
 async fn same_client_id_stores_one_row() {
     let cluster = TestCluster::start().await;
-    for (name, method) in [("dup_copy", WriteMethod::Copy), ("dup_unnest", WriteMethod::Unnest)] {
+    for (name, method) in [
+        ("dup_copy", WriteMethod::Copy),
+        ("dup_unnest", WriteMethod::Unnest),
+    ] {
         let store = fresh_store(&cluster, name, method).await;
         let first = batch(100, 5);
 
@@ -277,7 +289,8 @@ async fn same_client_id_stores_one_row() {
         a[0].conversation.client_id = Some("raced".into());
         b[0].conversation.client_id = Some("raced".into());
         let (ra, rb) = tokio::join!(store.write_batch(&a), store.write_batch(&b));
-        let inserted = ra.expect("a").conversations_inserted + rb.expect("b").conversations_inserted;
+        let inserted =
+            ra.expect("a").conversations_inserted + rb.expect("b").conversations_inserted;
         assert_eq!(inserted, 1, "{name}");
 
         let counts = store.counts().await.expect("counts");
@@ -308,7 +321,10 @@ async fn dimension_check_errors_clearly() {
     assert!(matches!(err, StoreError::Schema(_)), "{err:?}");
     let text = err.to_string();
     assert!(text.contains(&format!("{DIMS}-dimensional")), "{text}");
-    assert!(text.contains(&format!("embedding.dimensions is {}", DIMS * 2)), "{text}");
+    assert!(
+        text.contains(&format!("embedding.dimensions is {}", DIMS * 2)),
+        "{text}"
+    );
     assert!(!err.is_retryable());
 
     // A vector of the wrong size is refused before the database, by id.
@@ -332,9 +348,13 @@ async fn dimension_check_errors_clearly() {
         .execute(admin.pool())
         .await
         .expect("create database");
-    let legacy = Store::connect(&database_url(&cluster, "legacy"), 2, Duration::from_secs(30))
-        .await
-        .expect("connect");
+    let legacy = Store::connect(
+        &database_url(&cluster, "legacy"),
+        2,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("connect");
     legacy.migrate().await.expect("migrate");
     legacy.migrate().await.expect("migrate is idempotent");
     sqlx::query(
@@ -359,7 +379,10 @@ async fn dimension_check_errors_clearly() {
         .to_string();
     assert!(text.contains("4-dimensional"), "{text}");
     assert!(text.contains("old-model"), "{text}");
-    legacy.ensure_vector_column(4).await.expect("matching dimension");
+    legacy
+        .ensure_vector_column(4)
+        .await
+        .expect("matching dimension");
 }
 
 #[tokio::test]
@@ -375,11 +398,19 @@ async fn copy_encoder_round_trips_through_postgres() {
     .expect("temp table");
 
     let times = [
-        Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single().expect("ts"),
-        Utc.with_ymd_and_hms(1969, 7, 20, 20, 17, 40).single().expect("ts"),
+        Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
+            .single()
+            .expect("ts"),
+        Utc.with_ymd_and_hms(1969, 7, 20, 20, 17, 40)
+            .single()
+            .expect("ts"),
         ts(0),
     ];
-    let vectors: [&[f32]; 3] = [&[1.0, -2.5, 3.25e-7], &[0.0], &[f32::MAX, f32::MIN_POSITIVE]];
+    let vectors: [&[f32]; 3] = [
+        &[1.0, -2.5, 3.25e-7],
+        &[0.0],
+        &[f32::MAX, f32::MIN_POSITIVE],
+    ];
     let texts = ["", "héllo\nworld\t\"quoted\"\\", "🦀"];
     let mut enc = CopyEncoder::new();
     for i in 0..3 {
@@ -397,7 +428,9 @@ async fn copy_encoder_round_trips_through_postgres() {
         .await
         .expect("copy");
     copy.send(enc.take()).await.expect("send");
-    copy.send(enc.finish().expect("complete")).await.expect("send");
+    copy.send(enc.finish().expect("complete"))
+        .await
+        .expect("send");
     assert_eq!(copy.finish().await.expect("finish"), 3);
 
     let rows = sqlx::query("SELECT u, i, s, b, ts, v, n FROM t ORDER BY u")
@@ -408,7 +441,10 @@ async fn copy_encoder_round_trips_through_postgres() {
         assert_eq!(row.get::<Uuid, _>("u"), Uuid::from_u128(i as u128 + 1));
         assert_eq!(row.get::<i32, _>("i"), [i32::MIN, 0, i32::MAX][i]);
         assert_eq!(row.get::<String, _>("s"), texts[i]);
-        assert_eq!(row.get::<Vec<u8>, _>("b"), [0, 255, i as u8][..i + 1].to_vec());
+        assert_eq!(
+            row.get::<Vec<u8>, _>("b"),
+            [0, 255, i as u8][..i + 1].to_vec()
+        );
         assert_eq!(row.get::<DateTime<Utc>, _>("ts"), times[i]);
         assert_eq!(row.get::<pgvector::Vector, _>("v").as_slice(), vectors[i]);
         assert_eq!(row.get::<Option<String>, _>("n"), None);
@@ -423,7 +459,10 @@ async fn unavailable_database_is_retryable() {
     store.ping().await.expect("ping");
     cluster.stop().await;
 
-    let err = store.write_batch(&batch(10, 2)).await.expect_err("server is down");
+    let err = store
+        .write_batch(&batch(10, 2))
+        .await
+        .expect_err("server is down");
     assert!(err.is_retryable(), "{err:?}");
     assert!(store.ping().await.expect_err("down").is_retryable());
 
