@@ -51,7 +51,9 @@ fn check_config_prints_the_effective_configuration() {
 
 #[test]
 fn check_config_names_the_wrong_key_and_exits_2() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    /// (config file contents, environment overrides, the key the message must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("[queue]\ncapacty = 5\n", &[], "capacty"),
         ("[batch]\nmax_size = 0\n", &[], "max_size"),
         (
