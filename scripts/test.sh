@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+# CONVSTORE_SETUP_DEB=1: also cargo-deb, for the package check at the end.
+CONVSTORE_SETUP_DEB=1 scripts/setup.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -17,5 +18,19 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 # Integration tests start a daemon, a stand-in and a PostgreSQL cluster each;
-# two at a time keeps a 2-core machine responsive.
-cargo test --locked --all-targets -- --test-threads="${CONVSTORE_TEST_THREADS:-2}"
+# two at a time keeps a 2-core machine responsive. Set through the
+# environment, not `-- --test-threads`: the criterion benches (run once each
+# as tests) refuse libtest's flags.
+RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" cargo test --locked --all-targets
+
+echo "== debian package"
+# Packages the binary the tests just built and checks its contents.
+scripts/deb.sh
+
+echo "== fuzz: request parsing and validation (bounded)"
+# cargo-fuzz is installed by setup.sh under CI; elsewhere only if present.
+if [ "${CI:-}" = true ] || command -v cargo-fuzz >/dev/null; then
+    scripts/fuzz.sh "${CONVSTORE_FUZZ_SECONDS:-60}"
+else
+    echo "skipped: cargo-fuzz is not installed (CI=true scripts/setup.sh installs it)"
+fi

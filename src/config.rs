@@ -26,8 +26,14 @@ pub struct Settings {
     pub chunking: ChunkingSettings,
     pub embedding: EmbeddingSettings,
     pub cache: CacheSettings,
+    pub backfill: BackfillSettings,
     pub journal: JournalSettings,
+    pub ack: AckSettings,
+    pub limits: LimitsSettings,
+    pub auth: AuthSettings,
     pub shutdown: ShutdownSettings,
+    pub metrics: MetricsSettings,
+    pub search: SearchSettings,
 }
 
 impl Default for Settings {
@@ -43,8 +49,14 @@ impl Default for Settings {
             chunking: ChunkingSettings::default(),
             embedding: EmbeddingSettings::default(),
             cache: CacheSettings::default(),
+            backfill: BackfillSettings::default(),
             journal: JournalSettings::default(),
+            ack: AckSettings::default(),
+            limits: LimitsSettings::default(),
+            auth: AuthSettings::default(),
             shutdown: ShutdownSettings::default(),
+            metrics: MetricsSettings::default(),
+            search: SearchSettings::default(),
         }
     }
 }
@@ -246,18 +258,49 @@ pub struct EmbeddingSettings {
     /// Ceiling of the retry delay.
     pub retry_max_ms: NonZeroU64,
     pub backends: Vec<BackendSettings>,
+
+    // --- Routing across backends (issue 4; docs/ROUTING.md) ---
+    /// Longest a batch waits for vectors (retries and fail-over included)
+    /// before its chunks are stored as `pending` for the backfill.
+    pub max_wait_ms: NonZeroU64,
+    /// Period of the per-backend health check (version, model, dimension).
+    pub health_interval_ms: NonZeroU64,
+    /// Consecutive failed calls that open a backend's circuit breaker.
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker first refuses calls before one trial call;
+    /// doubles after each failed trial.
+    pub breaker_open_ms: NonZeroU64,
+    /// Ceiling of the open period.
+    pub breaker_max_open_ms: NonZeroU64,
 }
 
 impl Default for EmbeddingSettings {
     fn default() -> Self {
         Self {
-            model: "nomic-embed-text".into(),
-            dimensions: nz(768),
+            // Zero set-up: the builtin all-MiniLM-L6-v2 needs no other
+            // service (scripts/setup.sh installs it). The systemd config
+            // ships Ollama as the production default.
+            model: "all-minilm".into(),
+            dimensions: nz(384),
             strategy: Strategy::LeastOutstanding,
             max_batch_inputs: nz(32),
             retry_initial_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
             retry_max_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
-            backends: vec![BackendSettings::default()],
+            backends: vec![BackendSettings {
+                name: "builtin".into(),
+                kind: BackendKind::Builtin,
+                url: String::new(),
+                // A call waits for the local inference pool too: two calls
+                // of 32 texts × 256 tokens are ~16k tokens, ~14 s at the
+                // ~1,200 tokens/s two cores manage (benches/builtin_embed).
+                timeout_ms: NonZeroU64::new(120_000).unwrap_or(NonZeroU64::MIN),
+                ..BackendSettings::default()
+            }],
+            max_wait_ms: NonZeroU64::new(60_000).unwrap_or(NonZeroU64::MIN),
+            health_interval_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
+            breaker_failures: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
+            breaker_open_ms: NonZeroU64::new(1_000).unwrap_or(NonZeroU64::MIN),
+            breaker_max_open_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
         }
     }
 }
@@ -284,6 +327,24 @@ pub struct BackendSettings {
     pub timeout_ms: NonZeroU64,
     /// Name of the environment variable holding the bearer key (openai).
     pub api_key_env: String,
+    /// builtin: the sentence-transformers model directory (absolute). Empty
+    /// = `state_dir/models/<model>`, then where `scripts/setup.sh` installs
+    /// models (`/usr/local/lib/convstore/models/<model>`, then
+    /// `~/.local/lib/convstore/models/<model>`); `all-minilm` is installed
+    /// as `all-MiniLM-L6-v2`.
+    pub model_dir: String,
+    /// openai: the `encoding_format` asked for; either answer is decoded.
+    pub encoding_format: EncodingFormat,
+}
+
+/// How an OpenAI-compatible backend sends vectors (issue 4).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingFormat {
+    /// Little-endian f32 bytes in base64: a third of the JSON floats' size.
+    Base64,
+    /// JSON numbers, for servers that refuse `base64`.
+    Float,
 }
 
 impl Default for BackendSettings {
@@ -297,6 +358,8 @@ impl Default for BackendSettings {
             max_in_flight: nz(2),
             timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
             api_key_env: String::new(),
+            model_dir: String::new(),
+            encoding_format: EncodingFormat::Base64,
         }
     }
 }
@@ -327,11 +390,48 @@ impl Default for CacheSettings {
     }
 }
 
+/// The backfill: embeds chunks stored as `pending` once a backend is
+/// healthy again (issue 4; docs/ROUTING.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillSettings {
+    pub enabled: bool,
+    /// Pending chunks claimed (and embedded) per round.
+    pub batch_size: NonZeroUsize,
+    /// Pause between rounds when nothing is pending or no backend is up.
+    pub interval_ms: NonZeroU64,
+    /// Ceiling of the delay before chunks whose round failed are tried
+    /// again (the delay doubles per failed round from `interval_ms`).
+    pub max_defer_ms: NonZeroU64,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: nz(64),
+            interval_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            max_defer_ms: NonZeroU64::new(600_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[journal]`: durable intake (docs/DURABILITY.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalSettings {
+    /// Append every accepted conversation to `state_dir/journal` before
+    /// acknowledging it; replay what was not stored after a crash.
     pub enabled: bool,
+    /// Group commit: at most one fsync per this many milliseconds; every
+    /// record written meanwhile shares it.
     pub fsync_interval_ms: NonZeroU64,
+    /// Segments on disk may hold at most this many bytes; beyond, new
+    /// conversations get 429 until stored ones free space.
+    pub max_bytes: NonZeroU64,
+    /// A new segment file is started at this size; a segment is deleted
+    /// once every conversation in it is stored.
+    pub segment_bytes: NonZeroU64,
 }
 
 impl Default for JournalSettings {
@@ -339,8 +439,88 @@ impl Default for JournalSettings {
         Self {
             enabled: false,
             fsync_interval_ms: NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN),
+            max_bytes: NonZeroU64::new(1 << 30).unwrap_or(NonZeroU64::MIN),
+            segment_bytes: NonZeroU64::new(16 << 20).unwrap_or(NonZeroU64::MIN),
         }
     }
+}
+
+/// `[ack]`: how long `?wait=durable|stored` may hold a request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AckSettings {
+    /// The wait when the request gives no `timeout_ms`; past it, 504 with
+    /// the id (poll `GET /v1/conversations/{id}`).
+    pub timeout_ms: NonZeroU64,
+    /// The most a request's `?timeout_ms=` may ask for.
+    pub max_timeout_ms: NonZeroU64,
+}
+
+impl Default for AckSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            max_timeout_ms: NonZeroU64::new(300_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[limits]`: what one conversation may hold, beyond `server.max_body_bytes`
+/// and `server.max_messages`. Checked before acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Bytes of one text field: a message's content, the transcript, the summary.
+    pub max_content_bytes: NonZeroUsize,
+    /// Bytes of `metadata` as compact JSON.
+    pub max_metadata_bytes: NonZeroUsize,
+    /// Nesting depth of `metadata` (an object directly under it is depth 1).
+    pub max_metadata_depth: NonZeroUsize,
+    /// Bytes of the client `id`.
+    pub max_id_bytes: NonZeroUsize,
+    /// Bytes of `user_id` and `channel`.
+    pub max_label_bytes: NonZeroUsize,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: nz(262_144),
+            max_metadata_bytes: nz(65_536),
+            max_metadata_depth: nz(16),
+            max_id_bytes: nz(256),
+            max_label_bytes: nz(256),
+        }
+    }
+}
+
+/// `[auth]`: who may talk to the API (docs/DURABILITY.md, "Access control").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Bearer tokens, by their sha256; none = no token needed.
+    pub tokens: Vec<TokenSettings>,
+    /// Ask for a token on the Unix socket too (by default the socket file's
+    /// owner, group and mode are its access control).
+    pub require_on_unix_socket: bool,
+    /// Owner of the socket file (user name or uid); `""` = convstore's own.
+    pub socket_owner: String,
+    /// Group of the socket file (group name or gid); `""` = convstore's own.
+    pub socket_group: String,
+}
+
+/// One bearer token of `[[auth.tokens]]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// Names the client in logs and metrics; never the token itself.
+    pub name: String,
+    /// Hex sha256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    /// Requests per second this token may make on average; 0 = no limit.
+    pub rate_per_sec: u32,
+    /// Requests it may make at once above the rate; 0 = `rate_per_sec`.
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -355,6 +535,63 @@ impl Default for ShutdownSettings {
         Self {
             timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
         }
+    }
+}
+
+/// `[metrics]`: where Prometheus scrapes. `/metrics` is always served on
+/// the API listeners too; `listen` adds a listener that serves nothing
+/// else, so a Prometheus server can reach it without reaching the API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// `IP:port` of the metrics-only listener; `""` = none. Meant for a
+    /// loopback address (a non-loopback one logs a warning).
+    pub listen: String,
+}
+
+/// `[search]`: `POST /v1/search` (docs/SEARCH.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSettings {
+    /// `hnsw.ef_search` of a search that does not give its own (1..=1000):
+    /// candidates the HNSW graph walk keeps; more = better recall, slower.
+    pub ef_search: NonZeroU32,
+    /// A filter matching fewer conversations than this is answered by an
+    /// exact scan of their chunks instead of the index.
+    pub exact_threshold: NonZeroU64,
+    /// Searches running at once (each holds a database connection while it
+    /// runs); more wait for a slot within `timeout_ms`.
+    pub max_concurrent: NonZeroUsize,
+    /// Query embeddings each backend serves at once, apart from (and on
+    /// top of) its `max_in_flight` for ingest; for a builtin backend, its
+    /// inference threads for queries.
+    pub backend_in_flight: NonZeroUsize,
+    /// Deadline of one search: waiting for a slot, embedding the query,
+    /// the database.
+    pub timeout_ms: NonZeroU64,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        Self {
+            ef_search: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
+            exact_threshold: NonZeroU64::new(2_000).unwrap_or(NonZeroU64::MIN),
+            max_concurrent: nz(4),
+            backend_in_flight: nz(1),
+            timeout_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+impl SearchSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ef_search.get() > 1000 {
+            return Err(ConfigError::invalid(
+                "search.ef_search",
+                format!("{} is above pgvector's limit of 1000", self.ef_search.get()),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -426,8 +663,18 @@ impl Settings {
 
     /// Checks that serde cannot express: addresses, modes, relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.search.validate()?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must not be empty"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "`{}` is not a tracing filter like `info` or `convstore=debug,sqlx=warn` ({e})",
+                    self.log.level
+                ),
+            ));
         }
         if self.server.http_addr.is_empty() && self.server.unix_socket.is_empty() {
             return Err(ConfigError::invalid(
@@ -454,6 +701,27 @@ impl Settings {
             ));
         }
         self.server.socket_mode_bits()?;
+        if !self.metrics.listen.is_empty() {
+            let addr = self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid(
+                    "metrics.listen",
+                    format!(
+                        "`{}` is not an IP:port address ({e}); use e.g. 127.0.0.1:9187, or \"\" for none",
+                        self.metrics.listen
+                    ),
+                )
+            })?;
+            if !self.server.http_addr.is_empty()
+                && self.server.http_addr.parse::<SocketAddr>().ok() == Some(addr)
+                && addr.port() != 0
+            {
+                return Err(ConfigError::invalid(
+                    "metrics.listen",
+                    "must differ from server.http_addr (/metrics is served there already)",
+                ));
+            }
+        }
+        self.validate_intake()?;
         let url = &self.database.url;
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(
@@ -474,6 +742,12 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "embedding.retry_max_ms",
                 "must not be below embedding.retry_initial_ms",
+            ));
+        }
+        if self.embedding.breaker_max_open_ms < self.embedding.breaker_open_ms {
+            return Err(ConfigError::invalid(
+                "embedding.breaker_max_open_ms",
+                "must not be below embedding.breaker_open_ms",
             ));
         }
         if self.embedding.backends.is_empty() {
@@ -508,6 +782,20 @@ impl Settings {
                     ));
                 }
             }
+            if !backend.model_dir.is_empty() {
+                if backend.kind != BackendKind::Builtin {
+                    return Err(ConfigError::invalid(
+                        key("model_dir"),
+                        "only a kind = \"builtin\" backend reads a model directory",
+                    ));
+                }
+                if !Path::new(&backend.model_dir).is_absolute() {
+                    return Err(ConfigError::invalid(
+                        key("model_dir"),
+                        format!("`{}` must be an absolute path", backend.model_dir),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -520,6 +808,77 @@ impl Settings {
     /// Where managed PostgreSQL keeps its data directory.
     pub fn managed_cluster_dir(&self) -> PathBuf {
         self.state_dir.join("postgres")
+    }
+}
+
+impl Settings {
+    /// `[journal]`, `[ack]`, `[limits]`, `[auth]`: relations serde cannot check.
+    fn validate_intake(&self) -> Result<(), ConfigError> {
+        let j = &self.journal;
+        if j.segment_bytes > j.max_bytes {
+            return Err(ConfigError::invalid(
+                "journal.segment_bytes",
+                "must not exceed journal.max_bytes",
+            ));
+        }
+        // Room for at least two of the largest conversations a request can
+        // carry (JSON re-encoding can grow text a little).
+        let needed = 2 * self.server.max_body_bytes.get() as u64 + 4096;
+        if j.max_bytes.get() < needed {
+            return Err(ConfigError::invalid(
+                "journal.max_bytes",
+                format!(
+                    "{} bytes cannot hold two conversations of server.max_body_bytes ({}); set at least {needed}",
+                    j.max_bytes, self.server.max_body_bytes
+                ),
+            ));
+        }
+        if j.fsync_interval_ms.get() > 1_000 {
+            return Err(ConfigError::invalid(
+                "journal.fsync_interval_ms",
+                "at most 1000: a longer interval holds every ?wait=durable request that long",
+            ));
+        }
+        if self.ack.max_timeout_ms < self.ack.timeout_ms {
+            return Err(ConfigError::invalid(
+                "ack.max_timeout_ms",
+                "must not be below ack.timeout_ms",
+            ));
+        }
+        if self.limits.max_metadata_depth.get() > 64 {
+            return Err(ConfigError::invalid(
+                "limits.max_metadata_depth",
+                "at most 64 (JSON nested deeper is refused by the parser anyway)",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let key = |field: &str| format!("auth.tokens[{i}].{field}");
+            if token.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(token.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("`{}` is used by two tokens", token.name),
+                ));
+            }
+            let hash = token.sha256.trim().to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "must be 64 hex digits: the sha256 of the token (printf %s \"$TOKEN\" | sha256sum), never the token itself",
+                ));
+            }
+            if !hashes.insert(hash) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "the same token hash is listed twice",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -668,6 +1027,41 @@ mod tests {
     }
 
     #[test]
+    fn default_embedding_is_the_builtin_model() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.embedding.model, "all-minilm");
+        assert_eq!(s.embedding.dimensions.get(), 384);
+        assert_eq!(s.embedding.backends.len(), 1);
+        assert_eq!(s.embedding.backends[0].kind, BackendKind::Builtin);
+        assert_eq!(s.embedding.backends[0].model_dir, "");
+    }
+
+    #[test]
+    fn model_dir_must_be_absolute_and_builtin() {
+        let file = write(
+            "[[embedding.backends]]\nname = \"b\"\nkind = \"builtin\"\nmodel_dir = \"models/x\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[0].model_dir"),
+            "{err}"
+        );
+        let file = write(
+            "[[embedding.backends]]\nname = \"o\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nmodel_dir = \"/m\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[0].model_dir"),
+            "{err}"
+        );
+        let file = write(
+            "[[embedding.backends]]\nname = \"b\"\nkind = \"builtin\"\nmodel_dir = \"/opt/m\"\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(s.embedding.backends[0].model_dir, "/opt/m");
+    }
+
+    #[test]
     fn file_then_env_override() {
         let file = write("[queue]\ncapacity = 50\n[batch]\nmax_size = 8\n");
         let s = Settings::load_from(
@@ -754,6 +1148,21 @@ mod tests {
             err.to_string().contains("embedding.backends[1].name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_listen_is_checked() {
+        let s = Settings::load_from(
+            None,
+            env(&[("CONVSTORE_METRICS__LISTEN", "127.0.0.1:9187")]),
+        )
+        .expect("loads");
+        assert_eq!(s.metrics.listen, "127.0.0.1:9187");
+        for bad in ["localhost:9187", "9187", "127.0.0.1:7070"] {
+            let err =
+                Settings::load_from(None, env(&[("CONVSTORE_METRICS__LISTEN", bad)])).unwrap_err();
+            assert!(err.to_string().contains("metrics.listen"), "{bad}: {err}");
+        }
     }
 
     #[test]

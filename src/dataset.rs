@@ -368,7 +368,7 @@ mod tests {
             let body = serde_json::to_vec(v).unwrap();
             crate::ingress::validate::parse_conversation(
                 &body,
-                crate::ingress::validate::Limits { max_messages: 1000 },
+                crate::ingress::validate::Limits::DEFAULT,
             )
             .expect("generated conversations pass validation");
         }

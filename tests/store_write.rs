@@ -293,9 +293,28 @@ async fn same_client_id_stores_one_row() {
             ra.expect("a").conversations_inserted + rb.expect("b").conversations_inserted;
         assert_eq!(inserted, 1, "{name}");
 
+        // Overlapping batches in opposite orders (a redelivery racing the
+        // original): both succeed, each row once. Whether the two inserts
+        // overlap is up to timing; `write_batch` inserts in id order so
+        // that, when they do, one waits for the other instead of the two
+        // deadlocking.
+        for round in 0..5u128 {
+            let forward = batch(10_000 + round * 1_000, 64);
+            let mut backward = forward.clone();
+            backward.reverse();
+            let (f, b) = tokio::join!(store.write_batch(&forward), store.write_batch(&backward));
+            let (f, b) = (f.expect("forward"), b.expect("backward"));
+            assert_eq!(
+                f.conversations_inserted + b.conversations_inserted,
+                64,
+                "{name}"
+            );
+            assert_eq!(f.duplicates + b.duplicates, 64, "{name}");
+        }
+
         let counts = store.counts().await.expect("counts");
-        assert_eq!(counts.conversations, 6, "{name}");
-        assert_eq!(counts.chunks.total(), 18, "{name}");
+        assert_eq!(counts.conversations, 6 + 5 * 64, "{name}");
+        assert_eq!(counts.chunks.total(), 18 + 5 * 64 * 3, "{name}");
     }
 }
 

@@ -3,9 +3,15 @@
 //!
 //! Nothing here knows about HTTP ingress or the database.
 
+pub mod builtin;
 pub mod cache;
 pub mod ollama;
+pub mod openai;
+pub mod prefix;
+pub mod query;
+pub mod router;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -77,4 +83,20 @@ pub trait Embedder: Send + Sync {
 
     /// Embeds `inputs` in order: one unit vector per input.
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// The model's exact token counter, when this backend has the model's
+    /// tokenizer in process (the builtin backend). The chunker uses it to
+    /// re-cut any chunk its estimate let grow past the model's limit.
+    fn token_counter(&self) -> Option<Arc<dyn TokenCounter>> {
+        None
+    }
+}
+
+/// Counts tokens exactly as one model reads them.
+pub trait TokenCounter: Send + Sync {
+    /// Tokens `text` costs, the model's special tokens included.
+    fn count_tokens(&self, text: &str) -> usize;
+
+    /// The most tokens the model reads at once (special tokens included).
+    fn max_tokens(&self) -> usize;
 }

@@ -322,7 +322,11 @@ impl Embedder for OllamaBackend {
 
 /// One vector per input, all the same non-zero length, all finite: anything
 /// else would store garbage.
-fn check_vectors(name: &str, inputs: usize, vectors: &[Vec<f32>]) -> Result<(), EmbedError> {
+pub(crate) fn check_vectors(
+    name: &str,
+    inputs: usize,
+    vectors: &[Vec<f32>],
+) -> Result<(), EmbedError> {
     if vectors.len() != inputs {
         return Err(EmbedError::Protocol(format!(
             "backend `{name}` returned {} vectors for {inputs} inputs",
@@ -383,14 +387,14 @@ fn parameter_num_ctx(parameters: &str) -> Option<usize> {
 
 /// `Retry-After` in its delay-seconds form. The HTTP-date form is ignored:
 /// no Ollama sends it, and the caller's own backoff applies instead.
-fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The message of an error answer: Ollama's `{"error": "..."}`, the
 /// OpenAI-style `{"error": {"message": "..."}}` a proxy may send, or the
 /// start of the body as text.
-fn error_message(body: &[u8]) -> String {
+pub(crate) fn error_message(body: &[u8]) -> String {
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         let error = value.get("error");
         if let Some(message) = error
@@ -413,7 +417,7 @@ fn error_message(body: &[u8]) -> String {
 
 /// An error with its sources, which is where reqwest puts "connection
 /// refused".
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -13,40 +13,89 @@ use uuid::Uuid;
 use crate::model::{Conversation, Message};
 
 use super::error::ApiError;
+use super::strict_json::StrictValue;
 
 /// Namespace for ids derived from a caller's non-UUID id (UUIDv5), so the
 /// same client id always maps to the same row.
 const CLIENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_5b7d_4e21_9c8a_2f4d_1e0b_7c55);
 
 pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
-const MAX_ID_BYTES: usize = 256;
-const MAX_LABEL_BYTES: usize = 256;
-const MAX_METADATA_DEPTH: usize = 16;
 
-/// Limits that come from configuration.
-#[derive(Debug, Clone, Copy)]
+/// Limits that come from configuration (`server.max_messages`, `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_messages: usize,
+    /// Bytes of one message's content, the transcript, the summary.
+    pub max_content_bytes: usize,
+    /// Bytes of `metadata` as compact JSON.
+    pub max_metadata_bytes: usize,
+    /// Nesting depth of `metadata`.
+    pub max_metadata_depth: usize,
+    pub max_id_bytes: usize,
+    /// `user_id` and `channel`.
+    pub max_label_bytes: usize,
 }
 
-#[derive(Debug, Deserialize)]
+impl Limits {
+    /// The configuration's defaults; `Limits { max_messages: 10, ..Limits::DEFAULT }`.
+    pub const DEFAULT: Limits = Limits {
+        max_messages: 1000,
+        max_content_bytes: 262_144,
+        max_metadata_bytes: 65_536,
+        max_metadata_depth: 16,
+        max_id_bytes: 256,
+        max_label_bytes: 256,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A conversation as sent: exactly one of `messages` and `transcript`.
+/// Every text is bounded by `[limits]`; NUL characters are refused
+/// everywhere (PostgreSQL cannot store them); duplicate keys are refused.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConversationIn {
+#[schema(as = Conversation)]
+pub struct ConversationIn {
+    /// Your idempotency key: the same id sent twice is stored once.
+    /// Without it convstore assigns a UUIDv7.
+    #[schema(min_length = 1, max_length = 256, example = "chat-2024-05-01-42")]
     id: Option<String>,
+    #[schema(min_length = 1, max_length = 256, example = "u-17")]
     user_id: String,
+    #[schema(min_length = 1, max_length = 256, example = "web")]
     channel: String,
+    /// The messages, in order; or give `transcript` instead.
+    #[schema(min_items = 1)]
     messages: Option<Vec<MessageIn>>,
+    /// Free-form text of the whole conversation; or give `messages`.
+    #[schema(min_length = 1)]
     transcript: Option<String>,
     summary: Option<String>,
-    metadata: Option<serde_json::Value>,
+    /// Any JSON object (depth and size bounded by `[limits]`).
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<StrictValue>,
+    /// RFC 3339, between 1970 and now + 1 day.
+    #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
     created_at: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One message.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MessageIn {
+#[schema(as = MessageIn)]
+pub struct MessageIn {
+    /// `system`, `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|user|assistant|tool)$", example = "user")]
     role: String,
+    #[schema(min_length = 1, example = "Book me a flight to Seattle on Friday.")]
     content: String,
+    /// RFC 3339, between 1970 and now + 1 day.
+    #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
     ts: Option<String>,
 }
 
@@ -69,7 +118,7 @@ pub fn conversation_from_value(
     validate(parsed, limits)
 }
 
-fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+pub(super) fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     let looks_syntactic = inner.contains("at line")
@@ -98,13 +147,13 @@ fn quoted_field(message: &str) -> Option<String> {
 fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, ApiError> {
     let client_id = match input.id {
         Some(id) => {
-            check_label("id", &id, MAX_ID_BYTES)?;
+            check_label("id", &id, limits.max_id_bytes)?;
             Some(id)
         }
         None => None,
     };
-    check_label("user_id", &input.user_id, MAX_LABEL_BYTES)?;
-    check_label("channel", &input.channel, MAX_LABEL_BYTES)?;
+    check_label("user_id", &input.user_id, limits.max_label_bytes)?;
+    check_label("channel", &input.channel, limits.max_label_bytes)?;
 
     let (messages, transcript) = match (input.messages, input.transcript) {
         (Some(_), Some(_)) => {
@@ -121,18 +170,29 @@ fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, ApiEr
         }
         (Some(messages), None) => (validate_messages(messages, limits)?, None),
         (None, Some(transcript)) => {
-            check_text("transcript", &transcript)?;
+            check_text("transcript", &transcript, limits.max_content_bytes)?;
             (Vec::new(), Some(transcript))
         }
     };
 
     if let Some(summary) = &input.summary {
+        check_size("summary", summary, limits.max_content_bytes)?;
         check_no_nul("summary", summary)?;
     }
-    let metadata = match input.metadata {
+    let metadata = match input.metadata.map(StrictValue::into_inner) {
         None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => {
-            check_json("metadata", &value, 0)?;
+            check_json("metadata", &value, 0, limits.max_metadata_depth)?;
+            let size = compact_json_len(&value);
+            if size > limits.max_metadata_bytes {
+                return Err(ApiError::invalid_field(
+                    "metadata",
+                    format!(
+                        "{size} bytes as JSON; at most {} (limits.max_metadata_bytes)",
+                        limits.max_metadata_bytes
+                    ),
+                ));
+            }
             value
         }
         Some(_) => return Err(ApiError::invalid_field("metadata", "must be a JSON object")),
@@ -144,8 +204,7 @@ fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, ApiEr
         .transpose()?;
 
     let id = match &client_id {
-        Some(cid) => Uuid::parse_str(cid)
-            .unwrap_or_else(|_| Uuid::new_v5(&CLIENT_ID_NAMESPACE, cid.as_bytes())),
+        Some(cid) => row_id(cid),
         None => Uuid::now_v7(),
     };
     Ok(Conversation {
@@ -161,6 +220,13 @@ fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, ApiEr
         received_at: Utc::now(),
         received_instant: Instant::now(),
     })
+}
+
+/// The row id of the conversation with client id `id`: the id itself when
+/// it is a UUID, else a UUIDv5 of it, so the same client id always maps to
+/// the same row.
+pub fn row_id(id: &str) -> Uuid {
+    Uuid::parse_str(id).unwrap_or_else(|_| Uuid::new_v5(&CLIENT_ID_NAMESPACE, id.as_bytes()))
 }
 
 fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Message>, ApiError> {
@@ -191,7 +257,11 @@ fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Mes
                     ),
                 ));
             }
-            check_text(&format!("messages[{i}].content"), &m.content)?;
+            check_text(
+                &format!("messages[{i}].content"),
+                &m.content,
+                limits.max_content_bytes,
+            )?;
             let ts =
                 m.ts.as_deref()
                     .map(|s| parse_timestamp(&format!("messages[{i}].ts"), s))
@@ -205,12 +275,27 @@ fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Mes
         .collect()
 }
 
-/// Non-empty text without NUL bytes (PostgreSQL `text` cannot hold NUL).
-fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
+/// Non-empty text of at most `max` bytes without NUL bytes (PostgreSQL
+/// `text` cannot hold NUL).
+fn check_text(field: &str, text: &str, max: usize) -> Result<(), ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::invalid_field(field, "must not be empty"));
     }
+    check_size(field, text, max)?;
     check_no_nul(field, text)
+}
+
+fn check_size(field: &str, text: &str, max: usize) -> Result<(), ApiError> {
+    if text.len() > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!(
+                "{} bytes; at most {max} (limits.max_content_bytes)",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_no_nul(field: &str, text: &str) -> Result<(), ApiError> {
@@ -224,7 +309,7 @@ fn check_no_nul(field: &str, text: &str) -> Result<(), ApiError> {
 }
 
 /// Ids and labels: 1..=max bytes, no control characters.
-fn check_label(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+pub(crate) fn check_label(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::invalid_field(field, "must not be empty"));
     }
@@ -244,11 +329,16 @@ fn check_label(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 }
 
 /// No NUL anywhere (keys included; `jsonb` refuses `\u0000`), bounded depth.
-fn check_json(field: &str, value: &serde_json::Value, depth: usize) -> Result<(), ApiError> {
-    if depth > MAX_METADATA_DEPTH {
+fn check_json(
+    field: &str,
+    value: &serde_json::Value,
+    depth: usize,
+    max_depth: usize,
+) -> Result<(), ApiError> {
+    if depth > max_depth {
         return Err(ApiError::invalid_field(
             field,
-            format!("nested deeper than {MAX_METADATA_DEPTH} levels"),
+            format!("nested deeper than {max_depth} levels (limits.max_metadata_depth)"),
         ));
     }
     match value {
@@ -256,14 +346,32 @@ fn check_json(field: &str, value: &serde_json::Value, depth: usize) -> Result<()
         serde_json::Value::Array(items) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v, depth + 1)),
+            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v, depth + 1, max_depth)),
         serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            let path = format!("{field}.{k}");
+            let path = format!("{field}.{}", truncate_for_message(k));
             check_no_nul(&path, k)?;
-            check_json(&path, v, depth + 1)
+            check_json(&path, v, depth + 1, max_depth)
         }),
         _ => Ok(()),
     }
+}
+
+/// Bytes of `value` as compact JSON, counted without building the text.
+fn compact_json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value serde_json built serialises.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// RFC 3339, between 1970 and a day from now (clock skew allowed).
@@ -297,7 +405,10 @@ fn truncate_for_message(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_messages: 10 };
+    const LIMITS: Limits = Limits {
+        max_messages: 10,
+        ..Limits::DEFAULT
+    };
 
     fn field_of(body: &str) -> String {
         match parse_conversation(body.as_bytes(), LIMITS) {

@@ -9,6 +9,7 @@
 //! backends are asked with truncation off so an estimate that came out too
 //! low fails loudly instead of losing text.
 
+use crate::embed::TokenCounter;
 use crate::model::{Chunk, Conversation, content_hash};
 
 /// Upper-bound estimate of the tokens a text costs in a WordPiece/BPE model.
@@ -133,6 +134,60 @@ impl Chunker {
                 content,
             })
             .collect()
+    }
+}
+
+/// Re-cuts every chunk the model would have to truncate, by the model's own
+/// token count (a backend with the tokenizer in process offers one through
+/// `Embedder::token_counter`). The estimate sizes prose well, but ids,
+/// hashes and digit strings can cost WordPiece more than it guesses. Chunks
+/// that fit come back unchanged; an oversized one is split in place (same
+/// bytes, same order; pieces after the first lose the role prefix), on
+/// sentence ends or whitespace, halving until every piece fits. Chunks are
+/// renumbered only when something was split.
+pub fn fit_exactly(chunks: Vec<Chunk>, counter: &dyn TokenCounter) -> Vec<Chunk> {
+    let limit = counter.max_tokens();
+    if chunks
+        .iter()
+        .all(|c| counter.count_tokens(&c.content) <= limit)
+    {
+        return chunks;
+    }
+    let mut pieces = Vec::with_capacity(chunks.len() + 1);
+    for chunk in &chunks {
+        split_exactly(&chunk.content, counter, limit, &mut pieces);
+    }
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, content)| Chunk {
+            seq: i32::try_from(i).unwrap_or(i32::MAX),
+            content_hash: content_hash(&content),
+            content,
+        })
+        .collect()
+}
+
+/// Pushes `text` whole when the model reads it whole, else its halves (by
+/// estimate, on natural boundaries), recursively. A single character is
+/// pushed as it is: nothing smaller exists.
+fn split_exactly(text: &str, counter: &dyn TokenCounter, limit: usize, out: &mut Vec<String>) {
+    if text.chars().nth(1).is_none() || counter.count_tokens(text) <= limit {
+        out.push(text.to_string());
+        return;
+    }
+    let mut pieces = split_to_budget(text, (estimate_tokens(text) / 2).max(1));
+    if pieces.len() < 2 {
+        // The estimate saw nothing to halve (e.g. control characters it
+        // counts as free): cut at the middle character instead.
+        let middle = text
+            .char_indices()
+            .nth(text.chars().count() / 2)
+            .map_or(text.len(), |(i, _)| i);
+        pieces = vec![&text[..middle], &text[middle..]];
+    }
+    for piece in pieces {
+        split_exactly(piece, counter, limit, out);
     }
 }
 
@@ -305,6 +360,45 @@ mod tests {
         assert_eq!(estimate_tokens("   "), 0);
     }
 
+    /// A tokenizer far hungrier than the estimate: one token per byte,
+    /// plus two special tokens.
+    struct PerByte(usize);
+
+    impl TokenCounter for PerByte {
+        fn count_tokens(&self, text: &str) -> usize {
+            text.len() + 2
+        }
+        fn max_tokens(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn fit_exactly_leaves_fitting_chunks_alone_and_recuts_the_rest() {
+        let c = conversation(&[
+            (
+                "user",
+                "Track order 1Z999AA10123456784 and e3b0c44298fc1c149afbf4c8996fb924.",
+            ),
+            ("assistant", "Done."),
+        ]);
+        let chunks = Chunker::new(2048, 0).chunk(&c);
+        assert_eq!(chunks.len(), 1);
+        let unchanged = fit_exactly(chunks.clone(), &PerByte(1000));
+        assert_eq!(unchanged[0].content, chunks[0].content);
+
+        let counter = PerByte(32);
+        let fitted = fit_exactly(chunks.clone(), &counter);
+        assert!(fitted.len() > 1, "{fitted:?}");
+        let joined: String = fitted.iter().map(|c| c.content.as_str()).collect();
+        assert_eq!(joined, chunks[0].content);
+        for (i, chunk) in fitted.iter().enumerate() {
+            assert!(counter.count_tokens(&chunk.content) <= 32, "{chunk:?}");
+            assert_eq!(chunk.seq, i as i32);
+            assert_eq!(chunk.content_hash, content_hash(&chunk.content));
+        }
+    }
+
     proptest! {
         /// Nothing is lost: the chunks, stripped of the role prefixes the
         /// chunker adds, concatenate to the original content, and every chunk
@@ -318,6 +412,24 @@ mod tests {
             prop_assert_eq!(joined, text);
             for chunk in &chunks {
                 prop_assert!(estimate_tokens(&chunk.content) <= chunker.budget());
+            }
+        }
+
+        /// Whatever the tokenizer, `fit_exactly` keeps every byte in order
+        /// and leaves no piece the model would truncate (but single
+        /// characters, which cannot be split).
+        #[test]
+        fn fit_exactly_covers_text_and_fits(text in "[a-z0-9 .\n日😀\u{1}]{0,400}", limit in 3usize..60) {
+            let c = Conversation { transcript: Some(text.clone()), ..conversation(&[]) };
+            let counter = PerByte(limit);
+            let chunks = fit_exactly(Chunker::new(512, 0).chunk(&c), &counter);
+            let joined: String = chunks.iter().map(|c| c.content.as_str()).collect();
+            prop_assert_eq!(joined, text);
+            for chunk in &chunks {
+                prop_assert!(
+                    counter.count_tokens(&chunk.content) <= limit || chunk.content.chars().count() == 1,
+                    "{:?}", chunk.content
+                );
             }
         }
     }

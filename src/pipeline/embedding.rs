@@ -1,128 +1,235 @@
-//! The embedding stage of a batch: cache first, then the backend for the
-//! misses, each distinct text sent once.
+//! The embedding stage of a batch (and of a backfill round): each distinct
+//! text is looked up in the L1 cache (memory), then in the L2 cache (the
+//! shared `embedding_cache` table), and only the remaining misses go to the
+//! embedder, which is the router over every configured backend
+//! ([`crate::embed::router`]). What comes back fills both caches.
 //!
-//! Failure handling, per group of texts sent together:
-//! - retryable errors (backend down, timeout, 429/5xx) and operator errors
-//!   (model missing, wrong dimension) are retried with backoff until the
-//!   drain deadline; after it the texts are stored as `pending`, so a dead
-//!   embedder never costs text;
+//! Misses are sent in groups of `embedding.max_batch_inputs`, all groups of
+//! a batch at once, so one batch can keep several backends busy; the
+//! router's in-flight limits decide how many calls really run.
+//!
+//! Failure handling, per group:
+//! - the router retries and fails over by itself, for at most
+//!   `embedding.max_wait_ms` (less when every circuit is open, or when the
+//!   shutdown drain deadline comes first); if it still has no vectors, the
+//!   texts come back `Pending` and are stored without vectors for the
+//!   backfill, so a dead embedder never costs text or blocks the queue;
 //! - a rejection (400) means one input is bad: the group is split in halves
-//!   until the bad input stands alone and is marked `failed` with the
+//!   until the bad input stands alone and is marked `Failed` with the
 //!   backend's reason, while the rest are embedded ("poison isolation").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::embed::EmbedError;
 use crate::embed::cache::CacheKey;
 use crate::model::{Chunk, ContentHash};
 use crate::telemetry::metrics as m;
 
-use super::PipelineContext;
-use super::retry::Backoff;
+use super::{DrainDeadline, PipelineContext};
 
-/// What became of one distinct chunk text.
+/// What became of one distinct text.
 #[derive(Debug, Clone)]
 pub enum VectorOutcome {
     Embedded(Arc<[f32]>),
-    /// No backend could embed it before the drain deadline.
+    /// No backend could embed it in time; stored without a vector for the
+    /// backfill.
     Pending,
     /// A backend rejected it for good; the reason.
     Failed(String),
 }
 
+/// How often a call waiting on the router checks whether shutdown has set
+/// a drain deadline.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
 /// Resolves every distinct chunk text of a batch to a vector, a pending
-/// mark or a failure, filling the cache with what the backend returned.
+/// mark or a failure.
 pub async fn embed_chunks<'a>(
     ctx: &PipelineContext,
     chunks: impl IntoIterator<Item = &'a Chunk>,
 ) -> HashMap<ContentHash, VectorOutcome> {
-    let mut distinct: Vec<&Chunk> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for chunk in chunks {
-        if seen.insert(chunk.content_hash) {
-            distinct.push(chunk);
-        }
-    }
+    let texts: Vec<(ContentHash, &str)> = chunks
+        .into_iter()
+        .map(|c| (c.content_hash, c.content.as_str()))
+        .collect();
+    embed_texts(ctx, &texts).await
+}
+
+/// Resolves texts, keyed by content hash, to vectors (caches first, then
+/// the embedder), pending marks or failures.
+pub async fn embed_texts(
+    ctx: &PipelineContext,
+    texts: &[(ContentHash, &str)],
+) -> HashMap<ContentHash, VectorOutcome> {
+    let mut seen = HashSet::new();
+    let distinct: Vec<(ContentHash, &str)> = texts
+        .iter()
+        .filter(|(h, _)| seen.insert(*h))
+        .copied()
+        .collect();
+    let mut outcomes = HashMap::with_capacity(distinct.len());
+
+    // L1.
     let keys: Vec<CacheKey> = distinct
         .iter()
-        .map(|c| CacheKey {
-            model: ctx.model.clone(),
-            hash: c.content_hash,
-        })
+        .map(|(hash, _)| cache_key(ctx, *hash))
         .collect();
-    let cached = ctx.cache.get_many(keys.iter());
-
-    let mut outcomes = HashMap::with_capacity(distinct.len());
-    let mut misses: Vec<&Chunk> = Vec::new();
-    for (chunk, hit) in distinct.iter().zip(cached) {
+    let mut misses = Vec::new();
+    for (text, hit) in distinct.iter().zip(ctx.cache.get_many(keys.iter())) {
         match hit {
             Some(vector) => {
-                outcomes.insert(chunk.content_hash, VectorOutcome::Embedded(vector));
+                outcomes.insert(text.0, VectorOutcome::Embedded(vector));
             }
-            None => misses.push(chunk),
+            None => misses.push(*text),
         }
     }
-    let hits = distinct.len() - misses.len();
-    metrics::counter!(m::CACHE_HITS, "tier" => "l1").increment(hits as u64);
+    metrics::counter!(m::CACHE_HITS, "tier" => "l1").increment(outcomes.len() as u64);
     metrics::counter!(m::CACHE_MISSES, "tier" => "l1").increment(misses.len() as u64);
 
-    for group in misses.chunks(ctx.max_batch_inputs) {
-        let results = embed_group(ctx, group).await;
-        let mut fresh = Vec::new();
-        for (chunk, outcome) in group.iter().zip(results) {
+    // L2.
+    if ctx.shared_cache && !misses.is_empty() {
+        misses = lookup_l2(ctx, misses, &mut outcomes).await;
+    }
+
+    // The embedder, every group at once.
+    let groups = misses.chunks(ctx.max_batch_inputs.max(1));
+    let results =
+        futures::future::join_all(groups.clone().map(|group| embed_group(ctx, group))).await;
+    let mut fresh: Vec<(ContentHash, Arc<[f32]>)> = Vec::new();
+    for (group, results) in groups.zip(results) {
+        for ((hash, _), outcome) in group.iter().zip(results) {
             if let VectorOutcome::Embedded(v) = &outcome {
-                fresh.push((
-                    CacheKey {
-                        model: ctx.model.clone(),
-                        hash: chunk.content_hash,
-                    },
-                    v.clone(),
-                ));
+                fresh.push((*hash, v.clone()));
             }
-            outcomes.insert(chunk.content_hash, outcome);
+            outcomes.insert(*hash, outcome);
         }
-        ctx.cache.insert_many(fresh);
+    }
+    if !fresh.is_empty() {
+        ctx.cache.insert_many(
+            fresh
+                .iter()
+                .map(|(hash, v)| (cache_key(ctx, *hash), v.clone())),
+        );
+        if ctx.shared_cache {
+            fill_l2(ctx, &fresh).await;
+        }
     }
     metrics::gauge!(m::CACHE_ENTRIES).set(ctx.cache.len() as f64);
     outcomes
 }
 
+fn cache_key(ctx: &PipelineContext, hash: ContentHash) -> CacheKey {
+    CacheKey {
+        model: ctx.model.clone(),
+        hash,
+    }
+}
+
+/// Looks `misses` up in the shared cache; records hits in `outcomes` and
+/// L1; returns what is still missing. A database error counts as all
+/// misses: the cache only saves work.
+async fn lookup_l2<'a>(
+    ctx: &PipelineContext,
+    misses: Vec<(ContentHash, &'a str)>,
+    outcomes: &mut HashMap<ContentHash, VectorOutcome>,
+) -> Vec<(ContentHash, &'a str)> {
+    let hashes: Vec<ContentHash> = misses.iter().map(|(h, _)| *h).collect();
+    let found = match ctx.store.cache_lookup(&ctx.model, &hashes).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, texts = misses.len(), "Shared embedding cache lookup failed; embedding the texts instead");
+            HashMap::new()
+        }
+    };
+    let mut still = Vec::with_capacity(misses.len() - found.len().min(misses.len()));
+    let mut hits = Vec::with_capacity(found.len());
+    for (hash, text) in misses {
+        match found.get(&hash) {
+            // A vector of another length (the model was swapped under the
+            // same name) is not used.
+            Some(v) if v.len() == ctx.dimensions => {
+                let v: Arc<[f32]> = Arc::from(v.as_slice());
+                hits.push((cache_key(ctx, hash), v.clone()));
+                outcomes.insert(hash, VectorOutcome::Embedded(v));
+            }
+            _ => still.push((hash, text)),
+        }
+    }
+    metrics::counter!(m::CACHE_HITS, "tier" => "l2").increment(hits.len() as u64);
+    metrics::counter!(m::CACHE_MISSES, "tier" => "l2").increment(still.len() as u64);
+    ctx.cache.insert_many(hits);
+    still
+}
+
+async fn fill_l2(ctx: &PipelineContext, fresh: &[(ContentHash, Arc<[f32]>)]) {
+    let entries: Vec<(ContentHash, &[f32])> = fresh.iter().map(|(h, v)| (*h, &v[..])).collect();
+    if let Err(e) = ctx.store.cache_fill(&ctx.model, &entries).await {
+        tracing::warn!(error = %e, vectors = entries.len(), "Cannot fill the shared embedding cache; the vectors are stored all the same");
+    }
+}
+
 /// Embeds one group of texts, isolating rejected inputs by halving.
-async fn embed_group(ctx: &PipelineContext, group: &[&Chunk]) -> Vec<VectorOutcome> {
+async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Vec<VectorOutcome> {
     let mut outcomes: Vec<Option<VectorOutcome>> = vec![None; group.len()];
     // Ranges still to embed; a rejected range is replaced by its halves.
     let mut work = vec![(0, group.len())];
     while let Some((start, end)) = work.pop() {
         let texts: Vec<String> = group[start..end]
             .iter()
-            .map(|c| c.content.clone())
+            // With the model's document prefix (nomic-embed-text:
+            // `search_document: `); stored content and cache keys stay
+            // without it (crate::embed::prefix).
+            .map(|(_, text)| crate::embed::prefix::document(&ctx.model, text).into_owned())
             .collect();
-        match embed_with_retry(ctx, &texts).await {
-            Ok(vectors) => {
+        let result = until_drain(&ctx.drain, ctx.embedder.embed(&texts)).await;
+        ctx.calls_done.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Some(Ok(vectors)) if vectors.len() == texts.len() => {
                 for (slot, v) in outcomes[start..end].iter_mut().zip(vectors) {
                     *slot = Some(VectorOutcome::Embedded(Arc::from(v)));
                 }
             }
-            Err(GroupFailure::Rejected(reason)) if end - start == 1 => {
+            Some(Ok(vectors)) => {
+                // The router checks counts; this is a bug, not a backend.
+                tracing::error!(
+                    asked = texts.len(),
+                    got = vectors.len(),
+                    "Embedder answered the wrong number of vectors; storing the texts as pending"
+                );
+                outcomes[start..end].fill(Some(VectorOutcome::Pending));
+            }
+            Some(Err(EmbedError::Rejected { status, message })) if end - start == 1 => {
+                let reason = format!("HTTP {status}: {message}");
                 tracing::warn!(
-                    backend = ctx.embedder.name(),
-                    content_hash = hex::encode(group[start].content_hash),
+                    content_hash = hex::encode(group[start].0),
                     reason = %reason,
                     "Backend rejected a chunk; storing it as failed"
                 );
                 outcomes[start] = Some(VectorOutcome::Failed(reason));
             }
-            Err(GroupFailure::Rejected(_)) => {
+            Some(Err(EmbedError::Rejected { .. })) => {
                 let mid = start + (end - start) / 2;
                 work.push((mid, end));
                 work.push((start, mid));
             }
-            Err(GroupFailure::GaveUp) => {
-                for slot in &mut outcomes[start..end] {
-                    *slot = Some(VectorOutcome::Pending);
-                }
+            Some(Err(e)) => {
+                tracing::warn!(
+                    error = %e,
+                    texts = end - start,
+                    "No embedding backend answered in time; storing the texts as pending for the backfill"
+                );
+                outcomes[start..end].fill(Some(VectorOutcome::Pending));
+            }
+            None => {
+                tracing::warn!(
+                    texts = end - start,
+                    "Shutdown drain deadline reached while embedding; storing the texts as pending"
+                );
+                outcomes[start..end].fill(Some(VectorOutcome::Pending));
             }
         }
     }
@@ -132,100 +239,45 @@ async fn embed_group(ctx: &PipelineContext, group: &[&Chunk]) -> Vec<VectorOutco
         .collect()
 }
 
-enum GroupFailure {
-    /// The backend refused the inputs (one of them is bad).
-    Rejected(String),
-    /// Retried until the drain deadline without success.
-    GaveUp,
-}
-
-/// Calls the backend until it answers, it rejects the inputs, or the drain
-/// deadline passes.
-async fn embed_with_retry(
-    ctx: &PipelineContext,
-    texts: &[String],
-) -> Result<Vec<Vec<f32>>, GroupFailure> {
-    let backend = ctx.embedder.name().to_string();
-    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
+/// `fut`'s output, or `None` if the shutdown drain deadline (set while it
+/// runs, or before) passes first.
+pub(crate) async fn until_drain<F: Future>(drain: &DrainDeadline, fut: F) -> Option<F::Output> {
+    tokio::pin!(fut);
     loop {
-        let started = Instant::now();
-        let result = ctx.embedder.embed(texts).await.and_then(|vectors| {
-            check_vectors(&vectors, texts.len(), ctx.dimensions)?;
-            Ok(vectors)
-        });
-        metrics::histogram!(m::EMBED_SECONDS, "backend" => backend.clone())
-            .record(started.elapsed().as_secs_f64());
-        let outcome = outcome_label(&result);
-        metrics::counter!(m::EMBED_REQUESTS, "backend" => backend.clone(), "outcome" => outcome)
-            .increment(1);
-        metrics::counter!(m::EMBED_INPUTS, "backend" => backend.clone(), "outcome" => outcome)
-            .increment(texts.len() as u64);
-        let error = match result {
-            Ok(vectors) => {
-                metrics::gauge!(m::BACKEND_UP, "backend" => backend.clone()).set(1.0);
-                return Ok(vectors);
-            }
-            Err(EmbedError::Rejected { message, status }) => {
-                return Err(GroupFailure::Rejected(format!("HTTP {status}: {message}")));
-            }
-            Err(e) => e,
-        };
-        metrics::gauge!(m::BACKEND_UP, "backend" => backend.clone()).set(0.0);
-        let retry_after = match &error {
-            EmbedError::Transient { retry_after, .. } => *retry_after,
-            _ => None,
-        };
-        let delay = backoff.next_delay(retry_after);
-        if ctx.drain.deadline_passed() || ctx.drain.would_pass(delay) {
-            tracing::warn!(
-                backend = %backend,
-                error = %error,
-                texts = texts.len(),
-                "No backend could embed before the drain deadline; storing as pending"
-            );
-            return Err(GroupFailure::GaveUp);
+        if let Some(deadline) = drain.get() {
+            return tokio::time::timeout_at(deadline, &mut fut).await.ok();
         }
-        if error.is_retryable() {
-            tracing::warn!(backend = %backend, error = %error, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "Embedding failed; retrying");
-        } else {
-            tracing::error!(backend = %backend, error = %error, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "Embedding backend needs operator attention; retrying");
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
         }
-        tokio::time::sleep(delay).await;
     }
 }
 
-fn check_vectors(
-    vectors: &[Vec<f32>],
-    expected_count: usize,
-    dims: usize,
-) -> Result<(), EmbedError> {
-    if vectors.len() != expected_count {
-        return Err(EmbedError::Protocol(format!(
-            "asked for {expected_count} embeddings, got {}",
-            vectors.len()
-        )));
-    }
-    if let Some(bad) = vectors.iter().find(|v| v.len() != dims) {
-        return Err(EmbedError::DimensionMismatch {
-            expected: dims,
-            got: bad.len(),
-        });
-    }
-    if vectors.iter().flatten().any(|x| !x.is_finite()) {
-        return Err(EmbedError::Protocol("embedding contains NaN or Inf".into()));
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn outcome_label<T>(result: &Result<T, EmbedError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(EmbedError::Unreachable(_)) => "unreachable",
-        Err(EmbedError::Timeout(_)) => "timeout",
-        Err(EmbedError::Transient { .. }) => "transient",
-        Err(EmbedError::Rejected { .. }) => "rejected",
-        Err(EmbedError::ModelUnavailable(_)) => "model_unavailable",
-        Err(EmbedError::Protocol(_)) => "protocol_error",
-        Err(EmbedError::DimensionMismatch { .. }) => "dimension_mismatch",
+    #[tokio::test(start_paused = true)]
+    async fn until_drain_stops_at_a_deadline_set_later() {
+        let drain = Arc::new(DrainDeadline::default());
+        let setter = drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            setter.set(tokio::time::Instant::now() + Duration::from_secs(2));
+        });
+        let started = tokio::time::Instant::now();
+        let out = until_drain(&drain, tokio::time::sleep(Duration::from_secs(60))).await;
+        assert!(out.is_none());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+
+        // A future that is ready wins, even past the deadline.
+        assert_eq!(until_drain(&drain, async { 7 }).await, Some(7));
+        let fresh = DrainDeadline::default();
+        assert_eq!(until_drain(&fresh, async { 7 }).await, Some(7));
     }
 }

@@ -7,6 +7,8 @@
 //!                                                        chunk → cache → embed → store
 //! ```
 
+pub mod ack;
+pub mod backfill;
 pub mod batcher;
 pub mod chunker;
 pub mod embedding;
@@ -23,14 +25,18 @@ use tokio::time::Instant;
 
 use crate::embed::Embedder;
 use crate::embed::cache::EmbeddingCache;
-use crate::model::Conversation;
 use crate::queue::BoundedQueue;
 use crate::store::Store;
 
 /// What every worker shares.
 pub struct PipelineContext {
+    /// The router over every configured backend (retries, fail-over and
+    /// `embedding.max_wait_ms` happen inside it).
     pub embedder: Arc<dyn Embedder>,
     pub cache: Arc<EmbeddingCache>,
+    /// `cache.shared`: look misses up in, and fill, the `embedding_cache`
+    /// table (L2).
+    pub shared_cache: bool,
     pub store: Arc<Store>,
     /// The model whose vectors are stored (cache key, chunk rows).
     pub model: Arc<str>,
@@ -48,6 +54,12 @@ pub struct PipelineContext {
     pub in_flight: Arc<AtomicUsize>,
     /// Batches finished, for progress checks (watchdog, stats).
     pub batches_done: Arc<AtomicU64>,
+    /// Conversations finished (stored, or given up), for rates.
+    pub conversations_done: Arc<AtomicU64>,
+    /// Backend and database calls that returned, whatever their outcome. A
+    /// worker retrying a failing backend is alive; one stuck inside a call
+    /// is not: the systemd watchdog tells them apart by this counter.
+    pub calls_done: Arc<AtomicU64>,
 }
 
 /// The moment retry loops stop waiting for a backend or the database:
@@ -76,8 +88,8 @@ impl DrainDeadline {
     }
 }
 
-/// Batches for the workers.
-pub type Batch = Vec<Conversation>;
+/// Batches for the workers: each conversation with its completion handle.
+pub type Batch = Vec<ack::Queued>;
 
 /// The running batcher and workers.
 pub struct Pipeline {
@@ -97,22 +109,15 @@ impl Pipeline {
     /// Starts the batcher and `workers` workers on `queue`.
     pub fn start(
         ctx: Arc<PipelineContext>,
-        queue: Arc<BoundedQueue<Conversation>>,
+        queue: Arc<BoundedQueue<ack::Queued>>,
         workers: usize,
-        batch_max_size: usize,
-        batch_max_wait: Duration,
+        batch_limits: Arc<batcher::BatchLimits>,
     ) -> Self {
         let mut tasks = JoinSet::new();
         // Capacity 1: one finished batch waits while all workers are busy,
         // so the next batch is formed while the current ones are embedded.
         let (tx, rx) = mpsc::channel::<Batch>(1);
-        tasks.spawn(batcher::run(
-            queue,
-            tx,
-            batch_max_size,
-            batch_max_wait,
-            ctx.in_flight.clone(),
-        ));
+        tasks.spawn(batcher::run(queue, tx, batch_limits, ctx.in_flight.clone()));
         let rx = Arc::new(Mutex::new(rx));
         for id in 0..workers {
             tasks.spawn(worker::run(id, ctx.clone(), rx.clone()));
@@ -130,7 +135,7 @@ impl Pipeline {
     /// running after it are aborted and reported.
     pub async fn drain(
         mut self,
-        queue: &BoundedQueue<Conversation>,
+        queue: &BoundedQueue<ack::Queued>,
         deadline: Instant,
     ) -> DrainReport {
         // Leave a slice of the budget for the final writes after embedding

@@ -11,7 +11,8 @@ use tokio::sync::{Mutex, mpsc};
 use crate::model::{EmbeddedChunk, EmbeddingStatus, ReadyConversation};
 use crate::telemetry::metrics as m;
 
-use super::chunker::Chunker;
+use super::ack::Outcome;
+use super::chunker::{Chunker, fit_exactly};
 use super::embedding::{VectorOutcome, embed_chunks};
 use super::retry::Backoff;
 use super::{Batch, PipelineContext};
@@ -23,6 +24,8 @@ pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Recei
         let Some(batch) = batch else { break };
         let count = batch.len();
         process(&ctx, batch).await;
+        ctx.conversations_done
+            .fetch_add(count as u64, Ordering::Relaxed);
         ctx.in_flight.fetch_sub(count, Ordering::Relaxed);
         ctx.batches_done.fetch_add(1, Ordering::Relaxed);
     }
@@ -30,21 +33,48 @@ pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Recei
 }
 
 async fn process(ctx: &PipelineContext, batch: Batch) {
+    let (conversations, tickets): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(super::ack::Queued::into_parts)
+        .unzip();
+    let outcomes = embed_and_store(ctx, conversations).await;
+    // Aligned with the batch; a ticket without an outcome (cannot happen)
+    // reports itself lost when dropped.
+    for (ticket, outcome) in tickets.into_iter().zip(outcomes) {
+        ticket.complete(outcome);
+    }
+}
+
+async fn embed_and_store(
+    ctx: &PipelineContext,
+    batch: Vec<crate::model::Conversation>,
+) -> Vec<Outcome> {
+    // Room for the model's document prefix, added on the way to the model.
+    let prefix_tokens =
+        super::chunker::estimate_tokens(crate::embed::prefix::prefixes(&ctx.model).document);
     let chunker = Chunker::new(
-        ctx.context_tokens.load(Ordering::Relaxed),
+        ctx.context_tokens
+            .load(Ordering::Relaxed)
+            .saturating_sub(prefix_tokens),
         ctx.max_chunk_tokens,
     );
-    let chunked: Vec<_> = batch
-        .into_iter()
-        .map(|c| {
-            let chunks = chunker.chunk(&c);
-            (c, chunks)
-        })
-        .collect();
+    // A backend with the model's tokenizer in process (builtin) checks
+    // the estimate's chunks exactly, so none is refused as too long.
+    let counter = ctx.embedder.token_counter();
+    let mut chunked = Vec::with_capacity(batch.len());
+    for c in batch {
+        let mut chunks = chunker.chunk(&c);
+        if let Some(counter) = counter.as_deref() {
+            chunks = fit_exactly(chunks, counter);
+        }
+        chunked.push((c, chunks));
+    }
     let chunk_count: usize = chunked.iter().map(|(_, ch)| ch.len()).sum();
     metrics::histogram!(m::BATCH_CHUNKS).record(chunk_count as f64);
 
+    let embedding = Instant::now();
     let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(_, ch)| ch.iter())).await;
+    metrics::histogram!(m::EMBED_BATCH_SECONDS).record(embedding.elapsed().as_secs_f64());
     let ready: Vec<ReadyConversation> = chunked
         .into_iter()
         .map(|(conversation, chunks)| ReadyConversation {
@@ -56,7 +86,7 @@ async fn process(ctx: &PipelineContext, batch: Batch) {
             model: ctx.model.to_string(),
         })
         .collect();
-    store_with_retry(ctx, ready).await;
+    store_with_retry(ctx, ready).await
 }
 
 fn attach(
@@ -87,17 +117,20 @@ fn attach(
 
 /// Writes the batch in one transaction, retrying while the database is
 /// unavailable. A batch the database refuses is retried one conversation at
-/// a time, so one bad row cannot hold back the others.
-async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) {
+/// a time, so one bad row cannot hold back the others. Returns each
+/// conversation's outcome, in batch order.
+async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) -> Vec<Outcome> {
     let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
     loop {
         let started = Instant::now();
-        match ctx.store.write_batch(&ready).await {
+        let written = ctx.store.write_batch(&ready).await;
+        ctx.calls_done.fetch_add(1, Ordering::Relaxed);
+        match written {
             Ok(outcome) => {
                 let elapsed = started.elapsed().as_secs_f64();
                 metrics::histogram!(m::STORE_SECONDS).record(elapsed);
                 record_stored(&ready, &outcome);
-                return;
+                return vec![Outcome::Stored; ready.len()];
             }
             Err(e) if e.is_retryable() => {
                 metrics::counter!(m::STORE_RETRIES).increment(1);
@@ -115,17 +148,21 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                     );
                     metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "database_unavailable")
                         .increment(ready.len() as u64);
-                    return;
+                    return vec![
+                        Outcome::NotStored(format!("database unavailable: {e}"));
+                        ready.len()
+                    ];
                 }
                 tracing::warn!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "Database write failed; retrying");
                 tokio::time::sleep(delay).await;
             }
             Err(e) if ready.len() > 1 => {
                 tracing::warn!(error = %e, conversations = ready.len(), "Database refused a batch; writing its conversations one by one");
+                let mut outcomes = Vec::with_capacity(ready.len());
                 for one in ready {
-                    Box::pin(store_with_retry(ctx, vec![one])).await;
+                    outcomes.extend(Box::pin(store_with_retry(ctx, vec![one])).await);
                 }
-                return;
+                return outcomes;
             }
             Err(e) => {
                 let id = ready
@@ -135,7 +172,7 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                 tracing::error!(error = %e, id = %id, "Database refused a conversation; it was NOT stored");
                 metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "rejected_by_database")
                     .increment(1);
-                return;
+                return vec![Outcome::Rejected(e.to_string())];
             }
         }
     }

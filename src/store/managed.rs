@@ -1295,6 +1295,14 @@ fn base_command(program: &Path, plan: &Plan) -> Command {
         "PGUSER",
         "PGDATABASE",
         "PGOPTIONS",
+        // systemd's messages are for convstore: a PostgreSQL built with
+        // systemd support would otherwise send its own READY=1.
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
     ] {
         cmd.env_remove(var);
     }

@@ -10,10 +10,14 @@
 //! migrations from `migrations/`, under sqlx's advisory lock, so several
 //! instances may start at once) → [`Store::ensure_vector_column`] (fixes the
 //! vector dimension and builds the HNSW index, also under a lock).
+pub mod backfill;
 pub mod copy;
+pub mod embedding_cache;
 pub mod managed;
+pub mod managed_watch;
 pub mod read;
 pub mod schema;
+pub mod search;
 pub mod write;
 
 use std::str::FromStr;

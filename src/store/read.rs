@@ -16,7 +16,7 @@ use super::{Store, StoreError};
 use crate::model::{EmbeddingStatus, Message};
 
 /// A stored conversation with the status of each chunk.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StoredConversation {
     pub id: Uuid,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,7 +40,7 @@ pub struct StoredConversation {
 }
 
 /// One chunk, without its vector.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StoredChunk {
     pub seq: i32,
     pub content: String,

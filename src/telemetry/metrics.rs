@@ -8,7 +8,9 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
@@ -23,7 +25,11 @@ pub const BATCH_CHUNKS: &str = "convstore_batch_chunks";
 pub const EMBED_REQUESTS: &str = "convstore_embed_requests_total";
 pub const EMBED_INPUTS: &str = "convstore_embed_inputs_total";
 pub const EMBED_SECONDS: &str = "convstore_embed_duration_seconds";
+/// The embedding stage of one batch: cache tiers, backend calls, retries.
+pub const EMBED_BATCH_SECONDS: &str = "convstore_embed_batch_duration_seconds";
 pub const BACKEND_UP: &str = "convstore_backend_up";
+pub const BUILTIN_TOKENS: &str = "convstore_builtin_tokens_total";
+pub const BUILTIN_INFERENCE_SECONDS: &str = "convstore_builtin_inference_seconds";
 pub const CACHE_HITS: &str = "convstore_cache_hits_total";
 pub const CACHE_MISSES: &str = "convstore_cache_misses_total";
 pub const CACHE_ENTRIES: &str = "convstore_cache_entries";
@@ -36,14 +42,69 @@ pub const CONVERSATIONS_FAILED: &str = "convstore_conversations_failed_total";
 pub const CHUNKS_STORED: &str = "convstore_chunks_stored_total";
 pub const END_TO_END_SECONDS: &str = "convstore_end_to_end_seconds";
 pub const READY: &str = "convstore_ready";
+/// Conversations/chunks stored without a vector yet, sampled from the
+/// database by [`super::background`].
+pub const CONVERSATIONS_PENDING_EMBEDDING: &str = "convstore_conversations_pending_embedding";
+pub const CHUNKS_PENDING_EMBEDDING: &str = "convstore_chunks_pending_embedding";
+/// Embedding requests a backend is serving now (recorded by the router).
+pub const BACKEND_IN_FLIGHT: &str = "convstore_backend_in_flight";
+pub const PIPELINE_IN_FLIGHT: &str = "convstore_pipeline_in_flight_conversations";
+pub const PIPELINE_WORKERS: &str = "convstore_pipeline_workers";
+pub const BUILD_INFO: &str = "convstore_build_info";
+/// Read from `/proc/self` at scrape time and rendered by
+/// [`super::process`], not through the facade.
+pub const PROCESS_CPU_SECONDS: &str = "convstore_process_cpu_seconds_total";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "convstore_process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "convstore_process_virtual_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "convstore_process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "convstore_process_max_fds";
+pub const PROCESS_THREADS: &str = "convstore_process_threads";
+pub const PROCESS_START_TIME_SECONDS: &str = "convstore_process_start_time_seconds";
+// Routing across backends, backfill, dead letters (issue 4).
+pub const BACKEND_CIRCUIT_STATE: &str = "convstore_backend_circuit_state";
+pub const BACKEND_CIRCUIT_TRANSITIONS: &str = "convstore_backend_circuit_transitions_total";
+pub const BACKENDS_READY: &str = "convstore_backends_ready";
+pub const EMBED_FAILOVERS: &str = "convstore_embed_failovers_total";
+pub const EMBED_RETRIES: &str = "convstore_embed_retries_total";
+pub const BACKFILL_CHUNKS: &str = "convstore_backfill_chunks_total";
+pub const CHUNKS_FAILED_EMBEDDING: &str = "convstore_chunks_failed_embedding";
+pub const CONVERSATIONS_FAILED_EMBEDDING: &str = "convstore_conversations_failed_embedding";
+// Search (issue 9; docs/SEARCH.md). Recorded by ingress::search.
+/// Searches by transport and outcome (`ok`, or the error code).
+pub const SEARCH_REQUESTS: &str = "convstore_search_requests_total";
+/// Whole search requests, slot wait, query embedding and database included.
+pub const SEARCH_SECONDS: &str = "convstore_search_duration_seconds";
+/// Embedding the query (cache hits included).
+pub const SEARCH_EMBED_SECONDS: &str = "convstore_search_embed_duration_seconds";
+/// The database part of a search (all index rounds, exact scans).
+pub const SEARCH_DATABASE_SECONDS: &str = "convstore_search_database_duration_seconds";
+/// Waiting for one of `search.max_concurrent` slots.
+pub const SEARCH_WAIT_SECONDS: &str = "convstore_search_wait_seconds";
+/// Query vectors by `result` (`hit` in the L1 cache, `miss`).
+pub const SEARCH_EMBED_CACHE: &str = "convstore_search_embed_cache_total";
+/// Searches by how they were answered (`strategy`: hnsw, hnsw_overfetch,
+/// hnsw_iterative, exact, exact_fallback).
+pub const SEARCH_STRATEGY: &str = "convstore_search_strategy_total";
+/// Searches running now.
+pub const SEARCH_IN_FLIGHT: &str = "convstore_search_in_flight";
+// Journal, acknowledgements, access control (issue 5; docs/DURABILITY.md).
+pub const JOURNAL_BYTES: &str = "convstore_journal_bytes";
+pub const JOURNAL_MAX_BYTES: &str = "convstore_journal_max_bytes";
+pub const JOURNAL_FSYNC_SECONDS: &str = "convstore_journal_fsync_duration_seconds";
+pub const JOURNAL_REPLAYED: &str = "convstore_journal_replayed_total";
+pub const JOURNAL_DAMAGED_BYTES: &str = "convstore_journal_damaged_bytes_total";
+pub const ACK_WAIT_SECONDS: &str = "convstore_ack_wait_duration_seconds";
+pub const AUTH_REJECTED: &str = "convstore_auth_rejected_total";
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
 const ENQUEUE_BUCKETS: &[f64] = &[
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05,
 ];
 /// Milliseconds to a minute: embedding, storage, queue wait, end to end.
+/// The alert thresholds (store 50/100 ms, embedding 200/500 ms) are bucket
+/// bounds, so `histogram_quantile` is exact where it matters.
 const STAGE_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Counts per batch.
 const BATCH_BUCKETS: &[f64] = &[
@@ -57,34 +118,98 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(ENQUEUE_SECONDS.into()), ENQUEUE_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), STAGE_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Prefix("convstore_batch_".into()),
-                        BATCH_BUCKETS,
-                    )
-                });
-            let recorder = match builder {
-                Ok(b) => b.build_recorder(),
-                // Only fails for empty bucket lists, which the constants are not.
-                Err(_) => PrometheusBuilder::new().build_recorder(),
-            };
+            let recorder = prometheus_recorder();
             let handle = recorder.handle();
+            // `/v1/stats` sees everything recorded through the facade.
+            let tapped = super::tap::StatsRecorder::new(recorder, super::stats::global().clone());
             // Fails only if another recorder is installed (a test harness):
             // then this handle renders nothing, which tests notice.
-            let _ = metrics::set_global_recorder(recorder);
+            let _ = metrics::set_global_recorder(tapped);
             describe();
+            init_series();
             handle
         })
         .clone()
 }
 
+/// The Prometheus recorder with convstore's buckets, not installed (the
+/// daemon installs it through [`install`]; benchmarks compare recorders).
+pub fn prometheus_recorder() -> PrometheusRecorder {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(ENQUEUE_SECONDS.into()), ENQUEUE_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), STAGE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Prefix("convstore_batch_".into()), BATCH_BUCKETS)
+        });
+    match builder {
+        Ok(b) => b.build_recorder(),
+        // Only fails for empty bucket lists, which the constants are not.
+        Err(_) => PrometheusBuilder::new().build_recorder(),
+    }
+}
+
+/// The scrape: everything recorded through the facade, then the process
+/// metrics read now.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with("\n\n") {
+        text.push('\n');
+    }
+    super::process::render(&mut text);
+    text
+}
+
+/// Series that must exist from the start at 0, so that `rate()`, ratios
+/// and alerts see a number rather than nothing before the first event.
+fn init_series() {
+    for name in [CONVERSATIONS_STORED, CONVERSATIONS_DUPLICATE, STORE_RETRIES] {
+        metrics::counter!(name).absolute(0);
+    }
+    for reason in ["database_unavailable", "rejected_by_database", "lost"] {
+        metrics::counter!(CONVERSATIONS_FAILED, "reason" => reason).absolute(0);
+    }
+    for status in ["embedded", "pending", "failed"] {
+        metrics::counter!(CHUNKS_STORED, "status" => status).absolute(0);
+    }
+    for table in ["conversations", "conversation_chunks"] {
+        metrics::counter!(STORE_ROWS, "table" => table).absolute(0);
+    }
+    metrics::counter!(CACHE_HITS, "tier" => "l1").absolute(0);
+    metrics::counter!(CACHE_MISSES, "tier" => "l1").absolute(0);
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        JOURNAL_BYTES,
+        Unit::Bytes,
+        "Bytes of journal segments on disk (live, and stored ones not deleted yet)."
+    );
+    describe_gauge!(JOURNAL_MAX_BYTES, Unit::Bytes, "journal.max_bytes.");
+    describe_histogram!(
+        JOURNAL_FSYNC_SECONDS,
+        Unit::Seconds,
+        "One group-commit fsync of the journal."
+    );
+    describe_counter!(
+        JOURNAL_REPLAYED,
+        "Journal records read back at start-up, by outcome (queued, already_stored, undecodable)."
+    );
+    describe_counter!(
+        JOURNAL_DAMAGED_BYTES,
+        Unit::Bytes,
+        "Journal bytes skipped at replay because they failed their checksum, by kind (torn_tail, corrupt, bad_header)."
+    );
+    describe_histogram!(
+        ACK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a request waited for its acknowledgement level (?wait=durable|stored), by level and outcome."
+    );
+    describe_counter!(
+        AUTH_REJECTED,
+        "Requests refused by access control, by reason (missing, invalid, rate_limited)."
+    );
     describe_counter!(
         INGEST_REQUESTS,
         "HTTP requests to the ingest API by transport, endpoint and outcome."
@@ -123,9 +248,23 @@ fn describe() {
         Unit::Seconds,
         "Embedding request latency by backend."
     );
+    describe_histogram!(
+        EMBED_BATCH_SECONDS,
+        Unit::Seconds,
+        "Time one batch spent getting its vectors: cache lookups, backend calls and retries."
+    );
     describe_gauge!(
         BACKEND_UP,
         "1 when the backend's last call or probe succeeded."
+    );
+    describe_counter!(
+        BUILTIN_TOKENS,
+        "Tokens run through the builtin model by backend, `kind` real or padding."
+    );
+    describe_histogram!(
+        BUILTIN_INFERENCE_SECONDS,
+        Unit::Seconds,
+        "Builtin model: time of one model batch on the inference pool, by backend."
     );
     describe_counter!(CACHE_HITS, "Embedding cache hits by tier.");
     describe_counter!(CACHE_MISSES, "Embedding cache misses by tier.");
@@ -159,4 +298,54 @@ fn describe() {
         "Time from acceptance to commit in PostgreSQL."
     );
     describe_gauge!(READY, "1 when /readyz answers 200.");
+    describe_gauge!(
+        CONVERSATIONS_PENDING_EMBEDDING,
+        "Stored conversations with a chunk still waiting for its vector (sampled from the database)."
+    );
+    describe_gauge!(
+        CHUNKS_PENDING_EMBEDDING,
+        "Stored chunks still waiting for their vector (sampled from the database)."
+    );
+    describe_gauge!(
+        BACKEND_IN_FLIGHT,
+        "Embedding requests a backend is serving now."
+    );
+    describe_gauge!(
+        PIPELINE_IN_FLIGHT,
+        "Conversations taken off the queue and not yet stored."
+    );
+    describe_gauge!(PIPELINE_WORKERS, "pipeline.workers.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version is in the label.");
+    describe_gauge!(
+        BACKEND_CIRCUIT_STATE,
+        "Circuit breaker per backend: 0 closed, 1 half-open (trial due), 2 open."
+    );
+    describe_counter!(
+        BACKEND_CIRCUIT_TRANSITIONS,
+        "Circuit breaker state changes per backend, by new state."
+    );
+    describe_gauge!(
+        BACKENDS_READY,
+        "Backends up (last probe fine, right dimension) with their circuit not open."
+    );
+    describe_counter!(
+        EMBED_FAILOVERS,
+        "Embedding calls a backend failed that were sent on to another backend."
+    );
+    describe_counter!(
+        EMBED_RETRIES,
+        "Embedding calls retried after backoff, every backend tried having failed."
+    );
+    describe_counter!(
+        BACKFILL_CHUNKS,
+        "Pending chunks the backfill handled, by outcome (embedded, failed, deferred)."
+    );
+    describe_gauge!(
+        CHUNKS_FAILED_EMBEDDING,
+        "Chunks a backend rejected for good (dead letters; sampled from the database)."
+    );
+    describe_gauge!(
+        CONVERSATIONS_FAILED_EMBEDDING,
+        "Conversations with a dead-lettered chunk (sampled from the database)."
+    );
 }

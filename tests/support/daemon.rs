@@ -173,6 +173,13 @@ impl Daemon {
 
     /// [`Daemon::start`] with `CONVSTORE_*` overrides in the environment.
     pub async fn start_with_env(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Self::spawn(ws, http_addr, env);
+        daemon.wait_ready(Duration::from_secs(90)).await;
+        daemon
+    }
+
+    /// Starts the daemon without waiting for it to be ready.
+    pub fn spawn(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
         let log = ws.path().join(format!("daemon-{}.log", now_millis()));
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(BIN)
@@ -184,17 +191,26 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn convstore serve");
-        let mut daemon = Daemon {
+        Daemon {
             child: Some(child),
             http_addr: http_addr.to_string(),
             socket: ws.socket(),
             log,
-        };
-        daemon.wait_ready(Duration::from_secs(90)).await;
-        daemon
+        }
     }
 
-    async fn wait_ready(&mut self, limit: Duration) {
+    /// Sends SIGKILL and reaps the process: what a crash leaves behind
+    /// (the managed PostgreSQL keeps running as an orphan).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until `/readyz` answers 200; panics (with the log) if the
+    /// process exits or `limit` passes.
+    pub async fn wait_ready(&mut self, limit: Duration) {
         let started = Instant::now();
         let client = reqwest::Client::new();
         loop {
