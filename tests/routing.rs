@@ -797,7 +797,9 @@ async fn a_restart_with_an_empty_l1_embeds_nothing_again() {
 }
 
 /// Throughput with 1, 2 and 3 stand-in backends computing one request at a
-/// time at 15 ms + 0.5 ms per input (Ollama-like). Not a test: run with
+/// time at 15 ms + 0.5 ms per input (Ollama-like; CONVSTORE_BENCH_LATENCY_MS
+/// and CONVSTORE_BENCH_PER_INPUT_MS change them: at 0.5 ms per input the
+/// database, not the embedder, bounds the rate). Not a test: run with
 /// `cargo test --release --test routing -- --ignored --nocapture throughput`
 /// and read the printed conversations/s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,6 +810,12 @@ async fn throughput_with_one_two_and_three_backends() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
     let data = convstore::dataset::sample_or_generated(n).expect("data");
+    let knob = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let latency_ms = knob("CONVSTORE_BENCH_LATENCY_MS", "15");
+    let per_input_ms = knob("CONVSTORE_BENCH_PER_INPUT_MS", "0.5");
+    println!(
+        "stand-in latency {latency_ms} ms + {per_input_ms} ms per input, one request at a time"
+    );
     let mut results = Vec::new();
     for backends in 1..=3usize {
         let standins: Vec<Standin> = (0..backends)
@@ -816,7 +824,7 @@ async fn throughput_with_one_two_and_three_backends() {
                     MODEL,
                     DIMS,
                     CONTEXT,
-                    &["--latency-ms", "15", "--per-input-ms", "0.5"],
+                    &["--latency-ms", &latency_ms, "--per-input-ms", &per_input_ms],
                 )
             })
             .collect();
