@@ -632,8 +632,11 @@ async fn bottleneck_is_the_slow_database() {
     println!("bottleneck: {b:#?}");
     assert_eq!(b.stage, "store", "{b:#?}");
     assert!(b.share > 0.5, "{b:#?}");
+    // Each batch sleeps 300 ms in the trigger; the window's percentiles
+    // come from log-linear buckets (~19 % wide), so p50 may read a little
+    // under it (294.9 ms was seen), as in the slow-embedder test.
     assert!(
-        st.latency.store.p50_ms.unwrap() >= 300.0,
+        st.latency.store.p50_ms.unwrap() >= 250.0,
         "{:?}",
         st.latency.store
     );
