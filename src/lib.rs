@@ -12,6 +12,7 @@
 //! [`systemd`] speaks to the service manager (notify, watchdog, socket
 //! activation, reload).
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod dataset;

@@ -12,7 +12,6 @@ pub mod backfill;
 pub mod batcher;
 pub mod chunker;
 pub mod embedding;
-pub mod retry;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

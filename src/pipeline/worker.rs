@@ -14,8 +14,8 @@ use crate::telemetry::metrics as m;
 use super::ack::Outcome;
 use super::chunker::{Chunker, fit_exactly};
 use super::embedding::{VectorOutcome, embed_chunks};
-use super::retry::Backoff;
 use super::{Batch, PipelineContext};
+use crate::backoff::Backoff;
 
 pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {

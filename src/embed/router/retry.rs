@@ -30,44 +30,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::embed::{EmbedError, Embedder, ModelInfo, TokenCounter};
 use crate::telemetry::metrics as m;
-
-/// Exponential backoff with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max: max.max(initial),
-            attempt: 0,
-        }
-    }
-
-    /// The delay before the next retry; the ceiling doubles with each call.
-    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let jittered = Duration::from_secs_f64(rand::random_range(0.0..=ceiling.as_secs_f64()));
-        match retry_after {
-            Some(floor) => jittered.max(floor.min(self.max)),
-            None => jittered,
-        }
-    }
-
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-}
 
 /// The retry policy's settings.
 #[derive(Debug, Clone, Copy)]

@@ -3,8 +3,11 @@
 //! Heuristic: the n-th retry sleeps a uniform random time in
 //! `[0, min(max, initial · 2ⁿ)]` ("full jitter"), so many workers retrying
 //! the same dead backend or database spread out instead of arriving in
-//! waves. A server's `Retry-After` is a floor: we never come back sooner
-//! than asked.
+//! waves. A server's `Retry-After` is a floor, capped at the maximum delay:
+//! we never come back sooner than asked, nor wait longer than configured.
+//!
+//! Shared by the database writes of the pipeline's workers and by the
+//! embedding router's retry layer.
 
 use std::time::Duration;
 
@@ -36,7 +39,7 @@ impl Backoff {
         let jittered =
             Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
         match retry_after {
-            Some(floor) => jittered.max(floor.min(self.max.saturating_mul(4))),
+            Some(floor) => jittered.max(floor.min(self.max)),
             None => jittered,
         }
     }
