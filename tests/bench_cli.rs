@@ -138,6 +138,21 @@ fn check_report(r: &Value) {
         "{stored}"
     );
     assert_eq!(u(&stored["failed"]), 0, "{stored}");
+    // Every text a batch looked up missed or hit; what both caches missed
+    // went to the stand-in (more than once only if a call was retried).
+    let work = &r["embedding"];
+    if u(&stored["conversations"]) > 0 {
+        assert!(u(&work["l1_hits"]) + u(&work["l1_misses"]) > 0, "{work}");
+    }
+    assert_eq!(
+        u(&work["l2_hits"]) + u(&work["l2_misses"]),
+        u(&work["l1_misses"]),
+        "{work}"
+    );
+    assert!(
+        u(&work["backend_inputs"]) >= u(&work["l2_misses"]),
+        "{work}"
+    );
     if u(&stored["conversations"]) > 0 {
         assert!(f(&stored["conversations_per_s"]) > 0.0, "{stored}");
         assert!(
@@ -314,12 +329,39 @@ async fn reports_add_up_and_match_the_database() {
     assert_eq!(u(&second["stored"]["conversations"]), 0, "{second}");
     assert_eq!(u(&second["stored"]["duplicates"]), 40, "{second}");
 
+    // 5. The same texts under new ids: all of them were embedded by the
+    //    runs above, so every lookup hits the cache and no backend is called.
+    let (seen, _) = bench(
+        dir,
+        "seen",
+        &[
+            "--socket",
+            &socket,
+            "--data",
+            &data,
+            "--run-id",
+            "seen",
+            "--count",
+            "40",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await;
+    check_report(&seen);
+    assert_eq!(u(&seen["stored"]["conversations"]), 40, "{seen}");
+    let work = &seen["embedding"];
+    assert!(u(&work["l1_hits"]) >= 40, "{work}");
+    assert_eq!(f(&work["hit_ratio"]), 1.0, "{work}");
+    assert_eq!(u(&work["backend_requests"]), 0, "{work}");
+    assert_eq!(u(&work["backend_inputs"]), 0, "{work}");
+
     // Everything the reports say was stored is in the database, and nothing else.
     let all: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let reported: u64 = ["closed", "open", "ramp", "reuse1", "reuse2"]
+    let reported: u64 = ["closed", "open", "ramp", "reuse1", "reuse2", "seen"]
         .iter()
         .map(|name| {
             let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();

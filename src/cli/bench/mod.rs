@@ -28,7 +28,9 @@ use args::{Mode, Plan};
 use data::Payloads;
 use load::{Live, PhaseResult, Shared, Slots};
 use progress::Progress;
-use report::{PhaseReport, RampOutcome, Report, ServerLatency, StoredReport, Totals};
+use report::{
+    EmbeddingWork, PhaseReport, RampOutcome, Report, ServerLatency, StoredReport, Totals,
+};
 use scrape::Snapshot;
 use transport::{Conn, Target};
 
@@ -97,7 +99,7 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<ExitCod
         last_answer,
     } = outcome?;
 
-    let (stored, server) = match &before {
+    let (stored, server, embedding) = match &before {
         Some(before) => {
             let waiting = Progress::waiting(show_progress);
             let accepted = totals.accepted;
@@ -132,9 +134,10 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<ExitCod
                 chunks_per_s: report::ratio(settled.stored.chunks as f64, seconds),
             };
             let server = server_latency(before, &settled.after, seconds);
-            (Some(stored), Some(server))
+            let embedding = embedding_work(before, &settled.after);
+            (Some(stored), Some(server), Some(embedding))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
 
     let ramp = plan.ramp.map(|r| RampOutcome {
@@ -161,6 +164,7 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<ExitCod
         totals,
         stored,
         server,
+        embedding,
     };
     ctrl_c.abort();
     print!("{}", report.to_text());
@@ -316,6 +320,29 @@ async fn phase(
     result
 }
 
+/// The daemon's cache and backend counters over the run.
+fn embedding_work(before: &Snapshot, after: &Snapshot) -> EmbeddingWork {
+    let delta = |name: &str, tier: Option<&str>| {
+        let value = |s: &Snapshot| match tier {
+            Some(tier) => s.sum_where(name, "tier", tier),
+            None => s.sum(name),
+        };
+        (value(after) - value(before)).max(0.0).round() as u64
+    };
+    let l1_hits = delta(m::CACHE_HITS, Some("l1"));
+    let l1_misses = delta(m::CACHE_MISSES, Some("l1"));
+    let l2_hits = delta(m::CACHE_HITS, Some("l2"));
+    EmbeddingWork {
+        l1_hits,
+        l1_misses,
+        l2_hits,
+        l2_misses: delta(m::CACHE_MISSES, Some("l2")),
+        hit_ratio: report::ratio((l1_hits + l2_hits) as f64, (l1_hits + l1_misses) as f64),
+        backend_requests: delta(m::EMBED_REQUESTS, None),
+        backend_inputs: delta(m::EMBED_INPUTS, None),
+    }
+}
+
 /// The daemon's latency histograms over the run. End-to-end quantiles are
 /// interpolated with `window_s` (first request to last commit) as a
 /// ceiling: no conversation of the run took longer, and the top buckets
@@ -328,7 +355,13 @@ fn server_latency(before: &Snapshot, after: &Snapshot, window_s: f64) -> ServerL
         scrape::delta_quantile(before, after, m::END_TO_END_SECONDS, q, Some(window_s))
             .map(|v| v * 1e3)
     };
+    let stage_p95_ms = |histogram: &str| {
+        scrape::delta_quantile(before, after, histogram, 0.95, Some(window_s)).map(|v| v * 1e3)
+    };
     ServerLatency {
+        queue_wait_p95_ms: stage_p95_ms(m::QUEUE_WAIT_SECONDS),
+        embed_p95_ms: stage_p95_ms(m::EMBED_SECONDS),
+        store_p95_ms: stage_p95_ms(m::STORE_SECONDS),
         enqueue_mean_us: scrape::delta_mean(before, after, m::ENQUEUE_SECONDS).map(|v| v * 1e6),
         enqueue_p50_us: enqueue_us(0.50),
         enqueue_p99_us: enqueue_us(0.99),

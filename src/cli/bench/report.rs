@@ -45,6 +45,8 @@ pub struct Report {
     pub stored: Option<StoredReport>,
     /// The daemon's own latency histograms over the run.
     pub server: Option<ServerLatency>,
+    /// What embedding the run's chunks took: cache hits and backend calls.
+    pub embedding: Option<EmbeddingWork>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +193,31 @@ pub struct ServerLatency {
     pub end_to_end_p50_ms: Option<f64>,
     pub end_to_end_p95_ms: Option<f64>,
     pub end_to_end_p99_ms: Option<f64>,
+    /// The stages end to end is made of, at p95: waiting in the queue
+    /// (`convstore_queue_wait_seconds`), one embedding call
+    /// (`convstore_embed_duration_seconds`), one batch's transaction
+    /// (`convstore_store_duration_seconds`).
+    pub queue_wait_p95_ms: Option<f64>,
+    pub embed_p95_ms: Option<f64>,
+    pub store_p95_ms: Option<f64>,
+}
+
+/// The daemon's embedding counters over the run (first request to last
+/// commit). Lookups count distinct texts per batch; a text the L1 missed is
+/// looked up in the L2 (the `embedding_cache` table), and what both missed
+/// goes to a backend.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EmbeddingWork {
+    pub l1_hits: u64,
+    pub l1_misses: u64,
+    pub l2_hits: u64,
+    pub l2_misses: u64,
+    /// Of all lookups, the share found in either cache.
+    pub hit_ratio: f64,
+    /// Requests sent to embedding backends, whatever their outcome.
+    pub backend_requests: u64,
+    /// Texts in those requests.
+    pub backend_inputs: u64,
 }
 
 pub fn ratio(a: f64, b: f64) -> f64 {
@@ -294,18 +321,35 @@ impl Report {
         ))
     }
 
+    fn embedding_line(&self) -> Option<String> {
+        let e = self.embedding.as_ref()?;
+        Some(format!(
+            "cache hits {:.1} % (L1 {} hit / {} missed, L2 {} / {}) · backend calls {} with {} texts (from /metrics)",
+            e.hit_ratio * 100.0,
+            e.l1_hits,
+            e.l1_misses,
+            e.l2_hits,
+            e.l2_misses,
+            e.backend_requests,
+            e.backend_inputs
+        ))
+    }
+
     fn server_line(&self) -> Option<String> {
         let s = self.server.as_ref()?;
         let ms = |v: Option<f64>| v.map_or_else(|| "–".into(), |v| format!("{v:.1} ms"));
         Some(format!(
-            "enqueue mean {} · p50 {} · p99 {} · received→committed mean {} · p50 {} · p95 {} · p99 {} (from /metrics)",
+            "enqueue mean {} · p50 {} · p99 {} · received→committed mean {} · p50 {} · p95 {} · p99 {} · p95 of queue wait {}, embedding call {}, batch store {} (from /metrics)",
             fmt_opt_us(s.enqueue_mean_us),
             fmt_opt_us(s.enqueue_p50_us),
             fmt_opt_us(s.enqueue_p99_us),
             ms(s.end_to_end_mean_ms),
             ms(s.end_to_end_p50_ms),
             ms(s.end_to_end_p95_ms),
-            ms(s.end_to_end_p99_ms)
+            ms(s.end_to_end_p99_ms),
+            ms(s.queue_wait_p95_ms),
+            ms(s.embed_p95_ms),
+            ms(s.store_p95_ms)
         ))
     }
 
@@ -388,6 +432,9 @@ impl Report {
         if let Some(line) = self.server_line() {
             let _ = writeln!(out, "server     {line}");
         }
+        if let Some(line) = self.embedding_line() {
+            let _ = writeln!(out, "embedding  {line}");
+        }
         out
     }
 
@@ -430,6 +477,9 @@ impl Report {
         }
         if let Some(line) = self.server_line() {
             let _ = writeln!(out, "| server | {line} |");
+        }
+        if let Some(line) = self.embedding_line() {
+            let _ = writeln!(out, "| embedding | {line} |");
         }
         if !self.steps.is_empty() {
             let _ = writeln!(
