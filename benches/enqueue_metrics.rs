@@ -34,11 +34,6 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use metrics::Recorder;
 use tower::ServiceExt;
 
-/// The daemon's allocator (src/main.rs), so the handler allocates as it
-/// does there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The conversation of median JSON size.
 fn typical_body() -> bytes::Bytes {
     let values = convstore::dataset::sample_or_generated(4000).expect("data");
