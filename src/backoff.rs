@@ -61,6 +61,8 @@ mod tests {
             assert!(b.next_delay(None) <= ceiling);
         }
         assert_eq!(b.attempts(), 10);
+        // A Retry-After above the ceiling is capped at it.
+        assert!(b.next_delay(Some(Duration::from_secs(9))) == Duration::from_secs(1));
     }
 
     #[test]
