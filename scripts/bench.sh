@@ -3,7 +3,7 @@
 # run, each next to its floor:
 #   scripts/bench.sh
 #
-# Builds the release daemon and the floor server (examples/ack_floor.rs),
+# Builds the release daemon and the floor server (tools/ack-floor),
 # then BENCH_REPEAT times (default 3):
 #
 # 1. Memory. A fresh daemon (default configuration, managed PostgreSQL in a
@@ -36,7 +36,7 @@
 #                    acknowledgement path without storage competing for
 #                    the CPU; what was held is stored before the next run.
 #    Then the daemon's RSS again, with the L1 cache as the runs left it.
-# 3. The floor server (examples/ack_floor.rs: read the body, push it onto a
+# 3. The floor server (tools/ack-floor: read the body, push it onto a
 #    channel, answer 202) under the same ack and open runs.
 # 4. The Ollama-like stand-in (BENCH_OLLAMA_MS per request + BENCH_OLLAMA_
 #    PER_INPUT_MS per input, default 15 + 0.5, one request at a time per
@@ -69,13 +69,14 @@ CONTEXT=${BENCH_CONTEXT:-2048}
 OUT=${BENCH_OUT:-target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN="$TARGET_DIR/release/convstore"
-FLOOR_BIN="$TARGET_DIR/release/examples/ack_floor"
+FLOOR_BIN="$TARGET_DIR/release/convstore-ack-floor"
+STANDIN_BIN="$TARGET_DIR/release/convstore-standin"
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 
 scripts/setup.sh
-cargo build --release --locked --bin convstore --example ack_floor
+cargo build --release --locked -p convstore -p convstore-ack-floor -p convstore-standin
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -229,7 +230,7 @@ model = "$MODEL"
 dimensions = $DIMS
 EOF
     for i in $(seq "$backends"); do
-        "$BIN" standin --listen 127.0.0.1:0 --model "$MODEL" --dimensions "$DIMS" \
+        "$STANDIN_BIN" --listen 127.0.0.1:0 --model "$MODEL" --dimensions "$DIMS" \
             --context-length "$CONTEXT" --latency-ms "$ms" --per-input-ms "$per_input" \
             >"$WS/standin-$i.out" 2>"$WS/standin-$i.log" &
         STANDIN_PIDS+=($!)

@@ -94,7 +94,7 @@ def main(out):
 
     print("## Acknowledgement latency: convstore vs the bare server\n")
     print("Client side, from the send (closed loop) or the scheduled send (open loop).")
-    print("The floor is examples/ack_floor.rs: read the body, push it onto a channel, answer 202.")
+    print("The floor is tools/ack-floor: read the body, push it onto a channel, answer 202.")
     print("convstore runs twice: storing what it accepts as it goes, and with commits held")
     print("(the queue keeps everything; PostgreSQL idle), which leaves the acknowledgement")
     print("path alone on the CPU, as the floor is. Server enqueue: the daemon's histogram,")

@@ -12,7 +12,7 @@
 # rate at most 2.0 in `systemd-analyze security`; the maintainer scripts
 # create the account but neither enable nor start anything.
 #
-# Needs cargo-deb (scripts/setup.sh installs it with CONVSTORE_SETUP_DEB=1),
+# Needs cargo-deb (scripts/setup.sh --tests installs it),
 # dpkg-deb and systemd-analyze. Prints the package's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ die() { printf 'deb: error: %s\n' "$*" >&2; exit 1; }
 check() { printf 'deb: ok: %s\n' "$*"; }
 
 command -v cargo-deb >/dev/null ||
-    die "cargo-deb is missing: CONVSTORE_SETUP_DEB=1 scripts/setup.sh (or cargo install --locked cargo-deb)"
+    die "cargo-deb is missing: scripts/setup.sh --tests (or cargo install --locked cargo-deb)"
 command -v dpkg-deb >/dev/null || die "dpkg-deb is missing (apt-get install dpkg)"
 command -v systemd-analyze >/dev/null || die "systemd-analyze is missing (apt-get install systemd)"
 
@@ -29,13 +29,13 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 if [ "${1:-}" = "--release" ]; then
-    cargo deb --locked -o "$out/" >"$out/build.log" 2>&1 ||
+    cargo deb -p convstore --locked -o "$out/" >"$out/build.log" 2>&1 ||
         { cat "$out/build.log" >&2; die "cargo deb failed"; }
 else
     # cargo-deb warns that a dev profile is for checking, not shipping: it is.
-    [ "${1:-}" = "--no-build" ] || cargo build --locked --quiet --bin convstore
+    [ "${1:-}" = "--no-build" ] || cargo build --locked --quiet -p convstore --bin convstore
     [ -x target/debug/convstore ] || die "no target/debug/convstore: cargo build first"
-    cargo deb --no-build --profile dev --fast -o "$out/" >"$out/build.log" 2>&1 ||
+    cargo deb -p convstore --no-build --profile dev --fast -o "$out/" >"$out/build.log" 2>&1 ||
         { cat "$out/build.log" >&2; die "cargo deb failed"; }
 fi
 deb=$(find "$out" -maxdepth 1 -name 'convstore_*.deb' | head -n 1)

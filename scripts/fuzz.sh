@@ -23,7 +23,7 @@ secs=${1:-60}
 die() { printf 'fuzz: error: %s\n' "$*" >&2; exit 1; }
 
 command -v cargo-fuzz >/dev/null ||
-    die "cargo-fuzz is not installed: CI=true scripts/setup.sh installs it, or: cargo install cargo-fuzz --locked --version 0.13.2"
+    die "cargo-fuzz is not installed: CI=true scripts/setup.sh --tests installs it, or: cargo install cargo-fuzz --locked --version 0.13.2"
 command -v c++ >/dev/null || die "no C++ compiler (libFuzzer is C++): apt-get install g++"
 
 toolchain=()

@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Installs what convstore's managed mode and its tests need, and nothing more:
+# Installs what convstore's managed mode needs to run, and with --tests what
+# its tests need too, and nothing more:
 #
+#   scripts/setup.sh           what running needs (scripts/run.sh calls it)
+#   scripts/setup.sh --tests   that, and the test tools (scripts/test.sh)
+#   scripts/setup.sh --check   installs nothing: exits 1, saying what is
+#                              missing, when running would fail (the test
+#                              binaries call this; they never install)
+#
+# What running needs:
 #  * the portable PostgreSQL 16 with pgvector from the PyPI wheel
 #    pgserver==0.1.4, reachable as
 #      /usr/local/lib/convstore/pginstall        when run as root,
@@ -21,14 +29,17 @@
 #  * when root, the system account `convstore` the managed PostgreSQL runs
 #    as (PostgreSQL refuses to run as root);
 #  * when root and missing, the Debian packages these steps need
-#    (python3-pip, ca-certificates), and the monitoring tests' tools:
-#    `prometheus` (for promtool) and `chromium`;
+#    (python3-pip, ca-certificates).
+#
+# What the tests need as well (--tests):
+#  * when root and missing, the monitoring tests' tools: `prometheus` (for
+#    promtool) and `chromium`;
 #  * for the systemd tests, `systemd-analyze` (Debian's `systemd` package,
 #    installed as root when missing);
-#  * with CONVSTORE_SETUP_DEB=1 (scripts/test.sh sets it) or CI=true,
-#    `cargo-deb` (cargo install --locked, pinned) for scripts/deb.sh. Not
-#    otherwise: building it takes minutes, and the test binaries run this
-#    script too.
+#  * `cargo-deb` (cargo install --locked, pinned) for scripts/deb.sh, also
+#    with CONVSTORE_SETUP_DEB=1;
+#  * `cargo-deny` (cargo install --locked, pinned): the dependency policy
+#    in deny.toml (licenses, sources, bans);
 #  * with CI=true (or CONVSTORE_SETUP_FUZZ=1), the hostile-input tools:
 #    `cargo-fuzz` (cargo install --locked, pinned) and a C++ compiler for
 #    libFuzzer (scripts/fuzz.sh), and schemathesis from PyPI in a venv at
@@ -254,7 +265,7 @@ readonly CARGO_DEB_VERSION=3.8.0
 
 # cargo-deb for scripts/deb.sh, only when asked: see the header.
 ensure_cargo_deb() {
-    [ "${CONVSTORE_SETUP_DEB:-}" = 1 ] || [ "${CI:-}" = true ] || return 0
+    [ "$WITH_TESTS" = 1 ] || [ "${CONVSTORE_SETUP_DEB:-}" = 1 ] || return 0
     if command -v cargo-deb >/dev/null &&
         cargo-deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
         return 0
@@ -263,6 +274,21 @@ ensure_cargo_deb() {
     log "installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked; a few minutes, once)"
     cargo install --quiet --locked --version "$CARGO_DEB_VERSION" cargo-deb ||
         die "cargo install cargo-deb failed"
+}
+
+readonly CARGO_DENY_VERSION=0.20.2
+
+# cargo-deny for the dependency policy (deny.toml), with the test tools.
+ensure_cargo_deny() {
+    [ "$WITH_TESTS" = 1 ] || return 0
+    if command -v cargo-deny >/dev/null &&
+        cargo-deny --version 2>/dev/null | grep -q "$CARGO_DENY_VERSION"; then
+        return 0
+    fi
+    command -v cargo >/dev/null || die "cargo is needed to install cargo-deny"
+    log "installing cargo-deny $CARGO_DENY_VERSION (cargo install --locked; a few minutes, once)"
+    cargo install --quiet --locked --version "$CARGO_DENY_VERSION" cargo-deny ||
+        die "cargo install cargo-deny failed"
 }
 
 readonly CARGO_FUZZ_VERSION="0.13.2"
@@ -298,7 +324,31 @@ ensure_fuzz_tools() {
     rm -f "$out"
 }
 
+# --check: what `convstore serve` (managed mode, builtin model) needs, or
+# exit 1 naming what is missing and the command that installs it.
+check() {
+    local missing=()
+    pg_installed || missing+=("PostgreSQL with pgvector in $PGINSTALL")
+    model_installed || missing+=("the embedding model $MODEL_NAME in $MODEL_DIR")
+    if is_root && ! getent passwd convstore >/dev/null; then
+        missing+=("the system account convstore (the managed PostgreSQL runs as it under root)")
+    fi
+    [ ${#missing[@]} -eq 0 ] && return 0
+    printf 'setup: missing: %s\n' "${missing[@]}" >&2
+    printf 'setup: install them with: scripts/setup.sh (as root for the account)\n' >&2
+    exit 1
+}
+
+WITH_TESTS=0
 main() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+        --check) check; return 0 ;;
+        --tests) WITH_TESTS=1 ;;
+        *) die "unknown argument $arg (setup.sh [--tests | --check])" ;;
+        esac
+    done
     # Serialise concurrent runs (parallel test binaries) when flock exists.
     if command -v flock >/dev/null; then
         mkdir -p "$(dirname "$PGINSTALL")"
@@ -312,9 +362,11 @@ main() {
     if is_root; then
         ensure_account
     fi
+    [ "$WITH_TESTS" = 1 ] || return 0
     ensure_monitoring_tools
     ensure_systemd_analyze
     ensure_cargo_deb
+    ensure_cargo_deny
     ensure_fuzz_tools
 }
 

@@ -7,21 +7,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# CONVSTORE_SETUP_DEB=1: also cargo-deb, for the package check at the end.
-CONVSTORE_SETUP_DEB=1 scripts/setup.sh
+# --tests: also the test tools (promtool, chromium, systemd-analyze,
+# cargo-deny, cargo-deb for the package check at the end; under CI the
+# fuzz tools).
+scripts/setup.sh --tests
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo deny: licenses, sources, bans (deny.toml)"
+# Advisories need the RustSec database from a git host CI cannot reach.
+cargo deny check bans licenses sources
 
 echo "== cargo test"
 # Integration tests start a daemon, a stand-in and a PostgreSQL cluster each;
 # two at a time keeps a 2-core machine responsive. Set through the
 # environment, not `-- --test-threads`: the criterion benches (run once each
 # as tests) refuse libtest's flags.
-RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" cargo test --locked --all-targets
+RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" cargo test --workspace --locked --all-targets
 
 echo "== debian package"
 # Packages the binary the tests just built (target/debug/convstore) and
@@ -35,5 +41,5 @@ echo "== fuzz: request parsing and validation (bounded)"
 if [ "${CI:-}" = true ] || command -v cargo-fuzz >/dev/null; then
     scripts/fuzz.sh "${CONVSTORE_FUZZ_SECONDS:-60}"
 else
-    echo "skipped: cargo-fuzz is not installed (CI=true scripts/setup.sh installs it)"
+    echo "skipped: cargo-fuzz is not installed (CI=true scripts/setup.sh --tests installs it)"
 fi

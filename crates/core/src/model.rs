@@ -1,0 +1,207 @@
+//! The types every stage shares: a validated conversation, its chunks, and
+//! what the store receives once the chunks are embedded.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One message of a conversation, as validated by ingress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<DateTime<Utc>>,
+}
+
+/// A conversation that passed validation and was given its id.
+///
+/// Either `messages` is non-empty, or the caller sent a free-form
+/// `transcript` (then `messages` is empty).
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    /// The row id. UUIDv7 when the caller gave no id; derived from the
+    /// caller's id otherwise, so a retry maps to the same row.
+    pub id: Uuid,
+    /// The caller's id (idempotency key), if any.
+    pub client_id: Option<String>,
+    pub user_id: String,
+    pub channel: String,
+    pub messages: Vec<Message>,
+    pub transcript: Option<String>,
+    pub summary: Option<String>,
+    /// Always a JSON object.
+    pub metadata: serde_json::Value,
+    pub created_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    /// For end-to-end latency (received → committed); monotonic.
+    pub received_instant: Instant,
+}
+
+impl Conversation {
+    /// Bytes this conversation holds in memory, roughly; the queue's byte bound.
+    pub fn approx_bytes(&self) -> usize {
+        let text: usize = self
+            .messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len() + 48)
+            .sum();
+        text + self.transcript.as_ref().map_or(0, String::len)
+            + self.summary.as_ref().map_or(0, String::len)
+            + self.client_id.as_ref().map_or(0, String::len)
+            + self.user_id.len()
+            + self.channel.len()
+            + estimate_json_bytes(&self.metadata)
+            + std::mem::size_of::<Self>()
+    }
+
+    /// The whole conversation as one text, one `role: content` line per message.
+    pub fn full_text(&self) -> String {
+        match &self.transcript {
+            Some(t) => t.clone(),
+            None => {
+                let mut out = String::new();
+                for m in &self.messages {
+                    out.push_str(&m.role);
+                    out.push_str(": ");
+                    out.push_str(&m.content);
+                    out.push('\n');
+                }
+                out
+            }
+        }
+    }
+}
+
+fn estimate_json_bytes(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 8,
+        serde_json::Value::String(s) => s.len() + 24,
+        serde_json::Value::Array(items) => {
+            items.iter().map(estimate_json_bytes).sum::<usize>() + 24
+        }
+        serde_json::Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 24 + estimate_json_bytes(v))
+                .sum::<usize>()
+                + 48
+        }
+    }
+}
+
+/// sha256 of a chunk's text as sent to the model: the cache key (with the model).
+pub type ContentHash = [u8; 32];
+
+pub fn content_hash(text: &str) -> ContentHash {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&digest);
+    out
+}
+
+/// A piece of a conversation small enough for the model's context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// Position in the conversation, from 0.
+    pub seq: i32,
+    pub content: String,
+    pub content_hash: ContentHash,
+}
+
+/// Where a chunk's vector stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingStatus {
+    Embedded,
+    /// Stored without a vector; a backend will embed it later.
+    Pending,
+    /// A backend rejected it for good; `error` says why. Never retried.
+    Failed,
+}
+
+impl EmbeddingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Pending => "pending",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the embedding stage made of one chunk. The row's
+/// `embedding_status`, `embedding` and `error` all follow from it, so a
+/// status that disagrees with its vector cannot be built.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkVector {
+    /// The model's vector (checked finite and of the model's length by the
+    /// embedding router, where it entered).
+    Embedded(std::sync::Arc<[f32]>),
+    /// No backend could embed it in time: stored without a vector, for the
+    /// backfill.
+    Pending,
+    /// A backend refused this input for good; why.
+    Failed(String),
+}
+
+impl ChunkVector {
+    pub fn status(&self) -> EmbeddingStatus {
+        match self {
+            Self::Embedded(_) => EmbeddingStatus::Embedded,
+            Self::Pending => EmbeddingStatus::Pending,
+            Self::Failed(_) => EmbeddingStatus::Failed,
+        }
+    }
+
+    /// The vector, for `Embedded`.
+    pub fn vector(&self) -> Option<&[f32]> {
+        match self {
+            Self::Embedded(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Why it failed, for `Failed`.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Self::Failed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// A chunk with what the embedding stage made of it.
+#[derive(Debug, Clone)]
+pub struct EmbeddedChunk {
+    pub chunk: Chunk,
+    pub vector: ChunkVector,
+}
+
+/// A conversation ready to be written: every chunk has been through embedding.
+#[derive(Debug, Clone)]
+pub struct ReadyConversation {
+    pub conversation: Conversation,
+    pub chunks: Vec<EmbeddedChunk>,
+    /// The model whose vectors these are.
+    pub model: String,
+}
+
+impl ReadyConversation {
+    /// The conversation-level status: the worst of its chunks'.
+    pub fn embedding_status(&self) -> EmbeddingStatus {
+        if self.chunks.iter().any(|c| c.vector == ChunkVector::Pending) {
+            EmbeddingStatus::Pending
+        } else if self
+            .chunks
+            .iter()
+            .any(|c| matches!(c.vector, ChunkVector::Failed(_)))
+        {
+            EmbeddingStatus::Failed
+        } else {
+            EmbeddingStatus::Embedded
+        }
+    }
+}

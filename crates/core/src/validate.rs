@@ -1,0 +1,649 @@
+//! Request body → validated [`Conversation`], or an error naming the field.
+//!
+//! Everything PostgreSQL would refuse later (NUL bytes in text or JSON,
+//! invalid timestamps) is refused here, before acknowledgement, so that an
+//! accepted conversation can always be stored.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::model::{Conversation, Message};
+
+use crate::error::InputError;
+use crate::strict_json::StrictValue;
+
+/// Namespace for ids derived from a caller's non-UUID id (UUIDv5), so the
+/// same client id always maps to the same row.
+const CLIENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_5b7d_4e21_9c8a_2f4d_1e0b_7c55);
+
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
+/// Limits that come from configuration (`server.max_messages`, `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_messages: usize,
+    /// Bytes of one message's content, the transcript, the summary.
+    pub max_content_bytes: usize,
+    /// Bytes of `metadata` as compact JSON.
+    pub max_metadata_bytes: usize,
+    /// Nesting depth of `metadata`.
+    pub max_metadata_depth: usize,
+    pub max_id_bytes: usize,
+    /// `user_id` and `channel`.
+    pub max_label_bytes: usize,
+}
+
+impl Limits {
+    /// The configuration's defaults; `Limits { max_messages: 10, ..Limits::DEFAULT }`.
+    pub const DEFAULT: Limits = Limits {
+        max_messages: 1000,
+        max_content_bytes: 262_144,
+        max_metadata_bytes: 65_536,
+        max_metadata_depth: 16,
+        max_id_bytes: 256,
+        max_label_bytes: 256,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A conversation as sent: exactly one of `messages` and `transcript`.
+/// Every text is bounded by `[limits]`; NUL characters are refused
+/// everywhere (PostgreSQL cannot store them); duplicate keys are refused.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Conversation)]
+pub struct ConversationIn {
+    /// Your idempotency key: the same id sent twice is stored once.
+    /// Without it convstore assigns a UUIDv7.
+    #[schema(min_length = 1, max_length = 256, example = "chat-2024-05-01-42")]
+    id: Option<String>,
+    #[schema(min_length = 1, max_length = 256, example = "u-17")]
+    user_id: String,
+    #[schema(min_length = 1, max_length = 256, example = "web")]
+    channel: String,
+    /// The messages, in order; or give `transcript` instead.
+    #[schema(min_items = 1)]
+    messages: Option<Vec<MessageIn>>,
+    /// Free-form text of the whole conversation; or give `messages`.
+    #[schema(min_length = 1)]
+    transcript: Option<String>,
+    summary: Option<String>,
+    /// Any JSON object (depth and size bounded by `[limits]`).
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<StrictValue>,
+    /// RFC 3339, between 1970 and now + 1 day.
+    #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
+    created_at: Option<String>,
+}
+
+/// One message.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = MessageIn)]
+pub struct MessageIn {
+    /// `system`, `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|user|assistant|tool)$", example = "user")]
+    role: String,
+    #[schema(min_length = 1, example = "Book me a flight to Seattle on Friday.")]
+    content: String,
+    /// RFC 3339, between 1970 and now + 1 day.
+    #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
+    ts: Option<String>,
+}
+
+/// Parses and validates one conversation from JSON bytes.
+///
+/// Valid bodies take serde_json's plain path; only a body it refuses is
+/// parsed again with `serde_path_to_error`, to name the field. Tracking the
+/// path allocates a string per key and index: on every accepted
+/// conversation it was a third of the enqueue time (PERFORMANCE.md).
+pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
+    match serde_json::from_slice::<ConversationIn>(body) {
+        Ok(parsed) => validate(parsed, limits),
+        Err(plain) => Err(explain_parse_error(body, plain)),
+    }
+}
+
+/// The error for a body serde_json refused, naming the field it concerns.
+fn explain_parse_error(body: &[u8], plain: serde_json::Error) -> InputError {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, ConversationIn>(&mut de) {
+        Err(e) => schema_error(e),
+        Ok(_) => match de.end() {
+            Err(e) => {
+                InputError::invalid_json(format!("trailing data after the conversation: {e}"))
+            }
+            // Both parsers read the same grammar; should they ever
+            // disagree, the plain error still says what is wrong.
+            Ok(()) => {
+                InputError::invalid_json(format!("body is not a valid conversation: {plain}"))
+            }
+        },
+    }
+}
+
+/// Validates one conversation already parsed as a JSON value (batch items).
+pub fn conversation_from_value(
+    value: serde_json::Value,
+    limits: Limits,
+) -> Result<Conversation, InputError> {
+    let parsed: ConversationIn = serde_path_to_error::deserialize(value).map_err(schema_error)?;
+    validate(parsed, limits)
+}
+
+pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> InputError {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    let looks_syntactic = inner.contains("at line")
+        && (inner.contains("expected") || inner.contains("EOF") || inner.contains("invalid"))
+        && !inner.contains("invalid type")
+        && !inner.contains("unknown field")
+        && !inner.contains("missing field");
+    if looks_syntactic {
+        return InputError::invalid_json(format!("body is not valid JSON: {inner}"));
+    }
+    if path == "." || path.is_empty() {
+        // Missing or unknown top-level fields: serde names the field in the message.
+        let field = quoted_field(&inner).unwrap_or_default();
+        return InputError::invalid_field(&field, inner);
+    }
+    InputError::invalid_field(&path, inner)
+}
+
+/// The first `name` in serde's "missing field `name`" style messages.
+fn quoted_field(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, InputError> {
+    let client_id = match input.id {
+        Some(id) => {
+            check_label("id", &id, limits.max_id_bytes)?;
+            Some(id)
+        }
+        None => None,
+    };
+    check_label("user_id", &input.user_id, limits.max_label_bytes)?;
+    check_label("channel", &input.channel, limits.max_label_bytes)?;
+
+    let (messages, transcript) = match (input.messages, input.transcript) {
+        (Some(_), Some(_)) => {
+            return Err(InputError::invalid_field(
+                "transcript",
+                "give either messages or transcript, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(InputError::invalid_field(
+                "messages",
+                "missing: give messages (a non-empty array) or transcript",
+            ));
+        }
+        (Some(messages), None) => (validate_messages(messages, limits)?, None),
+        (None, Some(transcript)) => {
+            check_text(
+                Field::Top("transcript"),
+                &transcript,
+                limits.max_content_bytes,
+            )?;
+            (Vec::new(), Some(transcript))
+        }
+    };
+
+    if let Some(summary) = &input.summary {
+        check_size(Field::Top("summary"), summary, limits.max_content_bytes)?;
+        check_no_nul(Field::Top("summary"), summary)?;
+    }
+    let metadata = match input.metadata.map(StrictValue::into_inner) {
+        None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+        Some(value @ serde_json::Value::Object(_)) => {
+            if !json_is_storable(&value, 0, limits.max_metadata_depth) {
+                check_json("metadata", &value, 0, limits.max_metadata_depth)?;
+            }
+            let size = compact_json_len(&value);
+            if size > limits.max_metadata_bytes {
+                return Err(InputError::invalid_field(
+                    "metadata",
+                    format!(
+                        "{size} bytes as JSON; at most {} (limits.max_metadata_bytes)",
+                        limits.max_metadata_bytes
+                    ),
+                ));
+            }
+            value
+        }
+        Some(_) => {
+            return Err(InputError::invalid_field(
+                "metadata",
+                "must be a JSON object",
+            ));
+        }
+    };
+    let created_at = input
+        .created_at
+        .as_deref()
+        .map(|s| parse_timestamp(Field::Top("created_at"), s))
+        .transpose()?;
+
+    let id = match &client_id {
+        Some(cid) => row_id(cid),
+        None => Uuid::now_v7(),
+    };
+    Ok(Conversation {
+        id,
+        client_id,
+        user_id: input.user_id,
+        channel: input.channel,
+        messages,
+        transcript,
+        summary: input.summary,
+        metadata,
+        created_at,
+        received_at: Utc::now(),
+        received_instant: Instant::now(),
+    })
+}
+
+/// The row id of the conversation with client id `id`: the id itself when
+/// it is a UUID, else a UUIDv5 of it, so the same client id always maps to
+/// the same row.
+pub fn row_id(id: &str) -> Uuid {
+    Uuid::parse_str(id).unwrap_or_else(|_| Uuid::new_v5(&CLIENT_ID_NAMESPACE, id.as_bytes()))
+}
+
+fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Message>, InputError> {
+    if messages.is_empty() {
+        return Err(InputError::invalid_field("messages", "must not be empty"));
+    }
+    if messages.len() > limits.max_messages {
+        return Err(InputError::invalid_field(
+            "messages",
+            format!(
+                "{} messages; at most {} are allowed (server.max_messages)",
+                messages.len(),
+                limits.max_messages
+            ),
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(InputError::invalid_field(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`{}` is not one of {}",
+                        truncate_for_message(&m.role),
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
+            check_text(
+                Field::Message(i, "content"),
+                &m.content,
+                limits.max_content_bytes,
+            )?;
+            let ts =
+                m.ts.as_deref()
+                    .map(|s| parse_timestamp(Field::Message(i, "ts"), s))
+                    .transpose()?;
+            Ok(Message {
+                role: m.role,
+                content: m.content,
+                ts,
+            })
+        })
+        .collect()
+}
+
+/// A field's name for an error message, formatted only when there is an
+/// error: formatting `messages[{i}].content` for every message of every
+/// accepted conversation cost more than checking the message.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Top(&'a str),
+    /// `messages[index].part`.
+    Message(usize, &'static str),
+}
+
+impl Field<'_> {
+    fn name(self) -> String {
+        match self {
+            Self::Top(name) => name.to_string(),
+            Self::Message(index, part) => format!("messages[{index}].{part}"),
+        }
+    }
+
+    fn error(self, message: impl Into<String>) -> InputError {
+        InputError::invalid_field(&self.name(), message)
+    }
+}
+
+/// Non-empty text of at most `max` bytes without NUL bytes (PostgreSQL
+/// `text` cannot hold NUL).
+fn check_text(field: Field<'_>, text: &str, max: usize) -> Result<(), InputError> {
+    if text.trim().is_empty() {
+        return Err(field.error("must not be empty"));
+    }
+    check_size(field, text, max)?;
+    check_no_nul(field, text)
+}
+
+fn check_size(field: Field<'_>, text: &str, max: usize) -> Result<(), InputError> {
+    if text.len() > max {
+        return Err(field.error(format!(
+            "{} bytes; at most {max} (limits.max_content_bytes)",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_no_nul(field: Field<'_>, text: &str) -> Result<(), InputError> {
+    if text.contains('\0') {
+        return Err(
+            field.error("contains a NUL character (\\u0000), which PostgreSQL cannot store")
+        );
+    }
+    Ok(())
+}
+
+/// Ids and labels: 1..=max bytes, no control characters.
+pub fn check_label(field: &str, value: &str, max: usize) -> Result<(), InputError> {
+    if value.trim().is_empty() {
+        return Err(InputError::invalid_field(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(InputError::invalid_field(
+            field,
+            format!("{} bytes; at most {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InputError::invalid_field(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether [`check_json`] would pass, without building the path of every
+/// value it visits (that is only needed for an error message).
+fn json_is_storable(value: &serde_json::Value, depth: usize, max_depth: usize) -> bool {
+    if depth > max_depth {
+        return false;
+    }
+    match value {
+        serde_json::Value::String(s) => !s.contains('\0'),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .all(|v| json_is_storable(v, depth + 1, max_depth)),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .all(|(k, v)| !k.contains('\0') && json_is_storable(v, depth + 1, max_depth)),
+        _ => true,
+    }
+}
+
+/// No NUL anywhere (keys included; `jsonb` refuses `\u0000`), bounded depth.
+fn check_json(
+    field: &str,
+    value: &serde_json::Value,
+    depth: usize,
+    max_depth: usize,
+) -> Result<(), InputError> {
+    if depth > max_depth {
+        return Err(InputError::invalid_field(
+            field,
+            format!("nested deeper than {max_depth} levels (limits.max_metadata_depth)"),
+        ));
+    }
+    match value {
+        serde_json::Value::String(s) => check_no_nul(Field::Top(field), s),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_json(&format!("{field}[{i}]"), v, depth + 1, max_depth)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let path = format!("{field}.{}", truncate_for_message(k));
+            check_no_nul(Field::Top(&path), k)?;
+            check_json(&path, v, depth + 1, max_depth)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes of `value` as compact JSON, counted without building the text.
+fn compact_json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value serde_json built serialises.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// RFC 3339, between 1970 and a day from now (clock skew allowed).
+fn parse_timestamp(field: Field<'_>, value: &str) -> Result<DateTime<Utc>, InputError> {
+    let parsed = DateTime::parse_from_rfc3339(value).map_err(|e| {
+        field.error(format!(
+            "`{}` is not an RFC 3339 timestamp ({e})",
+            truncate_for_message(value)
+        ))
+    })?;
+    let utc = parsed.with_timezone(&Utc);
+    let earliest = DateTime::<Utc>::UNIX_EPOCH;
+    let latest = Utc::now() + chrono::Duration::days(1);
+    if utc < earliest || utc > latest {
+        return Err(field.error(format!("`{value}` is outside 1970-01-01 .. now + 1 day")));
+    }
+    Ok(utc)
+}
+
+fn truncate_for_message(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_messages: 10,
+        ..Limits::DEFAULT
+    };
+
+    fn field_of(body: &str) -> String {
+        match parse_conversation(body.as_bytes(), LIMITS) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => e.field().unwrap_or("<none>").to_string(),
+        }
+    }
+
+    #[test]
+    fn valid_conversation_gets_v7_id() {
+        let c = parse_conversation(
+            br#"{"user_id":"u1","channel":"web","messages":[{"role":"user","content":"hi","ts":"2024-05-01T10:00:00Z"}],"metadata":{"k":[1,2]}}"#,
+            LIMITS,
+        )
+        .expect("valid");
+        assert_eq!(c.id.get_version_num(), 7);
+        assert_eq!(c.messages.len(), 1);
+        assert!(c.messages[0].ts.is_some());
+    }
+
+    #[test]
+    fn client_id_is_stable() {
+        let body = br#"{"id":"conv-42","user_id":"u","channel":"c","transcript":"hello"}"#;
+        let a = parse_conversation(body, LIMITS).unwrap();
+        let b = parse_conversation(body, LIMITS).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.client_id.as_deref(), Some("conv-42"));
+        let uuid = "0191e6f3-0000-7000-8000-000000000001";
+        let c = parse_conversation(
+            format!(r#"{{"id":"{uuid}","user_id":"u","channel":"c","transcript":"x"}}"#).as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(c.id.to_string(), uuid);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            field_of(r#"{"channel":"c","messages":[{"role":"user","content":"x"}]}"#),
+            "user_id"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","messages":[]}"#),
+            "messages"
+        );
+        assert_eq!(field_of(r#"{"user_id":"u","channel":"c"}"#), "messages");
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"  "}]}"#
+            ),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a"},{"role":"robot","content":"b"}]}"#
+            ),
+            "messages[1].role"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a\u0000b"}]}"#
+            ),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a","ts":"yesterday"}]}"#
+            ),
+            "messages[0].ts"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","transcript":"x","created_at":"2024-13-01T00:00:00Z"}"#
+            ),
+            "created_at"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","transcript":"x","created_at":"3024-01-01T00:00:00Z"}"#
+            ),
+            "created_at"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","metadata":[1]}"#),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"a":"\u0000"}}"#),
+            "metadata.a"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","transcript":"x","colour":"red"}"#),
+            "colour"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":5,"channel":"c","transcript":"x"}"#),
+            "user_id"
+        );
+        assert_eq!(
+            field_of(r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":1}]}"#),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"x"}],"transcript":"y"}"#
+            ),
+            "transcript"
+        );
+    }
+
+    #[test]
+    fn invalid_json_is_not_a_field_error() {
+        let err = parse_conversation(b"{\"user_id\": ", LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        let err = parse_conversation(
+            br#"{"user_id":"u","channel":"c","transcript":"x"} {}"#,
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        let err = parse_conversation(b"\xff\xfe", LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+    }
+
+    /// Valid bodies skip the path-tracking parser; the errors of invalid
+    /// ones still come from it and name the exact place.
+    #[test]
+    fn errors_deep_in_a_body_keep_their_path() {
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a"},{"role":"user","content":"b"},{"role":"user","content":[]}]}"#
+            ),
+            "messages[2].content"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"a"},{"role":"user","content":"b","tone":"x"}]}"#
+            ),
+            "messages[1].tone"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"a":["ok","\u0000"]}}"#
+            ),
+            "metadata.a[1]"
+        );
+        let err = parse_conversation(
+            br#"{"user_id":"u","channel":"c","transcript":"x"} trailing"#,
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        assert!(err.message().contains("trailing data"), "{err:?}");
+    }
+
+    #[test]
+    fn too_many_messages() {
+        let msgs: Vec<String> = (0..11)
+            .map(|_| r#"{"role":"user","content":"x"}"#.to_string())
+            .collect();
+        let body = format!(
+            r#"{{"user_id":"u","channel":"c","messages":[{}]}}"#,
+            msgs.join(",")
+        );
+        assert_eq!(field_of(&body), "messages");
+    }
+
+    #[test]
+    fn deep_metadata_rejected() {
+        let deep = format!("{}1{}", "{\"a\":".repeat(20), "}".repeat(20));
+        let body = format!(r#"{{"user_id":"u","channel":"c","transcript":"x","metadata":{deep}}}"#);
+        assert!(field_of(&body).starts_with("metadata"));
+    }
+}

@@ -1,0 +1,158 @@
+//! What metrics cost on the enqueue path: the real `POST /v1/conversations`
+//! handler (axum router, body read, parse, validate, queue push, metrics),
+//! driven in process without a socket, under three recorders:
+//!
+//! - `none`: no recorder (the `metrics` macros do nothing);
+//! - `prometheus`: the Prometheus recorder with convstore's buckets;
+//! - `prometheus+stats`: what the daemon runs, the Prometheus recorder with
+//!   the `/v1/stats` tap in front ([`convstore_telemetry::tap`]).
+//!
+//! Plus the metric calls of one accepted request on their own
+//! (`record_only`): two labelled counters and the enqueue histogram.
+//!
+//! The body is the shared sample's conversation of median JSON size (the
+//! generator's when the sample is absent). Only the request is timed; the
+//! queue is emptied between samples, outside the timing.
+//!
+//! `cargo bench --bench enqueue_metrics` (≈1 min); `cargo test --benches`
+//! runs each once as a smoke test.
+// Test code: a panic on what the test set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use convstore::config::Settings;
+use convstore::http::{IngressState, Transport};
+use convstore::queue::BoundedQueue;
+use convstore_store::Store;
+use convstore_telemetry::metrics as m;
+use convstore_telemetry::stats::Stats;
+use convstore_telemetry::tap::StatsRecorder;
+use criterion::{Criterion, criterion_group, criterion_main};
+use metrics::Recorder;
+use tower::ServiceExt;
+
+/// The conversation of median JSON size.
+fn typical_body() -> bytes::Bytes {
+    let values = convstore_dataset::sample_or_generated(4000).expect("data");
+    let mut bodies: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| serde_json::to_vec(v).expect("serialise"))
+        .collect();
+    bodies.sort_by_key(Vec::len);
+    bytes::Bytes::from(bodies.swap_remove(bodies.len() / 2))
+}
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    app: axum::Router,
+    queue: Arc<BoundedQueue<convstore::ticket::Queued>>,
+    body: bytes::Bytes,
+}
+
+fn fixture() -> Fixture {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let settings = Settings::default();
+    let queue = Arc::new(BoundedQueue::new(1 << 20, 1 << 34));
+    // Never connected: the enqueue path does not touch the database.
+    let pool = rt.block_on(async {
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@localhost/none")
+            .expect("lazy pool")
+    });
+    let handle = m::prometheus_recorder().handle();
+    let state = Arc::new(IngressState::new(
+        &settings,
+        queue.clone(),
+        Arc::new(Store::from_pool(pool)),
+        handle,
+    ));
+    Fixture {
+        rt,
+        app: convstore::http::router(state, Transport::Tcp),
+        queue,
+        body: typical_body(),
+    }
+}
+
+/// `iters` requests; returns the time spent in them only.
+fn post_many(f: &Fixture, iters: u64) -> Duration {
+    let mut spent = Duration::ZERO;
+    for _ in 0..iters {
+        let request = Request::post("/v1/conversations")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, f.body.len())
+            .body(Body::from(f.body.clone()))
+            .expect("request");
+        let app = f.app.clone();
+        let started = Instant::now();
+        let response = f.rt.block_on(app.oneshot(request)).expect("infallible");
+        spent += started.elapsed();
+        assert_eq!(response.status(), 202);
+        if f.queue.len() > 50_000 {
+            f.rt.block_on(async {
+                while !f.queue.is_empty() {
+                    black_box(f.queue.pop_batch(4096, Duration::ZERO).await);
+                }
+            });
+        }
+    }
+    spent
+}
+
+fn enqueue(c: &mut Criterion) {
+    let f = fixture();
+    let mut group = c.benchmark_group("enqueue_handler");
+    group.measurement_time(Duration::from_secs(8));
+    group.bench_function("none", |b| b.iter_custom(|iters| post_many(&f, iters)));
+    let prometheus = m::prometheus_recorder();
+    group.bench_function("prometheus", |b| {
+        b.iter_custom(|iters| metrics::with_local_recorder(&prometheus, || post_many(&f, iters)))
+    });
+    let tapped = StatsRecorder::new(
+        m::prometheus_recorder(),
+        Arc::new(Stats::new(Instant::now())),
+    );
+    group.bench_function("prometheus+stats", |b| {
+        b.iter_custom(|iters| metrics::with_local_recorder(&tapped, || post_many(&f, iters)))
+    });
+    group.finish();
+}
+
+/// The metric calls of one accepted single-conversation request.
+fn record_request() {
+    metrics::counter!(m::INGEST_REQUESTS, "transport" => "tcp", "endpoint" => "conversations", "outcome" => "accepted")
+        .increment(1);
+    metrics::counter!(m::INGEST_CONVERSATIONS, "transport" => "tcp", "outcome" => "accepted")
+        .increment(1);
+    metrics::histogram!(m::ENQUEUE_SECONDS).record(black_box(0.000_021));
+}
+
+fn record_only(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record_only");
+    group.bench_function("none", |b| b.iter(record_request));
+    let prometheus = m::prometheus_recorder();
+    let tapped = StatsRecorder::new(
+        m::prometheus_recorder(),
+        Arc::new(Stats::new(Instant::now())),
+    );
+    for (name, recorder) in [
+        ("prometheus", &prometheus as &dyn Recorder),
+        ("prometheus+stats", &tapped as &dyn Recorder),
+    ] {
+        group.bench_function(name, |b| {
+            metrics::with_local_recorder(recorder, || b.iter(record_request))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, enqueue, record_only);
+criterion_main!(benches);

@@ -1,0 +1,165 @@
+//! The embedding side of start-up: one client per configured backend (by
+//! kind), the ingest router and the search lane's router over them, the
+//! start-up probe and warm-up, and the watchdog check against the longest
+//! call the pipeline may wait on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use convstore_embed::Embedder;
+use convstore_embed::ollama::OllamaBackend;
+use convstore_embed::openai::OpenAiBackend;
+use convstore_embed::router::{BackendSpec, Router, RouterConfig};
+use convstore_embed_builtin::BuiltinBackend;
+
+use crate::config::{BackendKind, Settings};
+
+/// The router over every configured backend, and the search lane's router
+/// over the same clients (`convstore_embed::query`).
+pub(super) fn build_embedder(settings: &Settings) -> anyhow::Result<(Router, Router)> {
+    let mut specs = Vec::with_capacity(settings.embedding.backends.len());
+    let mut search_clients = Vec::with_capacity(settings.embedding.backends.len());
+    for (i, backend) in settings.embedding.backends.iter().enumerate() {
+        let (client, search_client) = build_backend(settings, i, backend)?;
+        search_clients.push((search_client, backend));
+        specs.push(BackendSpec::from_settings(client, backend));
+    }
+    if specs.is_empty() {
+        anyhow::bail!("embedding.backends is empty");
+    }
+    Ok((
+        Router::new(RouterConfig::from_settings(&settings.embedding), specs),
+        convstore_embed::query::search_router(
+            &settings.embedding,
+            Duration::from_millis(settings.search.timeout_ms.get()),
+            settings.search.backend_in_flight.get(),
+            search_clients,
+        ),
+    ))
+}
+
+/// The client of backend `i`, by its kind, for ingest and for search
+/// queries: the same HTTP client; for builtin, the same model with an
+/// inference pool of its own for queries.
+fn build_backend(
+    settings: &Settings,
+    i: usize,
+    backend: &crate::config::BackendSettings,
+) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
+    let timeout = Duration::from_millis(backend.timeout_ms.get());
+    let shared = |client: Arc<dyn Embedder>| Ok((client.clone(), client));
+    match backend.kind {
+        BackendKind::Ollama => shared(Arc::new(OllamaBackend::new(
+            &backend.name,
+            &backend.url,
+            settings.embedding.model_for(backend),
+            timeout,
+        )?)),
+        BackendKind::Openai => {
+            let key = if backend.api_key_env.is_empty() {
+                None
+            } else {
+                match std::env::var(&backend.api_key_env) {
+                    Ok(key) if !key.trim().is_empty() => Some(key),
+                    _ => anyhow::bail!(
+                        "embedding.backends[{i}].api_key_env names `{}`, but that environment \
+                         variable is not set (or empty); export the key in it, or set api_key_env = \"\" \
+                         for a server without keys",
+                        backend.api_key_env
+                    ),
+                }
+            };
+            shared(Arc::new(OpenAiBackend::new(
+                &backend.name,
+                &backend.url,
+                settings.embedding.model_for(backend),
+                key.as_deref(),
+                backend.encoding_format,
+                timeout,
+            )?))
+        }
+        BackendKind::Builtin => {
+            let builtin = BuiltinBackend::load(
+                &backend.name,
+                &backend.model_dir,
+                settings.embedding.model_for(backend),
+                &settings.state_dir,
+            )
+            .with_context(|| {
+                format!(
+                    "cannot load the builtin embedding model of backend `{}`",
+                    backend.name
+                )
+            })?;
+            tracing::info!(backend = %backend.name, model = builtin.model(), dir = %builtin.model_dir().display(), "Builtin embedding model loaded");
+            let search = builtin.with_own_pool(settings.search.backend_in_flight.get());
+            Ok((Arc::new(builtin), Arc::new(search)))
+        }
+    }
+}
+
+/// Probes every backend once and warms up those that answer. A backend
+/// that does not answer is survivable (it gets calls, its breaker decides;
+/// the health check keeps probing). A backend with another dimension is
+/// refused; if every backend that answered has another dimension, start-up
+/// fails: `embedding.dimensions` itself is likely wrong. Returns whether a
+/// backend is warm.
+pub(super) async fn probe_at_start(
+    settings: &Settings,
+    router: Arc<Router>,
+    background: &mut JoinSet<()>,
+    stop: CancellationToken,
+) -> anyhow::Result<bool> {
+    let dims = settings.embedding.dimensions.get();
+    let checks = router.check_all().await;
+    convstore_embed::router::health::startup_verdict(&checks, dims).map_err(anyhow::Error::msg)?;
+    for check in &checks {
+        if let Err(e) = &check.result {
+            tracing::warn!(
+                backend = %check.name,
+                error = %e,
+                "Embedding backend not usable at start; conversations are accepted, and stored \
+                 as pending for the backfill if no backend embeds them within embedding.max_wait_ms"
+            );
+        }
+    }
+    let warm = router.warm_up().await;
+    background.spawn(convstore_embed::router::health::run(
+        router,
+        Duration::from_millis(settings.embedding.health_interval_ms.get()),
+        stop,
+    ));
+    Ok(warm)
+}
+
+/// The watchdog counts a call that has not returned as no progress: one
+/// router call may legitimately last `embedding.max_wait_ms` (retries and
+/// fail-over) and one backend call `timeout_ms`. A shorter watchdog could
+/// restart convstore in the middle of such a call.
+pub(super) fn warn_if_watchdog_too_short(settings: &Settings, watchdog: Option<Duration>) {
+    let Some(watchdog) = watchdog else { return };
+    let mut longest = (
+        "embedding.max_wait_ms".to_string(),
+        settings.embedding.max_wait_ms.get(),
+    );
+    for (i, backend) in settings.embedding.backends.iter().enumerate() {
+        if backend.timeout_ms.get() > longest.1 {
+            longest = (
+                format!("embedding.backends[{i}].timeout_ms"),
+                backend.timeout_ms.get(),
+            );
+        }
+    }
+    if Duration::from_millis(longest.1) >= watchdog {
+        tracing::warn!(
+            key = %longest.0,
+            value_ms = longest.1,
+            watchdog_ms = watchdog.as_millis() as u64,
+            "WatchdogSec is not longer than the longest call convstore may wait on: a slow backend can get convstore restarted; raise WatchdogSec or lower the key"
+        );
+    }
+}

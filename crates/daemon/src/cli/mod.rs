@@ -1,0 +1,159 @@
+//! The command line: one binary, one subcommand per job.
+
+pub mod bench;
+pub mod client;
+mod enqueue;
+mod reload;
+mod search;
+pub mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "convstore",
+    version,
+    about = "Stores chat conversations, with embeddings, in PostgreSQL/pgvector"
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Every key can also be set as CONVSTORE_SECTION__KEY.
+    #[arg(long, short, global = true, env = "CONVSTORE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve,
+    /// Apply database migrations and prepare the vector index, then exit.
+    Migrate,
+    /// Print the effective configuration, or say which key is wrong (exit 2).
+    CheckConfig(CheckConfigArgs),
+    /// Validate the configuration, then ask a running daemon to reload it (SIGHUP); systemd's ExecReload.
+    Reload(reload::ReloadArgs),
+    /// Send conversations (JSON object, array or JSONL; `-` for stdin) to a running daemon.
+    Enqueue(enqueue::EnqueueArgs),
+    /// Live view of a running daemon's /v1/stats: queue, rates, latencies, bottleneck, health (--watch to refresh, --json for scripts).
+    Status(status::StatusArgs),
+    /// Find stored conversations by meaning (POST /v1/search): scores and snippets, or --json.
+    Search(search::SearchArgs),
+    /// Load a running daemon (HTTP or Unix socket): latency percentiles, throughput, stored rate.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// Print the commented example configuration (every key with its
+    /// default; /etc/convstore/convstore.toml in the package) and exit.
+    #[arg(long)]
+    pub print_default: bool,
+    /// Print nothing when the configuration is valid (systemd's
+    /// ExecStartPre/ExecReload); errors still go to stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The example configuration shipped as /etc/convstore/convstore.toml.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../../../packaging/convstore.toml");
+
+/// Parses arguments and runs the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::CheckConfig(args) => return check_config(cli.config.as_deref(), args),
+        Command::Reload(args) => return reload::run(cli.config.as_deref(), args),
+        _ => {}
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("convstore: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("convstore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            let settings = load(cli.config.as_deref())?;
+            convstore_telemetry::logging::init(&settings.log);
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), "Starting convstore");
+            let status =
+                crate::app::serve(settings, cli.config.clone(), crate::app::shutdown_signal())
+                    .await?;
+            Ok(match status {
+                crate::app::ExitStatus::Clean => ExitCode::SUCCESS,
+                crate::app::ExitStatus::DrainIncomplete => ExitCode::FAILURE,
+            })
+        }
+        Command::Migrate => {
+            let settings = load(cli.config.as_deref())?;
+            convstore_telemetry::logging::init(&settings.log);
+            crate::app::migrate_only(&settings).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig(args) => Ok(check_config(cli.config.as_deref(), &args)),
+        Command::Reload(args) => Ok(reload::run(cli.config.as_deref(), &args)),
+        Command::Enqueue(args) => {
+            let settings = load(cli.config.as_deref())?;
+            enqueue::run(args, &settings).await
+        }
+        Command::Status(args) => {
+            let settings = load(cli.config.as_deref())?;
+            status::run(args, &settings).await
+        }
+        Command::Search(args) => {
+            let settings = load(cli.config.as_deref())?;
+            search::run(args, &settings).await
+        }
+        Command::Bench(args) => {
+            let settings = load(cli.config.as_deref())?;
+            bench::run(args, &settings).await
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
+    Settings::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn check_config(path: Option<&std::path::Path>, args: &CheckConfigArgs) -> ExitCode {
+    if args.print_default {
+        print!("{EXAMPLE_CONFIG}");
+        return ExitCode::SUCCESS;
+    }
+    match Settings::load(path) {
+        Ok(settings) => {
+            if !args.quiet {
+                print!("{}", settings.to_toml());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("convstore: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

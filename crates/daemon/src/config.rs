@@ -1,0 +1,965 @@
+//! The settings, loaded and validated once.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file given with
+//! `--config`, then environment variables `CONVSTORE_SECTION__KEY` (for
+//! example `CONVSTORE_QUEUE__CAPACITY=500`). Unknown keys are errors, so a typo
+//! never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use convstore_embed::settings::{
+    BackendKind, BackendSettings, CacheSettings, EmbeddingSettings, EncodingFormat, Strategy,
+};
+pub use convstore_store::settings::{DatabaseSettings, ManagedClusterSettings, WriteMethod};
+pub use convstore_telemetry::settings::{LogFormat, LogSettings};
+
+/// Everything convstore can be told. Key names are a contract (DESIGN.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Managed cluster, journal and models live here.
+    pub state_dir: PathBuf,
+    pub log: LogSettings,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub queue: QueueSettings,
+    pub batch: BatchSettings,
+    pub pipeline: PipelineSettings,
+    pub chunking: ChunkingSettings,
+    pub embedding: EmbeddingSettings,
+    pub cache: CacheSettings,
+    pub backfill: BackfillSettings,
+    pub journal: JournalSettings,
+    pub ack: AckSettings,
+    pub limits: LimitsSettings,
+    pub auth: AuthSettings,
+    pub shutdown: ShutdownSettings,
+    pub metrics: MetricsSettings,
+    pub search: SearchSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            log: LogSettings::default(),
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            queue: QueueSettings::default(),
+            batch: BatchSettings::default(),
+            pipeline: PipelineSettings::default(),
+            chunking: ChunkingSettings::default(),
+            embedding: EmbeddingSettings::default(),
+            cache: CacheSettings::default(),
+            backfill: BackfillSettings::default(),
+            journal: JournalSettings::default(),
+            ack: AckSettings::default(),
+            limits: LimitsSettings::default(),
+            auth: AuthSettings::default(),
+            shutdown: ShutdownSettings::default(),
+            metrics: MetricsSettings::default(),
+            search: SearchSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// `""` disables TCP.
+    pub http_addr: String,
+    /// `""` disables the Unix socket.
+    pub unix_socket: String,
+    /// Octal permission bits of the socket file.
+    pub socket_mode: String,
+    pub max_body_bytes: NonZeroUsize,
+    /// Upper bound on messages in one conversation.
+    pub max_messages: NonZeroUsize,
+    /// Upper bound on items in one batch request.
+    pub max_batch_items: NonZeroUsize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:7070".into(),
+            unix_socket: default_unix_socket(),
+            socket_mode: "0660".into(),
+            max_body_bytes: nz(1_048_576),
+            max_messages: nz(1_000),
+            max_batch_items: nz(1_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// Conversations held in memory between acknowledgement and storage.
+    pub capacity: NonZeroUsize,
+    /// Bytes of conversation text held in memory, whatever the count.
+    pub max_bytes: NonZeroUsize,
+    pub when_full: WhenFull,
+    /// With `when_full = "block"`: how long a request may wait for room.
+    pub block_timeout_ms: NonZeroU64,
+    /// Seconds a 429 tells the client to wait.
+    pub retry_after_secs: NonZeroU32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            capacity: nz(10_000),
+            max_bytes: nz(268_435_456),
+            when_full: WhenFull::Reject,
+            block_timeout_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            retry_after_secs: NonZeroU32::new(1).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+}
+
+/// What ingress does when the queue has no room.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Answer 429 with `Retry-After` at once: the caller keeps control.
+    Reject,
+    /// Hold the request up to `queue.block_timeout_ms`, then 429: smooths
+    /// bursts at the price of caller latency.
+    Block,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Conversations per batch.
+    pub max_size: NonZeroUsize,
+    /// A batch closes this long after its first item at the latest.
+    pub max_wait_ms: NonZeroU64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_size: nz(64),
+            max_wait_ms: NonZeroU64::new(20).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    /// Batches embedded and stored concurrently.
+    pub workers: NonZeroUsize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self { workers: nz(4) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkingSettings {
+    /// Largest chunk in (estimated) tokens; 0 = the model's context length.
+    /// Never above the model's context length, whatever is set here.
+    pub max_tokens: usize,
+    /// Used when no backend has reported its context length yet.
+    pub fallback_context_tokens: NonZeroUsize,
+}
+
+impl Default for ChunkingSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 0,
+            fallback_context_tokens: nz(512),
+        }
+    }
+}
+
+/// The backfill: embeds chunks stored as `pending` once a backend is
+/// healthy again (issue 4; docs/ROUTING.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillSettings {
+    pub enabled: bool,
+    /// Pending chunks claimed (and embedded) per round.
+    pub batch_size: NonZeroUsize,
+    /// Pause between rounds when nothing is pending or no backend is up.
+    pub interval_ms: NonZeroU64,
+    /// Ceiling of the delay before chunks whose round failed are tried
+    /// again (the delay doubles per failed round from `interval_ms`).
+    pub max_defer_ms: NonZeroU64,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: nz(64),
+            interval_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            max_defer_ms: NonZeroU64::new(600_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[journal]`: durable intake (docs/DURABILITY.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSettings {
+    /// Append every accepted conversation to `state_dir/journal` before
+    /// acknowledging it; replay what was not stored after a crash.
+    pub enabled: bool,
+    /// Group commit: at most one fsync per this many milliseconds; every
+    /// record written meanwhile shares it.
+    pub fsync_interval_ms: NonZeroU64,
+    /// Segments on disk may hold at most this many bytes; beyond, new
+    /// conversations get 429 until stored ones free space.
+    pub max_bytes: NonZeroU64,
+    /// A new segment file is started at this size; a segment is deleted
+    /// once every conversation in it is stored.
+    pub segment_bytes: NonZeroU64,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            fsync_interval_ms: NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN),
+            max_bytes: NonZeroU64::new(1 << 30).unwrap_or(NonZeroU64::MIN),
+            segment_bytes: NonZeroU64::new(16 << 20).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[ack]`: how long `?wait=durable|stored` may hold a request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AckSettings {
+    /// The wait when the request gives no `timeout_ms`; past it, 504 with
+    /// the id (poll `GET /v1/conversations/{id}`).
+    pub timeout_ms: NonZeroU64,
+    /// The most a request's `?timeout_ms=` may ask for.
+    pub max_timeout_ms: NonZeroU64,
+}
+
+impl Default for AckSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            max_timeout_ms: NonZeroU64::new(300_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[limits]`: what one conversation may hold, beyond `server.max_body_bytes`
+/// and `server.max_messages`. Checked before acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Bytes of one text field: a message's content, the transcript, the summary.
+    pub max_content_bytes: NonZeroUsize,
+    /// Bytes of `metadata` as compact JSON.
+    pub max_metadata_bytes: NonZeroUsize,
+    /// Nesting depth of `metadata` (an object directly under it is depth 1).
+    pub max_metadata_depth: NonZeroUsize,
+    /// Bytes of the client `id`.
+    pub max_id_bytes: NonZeroUsize,
+    /// Bytes of `user_id` and `channel`.
+    pub max_label_bytes: NonZeroUsize,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: nz(262_144),
+            max_metadata_bytes: nz(65_536),
+            max_metadata_depth: nz(16),
+            max_id_bytes: nz(256),
+            max_label_bytes: nz(256),
+        }
+    }
+}
+
+/// `[auth]`: who may talk to the API (docs/DURABILITY.md, "Access control").
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Bearer tokens, by their sha256; none = no token needed.
+    pub tokens: Vec<TokenSettings>,
+    /// Ask for a token on the Unix socket too (by default the socket file's
+    /// owner, group and mode are its access control).
+    pub require_on_unix_socket: bool,
+    /// Owner of the socket file (user name or uid); `""` = convstore's own.
+    pub socket_owner: String,
+    /// Group of the socket file (group name or gid); `""` = convstore's own.
+    pub socket_group: String,
+}
+
+/// One bearer token of `[[auth.tokens]]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// Names the client in logs and metrics; never the token itself.
+    pub name: String,
+    /// Hex sha256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    /// Requests per second this token may make on average; 0 = no limit.
+    pub rate_per_sec: u32,
+    /// Requests it may make at once above the rate; 0 = `rate_per_sec`.
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// Deadline for draining the queue on SIGTERM.
+    pub timeout_ms: NonZeroU64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+/// `[metrics]`: where Prometheus scrapes. `/metrics` is always served on
+/// the API listeners too; `listen` adds a listener that serves nothing
+/// else, so a Prometheus server can reach it without reaching the API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// `IP:port` of the metrics-only listener; `""` = none. Meant for a
+    /// loopback address (a non-loopback one logs a warning).
+    pub listen: String,
+}
+
+/// `[search]`: `POST /v1/search` (docs/SEARCH.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSettings {
+    /// `hnsw.ef_search` of a search that does not give its own (1..=1000):
+    /// candidates the HNSW graph walk keeps; more = better recall, slower.
+    pub ef_search: NonZeroU32,
+    /// A filter matching fewer conversations than this is answered by an
+    /// exact scan of their chunks instead of the index.
+    pub exact_threshold: NonZeroU64,
+    /// Searches running at once (each holds a database connection while it
+    /// runs); more wait for a slot within `timeout_ms`.
+    pub max_concurrent: NonZeroUsize,
+    /// Query embeddings each backend serves at once, apart from (and on
+    /// top of) its `max_in_flight` for ingest; for a builtin backend, its
+    /// inference threads for queries.
+    pub backend_in_flight: NonZeroUsize,
+    /// Deadline of one search: waiting for a slot, embedding the query,
+    /// the database.
+    pub timeout_ms: NonZeroU64,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        Self {
+            ef_search: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
+            exact_threshold: NonZeroU64::new(2_000).unwrap_or(NonZeroU64::MIN),
+            max_concurrent: nz(4),
+            backend_in_flight: nz(1),
+            timeout_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+impl SearchSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ef_search.get() > 1000 {
+            return Err(ConfigError::invalid(
+                "search.ef_search",
+                format!("{} is above pgvector's limit of 1000", self.ef_search.get()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the file (if any), then `CONVSTORE_*` variables; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with an explicit environment (tests pass their own).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CONVSTORE_") && k.contains("__") || is_top_level_env(k))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("CONVSTORE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let settings: Settings = merged
+            .try_deserialize()
+            .map_err(describe_deserialize_error)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that serde cannot express: addresses, modes, relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.search.validate()?;
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("state_dir", "must not be empty"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "`{}` is not a tracing filter like `info` or `convstore=debug,sqlx=warn` ({e})",
+                    self.log.level
+                ),
+            ));
+        }
+        if self.server.http_addr.is_empty() && self.server.unix_socket.is_empty() {
+            return Err(ConfigError::invalid(
+                "server.http_addr",
+                "both server.http_addr and server.unix_socket are empty: convstore would not listen anywhere",
+            ));
+        }
+        if !self.server.http_addr.is_empty() {
+            self.server.http_addr.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid(
+                    "server.http_addr",
+                    format!(
+                        "`{}` is not an IP:port address ({e})",
+                        self.server.http_addr
+                    ),
+                )
+            })?;
+        }
+        if !self.server.unix_socket.is_empty() && !Path::new(&self.server.unix_socket).is_absolute()
+        {
+            return Err(ConfigError::invalid(
+                "server.unix_socket",
+                "must be an absolute path",
+            ));
+        }
+        self.server.socket_mode_bits()?;
+        if !self.metrics.listen.is_empty() {
+            let addr = self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid(
+                    "metrics.listen",
+                    format!(
+                        "`{}` is not an IP:port address ({e}); use e.g. 127.0.0.1:9187, or \"\" for none",
+                        self.metrics.listen
+                    ),
+                )
+            })?;
+            if !self.server.http_addr.is_empty()
+                && self.server.http_addr.parse::<SocketAddr>().ok() == Some(addr)
+                && addr.port() != 0
+            {
+                return Err(ConfigError::invalid(
+                    "metrics.listen",
+                    "must differ from server.http_addr (/metrics is served there already)",
+                ));
+            }
+        }
+        self.validate_intake()?;
+        let url = &self.database.url;
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "must start with postgres:// or postgresql:// (empty = managed cluster)",
+            ));
+        }
+        if self.embedding.model.trim().is_empty() {
+            return Err(ConfigError::invalid("embedding.model", "must not be empty"));
+        }
+        if self.embedding.dimensions.get() > 2000 {
+            return Err(ConfigError::invalid(
+                "embedding.dimensions",
+                "pgvector's HNSW index takes at most 2000 dimensions",
+            ));
+        }
+        if self.embedding.retry_max_ms < self.embedding.retry_initial_ms {
+            return Err(ConfigError::invalid(
+                "embedding.retry_max_ms",
+                "must not be below embedding.retry_initial_ms",
+            ));
+        }
+        if self.embedding.breaker_max_open_ms < self.embedding.breaker_open_ms {
+            return Err(ConfigError::invalid(
+                "embedding.breaker_max_open_ms",
+                "must not be below embedding.breaker_open_ms",
+            ));
+        }
+        if self.embedding.backends.is_empty() {
+            return Err(ConfigError::invalid(
+                "embedding.backends",
+                "at least one backend is needed",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, backend) in self.embedding.backends.iter().enumerate() {
+            let key = |field: &str| format!("embedding.backends[{i}].{field}");
+            if backend.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(backend.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("`{}` is used by two backends", backend.name),
+                ));
+            }
+            if backend.kind != BackendKind::Builtin {
+                let url = reqwest::Url::parse(&backend.url).map_err(|e| {
+                    ConfigError::invalid(
+                        key("url"),
+                        format!("`{}` is not a URL ({e})", backend.url),
+                    )
+                })?;
+                if url.scheme() != "http" {
+                    return Err(ConfigError::invalid(
+                        key("url"),
+                        "only http:// is supported (put a local TLS proxy in front of remote servers)",
+                    ));
+                }
+            }
+            if !backend.model_dir.is_empty() {
+                if backend.kind != BackendKind::Builtin {
+                    return Err(ConfigError::invalid(
+                        key("model_dir"),
+                        "only a kind = \"builtin\" backend reads a model directory",
+                    ));
+                }
+                if !Path::new(&backend.model_dir).is_absolute() {
+                    return Err(ConfigError::invalid(
+                        key("model_dir"),
+                        format!("`{}` must be an absolute path", backend.model_dir),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Where managed PostgreSQL keeps its data directory.
+    pub fn managed_cluster_dir(&self) -> PathBuf {
+        self.state_dir.join("postgres")
+    }
+
+    /// What the managed cluster is started with.
+    pub fn managed_cluster(&self) -> ManagedClusterSettings {
+        ManagedClusterSettings {
+            database: self.database.clone(),
+            cluster_dir: self.managed_cluster_dir(),
+        }
+    }
+}
+
+impl Settings {
+    /// `[journal]`, `[ack]`, `[limits]`, `[auth]`: relations serde cannot check.
+    fn validate_intake(&self) -> Result<(), ConfigError> {
+        let j = &self.journal;
+        if j.segment_bytes > j.max_bytes {
+            return Err(ConfigError::invalid(
+                "journal.segment_bytes",
+                "must not exceed journal.max_bytes",
+            ));
+        }
+        // Room for at least two of the largest conversations a request can
+        // carry (JSON re-encoding can grow text a little).
+        let needed = 2 * self.server.max_body_bytes.get() as u64 + 4096;
+        if j.max_bytes.get() < needed {
+            return Err(ConfigError::invalid(
+                "journal.max_bytes",
+                format!(
+                    "{} bytes cannot hold two conversations of server.max_body_bytes ({}); set at least {needed}",
+                    j.max_bytes, self.server.max_body_bytes
+                ),
+            ));
+        }
+        if j.fsync_interval_ms.get() > 1_000 {
+            return Err(ConfigError::invalid(
+                "journal.fsync_interval_ms",
+                "at most 1000: a longer interval holds every ?wait=durable request that long",
+            ));
+        }
+        if self.ack.max_timeout_ms < self.ack.timeout_ms {
+            return Err(ConfigError::invalid(
+                "ack.max_timeout_ms",
+                "must not be below ack.timeout_ms",
+            ));
+        }
+        if self.limits.max_metadata_depth.get() > 64 {
+            return Err(ConfigError::invalid(
+                "limits.max_metadata_depth",
+                "at most 64 (JSON nested deeper is refused by the parser anyway)",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let key = |field: &str| format!("auth.tokens[{i}].{field}");
+            if token.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(token.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("`{}` is used by two tokens", token.name),
+                ));
+            }
+            let hash = token.sha256.trim().to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "must be 64 hex digits: the sha256 of the token (printf %s \"$TOKEN\" | sha256sum), never the token itself",
+                ));
+            }
+            if !hashes.insert(hash) {
+                return Err(ConfigError::invalid(
+                    key("sha256"),
+                    "the same token hash is listed twice",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServerSettings {
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let bits =
+            u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).map_err(|_| {
+                ConfigError::invalid(
+                    "server.socket_mode",
+                    format!("`{}` is not an octal mode like 0660", self.socket_mode),
+                )
+            })?;
+        if bits > 0o777 {
+            return Err(ConfigError::invalid(
+                "server.socket_mode",
+                format!("`{}` has bits beyond 0777", self.socket_mode),
+            ));
+        }
+        Ok(bits)
+    }
+}
+
+/// `CONVSTORE_STATE_DIR` is the one top-level key: no `__` in it.
+fn is_top_level_env(key: &str) -> bool {
+    key == "CONVSTORE_STATE_DIR"
+}
+
+/// serde's messages name the field but not where it sits; config's name the
+/// key path ("… for key `queue` in the environment"). Put the two together
+/// so the message names the full key, e.g. `queue.capacty`.
+fn describe_deserialize_error(e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    let Some(pos) = text.find(" for key `") else {
+        return ConfigError::Load(text);
+    };
+    let reason = &text[..pos];
+    let after = &text[pos + " for key `".len()..];
+    let (mut key, origin) = match after.find('`') {
+        Some(end) => (after[..end].to_string(), after[end + 1..].trim()),
+        None => (after.to_string(), ""),
+    };
+    let mut reason = reason.to_string();
+    if let Some(field) = reason
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() {
+            field.to_string()
+        } else {
+            format!("{key}.{field}")
+        };
+        let expected = reason.split_once(", expected ").map(|(_, e)| e.to_string());
+        reason = match expected {
+            Some(e) => format!("unknown key (expected {e})"),
+            None => "unknown key".to_string(),
+        };
+    } else if reason.contains("does not have variant constructor") {
+        reason = format!("{reason}; see README.md for the accepted values");
+    }
+    if !origin.is_empty() {
+        reason = format!("{reason} (set {origin})");
+    }
+    ConfigError::Invalid { key, reason }
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `/var/lib/convstore` for root (as systemd's StateDirectory); otherwise the
+/// XDG state directory, so a developer's `convstore serve` needs no sudo.
+fn default_state_dir() -> PathBuf {
+    if running_as_root() {
+        return PathBuf::from("/var/lib/convstore");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("convstore");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/convstore"),
+        None => PathBuf::from("convstore-state"),
+    }
+}
+
+/// `/run/convstore/convstore.sock` for root; otherwise under `XDG_RUNTIME_DIR`.
+fn default_unix_socket() -> String {
+    if running_as_root() {
+        return "/run/convstore/convstore.sock".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir)
+            .join("convstore/convstore.sock")
+            .to_string_lossy()
+            .into_owned(),
+        None => default_state_dir()
+            .join("convstore.sock")
+            .to_string_lossy()
+            .into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(contents: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        std::io::Write::write_all(&mut file, contents.as_bytes()).expect("write");
+        file
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_design() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.server.http_addr, "127.0.0.1:7070");
+        assert_eq!(s.queue.capacity.get(), 10_000);
+        assert_eq!(s.batch.max_size.get(), 64);
+        assert_eq!(s.pipeline.workers.get(), 4);
+        assert_eq!(s.queue.when_full, WhenFull::Reject);
+    }
+
+    #[test]
+    fn default_embedding_is_the_builtin_model() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.embedding.model, "all-minilm");
+        assert_eq!(s.embedding.dimensions.get(), 384);
+        assert_eq!(s.embedding.backends.len(), 1);
+        assert_eq!(s.embedding.backends[0].kind, BackendKind::Builtin);
+        assert_eq!(s.embedding.backends[0].model_dir, "");
+    }
+
+    #[test]
+    fn model_dir_must_be_absolute_and_builtin() {
+        let file = write(
+            "[[embedding.backends]]\nname = \"b\"\nkind = \"builtin\"\nmodel_dir = \"models/x\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[0].model_dir"),
+            "{err}"
+        );
+        let file = write(
+            "[[embedding.backends]]\nname = \"o\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nmodel_dir = \"/m\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[0].model_dir"),
+            "{err}"
+        );
+        let file = write(
+            "[[embedding.backends]]\nname = \"b\"\nkind = \"builtin\"\nmodel_dir = \"/opt/m\"\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(s.embedding.backends[0].model_dir, "/opt/m");
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let file = write("[queue]\ncapacity = 50\n[batch]\nmax_size = 8\n");
+        let s = Settings::load_from(
+            Some(file.path()),
+            env(&[
+                ("CONVSTORE_QUEUE__CAPACITY", "77"),
+                ("CONVSTORE_SERVER__HTTP_ADDR", "127.0.0.1:9999"),
+                ("CONVSTORE_STATE_DIR", "/tmp/x"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.queue.capacity.get(), 77);
+        assert_eq!(s.batch.max_size.get(), 8);
+        assert_eq!(s.server.http_addr, "127.0.0.1:9999");
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let file = write("[queue]\ncapacty = 50\n");
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("capacty"), "{text}");
+    }
+
+    #[test]
+    fn zero_size_is_rejected() {
+        let file = write("[batch]\nmax_size = 0\n");
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("max_size") || err.to_string().contains("batch"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn negative_size_is_rejected() {
+        let err =
+            Settings::load_from(None, env(&[("CONVSTORE_QUEUE__CAPACITY", "-5")])).unwrap_err();
+        assert!(
+            err.to_string().contains("capacity") || err.to_string().contains("queue"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = Settings::load_from(None, env(&[("CONVSTORE_SERVER__HTTP_ADDR", "localhost")]))
+            .unwrap_err();
+        match err {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "server.http_addr"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn bad_socket_mode_is_named() {
+        let err = Settings::load_from(None, env(&[("CONVSTORE_SERVER__SOCKET_MODE", "rw-rw")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("server.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn backends_from_file() {
+        let file = write(
+            "[embedding]\nmodel = \"all-minilm\"\ndimensions = 384\n\
+             [[embedding.backends]]\nname = \"a\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\n\
+             [[embedding.backends]]\nname = \"b\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:2\"\nweight = 3\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(s.embedding.backends.len(), 2);
+        assert_eq!(s.embedding.backends[1].weight.get(), 3);
+        assert_eq!(s.embedding.backends[1].kind, BackendKind::Openai);
+    }
+
+    #[test]
+    fn duplicate_backend_names_rejected() {
+        let file = write(
+            "[[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\n\
+             [[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:2\"\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("embedding.backends[1].name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_checked() {
+        let s = Settings::load_from(
+            None,
+            env(&[("CONVSTORE_METRICS__LISTEN", "127.0.0.1:9187")]),
+        )
+        .expect("loads");
+        assert_eq!(s.metrics.listen, "127.0.0.1:9187");
+        for bad in ["localhost:9187", "9187", "127.0.0.1:7070"] {
+            let err =
+                Settings::load_from(None, env(&[("CONVSTORE_METRICS__LISTEN", bad)])).unwrap_err();
+            assert!(err.to_string().contains("metrics.listen"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn rendered_config_loads_back_identically() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults");
+        let file = write(&s.to_toml());
+        let again = Settings::load_from(Some(file.path()), env(&[])).expect("reloads");
+        assert_eq!(s, again);
+    }
+}

@@ -1,0 +1,434 @@
+//! Access control: optional bearer tokens with per-token rate limits, and
+//! the Unix socket file's owner and group.
+//!
+//! Tokens are configured by their sha256 (`[[auth.tokens]] sha256 = …`),
+//! never in clear: the configuration file can be read by more people than
+//! should be able to write conversations. A request's token is hashed and
+//! compared with every configured hash in constant time (no early exit, no
+//! data-dependent branch), so response timing says nothing about how close
+//! a guess was. With no tokens configured, nothing is asked.
+//!
+//! Which requests need a token: every route on TCP except `/healthz`,
+//! `/readyz`, `/metrics`, `/v1/stats`, the status page `/` and
+//! `/openapi.json` (probes, scrapers and dashboards carry no secrets and
+//! reveal no conversation). On the Unix socket only with
+//! `auth.require_on_unix_socket`: by default the socket file's owner, group
+//! and mode are its access control.
+//!
+//! Rate limit: a token bucket per token (`rate_per_sec`, `burst`); an
+//! empty bucket answers 429 with `Retry-After`.
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthSettings, Settings};
+use convstore_telemetry::metrics as m;
+
+use super::Transport;
+use super::error::ApiError;
+
+/// Routes that never need a token.
+const OPEN_ROUTES: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/v1/stats",
+    "/",
+];
+
+/// A token bucket: `rate` tokens per second up to `burst`.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(if burst == 0 { rate } else { burst }).max(1.0);
+        Self {
+            rate: f64::from(rate),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token at `now`, or says how many seconds until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), u32> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / self.rate;
+            Err((wait.ceil() as u32).max(1))
+        }
+    }
+}
+
+struct Token {
+    name: String,
+    hash: [u8; 32],
+    bucket: Option<Mutex<Bucket>>,
+}
+
+/// The configured tokens; `None` from [`Auth::from_settings`] when there
+/// are none.
+pub struct Auth {
+    tokens: Vec<Token>,
+    require_on_unix_socket: bool,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.tokens.iter().map(|t| t.name.as_str()).collect();
+        f.debug_struct("Auth")
+            .field("tokens", &names)
+            .field("require_on_unix_socket", &self.require_on_unix_socket)
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Access control from `[auth]`, or `None` when no token is configured.
+    /// The hashes were checked by [`Settings::validate`]; a malformed one
+    /// here matches nothing.
+    pub fn from_settings(settings: &AuthSettings) -> Option<Arc<Auth>> {
+        if settings.tokens.is_empty() {
+            return None;
+        }
+        let tokens = settings
+            .tokens
+            .iter()
+            .map(|t| {
+                let mut hash = [0u8; 32];
+                if let Ok(bytes) = hex::decode(t.sha256.trim())
+                    && bytes.len() == 32
+                {
+                    hash.copy_from_slice(&bytes);
+                }
+                Token {
+                    name: t.name.clone(),
+                    hash,
+                    bucket: (t.rate_per_sec > 0)
+                        .then(|| Mutex::new(Bucket::new(t.rate_per_sec, t.burst))),
+                }
+            })
+            .collect();
+        Some(Arc::new(Auth {
+            tokens,
+            require_on_unix_socket: settings.require_on_unix_socket,
+        }))
+    }
+
+    /// Whether a request to `path` over `transport` needs a token.
+    pub fn applies_to(&self, path: &str, transport: Transport) -> bool {
+        if OPEN_ROUTES.contains(&path) {
+            return false;
+        }
+        transport == Transport::Tcp || self.require_on_unix_socket
+    }
+
+    /// The name of the token in `headers`, or why the request is refused.
+    pub fn check(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
+        let Some(presented) = bearer(headers) else {
+            metrics::counter!(m::AUTH_REJECTED, "reason" => "missing").increment(1);
+            return Err(ApiError::Unauthorized(
+                "this route needs `Authorization: Bearer <token>`".into(),
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare with every token, always: the time taken does not depend
+        // on which (if any) matched, nor on how many bytes did.
+        let mut found: Option<&Token> = None;
+        for token in &self.tokens {
+            if constant_time_eq(&digest, &token.hash) {
+                found = Some(token);
+            }
+        }
+        let Some(token) = found else {
+            metrics::counter!(m::AUTH_REJECTED, "reason" => "invalid").increment(1);
+            return Err(ApiError::Unauthorized("unknown bearer token".into()));
+        };
+        if let Some(bucket) = &token.bucket {
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(Instant::now());
+            if let Err(retry_after_secs) = taken {
+                metrics::counter!(m::AUTH_REJECTED, "reason" => "rate_limited").increment(1);
+                return Err(ApiError::RateLimited { retry_after_secs });
+            }
+        }
+        Ok(&token.name)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Equality of two digests without a data-dependent branch or early exit.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    // Keeps the optimiser from turning the fold back into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// The middleware: refuses requests without a valid token where one is
+/// needed. Added to the router only when tokens are configured.
+pub async fn require_token(
+    auth: Arc<Auth>,
+    transport: Transport,
+    request: Request,
+    next: Next,
+) -> Response {
+    if auth.applies_to(request.uri().path(), transport) {
+        match auth.check(request.headers()) {
+            Ok(name) => tracing::trace!(token = %name, "Authenticated"),
+            Err(e) => return e.into_response(),
+        }
+    }
+    next.run(request).await
+}
+
+/// Warns when TCP listens beyond loopback without tokens: anyone who can
+/// reach the port can then write and read conversations.
+pub fn warn_if_exposed(settings: &Settings) {
+    let exposed = settings
+        .server
+        .http_addr
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_loopback());
+    if exposed && settings.auth.tokens.is_empty() {
+        tracing::warn!(
+            addr = %settings.server.http_addr,
+            "server.http_addr is not a loopback address and no [[auth.tokens]] are configured: anyone who can reach it can write and read conversations"
+        );
+    }
+}
+
+/// Gives the socket file the configured owner and group (`auth.socket_owner`,
+/// `auth.socket_group`; names or numeric ids). Changing the owner needs
+/// root; the group can be any group convstore's user belongs to.
+pub fn apply_socket_owner(path: &Path, settings: &AuthSettings) -> Result<(), String> {
+    if settings.socket_owner.is_empty() && settings.socket_group.is_empty() {
+        return Ok(());
+    }
+    let uid = if settings.socket_owner.is_empty() {
+        None
+    } else {
+        Some(lookup_user(&settings.socket_owner)?)
+    };
+    let gid = if settings.socket_group.is_empty() {
+        None
+    } else {
+        Some(lookup_group(&settings.socket_group)?)
+    };
+    std::os::unix::fs::chown(path, uid, gid).map_err(|e| {
+        format!(
+            "cannot give {} owner `{}` and group `{}` (auth.socket_owner, auth.socket_group): {e}; \
+             changing the owner needs root, the group must be one convstore's user belongs to",
+            path.display(),
+            settings.socket_owner,
+            settings.socket_group
+        )
+    })
+}
+
+fn lookup_user(name: &str) -> Result<u32, String> {
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok(uid);
+    }
+    let c = CString::new(name).map_err(|_| format!("auth.socket_owner `{name}` contains NUL"))?;
+    // SAFETY: an all-zero `passwd` is a valid value of this plain C struct
+    // (null pointers, zero ids); getpwnam_r overwrites it.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `c` is a NUL-terminated
+    // string, `pwd` and `out` are locals, `buf` is a live buffer whose
+    // length is passed; getpwnam_r writes only within them.
+    let rc =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(format!(
+            "auth.socket_owner: no user `{name}` on this system"
+        ));
+    }
+    Ok(pwd.pw_uid)
+}
+
+fn lookup_group(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c = CString::new(name).map_err(|_| format!("auth.socket_group `{name}` contains NUL"))?;
+    // SAFETY: an all-zero `group` is a valid value of this plain C struct
+    // (null pointers, zero ids); getgrnam_r overwrites it.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in `lookup_user`, for getgrnam_r.
+    let rc =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(format!(
+            "auth.socket_group: no group `{name}` on this system"
+        ));
+    }
+    Ok(grp.gr_gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenSettings;
+    use std::time::Duration;
+
+    fn settings(rate: u32, burst: u32) -> AuthSettings {
+        AuthSettings {
+            tokens: vec![
+                TokenSettings {
+                    name: "ingest".into(),
+                    sha256: hex::encode(Sha256::digest(b"s3cret")),
+                    rate_per_sec: rate,
+                    burst,
+                },
+                TokenSettings {
+                    name: "other".into(),
+                    sha256: hex::encode(Sha256::digest(b"another")),
+                    ..TokenSettings::default()
+                },
+            ],
+            ..AuthSettings::default()
+        }
+    }
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn no_tokens_means_no_auth() {
+        assert!(Auth::from_settings(&AuthSettings::default()).is_none());
+    }
+
+    #[test]
+    fn tokens_are_checked_by_hash() {
+        let auth = Auth::from_settings(&settings(0, 0)).unwrap();
+        assert_eq!(auth.check(&headers("Bearer s3cret")).unwrap(), "ingest");
+        assert_eq!(auth.check(&headers("bearer  another ")).unwrap(), "other");
+        for bad in [
+            "Bearer s3cre",
+            "Bearer S3CRET",
+            "Basic s3cret",
+            "Bearer",
+            "s3cret",
+        ] {
+            let e = auth.check(&headers(bad)).unwrap_err();
+            assert_eq!(e.code(), "unauthorized", "{bad}");
+        }
+        let e = auth.check(&HeaderMap::new()).unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::UNAUTHORIZED);
+        // The hash itself is not a token.
+        let hash = hex::encode(Sha256::digest(b"s3cret"));
+        assert!(auth.check(&headers(&format!("Bearer {hash}"))).is_err());
+    }
+
+    #[test]
+    fn open_routes_and_the_socket() {
+        let auth = Auth::from_settings(&settings(0, 0)).unwrap();
+        assert!(!auth.applies_to("/healthz", Transport::Tcp));
+        assert!(!auth.applies_to("/openapi.json", Transport::Tcp));
+        assert!(auth.applies_to("/v1/conversations", Transport::Tcp));
+        assert!(!auth.applies_to("/v1/conversations", Transport::Unix));
+        let mut s = settings(0, 0);
+        s.require_on_unix_socket = true;
+        let auth = Auth::from_settings(&s).unwrap();
+        assert!(auth.applies_to("/v1/conversations", Transport::Unix));
+    }
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let start = Instant::now();
+        let mut b = Bucket::new(2, 3);
+        b.last = start;
+        for _ in 0..3 {
+            b.take(start).unwrap();
+        }
+        assert_eq!(b.take(start), Err(1));
+        // Half a second refills one token at 2/s.
+        b.take(start + Duration::from_millis(500)).unwrap();
+        assert!(b.take(start + Duration::from_millis(500)).is_err());
+        // A long pause refills up to the burst, not beyond.
+        let later = start + Duration::from_secs(60);
+        for _ in 0..3 {
+            b.take(later).unwrap();
+        }
+        assert!(b.take(later).is_err());
+    }
+
+    #[test]
+    fn rate_limit_answers_429_with_retry_after() {
+        let auth = Auth::from_settings(&settings(1, 1)).unwrap();
+        auth.check(&headers("Bearer s3cret")).unwrap();
+        let e = auth.check(&headers("Bearer s3cret")).unwrap_err();
+        assert_eq!(e.code(), "rate_limited");
+        assert_eq!(e.retry_after(), Some(1));
+        // Other tokens have their own bucket (none here).
+        auth.check(&headers("Bearer another")).unwrap();
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        let a = [7u8; 32];
+        let mut b = a;
+        assert!(constant_time_eq(&a, &b));
+        b[31] ^= 1;
+        assert!(!constant_time_eq(&a, &b));
+    }
+
+    #[test]
+    fn socket_group_is_applied_and_unknown_names_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, b"").unwrap();
+        // SAFETY: getgid has no preconditions.
+        let gid = unsafe { libc::getgid() };
+        let ok = AuthSettings {
+            socket_group: gid.to_string(),
+            ..AuthSettings::default()
+        };
+        apply_socket_owner(&path, &ok).unwrap();
+        let bad = AuthSettings {
+            socket_owner: "no-such-user-convstore".into(),
+            ..AuthSettings::default()
+        };
+        let e = apply_socket_owner(&path, &bad).unwrap_err();
+        assert!(e.contains("no user `no-such-user-convstore`"), "{e}");
+    }
+}

@@ -1,0 +1,420 @@
+//! Admission and acknowledgement levels: a validated conversation gets its
+//! completion handle ([`Ticket`]), goes into the journal (when on) and the
+//! queue, and the request waits for the level it asked for:
+//!
+//! | `?wait=` | answered when | status |
+//! |---|---|---|
+//! | `queued` (default) | on the queue (and written to the journal when it is on) | 202 |
+//! | `durable` | the journal record is fsynced; without a journal, as `stored` | 202 |
+//! | `stored` | committed in PostgreSQL | 201 |
+//!
+//! A wait is bounded by `?timeout_ms=` (default `ack.timeout_ms`, at most
+//! `ack.max_timeout_ms`); past it the answer is 504 with the id, and the
+//! conversation carries on: the client polls `GET /v1/conversations/{id}`.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio::time::timeout_at;
+
+use crate::config::WhenFull;
+use crate::queue::PushError;
+use crate::ticket::{Outcome, Queued, Ticket};
+use convstore_core::model::Conversation;
+use convstore_journal::{AppendError, DurableError, entry};
+use convstore_telemetry::metrics as m;
+
+use super::IngressState;
+use super::error::ApiError;
+
+/// How far a request waits before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitLevel {
+    Queued,
+    Durable,
+    Stored,
+}
+
+impl WaitLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Durable => "durable",
+            Self::Stored => "stored",
+        }
+    }
+}
+
+/// A request's `?wait=` and `?timeout_ms=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    pub level: WaitLevel,
+    pub timeout: Duration,
+}
+
+/// Parses the query string. Unknown parameters are refused: a misspelt
+/// `?wiat=stored` silently acknowledging at `queued` would be a quiet
+/// durability bug in the client.
+pub fn parse_wait(
+    query: Option<&str>,
+    default_timeout: Duration,
+    max_timeout: Duration,
+    journal_on: bool,
+) -> Result<Wait, ApiError> {
+    let mut level = WaitLevel::Queued;
+    let mut timeout = default_timeout;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "wait" => {
+                level = match value {
+                    "queued" => WaitLevel::Queued,
+                    "durable" => WaitLevel::Durable,
+                    "stored" => WaitLevel::Stored,
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "wait=`{}` is not one of queued, durable, stored",
+                            other.chars().take(40).collect::<String>()
+                        )));
+                    }
+                }
+            }
+            "timeout_ms" => {
+                let ms: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "timeout_ms=`{}` is not a positive whole number of milliseconds",
+                        value.chars().take(40).collect::<String>()
+                    ))
+                })?;
+                if Duration::from_millis(ms) > max_timeout {
+                    return Err(ApiError::BadRequest(format!(
+                        "timeout_ms={ms} is above ack.max_timeout_ms ({})",
+                        max_timeout.as_millis()
+                    )));
+                }
+                timeout = Duration::from_millis(ms);
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter `{}`; this route takes wait and timeout_ms",
+                    other.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+    }
+    // Without a journal nothing is fsynced before the commit: the next
+    // guarantee that survives a crash is the commit itself.
+    if level == WaitLevel::Durable && !journal_on {
+        level = WaitLevel::Stored;
+    }
+    Ok(Wait { level, timeout })
+}
+
+/// An accepted conversation, as far as the request still cares.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The id the caller knows: its own, or the assigned UUID.
+    pub id: String,
+    /// The journal record's LSN, when journaled.
+    pub lsn: Option<u64>,
+    /// The outcome, when the request waits for `stored`.
+    pub outcome: Option<oneshot::Receiver<Outcome>>,
+}
+
+/// Puts `conversation` in the journal (when on) and on the queue, with its
+/// completion handle. Nothing is left behind when this fails.
+// The queue hands a refused conversation back inside its error so a
+// blocking admission can retry without cloning it; the error is moved,
+// never copied, so its size costs nothing.
+#[allow(clippy::result_large_err)]
+pub async fn admit(
+    state: &IngressState,
+    conversation: Conversation,
+    level: WaitLevel,
+) -> Result<Admitted, ApiError> {
+    let id = match &conversation.client_id {
+        Some(cid) => cid.clone(),
+        None => conversation.id.to_string(),
+    };
+    let mut ticket = Ticket::new(conversation.id, state.in_flight.clone());
+    let outcome = (level == WaitLevel::Stored).then(|| ticket.subscribe());
+    let bytes = conversation.approx_bytes();
+    let limits = state.limits();
+    let item = Queued::new(conversation, ticket);
+    let lsn = match state.journal() {
+        None => {
+            let pushed = match limits.when_full {
+                WhenFull::Reject => state.queue.try_push(item, bytes),
+                WhenFull::Block => {
+                    state
+                        .queue
+                        .push_timeout(item, bytes, limits.block_timeout)
+                        .await
+                }
+            };
+            pushed.map_err(|e| refused(state, e, bytes))?;
+            None
+        }
+        Some(journal) => {
+            let payload = entry::encode(&item.conversation);
+            let deadline = tokio::time::Instant::now() + limits.block_timeout;
+            let mut item = Some(item);
+            loop {
+                let Some(next) = item.take() else {
+                    return Err(ApiError::Internal("admission lost its conversation".into()));
+                };
+                let appended = journal.append(&payload, |position| {
+                    let journal = journal.clone();
+                    let Queued {
+                        conversation,
+                        ticket,
+                    } = next;
+                    let ticket = ticket.with_release(move || journal.settle(position));
+                    state
+                        .queue
+                        .try_push(Queued::new(conversation, ticket), bytes)
+                });
+                match appended {
+                    Ok(position) => break Some(position.lsn),
+                    // `block`: the journal lock cannot be held while
+                    // waiting, so wait for room outside it and try again.
+                    Err(AppendError::Enqueue(PushError::Full(back)))
+                        if limits.when_full == WhenFull::Block
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        item = Some(back);
+                        state.queue.wait_for_room(bytes, deadline).await;
+                    }
+                    Err(AppendError::Enqueue(e)) => return Err(refused(state, e, bytes)),
+                    Err(e) => return Err(journal_refused(state, e)),
+                }
+            }
+        }
+    };
+    Ok(Admitted { id, lsn, outcome })
+}
+
+/// The answer for a conversation the queue handed back; its ticket is
+/// cancelled, not reported lost: the caller hears of the refusal.
+fn refused(state: &IngressState, e: PushError<Queued>, bytes: usize) -> ApiError {
+    let (item, error) = match e {
+        PushError::Full(item) => (
+            item,
+            ApiError::QueueFull {
+                retry_after_secs: state.limits().retry_after_secs,
+            },
+        ),
+        PushError::TooLarge(item) => (
+            item,
+            ApiError::PayloadTooLarge(format!(
+                "the conversation needs about {bytes} bytes of queue; queue.max_bytes is {}",
+                state.queue.max_bytes()
+            )),
+        ),
+        PushError::Closed(item) => (
+            item,
+            ApiError::Unavailable("convstore is shutting down".into()),
+        ),
+    };
+    item.ticket.cancel();
+    error
+}
+
+fn journal_refused(state: &IngressState, e: AppendError<PushError<Queued>>) -> ApiError {
+    match e {
+        AppendError::Full { .. } => ApiError::JournalFull {
+            retry_after_secs: state.limits().retry_after_secs,
+        },
+        AppendError::TooLarge {
+            record_bytes,
+            max_bytes,
+        } => ApiError::PayloadTooLarge(format!(
+            "the conversation takes {record_bytes} bytes of journal; journal.max_bytes is {max_bytes}"
+        )),
+        AppendError::Closed => ApiError::Unavailable("convstore is shutting down".into()),
+        AppendError::Failed(reason) => {
+            ApiError::Unavailable(format!("the journal is unusable: {reason}"))
+        }
+        AppendError::Io(e) => ApiError::Unavailable(format!("cannot write to the journal: {e}")),
+        AppendError::Enqueue(e) => refused(state, e, 0),
+    }
+}
+
+/// What a wait reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    Queued,
+    Durable,
+    Stored,
+}
+
+impl Reached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Durable => "durable",
+            Self::Stored => "stored",
+        }
+    }
+
+    /// 201 once stored (a row exists), 202 before.
+    pub fn status(self) -> axum::http::StatusCode {
+        match self {
+            Self::Stored => axum::http::StatusCode::CREATED,
+            _ => axum::http::StatusCode::ACCEPTED,
+        }
+    }
+}
+
+/// Waits until `admitted` reaches `level` or `deadline` passes.
+pub async fn wait_for(
+    state: &IngressState,
+    admitted: Admitted,
+    level: WaitLevel,
+    deadline: tokio::time::Instant,
+) -> Result<Reached, ApiError> {
+    let started = Instant::now();
+    let result = match level {
+        WaitLevel::Queued => return Ok(Reached::Queued),
+        WaitLevel::Durable => match (state.journal(), admitted.lsn) {
+            (Some(journal), Some(lsn)) => {
+                match timeout_at(deadline, journal.wait_durable(lsn)).await {
+                    Ok(Ok(())) => Ok(Reached::Durable),
+                    Ok(Err(DurableError::Failed(reason))) => Err(unfinished(
+                        &admitted.id,
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "journal_failed",
+                        format!(
+                            "the journal fsync failed ({reason}); the conversation is queued in memory but not durable"
+                        ),
+                    )),
+                    Ok(Err(DurableError::Closed)) => Err(unfinished(
+                        &admitted.id,
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "convstore shut down before the journal record was fsynced".into(),
+                    )),
+                    Err(_) => Err(timed_out(&admitted.id, level)),
+                }
+            }
+            // Not journaled (cannot happen: parse_wait turns durable into
+            // stored without a journal); the commit is durable too.
+            _ => Box::pin(wait_stored(admitted, deadline)).await,
+        },
+        WaitLevel::Stored => wait_stored(admitted, deadline).await,
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::histogram!(m::ACK_WAIT_SECONDS, "level" => level.as_str(), "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn wait_stored(
+    admitted: Admitted,
+    deadline: tokio::time::Instant,
+) -> Result<Reached, ApiError> {
+    let id = admitted.id;
+    let Some(rx) = admitted.outcome else {
+        return Err(ApiError::Internal(format!(
+            "no completion handle to wait on for `{id}`"
+        )));
+    };
+    match timeout_at(deadline, rx).await {
+        Err(_) => Err(timed_out(&id, WaitLevel::Stored)),
+        Ok(Ok(Outcome::Stored)) => Ok(Reached::Stored),
+        Ok(Ok(Outcome::Rejected(reason))) => Err(unfinished(
+            &id,
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "rejected_by_database",
+            format!("PostgreSQL refused the conversation: {reason}"),
+        )),
+        Ok(Ok(Outcome::NotStored(reason))) => Err(unfinished(
+            &id,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            format!("not stored before shutdown ({reason}); with the journal on it is stored after the restart"),
+        )),
+        Ok(Ok(Outcome::Lost) | Err(_)) => Err(unfinished(
+            &id,
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "lost",
+            "the conversation left the pipeline without being stored (see the log); with the journal on it is stored after the restart".into(),
+        )),
+    }
+}
+
+fn timed_out(id: &str, level: WaitLevel) -> ApiError {
+    unfinished(
+        id,
+        axum::http::StatusCode::GATEWAY_TIMEOUT,
+        "wait_timeout",
+        format!(
+            "accepted, but not {} within the wait; it is still in flight: poll GET /v1/conversations/{id}",
+            level.as_str()
+        ),
+    )
+}
+
+fn unfinished(
+    id: &str,
+    status: axum::http::StatusCode,
+    code: &'static str,
+    message: String,
+) -> ApiError {
+    ApiError::Unfinished {
+        id: id.to_string(),
+        status,
+        code,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn wait_levels_parse() {
+        let w = parse_wait(None, T, MAX, true).unwrap();
+        assert_eq!((w.level, w.timeout), (WaitLevel::Queued, T));
+        let w = parse_wait(Some("wait=durable&timeout_ms=250"), T, MAX, true).unwrap();
+        assert_eq!(
+            (w.level, w.timeout),
+            (WaitLevel::Durable, Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_wait(Some("wait=stored"), T, MAX, true).unwrap().level,
+            WaitLevel::Stored
+        );
+    }
+
+    #[test]
+    fn durable_without_journal_waits_for_the_commit() {
+        assert_eq!(
+            parse_wait(Some("wait=durable"), T, MAX, false)
+                .unwrap()
+                .level,
+            WaitLevel::Stored
+        );
+    }
+
+    #[test]
+    fn bad_parameters_are_refused() {
+        for q in [
+            "wait=soon",
+            "wiat=stored",
+            "timeout_ms=0",
+            "timeout_ms=-1",
+            "timeout_ms=abc",
+            "timeout_ms=300001",
+        ] {
+            assert!(parse_wait(Some(q), T, MAX, true).is_err(), "{q}");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Ingress: one axum router, served on TCP and on a Unix socket. It
+//! validates, enqueues and answers; it never waits for embedding or storage.
+
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod intake;
+pub mod listen;
+pub mod openapi;
+pub mod search;
+pub mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::{Settings, WhenFull};
+use crate::queue::BoundedQueue;
+use crate::ticket::{InFlight, Queued};
+use convstore_journal::Journal;
+use convstore_store::Store;
+
+/// Which listener a request came through (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Unix => "unix",
+        }
+    }
+}
+
+/// The request limits and queue policy: settings a configuration reload
+/// may change while requests are served.
+#[derive(Debug, Clone, Copy)]
+pub struct IngressLimits {
+    pub validation: convstore_core::validate::Limits,
+    pub max_body_bytes: usize,
+    pub max_batch_items: usize,
+    pub when_full: WhenFull,
+    pub block_timeout: Duration,
+    pub retry_after_secs: u32,
+    /// `ack.timeout_ms`: a `?wait=` without `timeout_ms`.
+    pub ack_timeout: Duration,
+    /// `ack.max_timeout_ms`.
+    pub max_ack_timeout: Duration,
+}
+
+impl IngressLimits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            validation: convstore_core::validate::Limits {
+                max_messages: settings.server.max_messages.get(),
+                max_content_bytes: settings.limits.max_content_bytes.get(),
+                max_metadata_bytes: settings.limits.max_metadata_bytes.get(),
+                max_metadata_depth: settings.limits.max_metadata_depth.get(),
+                max_id_bytes: settings.limits.max_id_bytes.get(),
+                max_label_bytes: settings.limits.max_label_bytes.get(),
+            },
+            max_body_bytes: settings.server.max_body_bytes.get(),
+            max_batch_items: settings.server.max_batch_items.get(),
+            when_full: settings.queue.when_full,
+            block_timeout: Duration::from_millis(settings.queue.block_timeout_ms.get()),
+            retry_after_secs: settings.queue.retry_after_secs.get(),
+            ack_timeout: Duration::from_millis(settings.ack.timeout_ms.get()),
+            max_ack_timeout: Duration::from_millis(settings.ack.max_timeout_ms.get()),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct IngressState {
+    pub queue: Arc<BoundedQueue<Queued>>,
+    pub store: Arc<Store>,
+    /// Accepted and not yet stored: `GET /v1/conversations/{id}` says
+    /// `queued` for these.
+    pub in_flight: Arc<InFlight>,
+    /// The journal, when `journal.enabled`.
+    journal: Option<Journal>,
+    /// Bearer tokens, when `[[auth.tokens]]` are configured.
+    pub auth: Option<Arc<auth::Auth>>,
+    /// Read once per request through [`IngressState::limits`].
+    limits: ArcSwap<IngressLimits>,
+    /// Set when shutdown begins: new conversations get 503.
+    pub shutting_down: AtomicBool,
+    pub metrics: PrometheusHandle,
+    /// The embedding router: `/readyz` needs one backend ready.
+    embedding: Option<Arc<convstore_embed::router::Router>>,
+    /// `POST /v1/search` (503 without one).
+    search: Option<Arc<search::SearchService>>,
+}
+
+impl IngressState {
+    pub fn new(
+        settings: &Settings,
+        queue: Arc<BoundedQueue<Queued>>,
+        store: Arc<Store>,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        Self {
+            queue,
+            store,
+            in_flight: InFlight::new(),
+            journal: None,
+            auth: auth::Auth::from_settings(&settings.auth),
+            limits: ArcSwap::from_pointee(IngressLimits::from_settings(settings)),
+            shutting_down: AtomicBool::new(false),
+            metrics,
+            embedding: None,
+            search: None,
+        }
+    }
+
+    /// Journals every accepted conversation before acknowledging it.
+    pub fn with_journal(mut self, journal: Option<Journal>) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// Makes readiness depend on the router's backends (at least one up
+    /// with its circuit not open).
+    pub fn with_router(mut self, router: Arc<convstore_embed::router::Router>) -> Self {
+        self.embedding = Some(router);
+        self
+    }
+
+    pub fn router(&self) -> Option<&Arc<convstore_embed::router::Router>> {
+        self.embedding.as_ref()
+    }
+
+    /// Serves `POST /v1/search` with `service`.
+    pub fn with_search(mut self, service: Arc<search::SearchService>) -> Self {
+        self.search = Some(service);
+        self
+    }
+
+    pub fn search(&self) -> Option<&Arc<search::SearchService>> {
+        self.search.as_ref()
+    }
+
+    /// The limits in force now.
+    pub fn limits(&self) -> IngressLimits {
+        **self.limits.load()
+    }
+
+    /// Applies reloaded limits; requests already running keep the old ones.
+    pub fn set_limits(&self, limits: IngressLimits) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// The API, for one transport.
+pub fn router(state: Arc<IngressState>, transport: Transport) -> Router {
+    let auth = state.auth.clone();
+    let app = Router::new()
+        .route("/v1/conversations", post(handlers::post_conversation))
+        .route("/v1/conversations/batch", post(handlers::post_batch))
+        .route("/v1/conversations/{id}", get(handlers::get_conversation))
+        .route("/v1/search", post(search::post_search))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(stats::metrics))
+        .route("/v1/stats", get(stats::get_stats))
+        .route("/", get(stats::status_page))
+        .fallback(handlers::not_found)
+        .layer(axum::Extension(transport))
+        .with_state(state);
+    match auth {
+        Some(auth) => app.layer(axum::middleware::from_fn(move |request, next| {
+            auth::require_token(auth.clone(), transport, request, next)
+        })),
+        None => app,
+    }
+}

@@ -1,0 +1,187 @@
+//! The OpenAPI document of the HTTP API, generated from the types the
+//! handlers use (`utoipa`), served as `GET /openapi.json`.
+//!
+//! What the document cannot say, the descriptions do: limits come from
+//! configuration (`[limits]`, `server.*`), and a conversation carries
+//! exactly one of `messages` and `transcript`. Every route the router
+//! serves under `/v1/` is listed here (`tests/openapi.rs` checks it against
+//! the router): `POST /v1/search` documents itself in `search.rs`, with the
+//! very types it deserialises and serialises; `GET /v1/stats`, whose
+//! snapshot type lives in `convstore_telemetry`, is documented below as an
+//! object.
+
+use std::sync::OnceLock;
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{handlers, search};
+
+pub use super::error::ErrorBody as ErrorObject;
+pub use super::error::ErrorEnvelope as ErrorResponse;
+pub use convstore_core::validate::ConversationIn as ConversationSchema;
+
+/// `GET /v1/conversations/{id}`: stored, or still in flight.
+#[derive(ToSchema)]
+#[serde(untagged)]
+// Only its schema is used; no value of it is ever built.
+#[allow(dead_code, clippy::large_enum_variant)]
+pub enum ConversationView {
+    Stored(handlers::StoredView),
+    InFlight(handlers::InFlightView),
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "convstore",
+        description = "Stores chat conversations, with embeddings, in PostgreSQL/pgvector. \
+            Accepting costs microseconds; embedding and storage happen behind a bounded queue. \
+            See README.md and docs/DURABILITY.md."
+    ),
+    paths(
+        handlers::post_conversation,
+        handlers::post_batch,
+        handlers::get_conversation,
+        search::post_search,
+        stats_doc,
+        handlers::healthz,
+        handlers::readyz,
+        openapi_json,
+    ),
+    components(schemas(
+        ConversationSchema,
+        handlers::Accepted,
+        handlers::BatchResponse,
+        handlers::ItemResult,
+        ConversationView,
+        ErrorResponse,
+        ErrorObject,
+    )),
+    modifiers(&BearerAuth),
+    security(("bearer" = []), ()),
+    tags(
+        (name = "ingest", description = "Hand conversations over"),
+        (name = "read", description = "Read them back"),
+        (name = "search", description = "Recall stored conversations by meaning"),
+        (name = "monitoring", description = "What the daemon is doing"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+/// Bearer tokens are optional (`[[auth.tokens]]`); when configured, every
+/// route but health, metrics and this document needs one.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The document as JSON, rendered once.
+pub fn document_json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        document().to_pretty_json().unwrap_or_else(|e| {
+            format!("{{\"error\": \"cannot render the OpenAPI document: {e}\"}}")
+        })
+    })
+}
+
+// `GET /v1/stats` is served by `stats::get_stats`; this function only
+// documents it and is never routed. The snapshot's type
+// (`convstore_telemetry::stats::StatsSnapshot`) has no schema, so the
+// document says what it holds in words. (The doc comment below is the
+// operation's summary in the document.)
+/// `GET /v1/stats`: what the daemon is doing, from memory.
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    operation_id = "get_stats",
+    tag = "monitoring",
+    security(()),
+    responses((
+        status = 200,
+        description = "A JSON snapshot from memory (no database round trip), `Cache-Control: no-store`: \
+            `version`, `uptime_seconds`, `window_seconds`, `health` (`status`: healthy, warning or critical, \
+            and `reasons`), `queue`, `rates`, `latency` (per-stage percentiles in ms), `cache`, `backends`, \
+            `pending_embedding`, `totals`, `bottleneck`, `process`. Rates and latencies cover the last \
+            `window_seconds`; totals count since start; `null` where nothing happened or nothing is known.",
+        content_type = "application/json",
+        body = Object
+    ))
+)]
+#[allow(dead_code)]
+fn stats_doc() {}
+
+/// `GET /openapi.json`: this API's OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    security(()),
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+pub async fn openapi_json() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        document_json(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_names_every_route_and_the_conversation_fields() {
+        let doc: serde_json::Value = serde_json::from_str(document_json()).unwrap();
+        for path in [
+            "/v1/conversations",
+            "/v1/conversations/batch",
+            "/v1/conversations/{id}",
+            "/v1/search",
+            "/v1/stats",
+            "/healthz",
+            "/readyz",
+            "/openapi.json",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        let conversation = &doc["components"]["schemas"]["Conversation"];
+        for field in [
+            "id",
+            "user_id",
+            "channel",
+            "messages",
+            "transcript",
+            "metadata",
+        ] {
+            assert!(
+                conversation["properties"][field].is_object(),
+                "Conversation.{field} missing: {conversation}"
+            );
+        }
+        assert_eq!(conversation["additionalProperties"], false);
+        let wait = &doc["paths"]["/v1/conversations"]["post"]["parameters"];
+        assert!(
+            wait.as_array().unwrap().iter().any(|p| p["name"] == "wait"),
+            "{wait}"
+        );
+    }
+}

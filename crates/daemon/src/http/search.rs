@@ -1,0 +1,576 @@
+//! `POST /v1/search`: recall stored conversations by meaning.
+//!
+//! ```json
+//! {"query": "book me a flight to Seattle", "k": 10,
+//!  "filter": {"user_id": "u-17", "channel": "web",
+//!             "since": "2024-05-01T00:00:00Z", "until": "2024-06-01T00:00:00Z",
+//!             "metadata": {"locale": "en-US"}},
+//!  "ef_search": 100, "exact": false}
+//! ```
+//!
+//! The query is embedded through the search lane ([`convstore_embed::query`]:
+//! the model's query prefix, the L1 cache, backend capacity of its own), so
+//! a search never waits behind ingest; then [`convstore_store::search`] finds
+//! the nearest conversations. At most `search.max_concurrent` searches run
+//! at once; the others wait for a slot, all within `search.timeout_ms`.
+//! Every error names the field at fault (400) or says what is unavailable
+//! (503; a search over `search.timeout_ms` is a 503 too, not a 504).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::config::SearchSettings;
+use convstore_embed::EmbedError;
+use convstore_embed::query::QueryEmbedder;
+use convstore_store::StoreError;
+use convstore_store::search::{
+    MAX_EF_SEARCH, SearchFilter, SearchHit, SearchMode, SearchPlan, SearchQuery, Searcher,
+};
+use convstore_telemetry::metrics as m;
+
+use super::error::ApiError;
+use super::handlers::{read_body, require_content_type};
+use super::{IngressState, Transport};
+use convstore_core::validate::schema_error;
+
+/// Conversations a search returns when it does not say.
+pub const DEFAULT_K: usize = 10;
+/// The most conversations one search may ask for.
+pub const MAX_K: usize = 100;
+/// Longest query accepted, in bytes: a question, not a document. (The
+/// model's context may be shorter still; the backend then refuses it and
+/// the answer is a 400 on `query`.)
+pub const MAX_QUERY_BYTES: usize = 8192;
+
+/// What a search needs: the query lane, the store, and the limits.
+pub struct SearchService {
+    embedder: QueryEmbedder,
+    searcher: Searcher,
+    slots: Semaphore,
+    default_ef_search: u32,
+    timeout: Duration,
+}
+
+impl SearchService {
+    pub fn new(embedder: QueryEmbedder, searcher: Searcher, settings: &SearchSettings) -> Self {
+        Self {
+            embedder,
+            searcher,
+            slots: Semaphore::new(settings.max_concurrent.get()),
+            default_ef_search: settings.ef_search.get().min(MAX_EF_SEARCH),
+            timeout: Duration::from_millis(settings.timeout_ms.get()),
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        self.embedder.model()
+    }
+
+    /// Runs one validated search within the deadline.
+    pub async fn run(&self, request: &SearchRequest) -> Result<SearchResponse, ApiError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.run_inner(request, started)).await;
+        match result {
+            Ok(result) => result,
+            // 503, not 504: the daemon is overloaded or a backend is slow;
+            // the same search may succeed shortly.
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "the search took longer than search.timeout_ms ({} ms): searches or the \
+                 embedding backend are overloaded; try again",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn run_inner(
+        &self,
+        request: &SearchRequest,
+        started: Instant,
+    ) -> Result<SearchResponse, ApiError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("search is shutting down".into()))?;
+        metrics::histogram!(m::SEARCH_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        let _in_flight = InFlight::enter();
+
+        let embed_started = Instant::now();
+        let query = self
+            .embedder
+            .embed(&request.query)
+            .await
+            .map_err(embed_error)?;
+        let embed_seconds = embed_started.elapsed().as_secs_f64();
+        metrics::histogram!(m::SEARCH_EMBED_SECONDS).record(embed_seconds);
+        let result = if query.cached { "hit" } else { "miss" };
+        metrics::counter!(m::SEARCH_EMBED_CACHE, "result" => result).increment(1);
+
+        let db_started = Instant::now();
+        let outcome = self
+            .searcher
+            .search(SearchQuery {
+                vector: &query.vector,
+                k: request.k,
+                filter: &request.filter,
+                ef_search: request.ef_search.unwrap_or(self.default_ef_search),
+                mode: if request.exact {
+                    SearchMode::Exact
+                } else {
+                    SearchMode::Auto
+                },
+            })
+            .await
+            .map_err(store_error)?;
+        let db_seconds = db_started.elapsed().as_secs_f64();
+        metrics::histogram!(m::SEARCH_DATABASE_SECONDS).record(db_seconds);
+        metrics::counter!(m::SEARCH_STRATEGY, "strategy" => outcome.plan.strategy.as_str())
+            .increment(1);
+
+        Ok(SearchResponse {
+            model: self.embedder.model().to_string(),
+            k: request.k,
+            count: outcome.hits.len(),
+            results: outcome.hits,
+            search: outcome.plan,
+            timings_ms: Timings {
+                embed: embed_seconds * 1000.0,
+                database: db_seconds * 1000.0,
+                total: started.elapsed().as_secs_f64() * 1000.0,
+            },
+            query_cached: query.cached,
+        })
+    }
+}
+
+/// Counts a search in the in-flight gauge while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!(m::SEARCH_IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::SEARCH_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+fn embed_error(e: EmbedError) -> ApiError {
+    match e {
+        // The backend refused this text: too long for the model's
+        // context, or something it cannot read.
+        EmbedError::Rejected { message, .. } => ApiError::invalid_field(
+            "query",
+            format!("the embedding backend refused the query: {message}"),
+        ),
+        other => ApiError::Unavailable(format!(
+            "cannot embed the query: {other}; see /readyz and /v1/stats for the backends"
+        )),
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable(_) => ApiError::Unavailable(format!("{e}; try again")),
+        other => {
+            tracing::error!(error = %other, "Search failed in the database");
+            ApiError::Internal(format!("the search failed in the database: {other}"))
+        }
+    }
+}
+
+/// The body as received; every field optional but `query`, so that the
+/// errors can name what is wrong.
+///
+/// Its schema is the request body of `POST /v1/search` in the OpenAPI
+/// document (`SearchRequest`): what the document says is what this
+/// deserialises.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(
+    as = SearchRequest,
+    description = "A search: what to look for, how many conversations, which ones may match. \
+        Every field but `query` is optional (`null` = not given); unknown fields are refused.",
+    examples(json!({"query": "book me a flight to Seattle", "k": 10,
+        "filter": {"user_id": "u-17", "since": "2024-05-01T00:00:00Z"}}))
+)]
+struct SearchIn {
+    /// What to look for, embedded with the model's query prefix: not
+    /// empty or blank, at most 8192 bytes (UTF-8), no NUL character.
+    #[schema(min_length = 1)]
+    query: String,
+    /// Conversations wanted (default 10). `null` = not given.
+    #[schema(minimum = 1, maximum = 100, default = 10)]
+    k: Option<i64>,
+    /// Which conversations may match (all conditions AND); leave out or
+    /// `null` for all.
+    filter: Option<FilterIn>,
+    /// HNSW candidate list size of the first index round (default
+    /// `search.ef_search`, 200): higher trades speed for recall. `null` =
+    /// not given.
+    #[schema(minimum = 1, maximum = 1000)]
+    ef_search: Option<i64>,
+    /// `true`: compare every matching chunk instead of using the index
+    /// (slow, exact). Default `false`.
+    #[schema(default = false)]
+    exact: Option<bool>,
+}
+
+/// Conversations a search may return; every condition is optional
+/// (`null` = not given) and they combine with AND.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = SearchFilter)]
+struct FilterIn {
+    /// Only this user's conversations (must not be `""`).
+    #[schema(min_length = 1)]
+    user_id: Option<String>,
+    /// Only this channel (must not be `""`).
+    #[schema(min_length = 1)]
+    channel: Option<String>,
+    /// RFC 3339, inclusive: compared with `created_at`, or `received_at`
+    /// when the conversation has none.
+    #[schema(format = DateTime)]
+    since: Option<String>,
+    /// RFC 3339, exclusive, same time as `since`; must be after `since`.
+    #[schema(format = DateTime)]
+    until: Option<String>,
+    /// A JSON object the conversation's metadata must contain (PostgreSQL
+    /// `@>`: `{"locale":"en-US"}` matches `{"locale":"en-US","tier":"gold"}`).
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<serde_json::Value>,
+}
+
+/// A validated search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchRequest {
+    pub query: String,
+    pub k: usize,
+    pub filter: SearchFilter,
+    pub ef_search: Option<u32>,
+    pub exact: bool,
+}
+
+/// Parses and validates a search body; errors name the field.
+pub fn parse_search(body: &[u8]) -> Result<SearchRequest, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let input: SearchIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
+    de.end()
+        .map_err(|e| ApiError::invalid_json(format!("trailing data after the search: {e}")))?;
+
+    let query = input.query;
+    if query.trim().is_empty() {
+        return Err(ApiError::invalid_field("query", "must not be empty"));
+    }
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(ApiError::invalid_field(
+            "query",
+            format!(
+                "{} bytes; at most {MAX_QUERY_BYTES} (search for a question, not a document)",
+                query.len()
+            ),
+        ));
+    }
+    if query.contains('\0') {
+        return Err(ApiError::invalid_field("query", "contains a NUL character"));
+    }
+    let k = match input.k {
+        None => DEFAULT_K,
+        Some(k) if (1..=MAX_K as i64).contains(&k) => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid_field(
+                "k",
+                format!("{k} is out of range: 1 to {MAX_K}"),
+            ));
+        }
+    };
+    let ef_search = match input.ef_search {
+        None => None,
+        Some(ef) if (1..=i64::from(MAX_EF_SEARCH)).contains(&ef) => u32::try_from(ef).ok(),
+        Some(ef) => {
+            return Err(ApiError::invalid_field(
+                "ef_search",
+                format!("{ef} is out of range: 1 to {MAX_EF_SEARCH}"),
+            ));
+        }
+    };
+    let filter = validate_filter(input.filter.unwrap_or_default())?;
+    Ok(SearchRequest {
+        query,
+        k,
+        filter,
+        ef_search,
+        exact: input.exact.unwrap_or(false),
+    })
+}
+
+fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
+    let label = |field: &str, value: Option<String>| -> Result<Option<String>, ApiError> {
+        match value {
+            Some(v) if v.is_empty() => Err(ApiError::invalid_field(
+                field,
+                "must not be empty (leave it out to match every value)",
+            )),
+            Some(v) if v.contains('\0') => {
+                Err(ApiError::invalid_field(field, "contains a NUL character"))
+            }
+            other => Ok(other),
+        }
+    };
+    let user_id = label("filter.user_id", input.user_id)?;
+    let channel = label("filter.channel", input.channel)?;
+    let since = input
+        .since
+        .map(|v| parse_time("filter.since", &v))
+        .transpose()?;
+    let until = input
+        .until
+        .map(|v| parse_time("filter.until", &v))
+        .transpose()?;
+    if let (Some(since), Some(until)) = (since, until)
+        && until <= since
+    {
+        return Err(ApiError::invalid_field(
+            "filter.until",
+            format!("{until} is not after filter.since ({since}): the window is empty"),
+        ));
+    }
+    let metadata = match input.metadata {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value @ serde_json::Value::Object(_)) => {
+            if value.to_string().contains("\\u0000") {
+                return Err(ApiError::invalid_field(
+                    "filter.metadata",
+                    "contains a NUL character",
+                ));
+            }
+            Some(value)
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "filter.metadata",
+                format!(
+                    "must be a JSON object the conversation's metadata contains, got {}",
+                    json_type(&other)
+                ),
+            ));
+        }
+    };
+    Ok(SearchFilter {
+        user_id,
+        channel,
+        since,
+        until,
+        metadata,
+    })
+}
+
+fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            ApiError::invalid_field(
+                field,
+                format!("`{value}` is not an RFC 3339 time like 2024-05-01T10:00:00Z ({e})"),
+            )
+        })
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Milliseconds spent, for the caller's own latency accounting.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = SearchTimings)]
+pub struct Timings {
+    pub embed: f64,
+    pub database: f64,
+    pub total: f64,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SearchResponse {
+    /// The model the query was embedded with.
+    pub model: String,
+    pub k: usize,
+    /// Results returned: `k`, unless fewer conversations match.
+    pub count: usize,
+    /// Nearest first.
+    pub results: Vec<SearchHit>,
+    /// How they were found (index or exact scan, over-fetch rounds, …).
+    pub search: SearchPlan,
+    pub timings_ms: Timings,
+    /// The query's vector came from the cache.
+    pub query_cached: bool,
+}
+
+/// `POST /v1/search`: the `k` stored conversations nearest to a query, by
+/// meaning, each with its best-matching chunk.
+#[utoipa::path(
+    post,
+    path = "/v1/search",
+    tag = "search",
+    request_body(
+        content = SearchIn,
+        content_type = "application/json",
+        description = "The query, how many results, and an optional filter. Unknown fields are refused (400 naming them)."
+    ),
+    responses(
+        (status = 200, description = "The nearest conversations, nearest first, and how they were found", body = SearchResponse),
+        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::openapi::ErrorResponse,
+            example = json!({"error": {"code": "invalid_field", "message": "k: 0 is out of range: 1 to 100", "field": "k"}})),
+        (status = 401, description = "Bearer token missing or unknown", body = super::openapi::ErrorResponse),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = super::openapi::ErrorResponse),
+        (status = 415, description = "Not application/json", body = super::openapi::ErrorResponse),
+        (status = 429, description = "This token's rate limit; see Retry-After", body = super::openapi::ErrorResponse),
+        (status = 500, description = "The database failed the search (logged)", body = super::openapi::ErrorResponse),
+        (status = 503, description = "`unavailable`: the daemon is still starting, the query cannot be embedded (no backend answers), the database is unavailable, or the search took longer than `search.timeout_ms` (a timeout is a 503, never a 504: the same search may succeed shortly)", body = super::openapi::ErrorResponse),
+    )
+)]
+pub async fn post_search(
+    State(state): State<Arc<IngressState>>,
+    Extension(transport): Extension<Transport>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = search(&state, &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    metrics::counter!(m::SEARCH_REQUESTS, "transport" => transport.as_str(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(m::SEARCH_SECONDS).record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(response) => (StatusCode::OK, axum::Json(response)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn search(
+    state: &IngressState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<SearchResponse, ApiError> {
+    require_content_type(headers, false)?;
+    let bytes = read_body(state, headers, body).await?;
+    let request = parse_search(&bytes)?;
+    let Some(service) = state.search() else {
+        return Err(ApiError::Unavailable(
+            "search is not available: the daemon is still starting".into(),
+        ));
+    };
+    service.run(&request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> Option<String> {
+        match parse_search(body.as_bytes()) {
+            Err(e) => e.field().map(str::to_string),
+            Ok(r) => panic!("accepted {body}: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_full_requests() {
+        let r = parse_search(br#"{"query":"flights"}"#).unwrap();
+        assert_eq!(r.k, DEFAULT_K);
+        assert!(r.filter.is_empty());
+        assert_eq!(r.ef_search, None);
+        assert!(!r.exact);
+        let r = parse_search(
+            br#"{"query":"flights","k":3,"ef_search":200,"exact":true,
+                 "filter":{"user_id":"u","channel":"web","since":"2024-05-01T00:00:00Z",
+                           "until":"2024-05-02T00:00:00+02:00","metadata":{"a":[1]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.k, 3);
+        assert_eq!(r.ef_search, Some(200));
+        assert!(r.exact);
+        assert_eq!(r.filter.user_id.as_deref(), Some("u"));
+        assert_eq!(
+            r.filter.until.map(|t| t.to_rfc3339()),
+            Some("2024-05-01T22:00:00+00:00".to_string())
+        );
+        assert_eq!(r.filter.metadata, Some(serde_json::json!({"a": [1]})));
+        // null is "not given".
+        let r = parse_search(br#"{"query":"x","k":null,"filter":{"metadata":null}}"#).unwrap();
+        assert_eq!(r.k, DEFAULT_K);
+        assert!(r.filter.is_empty());
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        assert_eq!(field_of(r#"{}"#).as_deref(), Some("query"));
+        assert_eq!(field_of(r#"{"query":"  "}"#).as_deref(), Some("query"));
+        assert_eq!(field_of(r#"{"query":5}"#).as_deref(), Some("query"));
+        assert_eq!(field_of(r#"{"query":"x","k":0}"#).as_deref(), Some("k"));
+        assert_eq!(field_of(r#"{"query":"x","k":101}"#).as_deref(), Some("k"));
+        assert_eq!(field_of(r#"{"query":"x","k":2.5}"#).as_deref(), Some("k"));
+        assert_eq!(field_of(r#"{"query":"x","k":"3"}"#).as_deref(), Some("k"));
+        assert_eq!(
+            field_of(r#"{"query":"x","ef_search":1001}"#).as_deref(),
+            Some("ef_search")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"user_id":""}}"#).as_deref(),
+            Some("filter.user_id")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"since":"yesterday"}}"#).as_deref(),
+            Some("filter.since")
+        );
+        assert_eq!(
+            field_of(
+                r#"{"query":"x","filter":{"since":"2024-05-02T00:00:00Z","until":"2024-05-01T00:00:00Z"}}"#
+            )
+            .as_deref(),
+            Some("filter.until")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"metadata":[1]}}"#).as_deref(),
+            Some("filter.metadata")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"colour":"red"}}"#).as_deref(),
+            Some("filter.colour")
+        );
+        assert_eq!(field_of(r#"{"query":"x","top":3}"#).as_deref(), Some("top"));
+        let long = format!(r#"{{"query":"{}"}}"#, "a".repeat(MAX_QUERY_BYTES + 1));
+        assert_eq!(field_of(&long).as_deref(), Some("query"));
+    }
+
+    #[test]
+    fn broken_json_is_not_a_field_error() {
+        let e = parse_search(b"{\"query\": ").unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+        let e = parse_search(br#"{"query":"x"} trailing"#).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+    }
+}

@@ -1,0 +1,239 @@
+//! The workspace's layering rules (ARCHITECTURE.md, "Rules"), checked
+//! against `cargo metadata` so they cannot drift from the manifests, and
+//! the crate graph ARCHITECTURE.md shows, checked against the real one.
+// Test code: a panic on what the test set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The repository root (this crate is `crates/daemon`).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+/// The order crates are listed in, top (leaves) to bottom.
+const LAYERS: &[&str] = &[
+    "convstore-core",
+    "convstore-telemetry",
+    "convstore-dataset",
+    "convstore-journal",
+    "convstore-store",
+    "convstore-embed",
+    "convstore-embed-builtin",
+    "convstore",
+    "convstore-standin",
+    "convstore-ack-floor",
+];
+
+/// What each product crate may depend on among the workspace's crates.
+fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
+    let leaves = ["convstore-core", "convstore-telemetry"];
+    BTreeMap::from([
+        ("convstore-core", BTreeSet::new()),
+        ("convstore-telemetry", BTreeSet::new()),
+        ("convstore-dataset", BTreeSet::from(leaves)),
+        ("convstore-journal", BTreeSet::from(leaves)),
+        ("convstore-store", BTreeSet::from(leaves)),
+        ("convstore-embed", BTreeSet::from(leaves)),
+        (
+            "convstore-embed-builtin",
+            BTreeSet::from(["convstore-core", "convstore-telemetry", "convstore-embed"]),
+        ),
+        (
+            "convstore",
+            BTreeSet::from([
+                "convstore-core",
+                "convstore-telemetry",
+                "convstore-dataset",
+                "convstore-journal",
+                "convstore-store",
+                "convstore-embed",
+                "convstore-embed-builtin",
+            ]),
+        ),
+    ])
+}
+
+struct Package {
+    manifest: String,
+    /// Normal (not dev, not build) dependencies, by name.
+    normal: BTreeSet<String>,
+}
+
+fn workspace() -> BTreeMap<String, Package> {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(REPO)
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+    meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            let normal = p["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                .filter(|d| d["kind"].is_null())
+                .map(|d| d["name"].as_str().expect("name").to_string())
+                .collect();
+            (
+                p["name"].as_str().expect("name").to_string(),
+                Package {
+                    manifest: p["manifest_path"].as_str().expect("path").to_string(),
+                    normal,
+                },
+            )
+        })
+        .collect()
+}
+
+fn is_tool(p: &Package) -> bool {
+    p.manifest.contains("/tools/")
+}
+
+#[test]
+fn every_crate_is_placed_in_a_layer() {
+    let ws = workspace();
+    let names: BTreeSet<&str> = ws.keys().map(String::as_str).collect();
+    let listed: BTreeSet<&str> = LAYERS.iter().copied().collect();
+    assert_eq!(
+        names, listed,
+        "a crate was added or removed: place it in LAYERS and allowed() here and in ARCHITECTURE.md"
+    );
+    let product = ws.values().filter(|p| !is_tool(p)).count();
+    assert!(product >= 5, "{product} product crates");
+}
+
+#[test]
+fn crates_use_only_the_layers_above_them() {
+    let ws = workspace();
+    let allowed = allowed();
+    for (name, package) in &ws {
+        let internal: BTreeSet<&str> = package
+            .normal
+            .iter()
+            .map(String::as_str)
+            .filter(|d| ws.contains_key(*d))
+            .collect();
+        if is_tool(package) {
+            continue;
+        }
+        let may = allowed
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("{name} has no entry in allowed()"));
+        let extra: Vec<&&str> = internal.difference(may).collect();
+        assert!(
+            extra.is_empty(),
+            "{name} depends on {extra:?}, which ARCHITECTURE.md's layers do not allow"
+        );
+        for dep in &internal {
+            assert!(
+                !is_tool(&ws[*dep]),
+                "product crate {name} depends on the tool {dep}: tools are not shipped"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_crate_talks_sql_and_one_speaks_http() {
+    let ws = workspace();
+    let users = |dep: &str| -> Vec<&str> {
+        ws.iter()
+            .filter(|(_, p)| !is_tool(p) && p.normal.contains(dep))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    assert_eq!(users("sqlx"), ["convstore-store"], "sqlx users");
+    assert_eq!(users("axum"), ["convstore"], "axum users");
+    assert_eq!(
+        users("candle-core"),
+        ["convstore-embed-builtin"],
+        "candle users"
+    );
+}
+
+#[test]
+fn core_is_a_leaf_without_runtime_database_http_or_model() {
+    let ws = workspace();
+    let core = &ws["convstore-core"];
+    for forbidden in [
+        "tokio",
+        "sqlx",
+        "axum",
+        "reqwest",
+        "hyper",
+        "candle-core",
+        "candle-nn",
+        "candle-transformers",
+    ] {
+        assert!(
+            !core.normal.contains(forbidden),
+            "convstore-core depends on {forbidden}"
+        );
+    }
+    // The fuzz crate builds on core alone (its own workspace).
+    let fuzz = std::fs::read_to_string(Path::new(REPO).join("fuzz/Cargo.toml")).unwrap();
+    assert!(fuzz.contains("convstore-core = { path = \"../crates/core\" }"));
+    assert!(!fuzz.contains("#[path"), "fuzz/Cargo.toml");
+    let fuzz_lib = std::fs::read_to_string(Path::new(REPO).join("fuzz/src/lib.rs")).unwrap();
+    assert!(
+        !fuzz_lib.contains("#[path"),
+        "fuzz/src/lib.rs mounts source files"
+    );
+}
+
+/// The block between the markers in ARCHITECTURE.md.
+fn render_graph(ws: &BTreeMap<String, Package>) -> String {
+    let width = LAYERS.iter().map(|n| n.len()).max().unwrap_or(0);
+    let mut out = String::from("```\n");
+    for name in LAYERS {
+        let package = &ws[*name];
+        let internal: Vec<&str> = package
+            .normal
+            .iter()
+            .map(String::as_str)
+            .filter(|d| ws.contains_key(*d))
+            .collect();
+        let deps = if internal.is_empty() {
+            "(no workspace dependencies)".to_string()
+        } else {
+            format!("-> {}", internal.join(", "))
+        };
+        out.push_str(&format!("{name:width$} {deps}\n"));
+    }
+    out.push_str("```\n");
+    out
+}
+
+#[test]
+fn architecture_md_shows_the_real_crate_graph() {
+    let ws = workspace();
+    let doc = std::fs::read_to_string(Path::new(REPO).join("ARCHITECTURE.md")).unwrap();
+    let begin = "<!-- crate-graph:begin -->\n";
+    let end = "<!-- crate-graph:end -->";
+    let start = doc.find(begin).expect("begin marker") + begin.len();
+    let stop = doc.find(end).expect("end marker");
+    let expected = render_graph(&ws);
+    assert_eq!(
+        &doc[start..stop],
+        expected,
+        "ARCHITECTURE.md's crate graph is stale; paste this between the markers:\n{expected}"
+    );
+}

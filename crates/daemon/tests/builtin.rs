@@ -1,0 +1,471 @@
+//! The builtin embedder with the real all-MiniLM-L6-v2 model (installed by
+//! `scripts/setup.sh`): parity with sentence-transformers, semantics on the
+//! shared sample, nothing truncated, and the daemon storing conversations
+//! with builtin vectors under the zero-configuration default.
+// Test code: a panic on what the test set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use convstore_core::chunker::{Chunker, estimate_tokens, fit_exactly};
+use convstore_core::model::{Conversation, Message};
+use convstore_embed::{EmbedError, Embedder};
+use convstore_embed_builtin::BuiltinBackend;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::Row;
+use support::cluster::require_setup;
+use support::daemon::{Daemon, Workspace, connect_db, free_port, wait_for_count};
+
+const MODEL: &str = "all-minilm";
+const DIMS: usize = 384;
+/// all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json).
+const MAX_TOKENS: usize = 256;
+
+#[derive(Deserialize)]
+struct Fixture {
+    max_seq_length: usize,
+    texts: Vec<Reference>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    name: String,
+    text: String,
+    tokens: usize,
+    vector: Vec<f32>,
+}
+
+fn fixture() -> Fixture {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builtin_parity/parity.json");
+    let text = std::fs::read_to_string(&path).expect("read the parity fixture");
+    serde_json::from_str(&text).expect("parse the parity fixture")
+}
+
+/// One loaded model for every test of this binary, found the way the
+/// daemon finds it with no `model_dir` configured (setup.sh installs it).
+fn backend() -> BuiltinBackend {
+    static BACKEND: OnceLock<BuiltinBackend> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            require_setup();
+            BuiltinBackend::load("builtin", "", MODEL, Path::new("/nonexistent-state-dir"))
+                .unwrap_or_else(|e| panic!("scripts/setup.sh should have installed the model: {e}"))
+        })
+        .clone()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// For every reference text: the same token count as the Python tokenizer,
+/// and a vector within cosine 0.999 of sentence-transformers', whether the
+/// text is embedded alone or in one padded batch with all the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectors_match_sentence_transformers() {
+    let fixture = fixture();
+    assert!(fixture.texts.len() >= 20, "the fixture has too few texts");
+    assert_eq!(fixture.max_seq_length, MAX_TOKENS);
+    let backend = backend();
+
+    let texts: Vec<String> = fixture.texts.iter().map(|r| r.text.clone()).collect();
+    let batched = backend.embed(&texts).await.expect("embed the references");
+    assert_eq!(batched.len(), texts.len());
+    let mut worst = (f32::MAX, String::new());
+    for (reference, vector) in fixture.texts.iter().zip(&batched) {
+        assert_eq!(
+            backend.count_tokens(&reference.text),
+            reference.tokens,
+            "{}: token count differs from the Python tokenizer's",
+            reference.name
+        );
+        assert_eq!(vector.len(), DIMS, "{}", reference.name);
+        let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{}: norm {norm}", reference.name);
+        let alone = backend
+            .embed(std::slice::from_ref(&reference.text))
+            .await
+            .expect("embed one reference");
+        for (how, v) in [("in a batch", vector), ("alone", &alone[0])] {
+            let c = cosine(v, &reference.vector);
+            assert!(
+                c >= 0.999,
+                "{} ({how}): cosine {c} to sentence-transformers' vector",
+                reference.name
+            );
+            if c < worst.0 {
+                worst = (c, format!("{} ({how})", reference.name));
+            }
+        }
+    }
+    eprintln!(
+        "lowest cosine to sentence-transformers: {} for {}",
+        worst.0, worst.1
+    );
+}
+
+/// The probe warms the model and reports what the chunker needs: 384
+/// dimensions, a 256-token context.
+#[tokio::test]
+async fn probe_reports_the_dimension_and_the_context() {
+    let info = backend().probe().await.expect("probe");
+    assert_eq!(info.dimensions, DIMS);
+    assert_eq!(info.context_length, Some(MAX_TOKENS));
+    let counter = backend()
+        .token_counter()
+        .expect("builtin has a token counter");
+    assert_eq!(counter.max_tokens(), MAX_TOKENS);
+}
+
+/// An input longer than the model reads is refused, never silently cut;
+/// one at the limit is embedded.
+#[tokio::test]
+async fn input_over_the_limit_is_rejected_not_truncated() {
+    let backend = backend();
+    let mut words = Vec::new();
+    while backend.count_tokens(&words.join(" ")) <= MAX_TOKENS {
+        words.push("flight");
+    }
+    let over = words.join(" ");
+    let at_limit = words[..words.len() - 1].join(" ");
+    assert_eq!(backend.count_tokens(&over), MAX_TOKENS + 1);
+    assert_eq!(backend.count_tokens(&at_limit), MAX_TOKENS);
+
+    match backend.embed(&["short".to_string(), over.clone()]).await {
+        Err(EmbedError::Rejected { message, .. }) => {
+            assert!(message.contains("257 tokens"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let ok = backend.embed(&[at_limit]).await.expect("at the limit fits");
+    assert_eq!(ok[0].len(), DIMS);
+}
+
+/// Text the estimate undercounts (ids, hashes, digits cost WordPiece far
+/// more than prose) is re-cut by the exact counter so every chunk fits,
+/// and no byte is lost.
+#[test]
+fn chunks_fit_the_model_exactly() {
+    let backend = backend();
+    let counter = backend.token_counter().expect("token counter");
+    let hashes: Vec<String> = (0..60u64)
+        .map(|i| format!("{:016x}{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15), !i))
+        .collect();
+    let conversation = Conversation {
+        id: uuid::Uuid::nil(),
+        client_id: None,
+        user_id: "u".into(),
+        channel: "c".into(),
+        messages: vec![
+            Message {
+                role: "user".into(),
+                content: format!("Why did these deliveries fail? {}", hashes.join(" ")),
+                ts: None,
+            },
+            Message {
+                role: "assistant".into(),
+                content: "Their tracking ids are not in our system.".into(),
+                ts: None,
+            },
+        ],
+        transcript: None,
+        summary: None,
+        metadata: json!({}),
+        created_at: None,
+        received_at: chrono::Utc::now(),
+        received_instant: std::time::Instant::now(),
+    };
+    let chunker = Chunker::new(MAX_TOKENS, 0);
+    let estimated = chunker.chunk(&conversation);
+    // The premise: the estimate alone would send a chunk the model must refuse.
+    assert!(
+        estimated
+            .iter()
+            .any(|c| counter.count_tokens(&c.content) > MAX_TOKENS
+                && estimate_tokens(&c.content) <= chunker.budget()),
+        "expected the estimate to undercount hex ids"
+    );
+    let fitted = fit_exactly(estimated.clone(), counter.as_ref());
+    for chunk in &fitted {
+        assert!(
+            counter.count_tokens(&chunk.content) <= MAX_TOKENS,
+            "{chunk:?}"
+        );
+    }
+    let joined: String = fitted.iter().map(|c| c.content.as_str()).collect();
+    let original: String = estimated.iter().map(|c| c.content.as_str()).collect();
+    assert_eq!(joined, original);
+}
+
+/// Conversations of one domain, by what their users ask: the shared sample
+/// (SGD) carries no labels, so a conversation is "flights" when it talks
+/// about a flight and no restaurant, "restaurants" the other way round.
+/// Without the sample, the generator's domains.
+fn domain_conversations() -> (Vec<Value>, Vec<Value>) {
+    let all = convstore_dataset::sample_or_generated(600).expect("test data");
+    let text = |c: &Value| c["messages"].to_string().to_lowercase();
+    let domain = |c: &Value| c["metadata"]["domain"].as_str().map(str::to_string);
+    let is = |c: &Value, name: &str, word: &str, not: &str| match domain(c) {
+        Some(d) => d == name,
+        None => text(c).contains(word) && !text(c).contains(not),
+    };
+    let flights: Vec<Value> = all
+        .iter()
+        .filter(|c| is(c, "flights", "flight", "restaurant"))
+        .take(40)
+        .cloned()
+        .collect();
+    let restaurants: Vec<Value> = all
+        .iter()
+        .filter(|c| is(c, "restaurants", "restaurant", "flight"))
+        .take(40)
+        .cloned()
+        .collect();
+    (flights, restaurants)
+}
+
+/// The text of a conversation as the chunker lays it out.
+fn conversation_text(c: &Value) -> String {
+    c["messages"]
+        .as_array()
+        .map(|messages| {
+            messages
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}: {}\n",
+                        m["role"].as_str().unwrap_or(""),
+                        m["content"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// On the shared sample: a question about booking a flight, worded without
+/// the word "flight", is nearer to flight conversations than to
+/// restaurant ones, on average and among its nearest neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_question_is_nearer_to_flight_conversations() {
+    let backend = backend();
+    let (flights, restaurants) = domain_conversations();
+    assert!(
+        flights.len() >= 20 && restaurants.len() >= 20,
+        "too few conversations per domain"
+    );
+    let embed_all = |convs: &[Value]| {
+        let texts: Vec<String> = convs
+            .iter()
+            .map(|c| {
+                // First chunk of each conversation: what fits the model.
+                let text = conversation_text(c);
+                fit_exactly(
+                    Chunker::new(MAX_TOKENS, 0).chunk(&Conversation {
+                        transcript: Some(text),
+                        ..blank_conversation()
+                    }),
+                    backend.token_counter().expect("counter").as_ref(),
+                )[0]
+                .content
+                .clone()
+            })
+            .collect();
+        let backend = backend.clone();
+        async move { backend.embed(&texts).await.expect("embed conversations") }
+    };
+    let flight_vectors = embed_all(&flights).await;
+    let restaurant_vectors = embed_all(&restaurants).await;
+    let query = backend
+        .embed(&[
+            "I need a plane ticket to Chicago for next Tuesday, economy, one way.".to_string(),
+        ])
+        .await
+        .expect("embed the question")
+        .remove(0);
+
+    let mean =
+        |vs: &[Vec<f32>]| vs.iter().map(|v| cosine(&query, v)).sum::<f32>() / vs.len() as f32;
+    let (to_flights, to_restaurants) = (mean(&flight_vectors), mean(&restaurant_vectors));
+    eprintln!("mean cosine: flights {to_flights:.3}, restaurants {to_restaurants:.3}");
+    assert!(
+        to_flights > to_restaurants + 0.1,
+        "flights {to_flights} vs restaurants {to_restaurants}"
+    );
+    let mut ranked: Vec<(f32, bool)> = flight_vectors
+        .iter()
+        .map(|v| (cosine(&query, v), true))
+        .chain(
+            restaurant_vectors
+                .iter()
+                .map(|v| (cosine(&query, v), false)),
+        )
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top_flights = ranked[..10]
+        .iter()
+        .filter(|(_, is_flight)| *is_flight)
+        .count();
+    assert_eq!(top_flights, 10, "nearest 10: {ranked:?}");
+}
+
+fn blank_conversation() -> Conversation {
+    Conversation {
+        id: uuid::Uuid::nil(),
+        client_id: None,
+        user_id: "u".into(),
+        channel: "c".into(),
+        messages: Vec::new(),
+        transcript: None,
+        summary: None,
+        metadata: json!({}),
+        created_at: None,
+        received_at: chrono::Utc::now(),
+        received_instant: std::time::Instant::now(),
+    }
+}
+
+/// With no `[embedding]` section at all (the zero-set-up default: builtin
+/// all-minilm found where setup.sh installed it, managed PostgreSQL), the
+/// daemon stores sample conversations with the builtin model's vectors, and
+/// a flight question finds a flight conversation first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_stores_conversations_with_builtin_vectors_by_default() {
+    require_setup();
+    let ws = Workspace::new();
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        ws.config_path(),
+        format!(
+            "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n",
+            ws.path().join("state").display(),
+            ws.socket().display()
+        ),
+    )
+    .expect("write config");
+    let daemon = Daemon::start(&ws, &http_addr).await;
+    assert!(
+        daemon.log_text().contains("Builtin embedding model loaded"),
+        "log:\n{}",
+        daemon.log_text()
+    );
+
+    let (flights, restaurants) = domain_conversations();
+    // 80 conversations: two cores embed ~1,200 tokens/s in a release
+    // build and about a third of that in this debug one.
+    let mut data: Vec<Value> = convstore_dataset::sample_or_generated(60)
+        .expect("test data")
+        .into_iter()
+        .take(60)
+        .collect();
+    let mut ids: HashSet<String> = data
+        .iter()
+        .filter_map(|c| c["id"].as_str().map(str::to_string))
+        .collect();
+    for c in flights.iter().take(10).chain(restaurants.iter().take(10)) {
+        if let Some(id) = c["id"].as_str()
+            && ids.insert(id.to_string())
+        {
+            data.push(c.clone());
+        }
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/conversations/batch", daemon.base_url()))
+        .json(&data)
+        .send()
+        .await
+        .expect("post batch");
+    assert_eq!(
+        resp.status(),
+        202,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+
+    let db = connect_db(&ws.database_url()).await;
+    let stored = wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversations",
+        data.len() as i64,
+        Duration::from_secs(600),
+    )
+    .await;
+    assert_eq!(stored, data.len() as i64, "log:\n{}", daemon.log_text());
+    // Chunks that waited longer than embedding.max_wait_ms for the CPU are
+    // stored `pending` and embedded by the backfill: wait for it too.
+    let not_embedded = wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversation_chunks WHERE embedding_status <> 'embedded'",
+        0,
+        Duration::from_secs(600),
+    )
+    .await;
+    assert_eq!(not_embedded, 0, "log:\n{}", daemon.log_text());
+
+    // Every stored vector is the builtin model's for its chunk's text.
+    let rows = sqlx::query(
+        "SELECT content, model, embedding::text AS v FROM conversation_chunks ORDER BY random() LIMIT 60",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("read chunks");
+    assert!(!rows.is_empty());
+    let backend = backend();
+    let contents: Vec<String> = rows.iter().map(|r| r.get::<String, _>("content")).collect();
+    let expected = backend.embed(&contents).await.expect("embed in process");
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(row.get::<String, _>("model"), MODEL);
+        let stored: Vec<f32> = row
+            .get::<String, _>("v")
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|x| x.parse().expect("float"))
+            .collect();
+        assert_eq!(stored.len(), DIMS);
+        let c = cosine(&stored, want);
+        assert!(
+            c > 0.9999,
+            "cosine {c} for {:?}",
+            row.get::<String, _>("content")
+        );
+    }
+
+    // Searching by meaning works on what was stored.
+    let query = backend
+        .embed(&["Book me a plane ticket to Seattle for Friday.".to_string()])
+        .await
+        .expect("embed the question")
+        .remove(0);
+    let literal = format!(
+        "[{}]",
+        query
+            .iter()
+            .map(f32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let nearest: String = sqlx::query_scalar(
+        "SELECT k.content FROM conversation_chunks k ORDER BY k.embedding <=> $1::vector LIMIT 1",
+    )
+    .bind(&literal)
+    .fetch_one(&db)
+    .await
+    .expect("nearest chunk");
+    assert!(
+        nearest.to_lowercase().contains("flight"),
+        "nearest chunk: {nearest}"
+    );
+    drop(db);
+    let mut daemon = daemon;
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+}

@@ -1,0 +1,92 @@
+//! The command line as a user runs it: exit codes and messages.
+// Test code: a panic on what the test set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_convstore");
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("CONVSTORE_CONFIG")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run convstore");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn config_file(contents: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(file.path(), contents).expect("write config");
+    file
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let file = config_file("[queue]\ncapacity = 123\n");
+    let path = file.path().to_str().unwrap();
+    let (code, stdout, stderr) = run(
+        &["check-config", "--config", path],
+        &[("CONVSTORE_BATCH__MAX_SIZE", "7")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let parsed: toml::Table = toml::from_str(&stdout).expect("output is TOML");
+    assert_eq!(parsed["queue"]["capacity"].as_integer(), Some(123));
+    assert_eq!(
+        parsed["batch"]["max_size"].as_integer(),
+        Some(7),
+        "environment overrides the file"
+    );
+    assert_eq!(
+        parsed["server"]["http_addr"].as_str(),
+        Some("127.0.0.1:7070")
+    );
+}
+
+#[test]
+fn check_config_names_the_wrong_key_and_exits_2() {
+    /// (config file contents, environment overrides, the key the message must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        ("[queue]\ncapacty = 5\n", &[], "capacty"),
+        ("[batch]\nmax_size = 0\n", &[], "max_size"),
+        (
+            "[server]\nhttp_addr = \"localhost:80\"\n",
+            &[],
+            "server.http_addr",
+        ),
+        ("", &[("CONVSTORE_QUEUE__WHEN_FULL", "drop")], "when_full"),
+        ("", &[("CONVSTORE_PIPELINE__WORKERS", "-1")], "workers"),
+        (
+            "[[embedding.backends]]\nname = \"a\"\nurl = \"not a url\"\n",
+            &[],
+            "embedding.backends[0].url",
+        ),
+    ];
+    for (contents, envs, key) in cases {
+        let file = config_file(contents);
+        let (code, _stdout, stderr) = run(
+            &["check-config", "--config", file.path().to_str().unwrap()],
+            envs,
+        );
+        assert_eq!(code, 2, "{contents} {envs:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{contents} {envs:?}: message should name `{key}`: {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(
+        &["check-config", "--config", "/nonexistent/convstore.toml"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/convstore.toml"), "{stderr}");
+}

@@ -1,0 +1,379 @@
+//! The daemon as a real child process, configured in a private temp
+//! directory (state, managed cluster, socket), the Ollama stand-in on a
+//! loopback port, plus clients.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use convstore::cli::client::{Client, Endpoint};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_convstore");
+
+/// The embedding-server stand-in (`tools/standin`), serving on a loopback
+/// port from its own thread and runtime in this test process: to the daemon
+/// it is a server at an address, as Ollama is. Dropping it stops it at once
+/// (requests in flight are cut off, as when the process was killed).
+pub struct Standin {
+    pub addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Standin {
+    /// Starts a stand-in on a free port with extra `convstore-standin`
+    /// arguments (`--latency-ms 15`, `--down`, `--poison X`...).
+    pub fn start(model: &str, dims: usize, context: usize, extra: &[&str]) -> Standin {
+        use clap::Parser as _;
+        let (dims, context) = (dims.to_string(), context.to_string());
+        let mut argv = vec![
+            "convstore-standin",
+            "--model",
+            model,
+            "--dimensions",
+            &dims,
+            "--context-length",
+            &context,
+        ];
+        argv.extend_from_slice(extra);
+        let args = convstore_standin::cli::StandinArgs::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("stand-in arguments {argv:?}: {e}"));
+        let config = args.config().expect("stand-in configuration");
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("stand-in runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind the stand-in");
+                let _ = addr_tx.send(listener.local_addr().expect("stand-in address"));
+                let standin = convstore_standin::Standin::new(config);
+                tokio::select! {
+                    served = standin.serve(listener, std::future::pending()) => {
+                        served.expect("stand-in serve");
+                    }
+                    _ = stop_rx => {}
+                }
+            });
+            // Connections still open are dropped, not drained.
+            runtime.shutdown_background();
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("stand-in address")
+            .to_string();
+        Standin {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `POST /_standin/faults` with `update`.
+    pub async fn set_faults(&self, update: Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/_standin/faults", self.url()))
+            .json(&update)
+            .send()
+            .await
+            .expect("standin faults");
+        assert!(
+            resp.status().is_success(),
+            "faults update refused: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    /// `GET /_standin/stats`.
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/_standin/stats", self.url()))
+            .await
+            .expect("standin stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A private directory for one daemon: state, managed cluster, socket, logs.
+/// Traversable by the unprivileged account PostgreSQL runs as under root.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        let dir = tempfile::Builder::new()
+            .prefix("convstore-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        Workspace { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("convstore.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("convstore.toml")
+    }
+
+    /// URL of the managed cluster's database (over its Unix socket).
+    pub fn database_url(&self) -> String {
+        format!(
+            "postgres://convstore@localhost/convstore?host={}",
+            self.path().join("state/postgres/run").display()
+        )
+    }
+
+    /// Writes the config: this workspace's paths, a free TCP port, the
+    /// given backend, then `extra` TOML (sections the test cares about).
+    pub fn write_config(&self, standin_url: &str, model: &str, dims: usize, extra: &str) -> String {
+        let port = free_port();
+        let http_addr = format!("127.0.0.1:{port}");
+        let toml = format!(
+            r#"state_dir = "{state}"
+
+[server]
+http_addr = "{http_addr}"
+unix_socket = "{socket}"
+
+[embedding]
+model = "{model}"
+dimensions = {dims}
+retry_initial_ms = 20
+retry_max_ms = 500
+
+[[embedding.backends]]
+name = "standin"
+kind = "ollama"
+url = "{standin_url}"
+timeout_ms = 10000
+
+{extra}
+"#,
+            state = self.path().join("state").display(),
+            socket = self.socket().display(),
+        );
+        std::fs::write(self.config_path(), toml).expect("write config");
+        http_addr
+    }
+}
+
+/// A running `convstore serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub http_addr: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on the workspace's config and waits for /readyz.
+    pub async fn start(ws: &Workspace, http_addr: &str) -> Daemon {
+        Self::start_with_env(ws, http_addr, &[]).await
+    }
+
+    /// [`Daemon::start`] with `CONVSTORE_*` overrides in the environment.
+    pub async fn start_with_env(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Self::spawn(ws, http_addr, env);
+        daemon.wait_ready(Duration::from_secs(90)).await;
+        daemon
+    }
+
+    /// Starts the daemon without waiting for it to be ready.
+    pub fn spawn(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
+        let log = ws.path().join(format!("daemon-{}.log", now_millis()));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(ws.config_path())
+            .env("RUST_LOG", "info,convstore=debug,sqlx=warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn convstore serve");
+        Daemon {
+            child: Some(child),
+            http_addr: http_addr.to_string(),
+            socket: ws.socket(),
+            log,
+        }
+    }
+
+    /// Sends SIGKILL and reaps the process: what a crash leaves behind
+    /// (the managed PostgreSQL keeps running as an orphan).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until `/readyz` answers 200; panics (with the log) if the
+    /// process exits or `limit` passes.
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        let started = Instant::now();
+        let client = reqwest::Client::new();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "daemon exited during start-up ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(resp) = client
+                .get(format!("http://{}/readyz", self.http_addr))
+                .send()
+                .await
+                && resp.status().is_success()
+            {
+                return;
+            }
+            if started.elapsed() > limit {
+                panic!(
+                    "daemon not ready after {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn unix_client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.socket.clone()))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!(
+                    "daemon did not exit within {limit:?} after SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in `terminate`.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn connect_db(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await
+        .expect("connect to the daemon's database")
+}
+
+/// Polls `query` (a single bigint) until it returns `expected` or `limit` passes.
+pub async fn wait_for_count(
+    pool: &PgPool,
+    query: &'static str,
+    expected: i64,
+    limit: Duration,
+) -> i64 {
+    let started = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar(query)
+            .fetch_one(pool)
+            .await
+            .expect("count query");
+        if n == expected || started.elapsed() > limit {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}

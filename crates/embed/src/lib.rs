@@ -1,0 +1,95 @@
+//! Embedding: the `Embedder` trait every backend implements, the backends,
+//! and the in-memory cache in front of them.
+//!
+//! Nothing here knows about HTTP ingress or the database.
+
+pub mod cache;
+pub mod ollama;
+pub mod openai;
+pub mod prefix;
+pub mod query;
+pub mod router;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// What a backend says about its model at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Length of every vector the model returns.
+    pub dimensions: usize,
+    /// Tokens the model can read at once, when the backend says.
+    pub context_length: Option<usize>,
+}
+
+/// Why an embedding call failed, sorted by what the caller should do next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EmbedError {
+    /// Connection refused, reset, DNS: the backend is not there. Retry later.
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within the configured timeout. Retry later.
+    #[error("backend timed out after {0:?}")]
+    Timeout(Duration),
+    /// The backend is overloaded or broken (429, 5xx). Retry later,
+    /// after `retry_after` when it said so.
+    #[error("backend busy or failing: HTTP {status}: {message}")]
+    Transient {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The backend refused these inputs (400): retrying cannot help; one of
+    /// the inputs is at fault.
+    #[error("backend rejected the input: HTTP {status}: {message}")]
+    Rejected { status: u16, message: String },
+    /// The model is missing or cannot embed (404, no embedding capability):
+    /// an operator must act.
+    #[error("model unavailable: {0}")]
+    ModelUnavailable(String),
+    /// The backend answered something that does not follow its protocol.
+    #[error("backend broke protocol: {0}")]
+    Protocol(String),
+    /// The model's vectors are not as long as `embedding.dimensions`.
+    #[error("model returns {got}-dimensional vectors but embedding.dimensions is {expected}")]
+    DimensionMismatch { expected: usize, got: usize },
+}
+
+impl EmbedError {
+    /// Whether the same request may succeed later unchanged.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable(_) | Self::Timeout(_) | Self::Transient { .. }
+        )
+    }
+}
+
+/// One embedding backend serving one model.
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// The configured backend name (for logs and metric labels).
+    fn name(&self) -> &str;
+
+    /// The model this backend embeds with.
+    fn model(&self) -> &str;
+
+    /// Checks that the backend is up and serves an embedding model; returns
+    /// its dimension and context length.
+    async fn probe(&self) -> Result<ModelInfo, EmbedError>;
+
+    /// Embeds `inputs` in order: one unit vector per input.
+    async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// The model's exact token counter, when this backend has the model's
+    /// tokenizer in process (the builtin backend). The chunker uses it to
+    /// re-cut any chunk its estimate let grow past the model's limit.
+    fn token_counter(&self) -> Option<Arc<dyn TokenCounter>> {
+        None
+    }
+}
+
+pub use convstore_core::chunker::TokenCounter;

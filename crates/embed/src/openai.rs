@@ -1,0 +1,557 @@
+//! The OpenAI-compatible backend: `POST /v1/embeddings` (OpenAI itself,
+//! Ollama's compatibility route, TEI, vLLM, LiteLLM...; reference
+//! `shared/reference/embedding-apis.md` §3, §4).
+//!
+//! The base URL may name the API root with or without `/v1`
+//! (`http://host:8080` and `http://host:8080/v1` both reach
+//! `http://host:8080/v1/embeddings`), as OpenAI clients accept either.
+//!
+//! Vectors are asked for as `base64` by default (little-endian `f32` bytes:
+//! about a third of the JSON floats' size and no float parsing) or `float`
+//! (`encoding_format` in the backend's config). Either answer is decoded,
+//! whatever was asked: servers that ignore the field (Ollama before 0.12.7)
+//! answer floats.
+//!
+//! With `api_key_env`, the key is read from that environment variable once,
+//! at start-up, and sent as `Authorization: Bearer`; it never appears in logs
+//! or errors.
+//!
+//! This protocol has no model metadata, so [`Embedder::probe`] embeds one
+//! short text and measures it; the context length stays unknown (chunks are
+//! cut to `chunking.fallback_context_tokens` unless another backend says).
+//! Statuses map to [`EmbedError`] as for Ollama (see [`super::ollama`]):
+//! 400/413/422 → `Rejected`; 401/403/404/405/501 → `ModelUnavailable`;
+//! 408/425/429/499/5xx → `Transient` with `Retry-After`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
+use reqwest::{Client, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+
+use super::ollama::{chain, check_vectors, error_message, parse_retry_after};
+use super::{EmbedError, Embedder, ModelInfo};
+use crate::settings::EncodingFormat;
+
+/// The text embedded to learn the dimension.
+const PROBE_TEXT: &str = "convstore dimension probe";
+
+/// One OpenAI-compatible server serving one model.
+#[derive(Debug, Clone)]
+pub struct OpenAiBackend {
+    name: String,
+    model: String,
+    timeout: Duration,
+    encoding: EncodingFormat,
+    client: Client,
+    embeddings_url: Url,
+    /// `Bearer <key>`, marked sensitive so it is never printed.
+    authorization: Option<HeaderValue>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingsRequest<'a> {
+    model: &'a str,
+    input: &'a [String],
+    encoding_format: &'static str,
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingsResponse {
+    data: Vec<EmbeddingItem>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingItem {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: EmbeddingData,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EmbeddingData {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+impl OpenAiBackend {
+    /// A client for the server at `base_url`, embedding with `model`.
+    /// `api_key` is the bearer key, if the server needs one; `timeout`
+    /// bounds each call from connecting to the last byte.
+    ///
+    /// Fails (as `ModelUnavailable`: an operator must fix the configuration)
+    /// if `base_url` is not an http(s) URL or the key is not a valid header.
+    pub fn new(
+        name: impl Into<String>,
+        base_url: &str,
+        model: impl Into<String>,
+        api_key: Option<&str>,
+        encoding: EncodingFormat,
+        timeout: Duration,
+    ) -> Result<Self, EmbedError> {
+        let name = name.into();
+        let config_error = |why: String| {
+            EmbedError::ModelUnavailable(format!(
+                "backend `{name}`: invalid URL `{base_url}`: {why}"
+            ))
+        };
+        let base = Url::parse(base_url).map_err(|e| config_error(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(config_error("not an http:// URL".into()));
+        }
+        let root = base.as_str().trim_end_matches('/');
+        let joined = if root.ends_with("/v1") {
+            format!("{root}/embeddings")
+        } else {
+            format!("{root}/v1/embeddings")
+        };
+        let embeddings_url = Url::parse(&joined).map_err(|e| config_error(e.to_string()))?;
+        let authorization = match api_key {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+                    .map_err(|_| {
+                        EmbedError::ModelUnavailable(format!(
+                            "backend `{name}`: the API key holds characters an HTTP header cannot carry"
+                        ))
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let client = Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| config_error(format!("cannot build an HTTP client: {e}")))?;
+        Ok(Self {
+            name,
+            model: model.into(),
+            timeout,
+            encoding,
+            client,
+            embeddings_url,
+            authorization,
+        })
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> EmbedError {
+        if e.is_timeout() {
+            EmbedError::Timeout(self.timeout)
+        } else if e.is_decode() {
+            EmbedError::Protocol(format!("backend `{}`: {e}", self.name))
+        } else {
+            EmbedError::Unreachable(format!("backend `{}`: {}", self.name, chain(e)))
+        }
+    }
+
+    fn status_error(
+        &self,
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> EmbedError {
+        let message = error_message(body);
+        let code = status.as_u16();
+        match code {
+            400 | 413 | 422 => EmbedError::Rejected {
+                status: code,
+                message,
+            },
+            401 | 403 => EmbedError::ModelUnavailable(format!(
+                "backend `{}` refused the key with HTTP {code} ({message}); check api_key_env and the key",
+                self.name
+            )),
+            404 => EmbedError::ModelUnavailable(format!(
+                "backend `{}` answered 404 for model `{}` at {} ({message}); check the model name and the url",
+                self.name, self.model, self.embeddings_url
+            )),
+            405 | 501 => EmbedError::ModelUnavailable(format!(
+                "backend `{}` does not serve embeddings at {} (HTTP {code}: {message}); check its url",
+                self.name, self.embeddings_url
+            )),
+            408 | 425 | 429 | 499 => EmbedError::Transient {
+                status: code,
+                message,
+                retry_after,
+            },
+            _ if status.is_server_error() => EmbedError::Transient {
+                status: code,
+                message,
+                retry_after,
+            },
+            _ => EmbedError::Protocol(format!(
+                "backend `{}` answered /v1/embeddings with HTTP {code}: {message}",
+                self.name
+            )),
+        }
+    }
+
+    /// The vectors of a 200 answer, in input order.
+    fn read_answer(&self, body: &[u8], inputs: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let response: EmbeddingsResponse = serde_json::from_slice(body).map_err(|e| {
+            EmbedError::Protocol(format!(
+                "backend `{}`: /v1/embeddings answer is not {{\"data\": [{{\"embedding\": …}}]}}: {e}",
+                self.name
+            ))
+        })?;
+        let mut slots: Vec<Option<Vec<f32>>> = vec![None; response.data.len()];
+        for (position, item) in response.data.into_iter().enumerate() {
+            // The items carry their input's index; OpenAI sends them in
+            // order, but nothing in the protocol promises it.
+            let index = item.index.unwrap_or(position);
+            let vector = match item.embedding {
+                EmbeddingData::Float(v) => v,
+                EmbeddingData::Base64(text) => decode_base64(&text).map_err(|why| {
+                    EmbedError::Protocol(format!(
+                        "backend `{}`: embedding {index} is not base64 of little-endian f32: {why}",
+                        self.name
+                    ))
+                })?,
+            };
+            match slots.get_mut(index) {
+                Some(slot @ None) => *slot = Some(vector),
+                _ => {
+                    return Err(EmbedError::Protocol(format!(
+                        "backend `{}` returned embedding index {index} twice or out of range",
+                        self.name
+                    )));
+                }
+            }
+        }
+        let vectors: Vec<Vec<f32>> = slots.into_iter().flatten().collect();
+        check_vectors(&self.name, inputs, &vectors)?;
+        Ok(vectors)
+    }
+}
+
+/// Little-endian `f32` values from standard base64 (padding optional).
+pub fn decode_base64(text: &str) -> Result<Vec<f32>, String> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .or_else(|_| {
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(text.trim_end_matches('='))
+        })
+        .map_err(|e| e.to_string())?;
+    if bytes.len() % 4 != 0 {
+        return Err(format!(
+            "{} bytes is not a whole number of f32",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+#[async_trait]
+impl Embedder for OpenAiBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Embeds one short text: the protocol has no other way to learn the
+    /// dimension or whether the key and model are right.
+    async fn probe(&self) -> Result<ModelInfo, EmbedError> {
+        let vectors = self.embed(&[PROBE_TEXT.to_string()]).await?;
+        let dimensions = vectors.first().map_or(0, Vec::len);
+        Ok(ModelInfo {
+            dimensions,
+            context_length: None,
+        })
+    }
+
+    async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut request = self
+            .client
+            .post(self.embeddings_url.clone())
+            .timeout(self.timeout)
+            .json(&EmbeddingsRequest {
+                model: &self.model,
+                input: inputs,
+                encoding_format: match self.encoding {
+                    EncodingFormat::Base64 => "base64",
+                    EncodingFormat::Float => "float",
+                },
+            });
+        if let Some(auth) = &self.authorization {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        if status != StatusCode::OK {
+            return Err(self.status_error(status, retry_after, &body));
+        }
+        self.read_answer(&body, inputs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode as AxumStatus};
+    use axum::routing::post;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use convstore_standin::openai_api::encode_base64;
+    use convstore_standin::{self as standin, FaultsUpdate, StandinConfig, standin_vector};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn texts(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn backend(url: &str, encoding: EncodingFormat, key: Option<&str>) -> OpenAiBackend {
+        OpenAiBackend::new("oa", url, "nomic-embed-text", key, encoding, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn fake(router: Router) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let url = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn float_and_base64_decode_to_the_standins_vectors() {
+        let s = standin::spawn(StandinConfig::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let inputs = texts(&["first", "second text", "ünïcödé"]);
+        let expected: Vec<Vec<f32>> = inputs.iter().map(|t| standin_vector(t, 768)).collect();
+        for base in [
+            s.url(),
+            format!("{}/v1", s.url()),
+            format!("{}/v1/", s.url()),
+        ] {
+            for encoding in [EncodingFormat::Float, EncodingFormat::Base64] {
+                let b = backend(&base, encoding, None);
+                let got = b.embed(&inputs).await.unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got, expected, "{base} {encoding:?}");
+            }
+        }
+        let info = backend(&s.url(), EncodingFormat::Base64, None)
+            .probe()
+            .await;
+        assert_eq!(
+            info.ok(),
+            Some(ModelInfo {
+                dimensions: 768,
+                context_length: None
+            })
+        );
+        assert_eq!(s.standin.stats().calls.openai, 7);
+    }
+
+    #[tokio::test]
+    async fn sends_the_bearer_key_and_sorts_by_index() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = seen.clone();
+        let router = Router::new().route(
+            "/v1/embeddings",
+            post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let record = record.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    record.lock().unwrap_or_else(|p| p.into_inner()).push(auth);
+                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    assert_eq!(request["encoding_format"], "base64");
+                    axum::Json(json!({
+                        "object": "list",
+                        "data": [
+                            {"object": "embedding", "index": 1, "embedding": encode_base64(&[0.0, 1.0])},
+                            {"object": "embedding", "index": 0, "embedding": [1.0, 0.0]}
+                        ],
+                        "model": "m"
+                    }))
+                }
+            }),
+        );
+        let (url, _task) = fake(router).await;
+        let b = backend(&url, EncodingFormat::Base64, Some("sk-test"));
+        let got = b.embed(&texts(&["a", "b"])).await;
+        assert_eq!(got.ok(), Some(vec![vec![1.0, 0.0], vec![0.0, 1.0]]));
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            vec!["Bearer sk-test".to_string()]
+        );
+        assert!(
+            !format!("{b:?}").contains("sk-test"),
+            "the key must not be printed"
+        );
+    }
+
+    #[tokio::test]
+    async fn statuses_map_to_what_the_caller_should_do() {
+        let router = Router::new()
+            .route(
+                "/auth/v1/embeddings",
+                post(|| async {
+                    (
+                        AxumStatus::UNAUTHORIZED,
+                        axum::Json(json!({"error": {"message": "bad key", "type": "x"}})),
+                    )
+                }),
+            )
+            .route(
+                "/long/v1/embeddings",
+                post(|| async {
+                    (
+                        AxumStatus::BAD_REQUEST,
+                        axum::Json(
+                            json!({"error": {"message": "maximum context length is 8192 tokens"}}),
+                        ),
+                    )
+                }),
+            )
+            .route(
+                "/busy/v1/embeddings",
+                post(|| async {
+                    (
+                        AxumStatus::TOO_MANY_REQUESTS,
+                        [("retry-after", "3")],
+                        axum::Json(json!({"error": {"message": "rate limit"}})),
+                    )
+                }),
+            )
+            .route(
+                "/bad64/v1/embeddings",
+                post(|| async { axum::Json(json!({"data": [{"index": 0, "embedding": "AAA"}]})) }),
+            )
+            .route(
+                "/count/v1/embeddings",
+                post(|| async { axum::Json(json!({"data": [{"index": 0, "embedding": [1.0]}]})) }),
+            )
+            .route(
+                "/dup/v1/embeddings",
+                post(|| async {
+                    axum::Json(json!({"data": [
+                        {"index": 0, "embedding": [1.0]},
+                        {"index": 0, "embedding": [1.0]}
+                    ]}))
+                }),
+            );
+        let (url, _task) = fake(router).await;
+        let two = texts(&["a", "b"]);
+        let call = |path: &str| {
+            let b = backend(&format!("{url}/{path}"), EncodingFormat::Base64, None);
+            let two = two.clone();
+            async move { b.embed(&two).await }
+        };
+        assert!(matches!(
+            call("auth").await,
+            Err(EmbedError::ModelUnavailable(m)) if m.contains("api_key_env")
+        ));
+        assert!(matches!(
+            call("long").await,
+            Err(EmbedError::Rejected { status: 400, message }) if message.contains("context length")
+        ));
+        assert!(matches!(
+            call("busy").await,
+            Err(EmbedError::Transient { status: 429, retry_after: Some(d), .. }) if d == Duration::from_secs(3)
+        ));
+        for path in ["bad64", "count", "dup"] {
+            let result = call(path).await;
+            assert!(
+                matches!(result, Err(EmbedError::Protocol(_))),
+                "{path}: {result:?}"
+            );
+        }
+        let result = call("missing").await;
+        assert!(
+            matches!(result, Err(EmbedError::ModelUnavailable(_))),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn down_and_stopped_servers_are_retryable() {
+        let s = standin::spawn(StandinConfig::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = backend(&s.url(), EncodingFormat::Float, None);
+        s.standin
+            .set_faults(FaultsUpdate {
+                down: Some(true),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let result = b.embed(&texts(&["a"])).await;
+        assert!(
+            matches!(&result, Err(e @ EmbedError::Transient { status: 503, .. }) if e.is_retryable()),
+            "{result:?}"
+        );
+        s.stop().await.unwrap_or_else(|e| panic!("{e}"));
+        let result = b.probe().await;
+        assert!(
+            matches!(&result, Err(e @ EmbedError::Unreachable(_)) if e.is_retryable()),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn base64_round_trip_and_bad_urls() {
+        let v = vec![0.25f32, -1.5, f32::MIN_POSITIVE];
+        assert_eq!(decode_base64(&encode_base64(&v)), Ok(v.clone()));
+        assert_eq!(
+            decode_base64(encode_base64(&v).trim_end_matches('=')),
+            Ok(v)
+        );
+        assert!(decode_base64("AAAAAAAA").is_err(), "6 bytes");
+        assert!(decode_base64("not base64!").is_err());
+        for url in ["", "nope", "ftp://h/"] {
+            assert!(
+                OpenAiBackend::new("b", url, "m", None, EncodingFormat::Float, TIMEOUT).is_err(),
+                "{url}"
+            );
+        }
+        assert!(
+            OpenAiBackend::new(
+                "b",
+                "http://h",
+                "m",
+                Some("bad\nkey"),
+                EncodingFormat::Float,
+                TIMEOUT
+            )
+            .is_err()
+        );
+    }
+}

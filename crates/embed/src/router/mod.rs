@@ -1,0 +1,685 @@
+//! The router: spreads embedding calls over every configured backend and
+//! survives any of them failing. It is itself an [`Embedder`], so the
+//! pipeline (and anything else that embeds) does not know how many backends
+//! there are.
+//!
+//! It is built from small layers, each an [`Embedder`] wrapping the next,
+//! each with its heuristic in its own module:
+//!
+//! ```text
+//! Router
+//!  └─ retry    (backoff with full jitter, until embedding.max_wait_ms)   retry.rs
+//!      └─ balance  (strategy pick among callable backends; fail-over)    balance.rs, strategy.rs
+//!          └─ per backend:
+//!              breaker    (closed → open → half-open trial → closed)      breaker.rs
+//!              └─ limit       (max_in_flight; outstanding count)          limit.rs
+//!                  └─ instrument  (metrics; latency EWMA)                 instrument.rs
+//!                      └─ timeout     (timeout_ms)                        timeout.rs
+//!                          └─ check       (count, dimension, finite)      check.rs
+//!                              └─ client  (ollama / openai)
+//! ```
+//!
+//! Beside the call path, [`health`] probes each backend at start-up and
+//! periodically (up, refused for a wrong dimension, context length).
+
+pub mod balance;
+pub mod breaker;
+pub mod check;
+pub mod health;
+pub mod instrument;
+pub mod limit;
+pub mod retry;
+pub mod strategy;
+pub mod timeout;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::settings::{BackendSettings, EmbeddingSettings, Strategy as StrategyName};
+
+use self::balance::Balancer;
+use self::breaker::{Breaker, BreakerConfig, BreakerLayer, CircuitState};
+use self::check::CheckLayer;
+use self::health::BackendCheck;
+use self::instrument::{Ewma, InstrumentLayer};
+use self::limit::{LimitLayer, Load};
+use self::retry::{RetryConfig, RetryLayer};
+use self::timeout::TimeoutLayer;
+use super::{EmbedError, Embedder, ModelInfo, TokenCounter};
+
+/// The router's settings (from `[embedding]`).
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The model every backend serves (the stored `model`, the cache key).
+    pub model: String,
+    pub dimensions: usize,
+    pub strategy: StrategyName,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
+}
+
+impl RouterConfig {
+    pub fn from_settings(settings: &EmbeddingSettings) -> Self {
+        Self {
+            model: settings.model.clone(),
+            dimensions: settings.dimensions.get(),
+            strategy: settings.strategy,
+            retry: RetryConfig {
+                initial: Duration::from_millis(settings.retry_initial_ms.get()),
+                max: Duration::from_millis(settings.retry_max_ms.get()),
+                max_wait: Duration::from_millis(settings.max_wait_ms.get()),
+            },
+            breaker: BreakerConfig {
+                failures: settings.breaker_failures.get(),
+                open_for: Duration::from_millis(settings.breaker_open_ms.get()),
+                max_open_for: Duration::from_millis(settings.breaker_max_open_ms.get()),
+            },
+        }
+    }
+}
+
+/// One backend to route to: its client and its limits.
+pub struct BackendSpec {
+    pub client: Arc<dyn Embedder>,
+    pub weight: u32,
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+}
+
+impl BackendSpec {
+    pub fn from_settings(client: Arc<dyn Embedder>, settings: &BackendSettings) -> Self {
+        Self {
+            client,
+            weight: settings.weight.get(),
+            max_in_flight: settings.max_in_flight.get(),
+            timeout: Duration::from_millis(settings.timeout_ms.get()),
+        }
+    }
+}
+
+/// What the last health check said about a backend.
+#[derive(Debug, Default)]
+struct HealthDetail {
+    checked: bool,
+    info: Option<ModelInfo>,
+    refused: Option<String>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    up: AtomicBool,
+    detail: Mutex<HealthDetail>,
+}
+
+impl Health {
+    fn lock(&self) -> MutexGuard<'_, HealthDetail> {
+        self.detail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn was_checked(&self) -> bool {
+        self.lock().checked
+    }
+
+    pub(crate) fn refused(&self) -> Option<String> {
+        self.lock().refused.clone()
+    }
+
+    pub(crate) fn set_ok(&self, info: ModelInfo) {
+        let mut d = self.lock();
+        d.checked = true;
+        d.info = Some(info);
+        d.refused = None;
+        d.last_error = None;
+        self.up.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_refused(&self, info: ModelInfo, reason: String) {
+        let mut d = self.lock();
+        d.checked = true;
+        d.info = Some(info);
+        d.refused = Some(reason);
+        self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// A failed probe: down, but a refusal stands until a probe shows the
+    /// right dimension.
+    pub(crate) fn set_error(&self, error: String) {
+        let mut d = self.lock();
+        d.checked = true;
+        d.last_error = Some(error);
+        self.up.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One backend: its layered call stack and the state the balancer, the
+/// health check and the status view read.
+pub struct Backend {
+    pub name: String,
+    pub model: String,
+    pub weight: u32,
+    /// The bare client behind a timeout: for probes.
+    client: Arc<dyn Embedder>,
+    /// breaker → limit → instrument → timeout → check → client.
+    stack: Arc<dyn Embedder>,
+    breaker: Arc<Breaker>,
+    load: Arc<Load>,
+    latency: Arc<Ewma>,
+    health: Health,
+}
+
+impl Backend {
+    fn new(spec: BackendSpec, dimensions: usize, breaker: BreakerConfig) -> Self {
+        let name = spec.client.name().to_string();
+        let model = spec.client.model().to_string();
+        let breaker = Arc::new(Breaker::new(name.clone(), breaker));
+        let load = Arc::new(Load::new(name.clone(), spec.max_in_flight));
+        let latency = Arc::new(Ewma::default());
+        let checked: Arc<dyn Embedder> = Arc::new(CheckLayer::new(spec.client.clone(), dimensions));
+        let timed: Arc<dyn Embedder> = Arc::new(TimeoutLayer::new(checked, spec.timeout));
+        let instrumented: Arc<dyn Embedder> =
+            Arc::new(InstrumentLayer::new(timed, latency.clone()));
+        let limited: Arc<dyn Embedder> = Arc::new(LimitLayer::new(instrumented, load.clone()));
+        let stack: Arc<dyn Embedder> = Arc::new(BreakerLayer::new(limited, breaker.clone()));
+        Self {
+            client: Arc::new(TimeoutLayer::new(spec.client, spec.timeout)),
+            name,
+            model,
+            weight: spec.weight.max(1),
+            stack,
+            breaker,
+            load,
+            latency,
+            health: Health::default(),
+        }
+    }
+
+    /// Whether the balancer may send it a call now.
+    fn can_take_calls(&self) -> bool {
+        self.health.refused().is_none() && self.breaker.would_admit()
+    }
+
+    /// Up (last probe fine), not refused, circuit not open: counts for
+    /// readiness.
+    fn is_ready(&self) -> bool {
+        self.health.is_up()
+            && self.health.refused().is_none()
+            && self.breaker.state() != CircuitState::Open
+    }
+
+    fn unavailable_reason(&self) -> String {
+        if let Some(reason) = self.health.refused() {
+            return format!("refused: {reason}");
+        }
+        match self.breaker.state() {
+            CircuitState::Open => "circuit open".into(),
+            CircuitState::HalfOpen if !self.breaker.would_admit() => "trial call in flight".into(),
+            _ if !self.breaker.would_admit() => "holding back for Retry-After".into(),
+            _ => "tried".into(),
+        }
+    }
+
+    fn status(&self) -> BackendStatus {
+        let detail = self.health.lock();
+        BackendStatus {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            weight: self.weight,
+            up: self.health.is_up(),
+            ready: self.health.is_up()
+                && detail.refused.is_none()
+                && self.breaker.state() != CircuitState::Open,
+            refused: detail.refused.clone(),
+            circuit: self.breaker.state(),
+            in_flight: self.load.running(),
+            outstanding: self.load.outstanding(),
+            max_in_flight: self.load.max_in_flight(),
+            latency_ms: self.latency.get().map(|s| s * 1000.0),
+            dimensions: detail.info.as_ref().map(|i| i.dimensions),
+            context_length: detail.info.as_ref().and_then(|i| i.context_length),
+            last_error: detail.last_error.clone(),
+        }
+    }
+}
+
+/// A backend as `/v1/stats` and logs show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub model: String,
+    pub weight: u32,
+    /// The last health probe succeeded with the right dimension.
+    pub up: bool,
+    /// Up, not refused and circuit not open: counts for readiness.
+    pub ready: bool,
+    /// Why it gets no calls, when it answered with another dimension.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    pub circuit: CircuitState,
+    /// Calls running at the backend.
+    pub in_flight: usize,
+    /// Calls running or waiting for an in-flight slot.
+    pub outstanding: usize,
+    pub max_in_flight: usize,
+    /// EWMA call latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    /// The last failed probe's error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The text [`Router::warm_up`] embeds.
+const WARM_UP_TEXT: &str = "convstore warm-up";
+
+/// Spreads embedding calls over the backends; see the module docs.
+pub struct Router {
+    model: String,
+    dimensions: usize,
+    backends: Arc<[Arc<Backend>]>,
+    service: RetryLayer,
+    /// Where the smallest usable context length is published for the
+    /// chunker.
+    context_sink: Option<Arc<AtomicUsize>>,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig, specs: Vec<BackendSpec>) -> Self {
+        let backends: Arc<[Arc<Backend>]> = specs
+            .into_iter()
+            .map(|spec| Arc::new(Backend::new(spec, config.dimensions, config.breaker)))
+            .collect();
+        let strategy = strategy::from_config(config.strategy, backends.len());
+        let balancer = Arc::new(Balancer::new(
+            config.model.clone(),
+            backends.clone(),
+            strategy,
+        ));
+        let watched = backends.clone();
+        let hopeless: retry::Hopeless = Arc::new(move || {
+            watched
+                .iter()
+                .all(|b| b.health.refused().is_some() || b.breaker.state() == CircuitState::Open)
+        });
+        Self {
+            model: config.model,
+            dimensions: config.dimensions,
+            backends,
+            service: RetryLayer::new(balancer, config.retry).give_up_when(hopeless),
+            context_sink: None,
+        }
+    }
+
+    /// Publishes the smallest context length of the usable backends into
+    /// `sink` after every health check (the chunker reads it).
+    pub fn with_context_sink(mut self, sink: Arc<AtomicUsize>) -> Self {
+        self.context_sink = Some(sink);
+        self
+    }
+
+    /// Probes every backend at once and records the results (up, refused,
+    /// context). Used at start-up and by the periodic health check.
+    pub async fn check_all(&self) -> Vec<BackendCheck> {
+        let checks = futures::future::join_all(
+            self.backends
+                .iter()
+                .map(|b| health::check(b, self.dimensions)),
+        )
+        .await;
+        metrics::gauge!(convstore_telemetry::metrics::BACKENDS_READY)
+            .set(self.ready_backends() as f64);
+        if let (Some(sink), Some(context)) = (&self.context_sink, self.context_length()) {
+            let old = sink.swap(context, Ordering::Relaxed);
+            if old != context {
+                tracing::info!(
+                    context_tokens = context,
+                    "Chunks are cut to the smallest context of the usable backends"
+                );
+            }
+        }
+        checks
+    }
+
+    /// The smallest context length reported by a backend that is not
+    /// refused, if any reported one.
+    pub fn context_length(&self) -> Option<usize> {
+        self.backends
+            .iter()
+            .filter_map(|b| {
+                let d = b.health.lock();
+                if d.refused.is_some() {
+                    None
+                } else {
+                    d.info.as_ref().and_then(|i| i.context_length)
+                }
+            })
+            .min()
+    }
+
+    /// Backends counting for readiness (up, not refused, circuit not open).
+    pub fn ready_backends(&self) -> usize {
+        self.backends.iter().filter(|b| b.is_ready()).count()
+    }
+
+    /// One short embedding through each backend that is up, so each loads
+    /// its model (Ollama does on the first call, which can take seconds)
+    /// before the daemon reports ready. True if at least one answered.
+    pub async fn warm_up(&self) -> bool {
+        let up: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.health.is_up()).collect();
+        let text = [WARM_UP_TEXT.to_string()];
+        let results = futures::future::join_all(up.iter().map(|b| b.stack.embed(&text))).await;
+        let mut any = false;
+        for (b, result) in up.iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    any = true;
+                    tracing::debug!(backend = %b.name, "Embedding backend warmed up");
+                }
+                Err(e) => tracing::warn!(
+                    backend = %b.name,
+                    error = %e,
+                    "Embedding backend answered its probe but not a warm-up embedding"
+                ),
+            }
+        }
+        any
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Every backend's state, in configuration order.
+    pub fn snapshot(&self) -> Vec<BackendStatus> {
+        self.backends.iter().map(|b| b.status()).collect()
+    }
+
+    pub fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+}
+
+#[async_trait]
+impl Embedder for Router {
+    fn name(&self) -> &str {
+        "router"
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn token_counter(&self) -> Option<Arc<dyn TokenCounter>> {
+        self.service.token_counter()
+    }
+
+    /// Probes every backend; the configured dimension and the smallest
+    /// context if one serves it, else the first failure.
+    async fn probe(&self) -> Result<ModelInfo, EmbedError> {
+        let checks = self.check_all().await;
+        let good = checks.iter().any(|c| {
+            c.result
+                .as_ref()
+                .is_ok_and(|info| info.dimensions == self.dimensions)
+        });
+        if good {
+            return Ok(ModelInfo {
+                dimensions: self.dimensions,
+                context_length: self.context_length(),
+            });
+        }
+        let mut first_error = None;
+        for c in checks {
+            match c.result {
+                Ok(info) => {
+                    return Err(EmbedError::DimensionMismatch {
+                        expected: self.dimensions,
+                        got: info.dimensions,
+                    });
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error
+            .unwrap_or_else(|| EmbedError::Unreachable("no embedding backend configured".into())))
+    }
+
+    async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.service.embed(inputs).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ollama::OllamaBackend;
+    use convstore_standin::{
+        self as standin, FaultsUpdate, SpawnedStandin, StandinConfig, standin_vector,
+    };
+
+    const DIMS: usize = 768;
+
+    async fn standin(config: StandinConfig) -> SpawnedStandin {
+        standin::spawn(config)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn config(strategy: StrategyName) -> RouterConfig {
+        RouterConfig {
+            model: "nomic-embed-text".into(),
+            dimensions: DIMS,
+            strategy,
+            retry: RetryConfig {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+                max_wait: Duration::from_secs(10),
+            },
+            breaker: BreakerConfig {
+                failures: 2,
+                open_for: Duration::from_millis(100),
+                max_open_for: Duration::from_millis(200),
+            },
+        }
+    }
+
+    fn spec(name: &str, url: &str) -> BackendSpec {
+        let client = OllamaBackend::new(name, url, "nomic-embed-text", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e}"));
+        BackendSpec {
+            client: Arc::new(client),
+            weight: 1,
+            max_in_flight: 2,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn texts(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("text {i}")).collect()
+    }
+
+    fn down() -> FaultsUpdate {
+        FaultsUpdate {
+            down: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn fails_over_and_opens_the_circuit_of_a_dead_backend() {
+        let good = standin(StandinConfig::default()).await;
+        let bad = standin(StandinConfig::default()).await;
+        bad.standin
+            .set_faults(down())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let router = Router::new(
+            config(StrategyName::RoundRobin),
+            vec![spec("good", &good.url()), spec("bad", &bad.url())],
+        );
+        for i in 0..10 {
+            let inputs = vec![format!("t{i}")];
+            let vectors = router
+                .embed(&inputs)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(vectors, vec![standin_vector(&inputs[0], DIMS)]);
+        }
+        let status = router.snapshot();
+        assert_eq!(status[1].circuit, CircuitState::Open, "{status:?}");
+        assert_eq!(
+            bad.standin.stats().outcomes.down,
+            2,
+            "two failures opened it"
+        );
+        assert_eq!(good.standin.stats().outcomes.ok, 10);
+
+        // Back up: after the open period, a trial closes it.
+        bad.standin
+            .set_faults(FaultsUpdate {
+                down: Some(false),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        for _ in 0..4 {
+            router
+                .embed(&texts(1))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(router.snapshot()[1].circuit, CircuitState::Closed);
+        assert!(bad.standin.stats().outcomes.ok >= 1);
+    }
+
+    #[tokio::test]
+    async fn every_backend_down_fails_fast_once_the_circuits_are_open() {
+        let a = standin(StandinConfig::default()).await;
+        let b = standin(StandinConfig::default()).await;
+        for s in [&a, &b] {
+            s.standin
+                .set_faults(down())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let router = Router::new(
+            config(StrategyName::LeastOutstanding),
+            vec![spec("a", &a.url()), spec("b", &b.url())],
+        );
+        // The first call opens both circuits (two failures each), then
+        // gives up instead of waiting out max_wait.
+        let started = std::time::Instant::now();
+        assert!(router.embed(&texts(3)).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            router
+                .snapshot()
+                .iter()
+                .all(|b| b.circuit == CircuitState::Open)
+        );
+        let calls = a.standin.stats().calls.embed + b.standin.stats().calls.embed;
+        assert!(router.embed(&texts(3)).await.is_err());
+        assert_eq!(
+            a.standin.stats().calls.embed + b.standin.stats().calls.embed,
+            calls,
+            "open circuits: no call at all"
+        );
+        assert_eq!(router.ready_backends(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_backend_with_another_dimension_is_refused() {
+        let right = standin(StandinConfig {
+            context_length: 1024,
+            ..StandinConfig::default()
+        })
+        .await;
+        let wrong = standin(StandinConfig {
+            dimensions: 384,
+            context_length: 512,
+            ..StandinConfig::default()
+        })
+        .await;
+        let sink = Arc::new(AtomicUsize::new(0));
+        let router = Router::new(
+            config(StrategyName::RoundRobin),
+            vec![spec("right", &right.url()), spec("wrong", &wrong.url())],
+        )
+        .with_context_sink(sink.clone());
+        let checks = router.check_all().await;
+        assert!(health::startup_verdict(&checks, DIMS).is_ok());
+        let status = router.snapshot();
+        assert!(status[0].up && status[0].refused.is_none());
+        assert!(!status[1].up);
+        assert!(
+            status[1]
+                .refused
+                .as_deref()
+                .is_some_and(|r| r.contains("384-dimensional")),
+            "{status:?}"
+        );
+        // The refused backend's context does not count.
+        assert_eq!(sink.load(Ordering::Relaxed), 1024);
+        assert_eq!(router.ready_backends(), 1);
+        for _ in 0..6 {
+            router
+                .embed(&texts(2))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(wrong.standin.stats().calls.embed, 0, "never called");
+        assert_eq!(router.probe().await.ok().map(|i| i.dimensions), Some(DIMS));
+
+        let only_wrong = Router::new(
+            config(StrategyName::RoundRobin),
+            vec![spec("w", &wrong.url())],
+        );
+        assert!(health::startup_verdict(&only_wrong.check_all().await, DIMS).is_err());
+    }
+
+    #[tokio::test]
+    async fn rejections_are_returned_without_failover() {
+        let a = standin(StandinConfig {
+            poison: vec!["BAD".into()],
+            ..StandinConfig::default()
+        })
+        .await;
+        let b = standin(StandinConfig {
+            poison: vec!["BAD".into()],
+            ..StandinConfig::default()
+        })
+        .await;
+        let router = Router::new(
+            config(StrategyName::LeastOutstanding),
+            vec![spec("a", &a.url()), spec("b", &b.url())],
+        );
+        let result = router.embed(&["fine".into(), "a BAD one".into()]).await;
+        assert!(
+            matches!(result, Err(EmbedError::Rejected { status: 400, .. })),
+            "{result:?}"
+        );
+        let poisoned = a.standin.stats().outcomes.poisoned + b.standin.stats().outcomes.poisoned;
+        assert_eq!(poisoned, 1, "one call, no retry, no fail-over");
+        assert!(
+            router
+                .snapshot()
+                .iter()
+                .all(|s| s.circuit == CircuitState::Closed)
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! Settings this crate owns; the daemon's `Settings` composes them
+//! (key names are a contract, DESIGN.md) and validates across sections.
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingSettings {
+    pub model: String,
+    /// Checked against every backend at start-up; fixes the vector column.
+    pub dimensions: NonZeroUsize,
+    pub strategy: Strategy,
+    /// Most texts sent in one backend request.
+    pub max_batch_inputs: NonZeroUsize,
+    /// First retry delay after a retryable backend failure; doubles each time.
+    pub retry_initial_ms: NonZeroU64,
+    /// Ceiling of the retry delay.
+    pub retry_max_ms: NonZeroU64,
+    pub backends: Vec<BackendSettings>,
+
+    // --- Routing across backends (issue 4; docs/ROUTING.md) ---
+    /// Longest a batch waits for vectors (retries and fail-over included)
+    /// before its chunks are stored as `pending` for the backfill.
+    pub max_wait_ms: NonZeroU64,
+    /// Period of the per-backend health check (version, model, dimension).
+    pub health_interval_ms: NonZeroU64,
+    /// Consecutive failed calls that open a backend's circuit breaker.
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker first refuses calls before one trial call;
+    /// doubles after each failed trial.
+    pub breaker_open_ms: NonZeroU64,
+    /// Ceiling of the open period.
+    pub breaker_max_open_ms: NonZeroU64,
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        Self {
+            // Zero set-up: the builtin all-MiniLM-L6-v2 needs no other
+            // service (scripts/setup.sh installs it). The systemd config
+            // ships Ollama as the production default.
+            model: "all-minilm".into(),
+            dimensions: nz(384),
+            strategy: Strategy::LeastOutstanding,
+            max_batch_inputs: nz(32),
+            retry_initial_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
+            retry_max_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            backends: vec![BackendSettings {
+                name: "builtin".into(),
+                kind: BackendKind::Builtin,
+                url: String::new(),
+                // A call waits for the local inference pool too: two calls
+                // of 32 texts × 256 tokens are ~16k tokens, ~14 s at the
+                // ~1,200 tokens/s two cores manage (benches/builtin_embed).
+                timeout_ms: NonZeroU64::new(120_000).unwrap_or(NonZeroU64::MIN),
+                ..BackendSettings::default()
+            }],
+            max_wait_ms: NonZeroU64::new(60_000).unwrap_or(NonZeroU64::MIN),
+            health_interval_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
+            breaker_failures: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
+            breaker_open_ms: NonZeroU64::new(1_000).unwrap_or(NonZeroU64::MIN),
+            breaker_max_open_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+}
+
+impl EmbeddingSettings {
+    /// The model a backend serves: its own `model`, else `embedding.model`.
+    pub fn model_for<'a>(&'a self, backend: &'a BackendSettings) -> &'a str {
+        if backend.model.is_empty() {
+            &self.model
+        } else {
+            &backend.model
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    LeastOutstanding,
+    RoundRobin,
+    Weighted,
+    Latency,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendSettings {
+    pub name: String,
+    pub kind: BackendKind,
+    pub url: String,
+    /// Empty = `embedding.model`.
+    pub model: String,
+    pub weight: NonZeroU32,
+    pub max_in_flight: NonZeroUsize,
+    pub timeout_ms: NonZeroU64,
+    /// Name of the environment variable holding the bearer key (openai).
+    pub api_key_env: String,
+    /// builtin: the sentence-transformers model directory (absolute). Empty
+    /// = `state_dir/models/<model>`, then where `scripts/setup.sh` installs
+    /// models (`/usr/local/lib/convstore/models/<model>`, then
+    /// `~/.local/lib/convstore/models/<model>`); `all-minilm` is installed
+    /// as `all-MiniLM-L6-v2`.
+    pub model_dir: String,
+    /// openai: the `encoding_format` asked for; either answer is decoded.
+    pub encoding_format: EncodingFormat,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        Self {
+            name: "local-ollama".into(),
+            kind: BackendKind::Ollama,
+            url: "http://127.0.0.1:11434".into(),
+            model: String::new(),
+            weight: NonZeroU32::MIN,
+            max_in_flight: nz(2),
+            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            api_key_env: String::new(),
+            model_dir: String::new(),
+            encoding_format: EncodingFormat::Base64,
+        }
+    }
+}
+
+/// How an OpenAI-compatible backend sends vectors (issue 4).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingFormat {
+    /// Little-endian f32 bytes in base64: a third of the JSON floats' size.
+    Base64,
+    /// JSON numbers, for servers that refuse `base64`.
+    Float,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Ollama,
+    Openai,
+    Builtin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Entries in the in-memory LRU (L1).
+    pub max_entries: NonZeroUsize,
+    /// L2: the `embedding_cache` table shared by every instance.
+    pub shared: bool,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_entries: nz(50_000),
+            shared: true,
+        }
+    }
+}
+
+/// `n` as a `NonZeroUsize`, for defaults (a zero default is a bug caught
+/// by the daemon's config tests).
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}

@@ -1,0 +1,294 @@
+//! The backfill's database side: claim a batch of `pending` chunks, let the
+//! caller embed them, write what came of each, and bring the conversations'
+//! `embedding_status` up to date, all in one transaction.
+//!
+//! Safe with several convstore instances on one database:
+//! - chunks are claimed with `FOR UPDATE SKIP LOCKED`, so two instances
+//!   never embed the same chunk, and a crashed instance's claim ends with
+//!   its connection (nothing to clean up);
+//! - a conversation's status is recomputed from its chunks after locking
+//!   its row (in id order, so two instances cannot deadlock), in a statement
+//!   that starts after the lock is granted and so sees what the other
+//!   instance committed.
+//!
+//! What becomes of a claimed chunk:
+//! - embedded → vector, `embedded`, `embedded_at`;
+//! - rejected by the backend (the input is at fault) → `failed` with the
+//!   reason: a dead letter, visible in the API and metrics, never claimed
+//!   again;
+//! - no backend answered in time → still `pending`, `embed_attempts + 1`,
+//!   and not claimed again before `next_attempt_at` (exponential, capped):
+//!   a chunk that keeps failing never blocks the others or spins.
+//!
+//! Only chunks of the configured model are claimed: a vector is only ever
+//! stored under the model that produced it.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgvector::Vector;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use convstore_core::model::ContentHash;
+
+/// A chunk waiting for its vector, as claimed by a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingChunk {
+    pub conversation_id: Uuid,
+    pub seq: i32,
+    pub content: String,
+    pub content_hash: ContentHash,
+    /// Earlier rounds that could not embed it.
+    pub attempts: i32,
+}
+
+/// What the caller made of one claimed chunk.
+#[derive(Debug, Clone)]
+pub enum BackfillResult {
+    Embedded(Arc<[f32]>),
+    /// Rejected for good; the reason.
+    Failed(String),
+    /// Not embedded this time; try again later.
+    Deferred,
+}
+
+/// When a deferred chunk is tried again: `base · 2^attempts`, at most
+/// `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeferPolicy {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackfillOutcome {
+    pub claimed: usize,
+    pub embedded: usize,
+    pub failed: usize,
+    pub deferred: usize,
+    /// Conversations whose status was recomputed.
+    pub conversations: usize,
+}
+
+/// Dead letters and waiting work, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmbeddingBacklog {
+    pub chunks_pending: u64,
+    pub chunks_failed: u64,
+    pub conversations_pending: u64,
+    pub conversations_failed: u64,
+}
+
+const CLAIM: &str = "\
+SELECT conversation_id, seq, content, content_hash, embed_attempts
+FROM conversation_chunks
+WHERE embedding_status = 'pending' AND model = $1
+  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+ORDER BY conversation_id, seq
+LIMIT $2
+FOR UPDATE SKIP LOCKED";
+
+const SET_EMBEDDED: &str = "\
+UPDATE conversation_chunks c
+SET embedding = u.e, embedding_status = 'embedded', embedded_at = now(),
+    error = NULL, next_attempt_at = NULL
+FROM UNNEST($1::uuid[], $2::int4[], $3::vector[]) AS u(id, seq, e)
+WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+
+const SET_FAILED: &str = "\
+UPDATE conversation_chunks c
+SET embedding_status = 'failed', error = u.reason, next_attempt_at = NULL
+FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS u(id, seq, reason)
+WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+
+/// The delay doubles per attempt (the exponent is capped so the float
+/// stays finite) and never passes the ceiling.
+const SET_DEFERRED: &str = "\
+UPDATE conversation_chunks c
+SET embed_attempts = c.embed_attempts + 1,
+    next_attempt_at = now() + least($3::float8 * power(2, least(c.embed_attempts, 40)), $4::float8)
+                              * interval '1 second'
+FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, seq)
+WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+
+const LOCK_CONVERSATIONS: &str =
+    "SELECT id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE";
+
+/// The worst of the chunks' statuses, as at insert time.
+const RECOMPUTE_STATUS: &str = "\
+UPDATE conversations c
+SET embedding_status = CASE
+    WHEN EXISTS (SELECT 1 FROM conversation_chunks k
+                 WHERE k.conversation_id = c.id AND k.embedding_status = 'pending') THEN 'pending'
+    WHEN EXISTS (SELECT 1 FROM conversation_chunks k
+                 WHERE k.conversation_id = c.id AND k.embedding_status = 'failed') THEN 'failed'
+    ELSE 'embedded' END
+WHERE c.id = ANY($1::uuid[])";
+
+const BACKLOG: &str = "\
+SELECT
+  (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending'),
+  (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'failed'),
+  (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'),
+  (SELECT count(*) FROM conversations WHERE embedding_status = 'failed')";
+
+impl Store {
+    /// One backfill round: claims up to `limit` pending chunks of `model`
+    /// that are due, hands them to `embed` (which answers one result per
+    /// chunk, in order), and writes the results. The chunks stay locked
+    /// while `embed` runs, so it should be bounded in time.
+    ///
+    /// If `embed` answers the wrong number of results, nothing is written
+    /// and the chunks stay as they were.
+    pub async fn backfill_round<F, Fut>(
+        &self,
+        model: &str,
+        limit: usize,
+        defer: DeferPolicy,
+        embed: F,
+    ) -> Result<BackfillOutcome, StoreError>
+    where
+        F: FnOnce(Vec<PendingChunk>) -> Fut,
+        Fut: Future<Output = Vec<BackfillResult>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(CLAIM)
+            .bind(model)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut chunks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let hash: Vec<u8> = row.try_get("content_hash")?;
+            let Ok(content_hash) = ContentHash::try_from(hash.as_slice()) else {
+                continue; // The CHECK constraint makes this unreachable.
+            };
+            chunks.push(PendingChunk {
+                conversation_id: row.try_get("conversation_id")?,
+                seq: row.try_get("seq")?,
+                content: row.try_get("content")?,
+                content_hash,
+                attempts: row.try_get("embed_attempts")?,
+            });
+        }
+        let mut outcome = BackfillOutcome {
+            claimed: chunks.len(),
+            ..BackfillOutcome::default()
+        };
+        if chunks.is_empty() {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let keys: Vec<(Uuid, i32)> = chunks.iter().map(|c| (c.conversation_id, c.seq)).collect();
+        let results = embed(chunks).await;
+        if results.len() != keys.len() {
+            tx.rollback().await?;
+            return Err(StoreError::Schema(format!(
+                "backfill: {} results for {} chunks (a bug); nothing written",
+                results.len(),
+                keys.len()
+            )));
+        }
+
+        let dims = self.dimensions();
+        let mut embedded = (Vec::new(), Vec::new(), Vec::new());
+        let mut failed = (Vec::new(), Vec::new(), Vec::new());
+        let mut deferred = (Vec::new(), Vec::new());
+        let mut touched = BTreeSet::new();
+        for ((id, seq), result) in keys.into_iter().zip(results) {
+            match result {
+                BackfillResult::Embedded(v) if dims.is_none_or(|d| d == v.len()) => {
+                    embedded.0.push(id);
+                    embedded.1.push(seq);
+                    embedded.2.push(Vector::from(v.to_vec()));
+                    touched.insert(id);
+                }
+                BackfillResult::Embedded(v) => {
+                    failed.0.push(id);
+                    failed.1.push(seq);
+                    failed.2.push(format!(
+                        "vector has {} dimensions, the column holds {}",
+                        v.len(),
+                        dims.unwrap_or(0)
+                    ));
+                    touched.insert(id);
+                }
+                BackfillResult::Failed(reason) => {
+                    failed.0.push(id);
+                    failed.1.push(seq);
+                    failed.2.push(reason.replace('\0', ""));
+                    touched.insert(id);
+                }
+                BackfillResult::Deferred => {
+                    deferred.0.push(id);
+                    deferred.1.push(seq);
+                }
+            }
+        }
+        if !embedded.0.is_empty() {
+            let done = sqlx::query(SET_EMBEDDED)
+                .bind(&embedded.0)
+                .bind(&embedded.1)
+                .bind(&embedded.2)
+                .execute(&mut *tx)
+                .await?;
+            outcome.embedded = usize::try_from(done.rows_affected()).unwrap_or(0);
+        }
+        if !failed.0.is_empty() {
+            let done = sqlx::query(SET_FAILED)
+                .bind(&failed.0)
+                .bind(&failed.1)
+                .bind(&failed.2)
+                .execute(&mut *tx)
+                .await?;
+            outcome.failed = usize::try_from(done.rows_affected()).unwrap_or(0);
+        }
+        if !deferred.0.is_empty() {
+            let done = sqlx::query(SET_DEFERRED)
+                .bind(&deferred.0)
+                .bind(&deferred.1)
+                .bind(defer.base.as_secs_f64())
+                .bind(defer.max.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+            outcome.deferred = usize::try_from(done.rows_affected()).unwrap_or(0);
+        }
+        if !touched.is_empty() {
+            let ids: Vec<Uuid> = touched.into_iter().collect();
+            sqlx::query(LOCK_CONVERSATIONS)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+            let done = sqlx::query(RECOMPUTE_STATUS)
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            outcome.conversations = usize::try_from(done.rows_affected()).unwrap_or(0);
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Chunks and conversations waiting for a vector or dead-lettered.
+    /// Four counts over partial indexes: cheap while the backlog is small.
+    pub async fn embedding_backlog(&self) -> Result<EmbeddingBacklog, StoreError> {
+        let (chunks_pending, chunks_failed, conversations_pending, conversations_failed): (
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(BACKLOG).fetch_one(&self.pool).await?;
+        let n = |x: i64| u64::try_from(x).unwrap_or(0);
+        Ok(EmbeddingBacklog {
+            chunks_pending: n(chunks_pending),
+            chunks_failed: n(chunks_failed),
+            conversations_pending: n(conversations_pending),
+            conversations_failed: n(conversations_failed),
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! Reading stored conversations back, for `GET /v1/conversations/{id}`,
+//! `/v1/stats` and tests.
+//!
+//! The views are plain serialisable structs: the API returns them as JSON
+//! as they are. Vectors are left out (768 floats per chunk help no reader);
+//! a chunk's `embedding_status` says whether it has one.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use convstore_core::model::{EmbeddingStatus, Message};
+
+/// A stored conversation with the status of each chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct StoredConversation {
+    pub id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub user_id: String,
+    pub channel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The full text, as embedded.
+    pub transcript: String,
+    /// The messages as received; absent when the caller sent a transcript.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Message>>,
+    pub metadata: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub stored_at: DateTime<Utc>,
+    pub embedding_status: EmbeddingStatus,
+    pub chunks: Vec<StoredChunk>,
+}
+
+/// One chunk, without its vector.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct StoredChunk {
+    pub seq: i32,
+    pub content: String,
+    pub model: String,
+    pub embedding_status: EmbeddingStatus,
+    /// Why a failed chunk failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded_at: Option<DateTime<Utc>>,
+}
+
+/// Row counts: conversations, and chunks by embedding status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreCounts {
+    pub conversations: u64,
+    pub chunks: ChunkCounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ChunkCounts {
+    pub embedded: u64,
+    pub pending: u64,
+    pub failed: u64,
+}
+
+impl ChunkCounts {
+    pub fn total(&self) -> u64 {
+        self.embedded + self.pending + self.failed
+    }
+}
+
+macro_rules! select_conversation {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, client_id, user_id, channel, summary, transcript, messages, metadata, \
+             created_at, received_at, stored_at, embedding_status FROM conversations WHERE ",
+            $where
+        )
+    };
+}
+
+impl Store {
+    /// Conversations and chunks still waiting for a vector: one indexed
+    /// query (both tables have a partial index on that status).
+    pub async fn pending_counts(&self) -> Result<(u64, u64), StoreError> {
+        let (conversations, chunks): (i64, i64) = sqlx::query_as(
+            "SELECT \
+               (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'), \
+               (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending')",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(StoreError::from)?;
+        Ok((conversations.max(0) as u64, chunks.max(0) as u64))
+    }
+
+    /// Which of `ids` are rows of `conversations` already (the journal's
+    /// start-up replay settles those without embedding them again).
+    pub async fn stored_ids(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, StoreError> {
+        let rows: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The conversation with this row id, or `None`.
+    pub async fn get_conversation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<StoredConversation>, StoreError> {
+        let row = sqlx::query(select_conversation!("id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        self.with_chunks(row).await
+    }
+
+    /// The conversation stored under this client id (idempotency key), or
+    /// `None`.
+    pub async fn get_conversation_by_client_id(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<StoredConversation>, StoreError> {
+        let row = sqlx::query(select_conversation!("client_id = $1"))
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        self.with_chunks(row).await
+    }
+
+    /// Exact counts. Each is a scan of its table (PostgreSQL keeps no row
+    /// count): fine for tests and an occasional `/v1/stats`, not for a
+    /// per-request path on millions of rows.
+    pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let conversations: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT embedding_status, count(*) AS n FROM conversation_chunks \
+             GROUP BY embedding_status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut chunks = ChunkCounts::default();
+        for row in rows {
+            let status: String = row.try_get("embedding_status")?;
+            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+            match parse_status(&status)? {
+                EmbeddingStatus::Embedded => chunks.embedded = n,
+                EmbeddingStatus::Pending => chunks.pending = n,
+                EmbeddingStatus::Failed => chunks.failed = n,
+            }
+        }
+        Ok(StoreCounts {
+            conversations: u64::try_from(conversations).unwrap_or(0),
+            chunks,
+        })
+    }
+
+    async fn with_chunks(
+        &self,
+        row: Option<PgRow>,
+    ) -> Result<Option<StoredConversation>, StoreError> {
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut conversation = conversation_from_row(&row)?;
+        let rows = sqlx::query(
+            "SELECT seq, content, model, embedding_status, error, embedded_at \
+             FROM conversation_chunks WHERE conversation_id = $1 ORDER BY seq",
+        )
+        .bind(conversation.id)
+        .fetch_all(&self.pool)
+        .await?;
+        conversation.chunks = rows.iter().map(chunk_from_row).collect::<Result<_, _>>()?;
+        Ok(Some(conversation))
+    }
+}
+
+fn conversation_from_row(row: &PgRow) -> Result<StoredConversation, StoreError> {
+    let messages: Option<Json<Vec<Message>>> = row.try_get("messages")?;
+    let status: String = row.try_get("embedding_status")?;
+    Ok(StoredConversation {
+        id: row.try_get("id")?,
+        client_id: row.try_get("client_id")?,
+        user_id: row.try_get("user_id")?,
+        channel: row.try_get("channel")?,
+        summary: row.try_get("summary")?,
+        transcript: row.try_get("transcript")?,
+        messages: messages.map(|m| m.0),
+        metadata: row.try_get("metadata")?,
+        created_at: row.try_get("created_at")?,
+        received_at: row.try_get("received_at")?,
+        stored_at: row.try_get("stored_at")?,
+        embedding_status: parse_status(&status)?,
+        chunks: Vec::new(),
+    })
+}
+
+fn chunk_from_row(row: &PgRow) -> Result<StoredChunk, StoreError> {
+    let status: String = row.try_get("embedding_status")?;
+    Ok(StoredChunk {
+        seq: row.try_get("seq")?,
+        content: row.try_get("content")?,
+        model: row.try_get("model")?,
+        embedding_status: parse_status(&status)?,
+        error: row.try_get("error")?,
+        embedded_at: row.try_get("embedded_at")?,
+    })
+}
+
+/// The table's CHECK constraint allows exactly these three.
+fn parse_status(text: &str) -> Result<EmbeddingStatus, StoreError> {
+    match text {
+        "embedded" => Ok(EmbeddingStatus::Embedded),
+        "pending" => Ok(EmbeddingStatus::Pending),
+        "failed" => Ok(EmbeddingStatus::Failed),
+        other => Err(StoreError::Schema(format!(
+            "unknown embedding_status `{other}` in the database (written by a newer convstore?)"
+        ))),
+    }
+}

@@ -1,0 +1,14 @@
+//! Logs and metrics: metric names, the Prometheus recorder, log set-up,
+//! and what operators watch: `/v1/stats` (rolling windows fed by a
+//! recorder layer, health verdict, bottleneck), process metrics, the
+//! status page.
+
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod process;
+pub mod settings;
+pub mod stats;
+pub mod tap;
+pub mod ui;
+pub mod window;
