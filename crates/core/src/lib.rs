@@ -12,6 +12,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod journal;
 pub mod model;
+pub mod nonzero;
 pub mod strict_json;
 pub mod validate;
 

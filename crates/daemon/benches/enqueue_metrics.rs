@@ -67,7 +67,7 @@ fn fixture() -> Fixture {
             .connect_lazy("postgres://nobody@localhost/none")
             .expect("lazy pool")
     });
-    let handle = m::prometheus_recorder().handle();
+    let handle = convstore_telemetry::recorder::prometheus_recorder().handle();
     let state = Arc::new(IngressState::new(
         &settings,
         queue.clone(),
@@ -112,12 +112,12 @@ fn enqueue(c: &mut Criterion) {
     let mut group = c.benchmark_group("enqueue_handler");
     group.measurement_time(Duration::from_secs(8));
     group.bench_function("none", |b| b.iter_custom(|iters| post_many(&f, iters)));
-    let prometheus = m::prometheus_recorder();
+    let prometheus = convstore_telemetry::recorder::prometheus_recorder();
     group.bench_function("prometheus", |b| {
         b.iter_custom(|iters| metrics::with_local_recorder(&prometheus, || post_many(&f, iters)))
     });
     let tapped = StatsRecorder::new(
-        m::prometheus_recorder(),
+        convstore_telemetry::recorder::prometheus_recorder(),
         Arc::new(Stats::new(Instant::now())),
     );
     group.bench_function("prometheus+stats", |b| {
@@ -138,9 +138,9 @@ fn record_request() {
 fn record_only(c: &mut Criterion) {
     let mut group = c.benchmark_group("record_only");
     group.bench_function("none", |b| b.iter(record_request));
-    let prometheus = m::prometheus_recorder();
+    let prometheus = convstore_telemetry::recorder::prometheus_recorder();
     let tapped = StatsRecorder::new(
-        m::prometheus_recorder(),
+        convstore_telemetry::recorder::prometheus_recorder(),
         Arc::new(Stats::new(Instant::now())),
     );
     for (name, recorder) in [

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
+use convstore_core::nonzero::{nz_u32, nz_u64, nz_usize};
 use serde::{Deserialize, Serialize};
 
 pub use convstore_embed::settings::{
@@ -89,9 +90,9 @@ impl Default for ServerSettings {
             http_addr: "127.0.0.1:7070".into(),
             unix_socket: default_unix_socket(),
             socket_mode: "0660".into(),
-            max_body_bytes: nz(1_048_576),
-            max_messages: nz(1_000),
-            max_batch_items: nz(1_000),
+            max_body_bytes: const { nz_usize(1_048_576) },
+            max_messages: const { nz_usize(1_000) },
+            max_batch_items: const { nz_usize(1_000) },
         }
     }
 }
@@ -113,11 +114,11 @@ pub struct QueueSettings {
 impl Default for QueueSettings {
     fn default() -> Self {
         Self {
-            capacity: nz(10_000),
-            max_bytes: nz(268_435_456),
+            capacity: const { nz_usize(10_000) },
+            max_bytes: const { nz_usize(268_435_456) },
             when_full: WhenFull::Reject,
-            block_timeout_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
-            retry_after_secs: NonZeroU32::new(1).unwrap_or(NonZeroU32::MIN),
+            block_timeout_ms: const { nz_u64(5_000) },
+            retry_after_secs: const { nz_u32(1) },
         }
     }
 }
@@ -145,8 +146,8 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         Self {
-            max_size: nz(64),
-            max_wait_ms: NonZeroU64::new(20).unwrap_or(NonZeroU64::MIN),
+            max_size: const { nz_usize(64) },
+            max_wait_ms: const { nz_u64(20) },
         }
     }
 }
@@ -160,7 +161,9 @@ pub struct PipelineSettings {
 
 impl Default for PipelineSettings {
     fn default() -> Self {
-        Self { workers: nz(4) }
+        Self {
+            workers: const { nz_usize(4) },
+        }
     }
 }
 
@@ -178,7 +181,7 @@ impl Default for ChunkingSettings {
     fn default() -> Self {
         Self {
             max_tokens: 0,
-            fallback_context_tokens: nz(512),
+            fallback_context_tokens: const { nz_usize(512) },
         }
     }
 }
@@ -202,9 +205,9 @@ impl Default for BackfillSettings {
     fn default() -> Self {
         Self {
             enabled: true,
-            batch_size: nz(64),
-            interval_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
-            max_defer_ms: NonZeroU64::new(600_000).unwrap_or(NonZeroU64::MIN),
+            batch_size: const { nz_usize(64) },
+            interval_ms: const { nz_u64(5_000) },
+            max_defer_ms: const { nz_u64(600_000) },
         }
     }
 }
@@ -231,9 +234,9 @@ impl Default for JournalSettings {
     fn default() -> Self {
         Self {
             enabled: false,
-            fsync_interval_ms: NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN),
-            max_bytes: NonZeroU64::new(1 << 30).unwrap_or(NonZeroU64::MIN),
-            segment_bytes: NonZeroU64::new(16 << 20).unwrap_or(NonZeroU64::MIN),
+            fsync_interval_ms: const { nz_u64(2) },
+            max_bytes: const { nz_u64(1 << 30) },
+            segment_bytes: const { nz_u64(16 << 20) },
         }
     }
 }
@@ -252,8 +255,8 @@ pub struct AckSettings {
 impl Default for AckSettings {
     fn default() -> Self {
         Self {
-            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
-            max_timeout_ms: NonZeroU64::new(300_000).unwrap_or(NonZeroU64::MIN),
+            timeout_ms: const { nz_u64(30_000) },
+            max_timeout_ms: const { nz_u64(300_000) },
         }
     }
 }
@@ -278,11 +281,11 @@ pub struct LimitsSettings {
 impl Default for LimitsSettings {
     fn default() -> Self {
         Self {
-            max_content_bytes: nz(262_144),
-            max_metadata_bytes: nz(65_536),
-            max_metadata_depth: nz(16),
-            max_id_bytes: nz(256),
-            max_label_bytes: nz(256),
+            max_content_bytes: const { nz_usize(262_144) },
+            max_metadata_bytes: const { nz_usize(65_536) },
+            max_metadata_depth: const { nz_usize(16) },
+            max_id_bytes: const { nz_usize(256) },
+            max_label_bytes: const { nz_usize(256) },
         }
     }
 }
@@ -326,7 +329,7 @@ pub struct ShutdownSettings {
 impl Default for ShutdownSettings {
     fn default() -> Self {
         Self {
-            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            timeout_ms: const { nz_u64(30_000) },
         }
     }
 }
@@ -367,11 +370,11 @@ pub struct SearchSettings {
 impl Default for SearchSettings {
     fn default() -> Self {
         Self {
-            ef_search: NonZeroU32::new(200).unwrap_or(NonZeroU32::MIN),
-            exact_threshold: NonZeroU64::new(2_000).unwrap_or(NonZeroU64::MIN),
-            max_concurrent: nz(4),
-            backend_in_flight: nz(1),
-            timeout_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
+            ef_search: const { nz_u32(200) },
+            exact_threshold: const { nz_u64(2_000) },
+            max_concurrent: const { nz_usize(4) },
+            backend_in_flight: const { nz_usize(1) },
+            timeout_ms: const { nz_u64(10_000) },
         }
     }
 }
@@ -743,10 +746,6 @@ fn describe_deserialize_error(e: config::ConfigError) -> ConfigError {
         reason = format!("{reason} (set {origin})");
     }
     ConfigError::Invalid { key, reason }
-}
-
-fn nz(n: usize) -> NonZeroUsize {
-    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn running_as_root() -> bool {

@@ -16,6 +16,7 @@ const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// The order crates are listed in, top (leaves) to bottom.
 const LAYERS: &[&str] = &[
     "convstore-core",
+    "convstore-api",
     "convstore-telemetry",
     "convstore-dataset",
     "convstore-journal",
@@ -32,7 +33,8 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     let leaves = ["convstore-core", "convstore-telemetry"];
     BTreeMap::from([
         ("convstore-core", BTreeSet::new()),
-        ("convstore-telemetry", BTreeSet::new()),
+        ("convstore-api", BTreeSet::new()),
+        ("convstore-telemetry", BTreeSet::from(["convstore-api"])),
         ("convstore-dataset", BTreeSet::from(leaves)),
         ("convstore-journal", BTreeSet::from(leaves)),
         ("convstore-store", BTreeSet::from(leaves)),
@@ -45,6 +47,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             "convstore",
             BTreeSet::from([
                 "convstore-core",
+                "convstore-api",
                 "convstore-telemetry",
                 "convstore-dataset",
                 "convstore-journal",
@@ -170,8 +173,14 @@ fn one_crate_talks_sql_and_one_speaks_http() {
 }
 
 #[test]
-fn core_is_a_leaf_without_runtime_database_http_or_model() {
+fn core_and_api_are_leaves_without_runtime_database_http_or_model() {
     let ws = workspace();
+    let api = &ws["convstore-api"];
+    assert_eq!(
+        api.normal.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["serde"],
+        "convstore-api holds plain serde types"
+    );
     let core = &ws["convstore-core"];
     for forbidden in [
         "tokio",

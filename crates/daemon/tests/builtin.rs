@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
 use support::cluster::require_setup;
-use support::daemon::{Daemon, Workspace, connect_db, free_port, wait_for_count};
+use support::daemon::{Daemon, Workspace, connect_db, wait_for_count};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -343,7 +343,7 @@ fn blank_conversation() -> Conversation {
 async fn daemon_stores_conversations_with_builtin_vectors_by_default() {
     require_setup();
     let ws = Workspace::new();
-    let http_addr = format!("127.0.0.1:{}", free_port());
+    let http_addr = ws.bind_http();
     std::fs::write(
         ws.config_path(),
         format!(

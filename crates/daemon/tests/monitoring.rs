@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use convstore_telemetry::stats::StatsSnapshot;
 use serde_json::{Value, json};
-use support::daemon::{BIN, Daemon, Standin, Workspace, connect_db, free_port, wait_for_count};
+use support::daemon::{BIN, Daemon, Standin, Workspace, connect_db, unused_port, wait_for_count};
 use support::exposition::Scrape;
 
 const MODEL: &str = "all-minilm";
@@ -773,7 +773,7 @@ fn alert_rules_pass_promtool_and_every_alert_fires_and_stays_silent() {
 async fn real_scrape_passes_promtool_and_the_status_page_renders_in_chromium() {
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!("127.0.0.1:{}", unused_port());
     let addr = ws.write_config(
         &standin.url(),
         MODEL,

@@ -20,7 +20,7 @@ use convstore_embed::openai::OpenAiBackend;
 use convstore_standin::standin_vector;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
-use support::daemon::{Daemon, Standin, Workspace, connect_db, free_port, wait_for_count};
+use support::daemon::{Daemon, Standin, Workspace, connect_db, wait_for_count};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -48,7 +48,7 @@ fn ollama<'a>(name: &'a str, standin: &Standin) -> Backend<'a> {
 /// `embedding` adds `[embedding]` keys, `extra` whole sections. Returns the
 /// HTTP address.
 fn write_config(ws: &Workspace, backends: &[Backend<'_>], embedding: &str, extra: &str) -> String {
-    let http_addr = format!("127.0.0.1:{}", free_port());
+    let http_addr = ws.bind_http();
     let mut toml = format!(
         r#"state_dir = "{state}"
 

@@ -33,7 +33,7 @@ use convstore_store::search::{
 };
 use serde_json::{Value, json};
 use support::cluster::{TestCluster, require_setup};
-use support::daemon::{BIN, Daemon, Standin, Workspace, connect_db, free_port, wait_for_count};
+use support::daemon::{BIN, Daemon, Standin, Workspace, connect_db, wait_for_count};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -915,7 +915,7 @@ async fn search_is_answered_while_ingest_has_a_backlog() {
 async fn builtin_model_finds_flight_conversations() {
     require_setup();
     let ws = Workspace::new();
-    let http_addr = format!("127.0.0.1:{}", free_port());
+    let http_addr = ws.bind_http();
     std::fs::write(
         ws.config_path(),
         format!(

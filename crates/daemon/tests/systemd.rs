@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::cluster::require_setup;
-use support::daemon::{BIN, Standin, Workspace, connect_db, free_port, wait_for_count};
+use support::daemon::{BIN, Standin, Workspace, connect_db, unused_port, wait_for_count};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -500,7 +500,10 @@ async fn notify_readiness_status_watchdog_and_stopping_in_order() {
     require_setup();
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
-    let addr = format!("127.0.0.1:{}", free_port());
+    // Passed as systemd passes a socket: bound here on a free port, so no
+    // other process can take the port first.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap().to_string();
     let config = write_config(
         &ws,
         &standin.url(),
@@ -518,7 +521,7 @@ async fn notify_readiness_status_watchdog_and_stopping_in_order() {
             ("WATCHDOG_USEC", watchdog.as_micros().to_string()),
             ("RUST_LOG", "info,convstore=debug,sqlx=warn".into()),
         ],
-        Vec::new(),
+        vec![OwnedFd::from(tcp)],
     );
 
     // READY=1 once start-up is over: listeners answer, the database too,
@@ -650,7 +653,7 @@ async fn socket_activation_serves_on_the_passed_sockets() {
     require_setup();
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
-    let configured_addr = format!("127.0.0.1:{}", free_port());
+    let configured_addr = format!("127.0.0.1:{}", unused_port());
     let configured_socket = ws.path().join("configured.sock");
     let config = write_config(
         &ws,
@@ -767,7 +770,8 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
     require_setup();
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
-    let addr = format!("127.0.0.1:{}", free_port());
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap().to_string();
     let base = "[log]\nlevel = \"warn\"\n\n[queue]\ncapacity = 2\nretry_after_secs = 1\n\n\
                 [batch]\nmax_size = 1\n\n[pipeline]\nworkers = 1\n\n[shutdown]\ntimeout_ms = 3000\n";
     let config = write_config(&ws, &standin.url(), &addr, &ws.socket(), base);
@@ -776,7 +780,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_on_an_invalid_one()
         &config,
         ws.path().join("daemon.log"),
         &[("NOTIFY_SOCKET", notify.path.display().to_string())],
-        Vec::new(),
+        vec![OwnedFd::from(tcp)],
     );
     service.assert_running();
     notify

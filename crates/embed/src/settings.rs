@@ -3,6 +3,7 @@
 
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 
+use convstore_core::nonzero::{nz_u32, nz_u64, nz_usize};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,11 +43,11 @@ impl Default for EmbeddingSettings {
             // service (scripts/setup.sh installs it). The systemd config
             // ships Ollama as the production default.
             model: "all-minilm".into(),
-            dimensions: nz(384),
+            dimensions: const { nz_usize(384) },
             strategy: Strategy::LeastOutstanding,
-            max_batch_inputs: nz(32),
-            retry_initial_ms: NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
-            retry_max_ms: NonZeroU64::new(5_000).unwrap_or(NonZeroU64::MIN),
+            max_batch_inputs: const { nz_usize(32) },
+            retry_initial_ms: const { nz_u64(100) },
+            retry_max_ms: const { nz_u64(5_000) },
             backends: vec![BackendSettings {
                 name: "builtin".into(),
                 kind: BackendKind::Builtin,
@@ -54,14 +55,14 @@ impl Default for EmbeddingSettings {
                 // A call waits for the local inference pool too: two calls
                 // of 32 texts × 256 tokens are ~16k tokens, ~14 s at the
                 // ~1,200 tokens/s two cores manage (benches/builtin_embed).
-                timeout_ms: NonZeroU64::new(120_000).unwrap_or(NonZeroU64::MIN),
+                timeout_ms: const { nz_u64(120_000) },
                 ..BackendSettings::default()
             }],
-            max_wait_ms: NonZeroU64::new(60_000).unwrap_or(NonZeroU64::MIN),
-            health_interval_ms: NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN),
-            breaker_failures: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
-            breaker_open_ms: NonZeroU64::new(1_000).unwrap_or(NonZeroU64::MIN),
-            breaker_max_open_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            max_wait_ms: const { nz_u64(60_000) },
+            health_interval_ms: const { nz_u64(10_000) },
+            breaker_failures: const { nz_u32(5) },
+            breaker_open_ms: const { nz_u64(1_000) },
+            breaker_max_open_ms: const { nz_u64(30_000) },
         }
     }
 }
@@ -117,8 +118,8 @@ impl Default for BackendSettings {
             url: "http://127.0.0.1:11434".into(),
             model: String::new(),
             weight: NonZeroU32::MIN,
-            max_in_flight: nz(2),
-            timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            max_in_flight: const { nz_usize(2) },
+            timeout_ms: const { nz_u64(30_000) },
             api_key_env: String::new(),
             model_dir: String::new(),
             encoding_format: EncodingFormat::Base64,
@@ -156,14 +157,8 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         Self {
-            max_entries: nz(50_000),
+            max_entries: const { nz_usize(50_000) },
             shared: true,
         }
     }
-}
-
-/// `n` as a `NonZeroUsize`, for defaults (a zero default is a bug caught
-/// by the daemon's config tests).
-fn nz(n: usize) -> NonZeroUsize {
-    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
 }

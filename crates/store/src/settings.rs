@@ -4,6 +4,7 @@
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 
+use convstore_core::nonzero::{nz_u32, nz_u64};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,12 +31,12 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: String::new(),
-            pool_size: NonZeroU32::new(8).unwrap_or(NonZeroU32::MIN),
+            pool_size: const { nz_u32(8) },
             write_method: WriteMethod::Copy,
             managed_bin_dir: String::new(),
             managed_user: String::new(),
             managed_shared_buffers: "256MB".into(),
-            connect_timeout_ms: NonZeroU64::new(30_000).unwrap_or(NonZeroU64::MIN),
+            connect_timeout_ms: const { nz_u64(30_000) },
         }
     }
 }

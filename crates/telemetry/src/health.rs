@@ -5,11 +5,11 @@
 //! `convstore status` and the pager agree; the alerts add a `for:` duration
 //! and a 5-minute rate, `/v1/stats` looks at the last minute.
 
-use super::stats::{
+use super::window::Summary;
+use convstore_api::stats::{
     BackendView, Bottleneck, Health, Latencies, PendingView, QueueView, Reason, StageShare,
     Verdict, ms,
 };
-use super::window::Summary;
 
 /// Queue fuller than this (by count or bytes): warning / critical.
 pub const QUEUE_WARNING: f64 = 0.5;

@@ -7,6 +7,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod recorder;
 pub mod settings;
 pub mod stats;
 pub mod tap;

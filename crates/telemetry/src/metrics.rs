@@ -1,16 +1,12 @@
-//! Every metric name convstore exports, in one place, with its buckets.
+//! Every metric name convstore exports, in one place, with its buckets,
+//! description and the series that exist from the start. The recorder
+//! that exports them is [`crate::recorder`].
 //!
 //! Conventions (Prometheus): `convstore_` prefix, `_total` for counters,
 //! base units in the name (`_seconds`, `_bytes`), label values from small
 //! fixed sets (transport, outcome, backend name from config, tier, table).
 //! Hot paths record once per batch where the number is the same for every
 //! item.
-
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
 
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
@@ -52,7 +48,7 @@ pub const PIPELINE_IN_FLIGHT: &str = "convstore_pipeline_in_flight_conversations
 pub const PIPELINE_WORKERS: &str = "convstore_pipeline_workers";
 pub const BUILD_INFO: &str = "convstore_build_info";
 /// Read from `/proc/self` at scrape time and rendered by
-/// [`super::process`], not through the facade.
+/// [`crate::process`], not through the facade.
 pub const PROCESS_CPU_SECONDS: &str = "convstore_process_cpu_seconds_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "convstore_process_resident_memory_bytes";
 pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "convstore_process_virtual_memory_bytes";
@@ -169,71 +165,23 @@ pub const ALL: &[&str] = &[
 ];
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
-const ENQUEUE_BUCKETS: &[f64] = &[
+pub const ENQUEUE_BUCKETS: &[f64] = &[
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05,
 ];
 /// Milliseconds to a minute: embedding, storage, queue wait, end to end.
 /// The alert thresholds (store 50/100 ms, embedding 200/500 ms) are bucket
 /// bounds, so `histogram_quantile` is exact where it matters.
-const STAGE_BUCKETS: &[f64] = &[
+pub const STAGE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Counts per batch.
-const BATCH_BUCKETS: &[f64] = &[
+pub const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// Installs the global Prometheus recorder once and returns its handle;
-/// later calls return the same handle.
-pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = prometheus_recorder();
-            let handle = recorder.handle();
-            // `/v1/stats` sees everything recorded through the facade.
-            let tapped = super::tap::StatsRecorder::new(recorder, super::stats::global().clone());
-            // Fails only if another recorder is installed (a test harness):
-            // then this handle renders nothing, which tests notice.
-            let _ = metrics::set_global_recorder(tapped);
-            describe();
-            init_series();
-            handle
-        })
-        .clone()
-}
-
-/// The Prometheus recorder with convstore's buckets, not installed (the
-/// daemon installs it through [`install`]; benchmarks compare recorders).
-pub fn prometheus_recorder() -> PrometheusRecorder {
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(ENQUEUE_SECONDS.into()), ENQUEUE_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), STAGE_BUCKETS))
-        .and_then(|b| {
-            b.set_buckets_for_metric(Matcher::Prefix("convstore_batch_".into()), BATCH_BUCKETS)
-        });
-    match builder {
-        Ok(b) => b.build_recorder(),
-        // Only fails for empty bucket lists, which the constants are not.
-        Err(_) => PrometheusBuilder::new().build_recorder(),
-    }
-}
-
-/// The scrape: everything recorded through the facade, then the process
-/// metrics read now.
-pub fn render(handle: &PrometheusHandle) -> String {
-    let mut text = handle.render();
-    if !text.is_empty() && !text.ends_with("\n\n") {
-        text.push('\n');
-    }
-    super::process::render(&mut text);
-    text
-}
-
 /// Series that must exist from the start at 0, so that `rate()`, ratios
 /// and alerts see a number rather than nothing before the first event.
-fn init_series() {
+pub fn init_series() {
     for name in [CONVERSATIONS_STORED, CONVERSATIONS_DUPLICATE, STORE_RETRIES] {
         metrics::counter!(name).absolute(0);
     }
@@ -251,7 +199,8 @@ fn init_series() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
-fn describe() {
+/// Descriptions and units of every metric, for the recorder installed.
+pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         JOURNAL_BYTES,

@@ -16,46 +16,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+
+pub use convstore_api::stats::*;
 
 use super::health;
 use super::process;
 use super::window::{SLOT, Slots, Summary, WindowCounter, WindowHistogram};
-
-/// The stages a conversation passes, as `/v1/stats` names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Request body read → conversation on the queue.
-    Enqueue,
-    /// Accepted → its batch taken off the queue.
-    QueueWait,
-    /// One embedding request (per backend call, not per batch).
-    Embed,
-    /// One batch written in one transaction.
-    Store,
-    /// Accepted → committed.
-    EndToEnd,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 5] = [
-        Stage::Enqueue,
-        Stage::QueueWait,
-        Stage::Embed,
-        Stage::Store,
-        Stage::EndToEnd,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Enqueue => "enqueue",
-            Stage::QueueWait => "queue_wait",
-            Stage::Embed => "embed",
-            Stage::Store => "store",
-            Stage::EndToEnd => "end_to_end",
-        }
-    }
-}
 
 /// The counters `/v1/stats` keeps (rates over the window and totals).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +169,7 @@ impl std::fmt::Debug for Stats {
 static GLOBAL: OnceLock<Arc<Stats>> = OnceLock::new();
 
 /// The process's stats, fed by the global recorder
-/// ([`super::metrics::install`]).
+/// ([`crate::recorder::install`]).
 pub fn global() -> &'static Arc<Stats> {
     GLOBAL.get_or_init(|| Arc::new(Stats::new(Instant::now())))
 }
@@ -346,11 +312,11 @@ impl Stats {
         };
 
         let latency = Latencies {
-            enqueue: StageLatency::from_summary(summary(Stage::Enqueue)),
-            queue_wait: StageLatency::from_summary(summary(Stage::QueueWait)),
-            embed: StageLatency::from_summary(summary(Stage::Embed)),
-            store: StageLatency::from_summary(summary(Stage::Store)),
-            end_to_end: StageLatency::from_summary(summary(Stage::EndToEnd)),
+            enqueue: stage_latency(summary(Stage::Enqueue)),
+            queue_wait: stage_latency(summary(Stage::QueueWait)),
+            embed: stage_latency(summary(Stage::Embed)),
+            store: stage_latency(summary(Stage::Store)),
+            end_to_end: stage_latency(summary(Stage::EndToEnd)),
         };
 
         let cache = self.cache_view(&slots);
@@ -519,247 +485,20 @@ fn ratio(part: f64, whole: f64) -> Option<f64> {
     (whole > 0.0).then(|| part / whole)
 }
 
-pub(crate) fn ms(seconds: f64) -> f64 {
-    seconds * 1000.0
+/// `/v1/stats` latencies of one window summary, in milliseconds.
+fn stage_latency(s: &Summary) -> StageLatency {
+    StageLatency {
+        count: s.count,
+        mean_ms: s.mean().map(ms),
+        p50_ms: s.quantile(0.5).map(ms),
+        p95_ms: s.quantile(0.95).map(ms),
+        p99_ms: s.quantile(0.99).map(ms),
+        max_ms: s.max().map(ms),
+    }
 }
 
 /// How often the ticker should call [`Stats::tick`].
 pub const TICK: Duration = SLOT;
-
-// ---- The snapshot: the JSON of `GET /v1/stats` ----------------------------
-
-/// `GET /v1/stats`. Rates and latencies cover the last `window_seconds`
-/// (about a minute); totals count since start. Durations are in
-/// milliseconds (`_ms`), `null` when nothing happened in the window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatsSnapshot {
-    pub version: String,
-    pub uptime_seconds: f64,
-    pub window_seconds: f64,
-    pub health: Health,
-    pub queue: QueueView,
-    pub rates: Rates,
-    pub latency: Latencies,
-    pub cache: CacheView,
-    pub backends: Vec<BackendView>,
-    /// From the database every few seconds; `null` until first sampled.
-    pub pending_embedding: Option<PendingView>,
-    pub totals: Totals,
-    /// `null` when nothing was stored in the window.
-    pub bottleneck: Option<Bottleneck>,
-    /// `null` where `/proc` is not available.
-    pub process: Option<ProcessView>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    Healthy,
-    Warning,
-    Critical,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Healthy => "healthy",
-            Verdict::Warning => "warning",
-            Verdict::Critical => "critical",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Health {
-    pub status: Verdict,
-    /// Why the status is not `healthy`, worst first.
-    pub reasons: Vec<Reason>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reason {
-    pub severity: Verdict,
-    /// Stable identifier, e.g. `embed_slow` (matches the alert's meaning).
-    pub code: String,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueueView {
-    pub depth: u64,
-    pub capacity: u64,
-    /// depth / capacity.
-    pub utilization: Option<f64>,
-    pub bytes: u64,
-    pub max_bytes: u64,
-    /// Conversations off the queue, not yet stored.
-    pub in_flight: Option<u64>,
-    pub workers: Option<u64>,
-    pub accepting: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Rates {
-    pub accepted_per_second: f64,
-    pub rejected_per_second: f64,
-    pub stored_per_second: f64,
-    pub failed_per_second: f64,
-    pub duplicates_per_second: f64,
-    pub chunks_per_second: f64,
-    pub embed_requests_per_second: f64,
-    pub embed_inputs_per_second: f64,
-    pub batches_per_second: f64,
-    pub mean_batch_size: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Latencies {
-    pub enqueue: StageLatency,
-    pub queue_wait: StageLatency,
-    /// Per embedding request.
-    pub embed: StageLatency,
-    /// Per batch transaction.
-    pub store: StageLatency,
-    pub end_to_end: StageLatency,
-}
-
-impl Latencies {
-    pub fn get(&self, stage: Stage) -> &StageLatency {
-        match stage {
-            Stage::Enqueue => &self.enqueue,
-            Stage::QueueWait => &self.queue_wait,
-            Stage::Embed => &self.embed,
-            Stage::Store => &self.store,
-            Stage::EndToEnd => &self.end_to_end,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StageLatency {
-    /// Observations in the window.
-    pub count: u64,
-    pub mean_ms: Option<f64>,
-    pub p50_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    pub max_ms: Option<f64>,
-}
-
-impl StageLatency {
-    fn from_summary(s: &Summary) -> Self {
-        Self {
-            count: s.count,
-            mean_ms: s.mean().map(ms),
-            p50_ms: s.quantile(0.5).map(ms),
-            p95_ms: s.quantile(0.95).map(ms),
-            p99_ms: s.quantile(0.99).map(ms),
-            max_ms: s.max().map(ms),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CacheView {
-    /// Chunk lookups answered by any cache tier, in the window.
-    pub hit_ratio: Option<f64>,
-    /// The same since start.
-    pub hit_ratio_total: Option<f64>,
-    /// Entries in the in-memory (L1) cache.
-    pub entries: u64,
-    pub tiers: Vec<TierView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TierView {
-    pub tier: String,
-    /// Since start.
-    pub hits: u64,
-    pub misses: u64,
-    /// In the window.
-    pub hit_ratio: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BackendView {
-    pub name: String,
-    /// From the last call or probe; `null` before the first.
-    pub up: Option<bool>,
-    pub requests_per_second: f64,
-    pub error_ratio: Option<f64>,
-    pub p50_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
-    /// Since start.
-    pub requests: u64,
-    pub errors: u64,
-    /// Other per-backend gauges (e.g. `in_flight`), as recorded.
-    pub gauges: BTreeMap<String, f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingView {
-    /// Conversations with a chunk waiting for a vector.
-    pub conversations: u64,
-    pub chunks: u64,
-    /// Age of the sample.
-    pub age_seconds: f64,
-    /// More than a minute ago.
-    pub growing: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Totals {
-    pub accepted: u64,
-    pub rejected: u64,
-    pub stored: u64,
-    pub duplicates: u64,
-    pub failed: u64,
-    pub chunks_embedded: u64,
-    pub chunks_pending: u64,
-    pub chunks_failed: u64,
-    pub embed_requests: u64,
-    pub embed_errors: u64,
-    pub embed_inputs: u64,
-    pub store_retries: u64,
-}
-
-/// Where conversations spend their time (see [`health::bottleneck`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Bottleneck {
-    /// `queue_wait`, `embed`, `store` or `other`.
-    pub stage: String,
-    /// Share of the end-to-end time charged to `stage` (0..=1).
-    pub share: f64,
-    /// Share of the workers' time (embedding + storing over workers ×
-    /// window), when the pipeline is attached.
-    pub utilization: Option<f64>,
-    /// Workers busy ≥ 80 %: queue wait is then caused by, and charged
-    /// to, the slowest work stage.
-    pub saturated: bool,
-    /// One sentence for people.
-    pub summary: String,
-    /// Mean time per conversation in each stage.
-    pub stages: Vec<StageShare>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StageShare {
-    pub stage: String,
-    pub mean_ms: f64,
-    /// Of the sum of the stages.
-    pub share: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProcessView {
-    pub rss_bytes: u64,
-    pub cpu_seconds: f64,
-    /// CPU seconds per second over the last few seconds (1.0 = one core).
-    pub cpu_ratio: Option<f64>,
-    pub open_fds: u64,
-    pub max_fds: Option<u64>,
-    pub threads: u64,
-}
 
 #[cfg(test)]
 mod tests {

@@ -54,7 +54,7 @@ pub async fn serve(
         .context("cannot install the SIGHUP (reload) handler")?;
     let supervisor = Supervisor::from_env();
     let inherited = crate::systemd::activation::take_listeners()?;
-    let metrics = convstore_telemetry::metrics::install();
+    let metrics = convstore_telemetry::recorder::install();
     create_state_dir(&settings.state_dir)?;
     // Before anything slow: a metrics address that cannot be bound stops
     // start-up at once.
@@ -91,7 +91,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitStatus> {
     let control = Control::none();
-    let metrics = convstore_telemetry::metrics::install();
+    let metrics = convstore_telemetry::recorder::install();
     create_state_dir(&settings.state_dir)?;
     let database = Database::open(&settings, &control.supervisor).await?;
     let supervisor = control.supervisor.clone();

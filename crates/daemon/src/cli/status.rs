@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 
 use super::client::{Client, Endpoint};
 use crate::config::Settings;
-use convstore_telemetry::stats::{Stage, StageLatency, StatsSnapshot, Verdict};
+use convstore_api::stats::{Stage, StageLatency, StatsSnapshot, Verdict};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

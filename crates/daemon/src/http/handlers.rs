@@ -41,18 +41,18 @@ pub struct Accepted {
     path = "/v1/conversations",
     tag = "ingest",
     params(WaitParams),
-    request_body(content = super::openapi::ConversationSchema, content_type = "application/json"),
+    request_body(content = convstore_core::validate::ConversationIn, content_type = "application/json"),
     responses(
         (status = 201, description = "Stored (`?wait=stored`)", body = Accepted),
         (status = 202, description = "Queued, or durable (`?wait=durable`)", body = Accepted),
-        (status = 400, description = "Invalid JSON, field, or query parameter", body = super::openapi::ErrorResponse),
-        (status = 401, description = "Bearer token missing or unknown", body = super::openapi::ErrorResponse),
-        (status = 413, description = "Body or conversation too large", body = super::openapi::ErrorResponse),
-        (status = 415, description = "Not application/json", body = super::openapi::ErrorResponse),
-        (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = super::openapi::ErrorResponse),
-        (status = 500, description = "Accepted but refused by the database or lost (with id)", body = super::openapi::ErrorResponse),
-        (status = 503, description = "Shutting down, or the journal is unusable", body = super::openapi::ErrorResponse),
-        (status = 504, description = "Accepted, but the wait ended first (with id): poll GET /v1/conversations/{id}", body = super::openapi::ErrorResponse),
+        (status = 400, description = "Invalid JSON, field, or query parameter", body = super::error::ErrorEnvelope),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 413, description = "Body or conversation too large", body = super::error::ErrorEnvelope),
+        (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
+        (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = super::error::ErrorEnvelope),
+        (status = 500, description = "Accepted but refused by the database or lost (with id)", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, or the journal is unusable", body = super::error::ErrorEnvelope),
+        (status = 504, description = "Accepted, but the wait ended first (with id): poll GET /v1/conversations/{id}", body = super::error::ErrorEnvelope),
     )
 )]
 pub async fn post_conversation(
@@ -205,7 +205,7 @@ pub struct ItemResult {
     #[schema(example = "queued")]
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<super::openapi::ErrorObject>)]
+    #[schema(value_type = Option<super::error::ErrorBody>)]
     error: Option<ErrorBody>,
 }
 
@@ -230,7 +230,7 @@ pub struct BatchResponse {
     request_body(
         description = "A JSON array of conversations, or NDJSON (one per line)",
         content(
-            (Vec<super::openapi::ConversationSchema> = "application/json"),
+            (Vec<convstore_core::validate::ConversationIn> = "application/json"),
             (String = "application/x-ndjson"),
         )
     ),
@@ -238,12 +238,12 @@ pub struct BatchResponse {
         (status = 201, description = "Every item stored (`?wait=stored`)", body = BatchResponse),
         (status = 202, description = "Items accepted; per-item results", body = BatchResponse),
         (status = 400, description = "Invalid body or every item invalid", body = BatchResponse),
-        (status = 401, description = "Bearer token missing or unknown", body = super::openapi::ErrorResponse),
-        (status = 413, description = "Body or item count too large", body = super::openapi::ErrorResponse),
-        (status = 415, description = "Not JSON or NDJSON", body = super::openapi::ErrorResponse),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 413, description = "Body or item count too large", body = super::error::ErrorEnvelope),
+        (status = 415, description = "Not JSON or NDJSON", body = super::error::ErrorEnvelope),
         (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = BatchResponse),
         (status = 500, description = "An accepted item was refused by the database or lost", body = BatchResponse),
-        (status = 503, description = "Shutting down", body = super::openapi::ErrorResponse),
+        (status = 503, description = "Shutting down", body = super::error::ErrorEnvelope),
         (status = 504, description = "Accepted, but a wait ended first: poll by id", body = BatchResponse),
     )
 )]
@@ -496,10 +496,10 @@ pub struct StoredView {
     tag = "read",
     params(("id" = String, Path, description = "The caller's id, or the row UUID")),
     responses(
-        (status = 200, description = "Stored (`status: stored`, with chunks) or in flight (`status: queued`)", body = super::openapi::ConversationView),
-        (status = 401, description = "Bearer token missing or unknown", body = super::openapi::ErrorResponse),
-        (status = 404, description = "Neither in flight nor stored", body = super::openapi::ErrorResponse),
-        (status = 503, description = "The database is unreachable", body = super::openapi::ErrorResponse),
+        (status = 200, description = "Stored (`status: stored`, with chunks) or in flight (`status: queued`)", body = ConversationView),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 404, description = "Neither in flight nor stored", body = super::error::ErrorEnvelope),
+        (status = 503, description = "The database is unreachable", body = super::error::ErrorEnvelope),
     )
 )]
 pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) -> Response {
@@ -630,4 +630,14 @@ pub async fn readyz(State(state): AppState) -> Response {
 
 pub async fn not_found() -> Response {
     ApiError::NotFound("no such route; see README.md for the API".into()).into_response()
+}
+
+/// `GET /v1/conversations/{id}`: stored, or still in flight.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+// Only its schema is used; no value of it is ever built.
+#[allow(dead_code, clippy::large_enum_variant)]
+pub enum ConversationView {
+    Stored(StoredView),
+    InFlight(InFlightView),
 }

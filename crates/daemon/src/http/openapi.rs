@@ -15,23 +15,13 @@ use std::sync::OnceLock;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
 use super::{handlers, search};
 
 pub use super::error::ErrorBody as ErrorObject;
 pub use super::error::ErrorEnvelope as ErrorResponse;
 pub use convstore_core::validate::ConversationIn as ConversationSchema;
-
-/// `GET /v1/conversations/{id}`: stored, or still in flight.
-#[derive(ToSchema)]
-#[serde(untagged)]
-// Only its schema is used; no value of it is ever built.
-#[allow(dead_code, clippy::large_enum_variant)]
-pub enum ConversationView {
-    Stored(handlers::StoredView),
-    InFlight(handlers::InFlightView),
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -56,7 +46,7 @@ pub enum ConversationView {
         handlers::Accepted,
         handlers::BatchResponse,
         handlers::ItemResult,
-        ConversationView,
+        handlers::ConversationView,
         ErrorResponse,
         ErrorObject,
     )),

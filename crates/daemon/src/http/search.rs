@@ -439,14 +439,14 @@ pub struct SearchResponse {
     ),
     responses(
         (status = 200, description = "The nearest conversations, nearest first, and how they were found", body = SearchResponse),
-        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::openapi::ErrorResponse,
+        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
             example = json!({"error": {"code": "invalid_field", "message": "k: 0 is out of range: 1 to 100", "field": "k"}})),
-        (status = 401, description = "Bearer token missing or unknown", body = super::openapi::ErrorResponse),
-        (status = 413, description = "Body over `server.max_body_bytes`", body = super::openapi::ErrorResponse),
-        (status = 415, description = "Not application/json", body = super::openapi::ErrorResponse),
-        (status = 429, description = "This token's rate limit; see Retry-After", body = super::openapi::ErrorResponse),
-        (status = 500, description = "The database failed the search (logged)", body = super::openapi::ErrorResponse),
-        (status = 503, description = "`unavailable`: the daemon is still starting, the query cannot be embedded (no backend answers), the database is unavailable, or the search took longer than `search.timeout_ms` (a timeout is a 503, never a 504: the same search may succeed shortly)", body = super::openapi::ErrorResponse),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = super::error::ErrorEnvelope),
+        (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
+        (status = 429, description = "This token's rate limit; see Retry-After", body = super::error::ErrorEnvelope),
+        (status = 500, description = "The database failed the search (logged)", body = super::error::ErrorEnvelope),
+        (status = 503, description = "`unavailable`: the daemon is still starting, the query cannot be embedded (no backend answers), the database is unavailable, or the search took longer than `search.timeout_ms` (a timeout is a 503, never a 504: the same search may succeed shortly)", body = super::error::ErrorEnvelope),
     )
 )]
 pub async fn post_search(

@@ -12,7 +12,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use convstore_telemetry::stats::LiveQueue;
-use convstore_telemetry::{metrics as m, stats, ui};
+use convstore_telemetry::{stats, ui};
 
 use super::IngressState;
 use super::error::ApiError;
@@ -48,7 +48,7 @@ fn exposition(handle: &PrometheusHandle) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, EXPOSITION)],
-        m::render(handle),
+        convstore_telemetry::recorder::render(handle),
     )
         .into_response()
 }

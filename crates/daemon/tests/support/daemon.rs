@@ -123,6 +123,9 @@ impl Drop for Standin {
 /// Traversable by the unprivileged account PostgreSQL runs as under root.
 pub struct Workspace {
     pub dir: tempfile::TempDir,
+    /// The daemon's HTTP listener, bound on port 0 by [`Workspace::bind_http`]
+    /// and handed to the next [`Daemon::spawn`] (no bind-then-release race).
+    http: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
 
 impl Workspace {
@@ -133,7 +136,33 @@ impl Workspace {
             .expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
-        Workspace { dir }
+        Workspace {
+            dir,
+            http: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Binds the daemon's HTTP listener on a free loopback port and returns
+    /// its address, for `server.http_addr`. The listener itself is passed
+    /// to the daemon [`Daemon::spawn`] starts (socket activation), which
+    /// therefore serves on exactly this socket.
+    pub fn bind_http(&self) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the HTTP listener");
+        let addr = listener.local_addr().expect("listener address").to_string();
+        *self.http.lock().unwrap() = Some(listener);
+        addr
+    }
+
+    /// The listener for `addr`: the one [`Workspace::bind_http`] bound, or,
+    /// for a daemon started again on the same address (after a crash or a
+    /// stop closed it), the address bound anew.
+    fn http_listener(&self, addr: &str) -> std::net::TcpListener {
+        let kept = self.http.lock().unwrap().take();
+        match kept {
+            Some(l) if l.local_addr().ok().map(|a| a.to_string()).as_deref() == Some(addr) => l,
+            _ => std::net::TcpListener::bind(addr)
+                .unwrap_or_else(|e| panic!("bind {addr} again for the restarted daemon: {e}")),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -159,8 +188,7 @@ impl Workspace {
     /// Writes the config: this workspace's paths, a free TCP port, the
     /// given backend, then `extra` TOML (sections the test cares about).
     pub fn write_config(&self, standin_url: &str, model: &str, dims: usize, extra: &str) -> String {
-        let port = free_port();
-        let http_addr = format!("127.0.0.1:{port}");
+        let http_addr = self.bind_http();
         let toml = format!(
             r#"state_dir = "{state}"
 
@@ -211,19 +239,48 @@ impl Daemon {
         daemon
     }
 
-    /// Starts the daemon without waiting for it to be ready.
+    /// Starts the daemon without waiting for it to be ready, serving HTTP
+    /// on the workspace's listener for `http_addr`, passed the way systemd
+    /// passes sockets (`LISTEN_FDS`, `LISTEN_PID`). Our copy is closed once
+    /// the daemon has it, so a stopped daemon refuses connections.
     pub fn spawn(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         let log = ws.path().join(format!("daemon-{}.log", now_millis()));
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
+        let listener = ws.http_listener(http_addr);
+        // Above any descriptor the child has before exec, so the dup2 below
+        // cannot overwrite one not yet moved.
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; checked, and
+        // closed below.
+        let high = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+        assert!(high >= 100, "dup: {}", std::io::Error::last_os_error());
+        let mut cmd = Command::new("sh");
+        // sh exports its own pid as LISTEN_PID, then execs the daemon in
+        // the same process, as systemd sets it for the process it starts.
+        cmd.arg("-c")
+            .arg(r#"export LISTEN_PID=$$; exec "$0" serve --config "$1""#)
+            .arg(BIN)
             .arg(ws.config_path())
             .env("RUST_LOG", "info,convstore=debug,sqlx=warn")
+            .env("LISTEN_FDS", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn convstore serve");
+            .stderr(log_file);
+        // SAFETY: only dup2(2), which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(high, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn convstore serve");
+        // SAFETY: our duplicate from above, closed once.
+        unsafe { libc::close(high) };
+        drop(listener);
         Daemon {
             child: Some(child),
             http_addr: http_addr.to_string(),
@@ -364,7 +421,12 @@ pub async fn wait_for_count(
     }
 }
 
-pub fn free_port() -> u16 {
+/// A loopback port nothing listens on now, for an address that must stay
+/// unbound (the daemon is expected not to bind it) or that the daemon binds
+/// itself and cannot be handed (`metrics.listen`). Another process could
+/// take it before it is used: everything the daemon serves the API on is
+/// bound by the test instead ([`Workspace::bind_http`]).
+pub fn unused_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

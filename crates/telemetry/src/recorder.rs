@@ -1,0 +1,61 @@
+//! The Prometheus recorder: built with the buckets of [`crate::metrics`],
+//! installed once behind the `/v1/stats` tap ([`crate::tap`]), and rendered
+//! for a scrape together with the process metrics read at that moment.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::metrics as m;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder once and returns its handle;
+/// later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = prometheus_recorder();
+            let handle = recorder.handle();
+            // `/v1/stats` sees everything recorded through the facade.
+            let tapped = crate::tap::StatsRecorder::new(recorder, crate::stats::global().clone());
+            // Fails only if another recorder is installed (a test harness):
+            // then this handle renders nothing, which tests notice.
+            let _ = metrics::set_global_recorder(tapped);
+            m::describe();
+            m::init_series();
+            handle
+        })
+        .clone()
+}
+
+/// The Prometheus recorder with convstore's buckets, not installed (the
+/// daemon installs it through [`install`]; benchmarks compare recorders).
+pub fn prometheus_recorder() -> PrometheusRecorder {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(m::ENQUEUE_SECONDS.into()), m::ENQUEUE_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::STAGE_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Prefix("convstore_batch_".into()), m::BATCH_BUCKETS)
+        });
+    match builder {
+        Ok(b) => b.build_recorder(),
+        // Only fails for empty bucket lists, which the constants are not.
+        Err(_) => PrometheusBuilder::new().build_recorder(),
+    }
+}
+
+/// The scrape: everything recorded through the facade, then the process
+/// metrics read now.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with("\n\n") {
+        text.push('\n');
+    }
+    crate::process::render(&mut text);
+    text
+}
