@@ -90,3 +90,38 @@ fn check_config_names_the_wrong_key_and_exits_2() {
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/convstore.toml"), "{stderr}");
 }
+
+#[test]
+fn help_lists_the_user_commands_and_no_test_tool() {
+    let (code, stdout, stderr) = run(&["--help"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let commands: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for wanted in [
+        "serve",
+        "migrate",
+        "check-config",
+        "reload",
+        "enqueue",
+        "status",
+        "search",
+        "bench",
+    ] {
+        assert!(
+            commands.contains(&wanted),
+            "{wanted} missing from {commands:?}"
+        );
+    }
+    // The stand-in is a test tool (tools/standin), not part of the daemon.
+    assert!(
+        !commands.iter().any(|c| c.contains("standin")),
+        "{commands:?}"
+    );
+    let (code, _, stderr) = run(&["standin"], &[]);
+    assert_eq!(code, 2, "`convstore standin` is not a command: {stderr}");
+}
