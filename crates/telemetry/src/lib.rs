@@ -3,6 +3,7 @@
 //! recorder layer, health verdict, bottleneck), process metrics, the
 //! status page.
 
+pub mod events;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -20,6 +20,7 @@ use metrics::{
     SharedString, Unit,
 };
 
+use super::events::{chunk_status, label as key_of, outcome};
 use super::metrics as m;
 use super::stats::{BackendStats, Count, Stage, Stats, TierStats};
 
@@ -178,7 +179,7 @@ impl GaugeFn for GaugeTee {
 
 impl<R: Recorder> StatsRecorder<R> {
     fn backend_of(&self, key: &Key) -> Option<Arc<BackendStats>> {
-        label(key, "backend").map(|b| self.stats.backend(b))
+        label(key, key_of::BACKEND).map(|b| self.stats.backend(b))
     }
 
     fn histogram_tap(&self, key: &Key) -> Option<(HistTap, Option<usize>)> {
@@ -196,29 +197,29 @@ impl<R: Recorder> StatsRecorder<R> {
 
     fn counter_tap(&self, key: &Key) -> Option<CounterTap> {
         Some(match key.name() {
-            m::INGEST_CONVERSATIONS => match label(key, "outcome") {
-                Some("accepted") => CounterTap::Count(Count::Accepted),
-                Some("queue_full") => CounterTap::QueueFull,
+            m::INGEST_CONVERSATIONS => match label(key, key_of::OUTCOME) {
+                Some(outcome::ACCEPTED) => CounterTap::Count(Count::Accepted),
+                Some(outcome::QUEUE_FULL) => CounterTap::QueueFull,
                 _ => CounterTap::Count(Count::Rejected),
             },
             m::CONVERSATIONS_STORED => CounterTap::Count(Count::Stored),
             m::CONVERSATIONS_DUPLICATE => CounterTap::Count(Count::Duplicates),
             m::CONVERSATIONS_FAILED => CounterTap::Count(Count::Failed),
-            m::CHUNKS_STORED => match label(key, "status") {
-                Some("embedded") => CounterTap::Count(Count::ChunksEmbedded),
-                Some("pending") => CounterTap::Count(Count::ChunksPending),
-                Some("failed") => CounterTap::Count(Count::ChunksFailed),
+            m::CHUNKS_STORED => match label(key, key_of::STATUS) {
+                Some(chunk_status::EMBEDDED) => CounterTap::Count(Count::ChunksEmbedded),
+                Some(chunk_status::PENDING) => CounterTap::Count(Count::ChunksPending),
+                Some(chunk_status::FAILED) => CounterTap::Count(Count::ChunksFailed),
                 _ => return None,
             },
             m::EMBED_REQUESTS => CounterTap::Embed {
-                ok: label(key, "outcome") == Some("ok"),
+                ok: label(key, key_of::OUTCOME) == Some(outcome::OK),
                 backend: self.backend_of(key),
             },
-            m::EMBED_INPUTS if label(key, "outcome") == Some("ok") => {
+            m::EMBED_INPUTS if label(key, key_of::OUTCOME) == Some(outcome::OK) => {
                 CounterTap::Count(Count::EmbedInputs)
             }
-            m::CACHE_HITS => CounterTap::CacheHits(self.stats.tier(label(key, "tier")?)),
-            m::CACHE_MISSES => CounterTap::CacheMisses(self.stats.tier(label(key, "tier")?)),
+            m::CACHE_HITS => CounterTap::CacheHits(self.stats.tier(label(key, key_of::TIER)?)),
+            m::CACHE_MISSES => CounterTap::CacheMisses(self.stats.tier(label(key, key_of::TIER)?)),
             m::STORE_RETRIES => CounterTap::Count(Count::StoreRetries),
             _ => return None,
         })
@@ -356,5 +357,43 @@ mod tests {
             vec![&DebugValue::Counter(1)]
         );
         assert_eq!(find(m::INGEST_CONVERSATIONS).len(), 2);
+    }
+
+    /// Every typed event `/v1/stats` reads lands in the snapshot: the
+    /// events and the tap agree on names, label keys and label values.
+    #[test]
+    fn every_typed_event_reaches_the_snapshot() {
+        use crate::events::{self, Tier, outcome};
+        let stats = Arc::new(Stats::new(Instant::now()));
+        let recorder = StatsRecorder::new(DebuggingRecorder::new(), stats.clone());
+        metrics::with_local_recorder(&recorder, || {
+            events::ingest("tcp", outcome::ACCEPTED, 5);
+            events::ingest("tcp", outcome::REJECTED, 1);
+            events::ingest("unix", outcome::QUEUE_FULL, 2);
+            events::chunks_stored(4, 2, 1);
+            events::cache_lookups(Tier::L1, 6, 2);
+            events::cache_lookups(Tier::L2, 1, 1);
+            events::embed_request("a", outcome::OK, 3, 0.01);
+            events::embed_request("a", "timeout", 3, 0.5);
+        });
+        let snap = stats.snapshot(LiveQueue::default());
+        assert_eq!(snap.totals.accepted, 5);
+        assert_eq!(snap.totals.rejected, 3);
+        assert_eq!(snap.totals.chunks_embedded, 4);
+        assert_eq!(snap.totals.chunks_pending, 2);
+        assert_eq!(snap.totals.chunks_failed, 1);
+        assert_eq!(snap.totals.embed_errors, 1);
+        assert_eq!(snap.latency.embed.count, 2);
+        let tiers: Vec<(&str, u64, u64)> = snap
+            .cache
+            .tiers
+            .iter()
+            .map(|t| (t.tier.as_str(), t.hits, t.misses))
+            .collect();
+        assert_eq!(tiers, [("l1", 6, 2), ("l2", 1, 1)]);
+        // 8 lookups; 1 missed the last tier too.
+        assert_eq!(snap.cache.hit_ratio, Some(0.875));
+        let a = &snap.backends[0];
+        assert_eq!((a.name.as_str(), a.requests), ("a", 2));
     }
 }

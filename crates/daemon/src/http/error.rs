@@ -5,6 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use convstore_core::InputError;
+use convstore_store::StoreError;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +80,8 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::QueueFull { .. } => "queue_full",
+            // The word /v1/stats counts as refused for a full queue.
+            Self::QueueFull { .. } => convstore_telemetry::events::outcome::QUEUE_FULL,
             Self::JournalFull { .. } => "journal_full",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unauthorized(_) => "unauthorized",
@@ -179,6 +181,20 @@ impl From<InputError> for ApiError {
             InputError::InvalidField { field, message } => Self::InvalidField { field, message },
             InputError::BadRequest(m) => Self::BadRequest(m),
             InputError::PayloadTooLarge(m) => Self::PayloadTooLarge(m),
+        }
+    }
+}
+
+/// A database failure while serving a request: 503 when the same request
+/// can succeed later (the database is unreachable, restarting or busy), 500
+/// otherwise, logged: a query or schema problem an operator must see.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_retryable() {
+            Self::Unavailable(format!("{e}; try again"))
+        } else {
+            tracing::error!(error = %e, "A request failed in the database");
+            Self::Internal(e.to_string())
         }
     }
 }

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
 
+use convstore_telemetry::events;
 use convstore_telemetry::metrics as m;
 
 use super::error::{ApiError, ErrorBody};
@@ -64,12 +65,12 @@ pub async fn post_conversation(
 ) -> Response {
     let result = accept_one(&state, transport, query.as_deref(), &headers, body).await;
     let outcome = match &result {
-        Ok(_) => "accepted",
+        Ok(_) => events::outcome::ACCEPTED,
         Err(e) => e.code(),
     };
     metrics::counter!(m::INGEST_REQUESTS, "transport" => transport.as_str(), "endpoint" => "conversations", "outcome" => outcome)
         .increment(1);
-    metrics::counter!(m::INGEST_CONVERSATIONS, "transport" => transport.as_str(), "outcome" => outcome).increment(1);
+    events::ingest(transport.as_str(), outcome, 1);
     match result {
         Ok((reached, accepted)) => (reached.status(), axum::Json(accepted)).into_response(),
         Err(e) => e.into_response(),
@@ -296,10 +297,8 @@ pub async fn post_batch(
     };
     let t = transport.as_str();
     metrics::counter!(m::INGEST_REQUESTS, "transport" => t, "endpoint" => "batch", "outcome" => outcome).increment(1);
-    metrics::counter!(m::INGEST_CONVERSATIONS, "transport" => t, "outcome" => "accepted")
-        .increment(accepted as u64);
-    metrics::counter!(m::INGEST_CONVERSATIONS, "transport" => t, "outcome" => "rejected")
-        .increment(rejected as u64);
+    events::ingest(t, events::outcome::ACCEPTED, accepted as u64);
+    events::ingest(t, events::outcome::REJECTED, rejected as u64);
     response
 }
 
@@ -534,7 +533,7 @@ pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) ->
             (StatusCode::OK, axum::Json(view)).into_response()
         }
         Ok(None) => ApiError::NotFound(format!("no conversation with id `{id}`")).into_response(),
-        Err(e) => ApiError::Unavailable(format!("database unavailable: {e}")).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 

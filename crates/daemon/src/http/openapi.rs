@@ -7,8 +7,8 @@
 //! serves under `/v1/` is listed here (`tests/openapi.rs` checks it against
 //! the router): `POST /v1/search` documents itself in `search.rs`, with the
 //! very types it deserialises and serialises; `GET /v1/stats`, whose
-//! snapshot type lives in `convstore_telemetry`, is documented below as an
-//! object.
+//! snapshot type lives in `convstore_api` (serde only), is documented
+//! below as an object.
 
 use std::sync::OnceLock;
 
@@ -93,7 +93,7 @@ pub fn document_json() -> &'static str {
 
 // `GET /v1/stats` is served by `stats::get_stats`; this function only
 // documents it and is never routed. The snapshot's type
-// (`convstore_telemetry::stats::StatsSnapshot`) has no schema, so the
+// (`convstore_api::stats::StatsSnapshot`) has no schema, so the
 // document says what it holds in words. (The doc comment below is the
 // operation's summary in the document.)
 /// `GET /v1/stats`: what the daemon is doing, from memory.

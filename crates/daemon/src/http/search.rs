@@ -31,7 +31,6 @@ use tokio::sync::Semaphore;
 use crate::config::SearchSettings;
 use convstore_embed::EmbedError;
 use convstore_embed::query::QueryEmbedder;
-use convstore_store::StoreError;
 use convstore_store::search::{
     MAX_EF_SEARCH, SearchFilter, SearchHit, SearchMode, SearchPlan, SearchQuery, Searcher,
 };
@@ -130,7 +129,7 @@ impl SearchService {
                 },
             })
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         let db_seconds = db_started.elapsed().as_secs_f64();
         metrics::histogram!(m::SEARCH_DATABASE_SECONDS).record(db_seconds);
         metrics::counter!(m::SEARCH_STRATEGY, "strategy" => outcome.plan.strategy.as_str())
@@ -179,16 +178,6 @@ fn embed_error(e: EmbedError) -> ApiError {
         other => ApiError::Unavailable(format!(
             "cannot embed the query: {other}; see /readyz and /v1/stats for the backends"
         )),
-    }
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Unavailable(_) => ApiError::Unavailable(format!("{e}; try again")),
-        other => {
-            tracing::error!(error = %other, "Search failed in the database");
-            ApiError::Internal(format!("the search failed in the database: {other}"))
-        }
     }
 }
 

@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use convstore_core::model::{Chunk, ChunkVector, ContentHash};
 use convstore_embed::EmbedError;
 use convstore_embed::cache::CacheKey;
+use convstore_telemetry::events::{self, Tier};
 use convstore_telemetry::metrics as m;
 
 use super::{DrainDeadline, PipelineContext};
@@ -71,8 +72,7 @@ pub async fn embed_texts(
             None => misses.push(*text),
         }
     }
-    metrics::counter!(m::CACHE_HITS, "tier" => "l1").increment(outcomes.len() as u64);
-    metrics::counter!(m::CACHE_MISSES, "tier" => "l1").increment(misses.len() as u64);
+    events::cache_lookups(Tier::L1, outcomes.len() as u64, misses.len() as u64);
 
     // L2.
     if ctx.shared_cache && !misses.is_empty() {
@@ -143,8 +143,7 @@ async fn lookup_l2<'a>(
             _ => still.push((hash, text)),
         }
     }
-    metrics::counter!(m::CACHE_HITS, "tier" => "l2").increment(hits.len() as u64);
-    metrics::counter!(m::CACHE_MISSES, "tier" => "l2").increment(still.len() as u64);
+    events::cache_lookups(Tier::L2, hits.len() as u64, still.len() as u64);
     ctx.cache.insert_many(hits);
     still
 }

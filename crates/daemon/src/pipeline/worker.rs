@@ -175,11 +175,11 @@ fn record_stored(ready: &[ReadyConversation], outcome: &convstore_store::WriteOu
     let embedded = outcome
         .chunks_inserted
         .saturating_sub(outcome.chunks_pending + outcome.chunks_failed);
-    metrics::counter!(m::CHUNKS_STORED, "status" => "embedded").increment(embedded as u64);
-    metrics::counter!(m::CHUNKS_STORED, "status" => "pending")
-        .increment(outcome.chunks_pending as u64);
-    metrics::counter!(m::CHUNKS_STORED, "status" => "failed")
-        .increment(outcome.chunks_failed as u64);
+    convstore_telemetry::events::chunks_stored(
+        embedded as u64,
+        outcome.chunks_pending as u64,
+        outcome.chunks_failed as u64,
+    );
     let e2e = metrics::histogram!(m::END_TO_END_SECONDS);
     for r in ready {
         e2e.record(r.conversation.received_instant.elapsed().as_secs_f64());

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
-use convstore_telemetry::metrics as m;
 
 /// Weight of the newest sample.
 const ALPHA: f64 = 0.3;
@@ -46,7 +45,7 @@ impl Ewma {
 /// The outcome label of a call.
 pub fn outcome_label<T>(result: &Result<T, EmbedError>) -> &'static str {
     match result {
-        Ok(_) => "ok",
+        Ok(_) => convstore_telemetry::events::outcome::OK,
         Err(EmbedError::Unreachable(_)) => "unreachable",
         Err(EmbedError::Timeout(_)) => "timeout",
         Err(EmbedError::Transient { .. }) => "transient",
@@ -97,12 +96,12 @@ impl Embedder for InstrumentLayer {
         if !matches!(result, Err(EmbedError::Rejected { .. })) {
             self.latency.observe(elapsed, result.is_err());
         }
-        metrics::histogram!(m::EMBED_SECONDS, "backend" => backend.clone())
-            .record(elapsed.as_secs_f64());
-        metrics::counter!(m::EMBED_REQUESTS, "backend" => backend.clone(), "outcome" => outcome)
-            .increment(1);
-        metrics::counter!(m::EMBED_INPUTS, "backend" => backend, "outcome" => outcome)
-            .increment(inputs.len() as u64);
+        convstore_telemetry::events::embed_request(
+            &backend,
+            outcome,
+            inputs.len() as u64,
+            elapsed.as_secs_f64(),
+        );
         result
     }
 }

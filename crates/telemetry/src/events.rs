@@ -1,0 +1,94 @@
+//! Typed events for the metrics `/v1/stats` reads.
+//!
+//! `/v1/stats` is fed by a tap on the recorder ([`crate::tap`]) that picks
+//! these metrics out by name, label key and label value. Each function here
+//! records one event with the label keys of [`label`] and the values of
+//! [`outcome`], [`chunk_status`] and [`Tier`], and the tap matches the same
+//! constants: a label renamed on one side is renamed on the other, instead
+//! of leaving the status view blank. Metrics `/v1/stats` does not read are
+//! still recorded directly, with their names from [`crate::metrics`].
+
+use crate::metrics as m;
+
+/// Label keys.
+pub mod label {
+    pub const BACKEND: &str = "backend";
+    pub const OUTCOME: &str = "outcome";
+    pub const STATUS: &str = "status";
+    pub const TIER: &str = "tier";
+    pub const TRANSPORT: &str = "transport";
+}
+
+/// Values of the `outcome` label that `/v1/stats` tells apart. Any other
+/// ingest outcome (an error code) counts as rejected; any other embedding
+/// outcome as a failed request.
+pub mod outcome {
+    /// A conversation taken (ingest).
+    pub const ACCEPTED: &str = "accepted";
+    /// A conversation refused in a batch, whatever the reason.
+    pub const REJECTED: &str = "rejected";
+    /// A conversation refused because the queue was full: the API's error
+    /// code for it is the same word.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// An embedding request answered.
+    pub const OK: &str = "ok";
+}
+
+/// Values of the `status` label of stored chunks.
+pub mod chunk_status {
+    pub const EMBEDDED: &str = "embedded";
+    pub const PENDING: &str = "pending";
+    pub const FAILED: &str = "failed";
+}
+
+/// An embedding cache tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// In memory, per process.
+    L1,
+    /// The `embedding_cache` table, shared by every instance.
+    L2,
+}
+
+impl Tier {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Tier::L1 => "l1",
+            Tier::L2 => "l2",
+        }
+    }
+}
+
+/// `n` conversations of one request over `transport` ended as `outcome`
+/// ([`outcome::ACCEPTED`], [`outcome::REJECTED`] or an error code).
+pub fn ingest(transport: &'static str, outcome: &'static str, n: u64) {
+    metrics::counter!(m::INGEST_CONVERSATIONS, label::TRANSPORT => transport, label::OUTCOME => outcome)
+        .increment(n);
+}
+
+/// Chunk rows committed by one batch, by embedding status.
+pub fn chunks_stored(embedded: u64, pending: u64, failed: u64) {
+    for (status, n) in [
+        (chunk_status::EMBEDDED, embedded),
+        (chunk_status::PENDING, pending),
+        (chunk_status::FAILED, failed),
+    ] {
+        metrics::counter!(m::CHUNKS_STORED, label::STATUS => status).increment(n);
+    }
+}
+
+/// Lookups of one batch in one cache tier.
+pub fn cache_lookups(tier: Tier, hits: u64, misses: u64) {
+    metrics::counter!(m::CACHE_HITS, label::TIER => tier.as_str()).increment(hits);
+    metrics::counter!(m::CACHE_MISSES, label::TIER => tier.as_str()).increment(misses);
+}
+
+/// One embedding request to `backend`: how it ended ([`outcome::OK`] or
+/// the error kind), its inputs and how long it took.
+pub fn embed_request(backend: &str, outcome: &'static str, inputs: u64, seconds: f64) {
+    metrics::histogram!(m::EMBED_SECONDS, label::BACKEND => backend.to_string()).record(seconds);
+    metrics::counter!(m::EMBED_REQUESTS, label::BACKEND => backend.to_string(), label::OUTCOME => outcome)
+        .increment(1);
+    metrics::counter!(m::EMBED_INPUTS, label::BACKEND => backend.to_string(), label::OUTCOME => outcome)
+        .increment(inputs);
+}
