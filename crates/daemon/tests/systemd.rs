@@ -11,9 +11,8 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::cluster::require_setup;
-use support::daemon::{BIN, Standin, Workspace, connect_db, unused_port, wait_for_count};
+use support::daemon::{
+    BIN, Standin, Workspace, activated_serve, connect_db, spawn_activated, unused_port,
+    wait_for_count,
+};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -291,60 +293,19 @@ struct Service {
 }
 
 impl Service {
-    /// Runs `convstore serve` through `sh`, which exports `LISTEN_PID` and
-    /// `WATCHDOG_PID` as its own pid and then execs the daemon (same pid),
-    /// as systemd sets them for the process it starts. `fds` become file
-    /// descriptors 3, 4, … of the daemon.
+    /// Runs `convstore serve` as systemd starts it ([`activated_serve`]):
+    /// `fds` become file descriptors 3, 4, … of the daemon.
     fn start(config: &Path, log: PathBuf, env: &[(&str, String)], fds: Vec<OwnedFd>) -> Service {
         let log_file = std::fs::File::create(&log).expect("log file");
-        // Above any number the child uses before exec, so the dup2s below
-        // cannot overwrite a source not yet moved.
-        let high: Vec<i32> = fds
-            .iter()
-            .map(|fd| {
-                // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result
-                // is checked and owned (closed) below.
-                let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-                assert!(n >= 100, "dup: {}", std::io::Error::last_os_error());
-                n
-            })
-            .collect();
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(r#"export LISTEN_PID=$$ WATCHDOG_PID=$$; exec "$0" serve --config "$1""#)
-            .arg(BIN)
-            .arg(config)
-            .env_remove("CONVSTORE_CONFIG")
-            .env_remove("LISTEN_FDS")
+        let mut cmd = activated_serve(config);
+        cmd.env_remove("CONVSTORE_CONFIG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log_file);
-        if !high.is_empty() {
-            cmd.env("LISTEN_FDS", high.len().to_string());
-            let moves = high.clone();
-            // SAFETY: only dup2(2), which is async-signal-safe, runs between
-            // fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for (i, fd) in moves.iter().enumerate() {
-                        if libc::dup2(*fd, 3 + i as i32) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().expect("spawn convstore serve");
-        for fd in high {
-            // SAFETY: our own duplicate from above, closed once.
-            unsafe { libc::close(fd) };
-        }
-        drop(fds);
         Service {
-            child: Some(child),
+            child: Some(spawn_activated(cmd, fds)),
             log,
         }
     }

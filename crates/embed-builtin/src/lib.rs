@@ -32,6 +32,7 @@ use self::model::SentenceModel;
 use self::pool::InferencePool;
 use self::tokenize::{Encoded, ModelTokenizer};
 use convstore_embed::{EmbedError, Embedder, ModelInfo, TokenCounter};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// Embedded by `probe` to warm the model (first-touch of every weight page,
@@ -163,7 +164,7 @@ impl BuiltinBackend {
                 let started = Instant::now();
                 let refs: Vec<&Encoded> = batch.iter().collect();
                 let result = model.embed(&refs);
-                metrics::histogram!(m::BUILTIN_INFERENCE_SECONDS, "backend" => backend)
+                metrics::histogram!(m::BUILTIN_INFERENCE_SECONDS, label::BACKEND => backend)
                     .record(started.elapsed().as_secs_f64());
                 result
             })
@@ -174,9 +175,9 @@ impl BuiltinBackend {
                     self.model_name
                 ))
             })?;
-        metrics::counter!(m::BUILTIN_TOKENS, "backend" => self.name.clone(), "kind" => "real")
+        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), "kind" => "real")
             .increment(real as u64);
-        metrics::counter!(m::BUILTIN_TOKENS, "backend" => self.name.clone(), "kind" => "padding")
+        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), "kind" => "padding")
             .increment(padded.saturating_sub(real) as u64);
         Ok(vectors)
     }

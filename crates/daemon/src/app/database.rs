@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use convstore_store::managed::ManagedCluster;
+use convstore_store::managed::{ManagedCluster, ManagedError};
 use convstore_store::managed_watch::SharedCluster;
 
 use crate::config::Settings;
@@ -24,9 +24,14 @@ pub struct Database {
 }
 
 impl Database {
-    /// `database.url`, or a managed cluster started under `state_dir` and
-    /// watched (docs/DURABILITY.md, "Database outages").
-    pub async fn open(settings: &Settings, supervisor: &Supervisor) -> anyhow::Result<Self> {
+    /// `database.url`, or a managed cluster started under `state_dir`;
+    /// with `watch`, restarted if it dies while the daemon runs
+    /// (docs/DURABILITY.md, "Database outages").
+    pub async fn open(
+        settings: &Settings,
+        supervisor: &Supervisor,
+        watch: bool,
+    ) -> anyhow::Result<Self> {
         if !settings.database.url.is_empty() {
             return Ok(Self {
                 url: settings.database.url.clone(),
@@ -35,41 +40,40 @@ impl Database {
             });
         }
         supervisor.starting("managed PostgreSQL");
-        let cluster = start_managed(settings).await?;
+        let cluster = ManagedCluster::start(&settings.managed_cluster())
+            .await
+            .context("cannot start the managed PostgreSQL cluster")?;
         let url = cluster.url();
         let managed: SharedCluster = Arc::new(tokio::sync::Mutex::new(Some(cluster)));
-        let stop = CancellationToken::new();
-        let watch = tokio::spawn(convstore_store::managed_watch::watch(
-            managed.clone(),
-            settings.managed_cluster(),
-            stop.clone(),
-        ));
+        let watch = watch.then(|| {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(convstore_store::managed_watch::watch(
+                managed.clone(),
+                settings.managed_cluster(),
+                stop.clone(),
+            ));
+            (task, stop)
+        });
         Ok(Self {
             url,
             managed,
-            watch: Some((watch, stop)),
+            watch,
         })
     }
 
     /// Stops watching and stops the managed cluster, if any.
-    pub async fn close(self, supervisor: &Supervisor) {
+    pub async fn close(self, supervisor: &Supervisor) -> Result<(), ManagedError> {
         if let Some((watch, stop)) = self.watch {
             stop.cancel();
             let _ = watch.await;
         }
         let managed = self.managed.lock().await.take();
-        if let Some(cluster) = managed {
-            supervisor.status("Stopping: managed PostgreSQL");
-            if let Err(e) = cluster.stop().await {
-                tracing::error!(error = %e, "Managed PostgreSQL did not stop cleanly");
+        match managed {
+            Some(cluster) => {
+                supervisor.status("Stopping: managed PostgreSQL");
+                cluster.stop().await
             }
+            None => Ok(()),
         }
     }
-}
-
-/// Starts the managed cluster of `settings`.
-pub async fn start_managed(settings: &Settings) -> anyhow::Result<ManagedCluster> {
-    ManagedCluster::start(&settings.managed_cluster())
-        .await
-        .context("cannot start the managed PostgreSQL cluster")
 }

@@ -52,32 +52,27 @@ pub async fn serve(
     // anything slow, so an early reload request cannot kill start-up.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP (reload) handler")?;
-    let supervisor = Supervisor::from_env();
+    let control = Control {
+        supervisor: Supervisor::from_env(),
+        hangup: Some(hangup),
+        config_path,
+    };
     let inherited = crate::systemd::activation::take_listeners()?;
-    let metrics = convstore_telemetry::recorder::install();
-    create_state_dir(&settings.state_dir)?;
-    // Before anything slow: a metrics address that cannot be bound stops
-    // start-up at once.
+    // Bound before anything slow: a metrics address that cannot be bound
+    // stops start-up at once.
     let metrics_listener = run::bind_metrics_listener(&settings).await?;
-    let database = Database::open(&settings, &supervisor).await?;
-    let result = async {
-        let app = App::build(&settings, &database.url, metrics, &supervisor).await?;
+    // The API's sockets are opened once the daemon is built (the journal
+    // replayed), so nothing new is accepted before.
+    let open = async |settings: &Settings| {
         let mut listeners = http::listen::open(&settings.server, inherited).await?;
         listeners.metrics = metrics_listener;
         if let Some(path) = &listeners.own_socket_file {
             http::auth::apply_socket_owner(path, &settings.auth).map_err(anyhow::Error::msg)?;
         }
-        http::auth::warn_if_exposed(&settings);
-        let control = Control {
-            supervisor: supervisor.clone(),
-            hangup: Some(hangup),
-            config_path,
-        };
-        app.run(listeners, control, shutdown).await
-    }
-    .await;
-    database.close(&supervisor).await;
-    result
+        http::auth::warn_if_exposed(settings);
+        anyhow::Ok(listeners)
+    };
+    build_and_run(settings, control, open, shutdown).await
 }
 
 /// The daemon in this process on `listeners` the caller bound (and
@@ -90,34 +85,42 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitStatus> {
-    let control = Control::none();
+    let open = async |_: &Settings| anyhow::Ok(listeners);
+    build_and_run(settings, Control::none(), open, shutdown).await
+}
+
+/// What [`serve`] and [`run`] share: the database (stopped at the end
+/// whatever happened), [`App::build`], the listeners `open` gives once the
+/// daemon is built, [`App::run`].
+async fn build_and_run(
+    settings: Settings,
+    control: Control,
+    open: impl AsyncFnOnce(&Settings) -> anyhow::Result<Listeners>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<ExitStatus> {
     let metrics = convstore_telemetry::recorder::install();
     create_state_dir(&settings.state_dir)?;
-    let database = Database::open(&settings, &control.supervisor).await?;
     let supervisor = control.supervisor.clone();
+    let database = Database::open(&settings, &supervisor, true).await?;
     let result = async {
         let app = App::build(&settings, &database.url, metrics, &supervisor).await?;
+        let listeners = open(&settings).await?;
         app.run(listeners, control, shutdown).await
     }
     .await;
-    database.close(&supervisor).await;
+    if let Err(e) = database.close(&supervisor).await {
+        tracing::error!(error = %e, "Managed PostgreSQL did not stop cleanly");
+    }
     result
 }
 
 /// `convstore migrate`: migrations and the vector index, nothing else.
 pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
-    let mut managed = None;
-    let url = if settings.database.url.is_empty() {
-        let cluster = database::start_managed(settings).await?;
-        let url = cluster.url();
-        managed = Some(cluster);
-        url
-    } else {
-        settings.database.url.clone()
-    };
+    let supervisor = Supervisor::from_env();
+    let database = Database::open(settings, &supervisor, false).await?;
     let result = async {
         let store = Store::connect(
-            &url,
+            &database.url,
             2,
             Duration::from_millis(settings.database.connect_timeout_ms.get()),
         )
@@ -130,9 +133,7 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    if let Some(cluster) = managed {
-        cluster.stop().await?;
-    }
+    database.close(&supervisor).await?;
     result
 }
 

@@ -2,6 +2,7 @@
 //! directory (state, managed cluster, socket), the Ollama stand-in on a
 //! loopback port, plus clients.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,6 +14,61 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_convstore");
+
+/// `convstore serve --config CONFIG` through `sh`, which exports
+/// `LISTEN_PID` and `WATCHDOG_PID` as its own pid and then execs the daemon
+/// (same pid), as systemd sets them for the process it starts.
+pub fn activated_serve(config: &Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"export LISTEN_PID=$$ WATCHDOG_PID=$$; exec "$0" serve --config "$1""#)
+        .arg(BIN)
+        .arg(config)
+        .env_remove("LISTEN_FDS");
+    cmd
+}
+
+/// Spawns `cmd` with `fds` as its descriptors 3, 4, … and `LISTEN_FDS` set
+/// to their number (none: no `LISTEN_FDS`), then closes our copies.
+pub fn spawn_activated(mut cmd: Command, fds: Vec<OwnedFd>) -> Child {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Above any number the child uses before exec, so the dup2s below
+    // cannot overwrite a source not yet moved.
+    let high: Vec<i32> = fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is
+            // checked and closed below.
+            let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+            assert!(n >= 100, "dup: {}", std::io::Error::last_os_error());
+            n
+        })
+        .collect();
+    if !high.is_empty() {
+        cmd.env("LISTEN_FDS", high.len().to_string());
+        let moves = high.clone();
+        // SAFETY: only dup2(2), which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (i, fd) in moves.iter().enumerate() {
+                    if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd.spawn().expect("spawn convstore serve");
+    for fd in high {
+        // SAFETY: our own duplicate from above, closed once.
+        unsafe { libc::close(fd) };
+    }
+    drop(fds);
+    child
+}
 
 /// The embedding-server stand-in (`tools/standin`), serving on a loopback
 /// port from its own thread and runtime in this test process: to the daemon
@@ -241,46 +297,18 @@ impl Daemon {
 
     /// Starts the daemon without waiting for it to be ready, serving HTTP
     /// on the workspace's listener for `http_addr`, passed the way systemd
-    /// passes sockets (`LISTEN_FDS`, `LISTEN_PID`). Our copy is closed once
-    /// the daemon has it, so a stopped daemon refuses connections.
+    /// passes sockets ([`spawn_activated`]). Our copy is closed once the
+    /// daemon has it, so a stopped daemon refuses connections.
     pub fn spawn(ws: &Workspace, http_addr: &str, env: &[(&str, &str)]) -> Daemon {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
         let log = ws.path().join(format!("daemon-{}.log", now_millis()));
         let log_file = std::fs::File::create(&log).expect("log file");
         let listener = ws.http_listener(http_addr);
-        // Above any descriptor the child has before exec, so the dup2 below
-        // cannot overwrite one not yet moved.
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; checked, and
-        // closed below.
-        let high = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-        assert!(high >= 100, "dup: {}", std::io::Error::last_os_error());
-        let mut cmd = Command::new("sh");
-        // sh exports its own pid as LISTEN_PID, then execs the daemon in
-        // the same process, as systemd sets it for the process it starts.
-        cmd.arg("-c")
-            .arg(r#"export LISTEN_PID=$$; exec "$0" serve --config "$1""#)
-            .arg(BIN)
-            .arg(ws.config_path())
-            .env("RUST_LOG", "info,convstore=debug,sqlx=warn")
-            .env("LISTEN_FDS", "1")
+        let mut cmd = activated_serve(&ws.config_path());
+        cmd.env("RUST_LOG", "info,convstore=debug,sqlx=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
-        // SAFETY: only dup2(2), which is async-signal-safe, runs between
-        // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(high, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn convstore serve");
-        // SAFETY: our duplicate from above, closed once.
-        unsafe { libc::close(high) };
-        drop(listener);
+        let child = spawn_activated(cmd, vec![OwnedFd::from(listener)]);
         Daemon {
             child: Some(child),
             http_addr: http_addr.to_string(),

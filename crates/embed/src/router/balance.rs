@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use super::Backend;
 use super::strategy::{Candidate, Strategy};
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 pub struct Balancer {
@@ -116,7 +117,7 @@ impl Embedder for Balancer {
                 Err(e @ EmbedError::Rejected { .. }) => return Err(e),
                 Err(e) => {
                     tracing::debug!(backend = %backend.name, error = %e, "Embedding call failed; trying another backend");
-                    metrics::counter!(m::EMBED_FAILOVERS, "backend" => backend.name.clone())
+                    metrics::counter!(m::EMBED_FAILOVERS, label::BACKEND => backend.name.clone())
                         .increment(1);
                     last_error = Some(e);
                 }

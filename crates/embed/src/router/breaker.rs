@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// Where a circuit stands (the gauge's value in parentheses).
@@ -112,7 +113,7 @@ enum Admission {
 impl Breaker {
     pub fn new(backend: impl Into<String>, config: BreakerConfig) -> Self {
         let backend = backend.into();
-        metrics::gauge!(m::BACKEND_CIRCUIT_STATE, "backend" => backend.clone())
+        metrics::gauge!(m::BACKEND_CIRCUIT_STATE, label::BACKEND => backend.clone())
             .set(CircuitState::Closed.gauge_value());
         Self {
             backend,
@@ -266,11 +267,11 @@ impl Breaker {
     }
 
     fn transition(&self, to: CircuitState) {
-        metrics::gauge!(m::BACKEND_CIRCUIT_STATE, "backend" => self.backend.clone())
+        metrics::gauge!(m::BACKEND_CIRCUIT_STATE, label::BACKEND => self.backend.clone())
             .set(to.gauge_value());
         metrics::counter!(
             m::BACKEND_CIRCUIT_TRANSITIONS,
-            "backend" => self.backend.clone(),
+            label::BACKEND => self.backend.clone(),
             "to" => to.as_str()
         )
         .increment(1);

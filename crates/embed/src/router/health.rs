@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, Router};
 use crate::{EmbedError, ModelInfo};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// One probe's result, for start-up decisions.
@@ -79,7 +80,7 @@ pub(super) async fn check(backend: &Backend, dimensions: usize) -> BackendCheck 
             backend.health.set_error(e.to_string());
         }
     }
-    metrics::gauge!(m::BACKEND_UP, "backend" => backend.name.clone())
+    metrics::gauge!(m::BACKEND_UP, label::BACKEND => backend.name.clone())
         .set(if backend.health.is_up() { 1.0 } else { 0.0 });
     BackendCheck {
         name: backend.name.clone(),

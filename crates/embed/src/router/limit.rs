@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// A backend's load, as the balancer sees it.
@@ -32,7 +33,7 @@ pub struct Load {
 impl Load {
     pub fn new(backend: impl Into<String>, max_in_flight: usize) -> Self {
         let backend = backend.into();
-        metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => backend.clone()).set(0.0);
+        metrics::gauge!(m::BACKEND_IN_FLIGHT, label::BACKEND => backend.clone()).set(0.0);
         Self {
             backend,
             max_in_flight: max_in_flight.max(1),
@@ -54,7 +55,7 @@ impl Load {
     }
 
     fn set_gauge(&self, running: usize) {
-        metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => self.backend.clone())
+        metrics::gauge!(m::BACKEND_IN_FLIGHT, label::BACKEND => self.backend.clone())
             .set(running as f64);
     }
 }
