@@ -15,7 +15,7 @@ use crate::model::{Conversation, Message};
 use crate::error::InputError;
 use crate::strict_json::StrictValue;
 
-/// Namespace for ids derived from a caller's non-UUID id (UUIDv5), so the
+/// Namespace of the row ids derived from callers' ids (UUIDv5), so the
 /// same client id always maps to the same row.
 const CLIENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_5b7d_4e21_9c8a_2f4d_1e0b_7c55);
 
@@ -254,11 +254,19 @@ fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, Input
     })
 }
 
-/// The row id of the conversation with client id `id`: the id itself when
-/// it is a UUID, else a UUIDv5 of it, so the same client id always maps to
-/// the same row.
+/// The row id of the conversation with client id `id`: a UUIDv5 of the id
+/// as sent, so the same client id always maps to the same row.
+///
+/// Every id is hashed, UUIDs included. Using a UUID-shaped id as the row id
+/// itself let one caller claim another's row: posting the id
+/// `uuid5(NS, "victim")` first made the victim's later post collide with
+/// it (issue 15). A hash leaves no id another id maps to, and two
+/// spellings of one UUID (upper case, braces) are two client ids, as the
+/// `client_id` key says. Rows written before (UUID ids as row ids) are
+/// still found by client id; a write whose row id such a row holds is
+/// stored under a fresh id instead (`convstore_store::write`).
 pub fn row_id(id: &str) -> Uuid {
-    Uuid::parse_str(id).unwrap_or_else(|_| Uuid::new_v5(&CLIENT_ID_NAMESPACE, id.as_bytes()))
+    Uuid::new_v5(&CLIENT_ID_NAMESPACE, id.as_bytes())
 }
 
 fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Message>, InputError> {
@@ -505,7 +513,27 @@ mod tests {
             LIMITS,
         )
         .unwrap();
-        assert_eq!(c.id.to_string(), uuid);
+        // A UUID-shaped client id is hashed like any other: no id can name
+        // the row another id maps to (issue 15).
+        assert_eq!(c.id, row_id(uuid));
+        assert_ne!(c.id.to_string(), uuid);
+    }
+
+    #[test]
+    fn spellings_of_one_uuid_are_distinct_client_ids() {
+        let victim = row_id("victim-conversation-42");
+        let spellings = [
+            victim.to_string(),
+            victim.to_string().to_uppercase(),
+            format!("{{{victim}}}"),
+            format!("urn:uuid:{victim}"),
+            victim.simple().to_string(),
+        ];
+        let mut rows: Vec<Uuid> = spellings.iter().map(|s| row_id(s)).collect();
+        assert!(!rows.contains(&victim), "{rows:?}");
+        rows.sort();
+        rows.dedup();
+        assert_eq!(rows.len(), spellings.len());
     }
 
     #[test]

@@ -105,8 +105,12 @@ pub async fn replay(
         }
         drop(segment);
         for chunk in chunked(decoded, LOOKUP_CHUNK) {
-            let ids: Vec<Uuid> = chunk.iter().map(|(_, c)| c.id).collect();
-            let stored = store.stored_ids(&ids).await?;
+            let keys: Vec<(Uuid, Option<&str>)> = chunk
+                .iter()
+                .map(|(_, c)| (c.id, c.client_id.as_deref()))
+                .collect();
+            let stored = store.stored_ids(&keys).await?;
+            drop(keys);
             for (position, conversation) in chunk {
                 if stored.contains(&conversation.id) {
                     report.already_stored += 1;

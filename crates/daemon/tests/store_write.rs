@@ -320,6 +320,81 @@ async fn same_client_id_stores_one_row() {
     }
 }
 
+/// Issue 15: a row id held by another client id (a row an older version
+/// keyed by a UUID-shaped client id) must not make a new conversation
+/// "stored" without its row. It is stored under a fresh row id; the
+/// client id stays the key for reads, retries and the journal's replay.
+#[tokio::test]
+async fn a_row_id_held_by_another_client_id_is_not_reported_stored() {
+    let cluster = TestCluster::start().await;
+    for (name, method) in [
+        ("alias_copy", WriteMethod::Copy),
+        ("alias_unnest", WriteMethod::Unnest),
+    ] {
+        let store = fresh_store(&cluster, name, method).await;
+        let victim_row = convstore_core::validate::row_id("victim-conversation-42");
+        let mut squatter = batch(1, 1);
+        squatter[0].conversation.id = victim_row;
+        squatter[0].conversation.client_id = Some(victim_row.to_string());
+        assert_eq!(
+            store
+                .write_batch(&squatter)
+                .await
+                .expect("squat")
+                .conversations_inserted,
+            1
+        );
+
+        let mut victim = batch(2, 1);
+        victim[0].conversation.id = victim_row;
+        victim[0].conversation.client_id = Some("victim-conversation-42".into());
+        let key = [(victim_row, Some("victim-conversation-42"))];
+        assert!(
+            store.stored_ids(&key).await.expect("lookup").is_empty(),
+            "{name}"
+        );
+
+        let outcome = store.write_batch(&victim).await.expect("write the victim");
+        assert_eq!(outcome.conversations_inserted, 1, "{name}");
+        assert_eq!(outcome.relocated, 1, "{name}");
+        assert_eq!(outcome.duplicates, 0, "{name}");
+        assert_eq!(outcome.chunks_inserted, 3, "{name}");
+
+        let stored = store
+            .get_conversation_by_client_id("victim-conversation-42")
+            .await
+            .expect("read")
+            .expect("the victim's row exists");
+        assert_ne!(stored.id, victim_row, "{name}");
+        assert_eq!(
+            stored.messages,
+            Some(victim[0].conversation.messages.clone())
+        );
+        assert_eq!(stored.chunks.len(), 3, "{name}");
+        let squatted = store
+            .get_conversation(victim_row)
+            .await
+            .expect("read")
+            .expect("squatter");
+        assert_eq!(squatted.client_id, Some(victim_row.to_string()), "{name}");
+        assert_eq!(
+            store.stored_ids(&key).await.expect("lookup").len(),
+            1,
+            "{name}"
+        );
+
+        // A retry (or a journal replay) of the victim is now a duplicate.
+        let again = store.write_batch(&victim).await.expect("retry");
+        assert_eq!(again.conversations_inserted, 0, "{name}");
+        assert_eq!(again.duplicates, 1, "{name}");
+        assert_eq!(
+            store.counts().await.expect("counts").conversations,
+            2,
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn dimension_check_errors_clearly() {
     let cluster = TestCluster::start().await;

@@ -100,14 +100,30 @@ impl Store {
         Ok((conversations.max(0) as u64, chunks.max(0) as u64))
     }
 
-    /// Which of `ids` are rows of `conversations` already (the journal's
-    /// start-up replay settles those without embedding them again).
-    pub async fn stored_ids(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, StoreError> {
-        let rows: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(self.pool())
-            .await
-            .map_err(StoreError::from)?;
+    /// Which of these conversations, given as (row id, client id), are
+    /// stored already (the journal's start-up replay settles those without
+    /// embedding them again); answered by row id.
+    ///
+    /// A conversation with a client id is stored when its client id is:
+    /// the key, not the row id, which another client id may hold (see
+    /// `write`). One without a client id is stored when its row id is.
+    pub async fn stored_ids(
+        &self,
+        conversations: &[(Uuid, Option<&str>)],
+    ) -> Result<HashSet<Uuid>, StoreError> {
+        let (ids, client_ids): (Vec<Uuid>, Vec<Option<&str>>) =
+            conversations.iter().copied().unzip();
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT k.id FROM UNNEST($1::uuid[], $2::text[]) AS k(id, client_id) \
+             WHERE CASE WHEN k.client_id IS NULL \
+               THEN EXISTS (SELECT 1 FROM conversations c WHERE c.id = k.id) \
+               ELSE EXISTS (SELECT 1 FROM conversations c WHERE c.client_id = k.client_id) END",
+        )
+        .bind(&ids)
+        .bind(&client_ids)
+        .fetch_all(self.pool())
+        .await
+        .map_err(StoreError::from)?;
         Ok(rows.into_iter().collect())
     }
 

@@ -8,6 +8,13 @@
 //! the insert returned, so they never conflict and need no `ON CONFLICT`
 //! (which is what lets them go through `COPY`).
 //!
+//! A skipped row is a duplicate only when its *client id* is stored: the
+//! client id is the key. A row id held by another client id (a row an
+//! older version keyed by a UUID-shaped client id, see
+//! `convstore_core::validate::row_id`) is not this conversation, so it is
+//! stored under a fresh row id in the same transaction ("relocated")
+//! instead of being reported stored without a row.
+//!
 //! Chunk rows go in by [`WriteMethod`]:
 //! - `Copy`: binary `COPY conversation_chunks FROM STDIN`, rows encoded by
 //!   [`super::copy::CopyEncoder`];
@@ -41,6 +48,9 @@ pub struct WriteOutcome {
     /// Conversations already stored (same id or client id), or repeated
     /// within the batch: nothing was written for them.
     pub duplicates: usize,
+    /// Of `conversations_inserted`: stored under a fresh row id because
+    /// the one derived from their client id belonged to another client id.
+    pub relocated: usize,
     /// Chunk rows written, all statuses.
     pub chunks_inserted: usize,
     /// Of `chunks_inserted`: stored without a vector, for the backfill.
@@ -114,16 +124,40 @@ impl Store {
         }
 
         let mut tx = self.pool.begin().await?;
-        let inserted = insert_conversations(&mut tx, &unique).await?;
-        outcome.conversations_inserted = inserted.len();
-        outcome.duplicates += unique.len() - inserted.len();
-
-        let new: Vec<&ReadyConversation> = unique
+        let keyed: Vec<(Uuid, &ReadyConversation)> =
+            unique.iter().map(|r| (r.conversation.id, *r)).collect();
+        let inserted = insert_conversations(&mut tx, &keyed).await?;
+        let (mut new, skipped): (Vec<_>, Vec<_>) = keyed
             .into_iter()
-            .filter(|r| inserted.contains(&r.conversation.id))
-            .collect();
+            .partition(|(row_id, _)| inserted.contains(row_id));
+        let homeless = row_id_held_by_another(&mut tx, &skipped).await?;
+        if !homeless.is_empty() {
+            let fresh: Vec<(Uuid, &ReadyConversation)> =
+                homeless.iter().map(|r| (Uuid::now_v7(), *r)).collect();
+            let again = insert_conversations(&mut tx, &fresh).await?;
+            for (row_id, ready) in fresh {
+                // Not inserted now means a concurrent writer stored this
+                // client id meanwhile: a duplicate after all.
+                if again.contains(&row_id) {
+                    tracing::warn!(
+                        client_id = ready.conversation.client_id.as_deref().unwrap_or_default(),
+                        taken = %ready.conversation.id,
+                        stored_as = %row_id,
+                        "A conversation's row id belonged to another client id; stored it under a fresh row id"
+                    );
+                    outcome.relocated += 1;
+                    new.push((row_id, ready));
+                }
+            }
+        }
+        outcome.conversations_inserted = new.len();
+        outcome.duplicates += unique.len() - new.len();
+
         let now = Utc::now();
-        let rows: Vec<ChunkRow<'_>> = new.iter().flat_map(|r| chunk_rows(r, now)).collect();
+        let rows: Vec<ChunkRow<'_>> = new
+            .iter()
+            .flat_map(|(row_id, r)| chunk_rows(r, *row_id, now))
+            .collect();
         for row in &rows {
             match row.status {
                 EmbeddingStatus::Embedded => {}
@@ -246,10 +280,41 @@ fn json_has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// Inserts the conversation rows; returns the ids that were new.
+/// Of the conversations the insert skipped, those whose client id is not
+/// stored: their row id is held by a different conversation, so they are
+/// not duplicates and must still be written. A conversation without a
+/// client id has a fresh UUIDv7 row id and is skipped only as a retry.
+async fn row_id_held_by_another<'a>(
+    conn: &mut PgConnection,
+    skipped: &[(Uuid, &'a ReadyConversation)],
+) -> Result<Vec<&'a ReadyConversation>, StoreError> {
+    let keyed: Vec<(&str, &'a ReadyConversation)> = skipped
+        .iter()
+        .filter_map(|(_, r)| r.conversation.client_id.as_deref().map(|k| (k, *r)))
+        .collect();
+    if keyed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client_ids: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
+    let stored: HashSet<String> =
+        sqlx::query_scalar("SELECT client_id FROM conversations WHERE client_id = ANY($1)")
+            .bind(&client_ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(keyed
+        .into_iter()
+        .filter(|(k, _)| !stored.contains(*k))
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// Inserts the conversation rows, each under the row id paired with it;
+/// returns the row ids that were new.
 async fn insert_conversations(
     conn: &mut PgConnection,
-    batch: &[&ReadyConversation],
+    batch: &[(Uuid, &ReadyConversation)],
 ) -> Result<HashSet<Uuid>, StoreError> {
     let n = batch.len();
     let mut ids = Vec::with_capacity(n);
@@ -263,9 +328,9 @@ async fn insert_conversations(
     let mut created = Vec::with_capacity(n);
     let mut received = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
-    for ready in batch {
+    for (row_id, ready) in batch {
         let c = &ready.conversation;
-        ids.push(c.id);
+        ids.push(*row_id);
         client_ids.push(c.client_id.as_deref());
         user_ids.push(c.user_id.as_str());
         channels.push(c.channel.as_str());
@@ -307,9 +372,13 @@ struct ChunkRow<'a> {
     embedded_at: Option<DateTime<Utc>>,
 }
 
-fn chunk_rows(ready: &ReadyConversation, now: DateTime<Utc>) -> impl Iterator<Item = ChunkRow<'_>> {
+fn chunk_rows(
+    ready: &ReadyConversation,
+    row_id: Uuid,
+    now: DateTime<Utc>,
+) -> impl Iterator<Item = ChunkRow<'_>> {
     ready.chunks.iter().map(move |c| ChunkRow {
-        conversation_id: ready.conversation.id,
+        conversation_id: row_id,
         seq: c.chunk.seq,
         content: &c.chunk.content,
         content_hash: &c.chunk.content_hash,
@@ -511,7 +580,7 @@ mod tests {
     fn chunk_row_encodes_nine_fields() {
         let r = ready(7, None, vec![chunk(0, ChunkVector::Pending)]);
         let mut enc = CopyEncoder::new();
-        for row in chunk_rows(&r, Utc::now()) {
+        for row in chunk_rows(&r, r.conversation.id, Utc::now()) {
             encode_chunk_row(&mut enc, &row).expect("encodes");
         }
         assert!(enc.finish().is_ok());

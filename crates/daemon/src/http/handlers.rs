@@ -511,8 +511,12 @@ pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) ->
     }
     // In flight first: a conversation leaves the registry only after its
     // commit, so it is always found in one place or the other.
-    let row = row_id(&id);
-    if state.in_flight.contains(row) {
+    // By client id, or for a UUID, by the row id of a conversation sent
+    // without one.
+    let in_flight = std::iter::once(row_id(&id))
+        .chain(uuid::Uuid::parse_str(&id).ok())
+        .find(|row| state.in_flight.contains(*row));
+    if let Some(row) = in_flight {
         let view = InFlightView {
             id,
             row_id: row,
@@ -520,10 +524,7 @@ pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) ->
         };
         return (StatusCode::OK, axum::Json(view)).into_response();
     }
-    let found = match uuid::Uuid::parse_str(&id) {
-        Ok(uuid) => state.store.get_conversation(uuid).await,
-        Err(_) => state.store.get_conversation_by_client_id(&id).await,
-    };
+    let found = find_stored(&state.store, &id).await;
     match found {
         Ok(Some(conversation)) => {
             let view = StoredView {
@@ -534,6 +535,23 @@ pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) ->
         }
         Ok(None) => ApiError::NotFound(format!("no conversation with id `{id}`")).into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The stored conversation `id` names: the one with that client id, else,
+/// for a UUID, the row with that id (conversations sent without an id are
+/// known by their row id). The client id comes first: it is the key, and a
+/// UUID-shaped client id is not the row id of its conversation.
+async fn find_stored(
+    store: &convstore_store::Store,
+    id: &str,
+) -> Result<Option<convstore_store::StoredConversation>, convstore_store::StoreError> {
+    if let Some(found) = store.get_conversation_by_client_id(id).await? {
+        return Ok(Some(found));
+    }
+    match uuid::Uuid::parse_str(id) {
+        Ok(uuid) => store.get_conversation(uuid).await,
+        Err(_) => Ok(None),
     }
 }
 
