@@ -82,6 +82,19 @@ pub struct ServerSettings {
     pub max_messages: NonZeroUsize,
     /// Upper bound on items in one batch request.
     pub max_batch_items: NonZeroUsize,
+    /// Connections served at once, per listener (TCP, Unix socket,
+    /// metrics). At the limit a new connection replaces the one unused the
+    /// longest; when all are busy it gets 503 `too_many_connections`.
+    pub max_connections: NonZeroUsize,
+    /// A request head (line and headers) must arrive within this.
+    pub header_timeout_ms: NonZeroU64,
+    /// A request body must arrive whole within this (408 `body_timeout`).
+    pub body_timeout_ms: NonZeroU64,
+    /// A connection without a request in progress for this long is closed.
+    pub idle_timeout_ms: NonZeroU64,
+    /// Request bodies held in memory by all requests together; past it a
+    /// request gets 503 `bodies_full` with `Retry-After`.
+    pub max_buffered_body_bytes: NonZeroUsize,
 }
 
 impl Default for ServerSettings {
@@ -93,6 +106,11 @@ impl Default for ServerSettings {
             max_body_bytes: const { nz_usize(1_048_576) },
             max_messages: const { nz_usize(1_000) },
             max_batch_items: const { nz_usize(1_000) },
+            max_connections: const { nz_usize(4_096) },
+            header_timeout_ms: const { nz_u64(10_000) },
+            body_timeout_ms: const { nz_u64(30_000) },
+            idle_timeout_ms: const { nz_u64(60_000) },
+            max_buffered_body_bytes: const { nz_usize(64 << 20) },
         }
     }
 }
@@ -618,6 +636,15 @@ impl Settings {
 impl Settings {
     /// `[journal]`, `[ack]`, `[limits]`, `[auth]`: relations serde cannot check.
     fn validate_intake(&self) -> Result<(), ConfigError> {
+        if self.server.max_buffered_body_bytes < self.server.max_body_bytes {
+            return Err(ConfigError::invalid(
+                "server.max_buffered_body_bytes",
+                format!(
+                    "{} cannot hold one body of server.max_body_bytes ({}): every large request would get 503",
+                    self.server.max_buffered_body_bytes, self.server.max_body_bytes
+                ),
+            ));
+        }
         let j = &self.journal;
         if j.segment_bytes > j.max_bytes {
             return Err(ConfigError::invalid(

@@ -120,3 +120,301 @@ async fn an_id_aliasing_another_conversations_row_is_never_answered_stored_witho
             .expect("count");
     assert_eq!(victims, 1);
 }
+
+/// Resident memory of `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Descriptors `pid` holds open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
+/// Raises this process's soft descriptor limit to the hard one (the test
+/// itself holds the attackers' ends); returns it.
+fn raise_own_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
+/// The daemon's `/metrics`, over its Unix socket (not the flooded port).
+async fn scrape(daemon: &Daemon) -> support::exposition::Scrape {
+    let response = daemon
+        .unix_client()
+        .get("/metrics")
+        .await
+        .expect("scrape /metrics");
+    support::exposition::Scrape::parse(&String::from_utf8_lossy(&response.body))
+        .expect("exposition parses")
+}
+
+/// Opens `count` TCP connections to `addr`, `concurrency` at a time; those
+/// the server refuses or closes at once are simply not held.
+async fn connect_many(
+    addr: &str,
+    count: usize,
+    prefix: &'static [u8],
+) -> Vec<tokio::net::TcpStream> {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    futures::stream::iter(0..count)
+        .map(|_| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            if !prefix.is_empty() {
+                stream.write_all(prefix).await.ok()?;
+            }
+            Some(stream)
+        })
+        .buffer_unordered(128)
+        .filter_map(|s| async move { s })
+        .collect()
+        .await
+}
+
+fn conversation(n: usize) -> Value {
+    json!({"user_id": "bob", "channel": "web",
+           "messages": [{"role": "user", "content": format!("hello number {n}")}]})
+}
+
+/// 10,000 idle connections and 2,000 slowloris heads against the defaults
+/// (4,096 connections per listener): the daemon holds at most its limit,
+/// a normal client still gets its 202, memory stays bounded, and every
+/// attacker's connection is closed once the idle timeout passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_floods_are_bounded_and_a_normal_client_is_served() {
+    const IDLE: usize = 10_000;
+    const SLOWLORIS: usize = 2_000;
+    const MAX_CONNECTIONS: usize = 4_096;
+    let limit = raise_own_fd_limit();
+    assert!(
+        limit >= (IDLE + SLOWLORIS + 1_000) as u64,
+        "this test holds {} connections and needs `ulimit -Hn` above that; it is {limit}",
+        IDLE + SLOWLORIS
+    );
+    let standin = Standin::start(MODEL, DIMS, 512, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let daemon = Daemon::start_with_env(
+        &ws,
+        &addr,
+        &[
+            ("CONVSTORE_SERVER__HEADER_TIMEOUT_MS", "5000"),
+            ("CONVSTORE_SERVER__IDLE_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
+    let pid = daemon.pid();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let (status, _) = post_stored(&client, &daemon.base_url(), conversation(0)).await;
+    assert_eq!(status, 201);
+    let (rss_before, fds_before) = (rss_bytes(pid), open_fds(pid));
+
+    let idle = connect_many(&addr, IDLE, b"").await;
+    let slow = connect_many(
+        &addr,
+        SLOWLORIS,
+        b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+    )
+    .await;
+    let (rss_flooded, fds_flooded) = (rss_bytes(pid), open_fds(pid));
+
+    let started = std::time::Instant::now();
+    let answer = client
+        .post(format!("{}/v1/conversations", daemon.base_url()))
+        .json(&conversation(1))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("a normal client's post during the flood");
+    let took = started.elapsed();
+    let served = answer.status().as_u16();
+    println!(
+        "attack: {} idle + {} slowloris connections made; daemon fds {fds_before} -> {fds_flooded}, \
+         RSS {} -> {} MiB; a normal post answered {served} in {took:?}",
+        idle.len(),
+        slow.len(),
+        rss_before >> 20,
+        rss_flooded >> 20,
+    );
+    assert_eq!(served, 202, "a normal client during the flood");
+    assert!(
+        fds_flooded <= fds_before + MAX_CONNECTIONS + 64,
+        "the daemon holds {fds_flooded} descriptors: more than its {MAX_CONNECTIONS} connections allow"
+    );
+    assert!(
+        rss_flooded < rss_before + (256 << 20),
+        "RSS grew from {} to {} MiB under the flood",
+        rss_before >> 20,
+        rss_flooded >> 20
+    );
+
+    // Every connection without a request is closed once the idle timeout
+    // (5 s here) passes; none stays held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let open = loop {
+        let scrape = scrape(&daemon).await;
+        let open = scrape.value("convstore_http_connections", &[("transport", "tcp")]);
+        if open < 1.0 || std::time::Instant::now() > deadline {
+            break (open, scrape);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let (open, scrape) = open;
+    let closed = |reason| {
+        scrape.value(
+            "convstore_http_connections_closed_total",
+            &[("transport", "tcp"), ("reason", reason)],
+        )
+    };
+    println!(
+        "after the idle timeout: {open} TCP connections open; closed idle {}, evicted {}, shed {}; daemon fds {}",
+        closed("idle"),
+        closed("evicted"),
+        closed("shed"),
+        open_fds(pid)
+    );
+    assert_eq!(
+        open, 0.0,
+        "attack connections still held after the idle timeout"
+    );
+    assert!(
+        closed("evicted") > 0.0,
+        "at the limit, new connections replace unused ones"
+    );
+    assert!(closed("idle") > 0.0);
+    assert!(open_fds(pid) <= fds_before + 16);
+    drop((idle, slow));
+}
+
+/// 800 bodies that stop arriving after 256 KiB each: the daemon holds at
+/// most `server.max_buffered_body_bytes` of them, answers every one (503
+/// `bodies_full` at once, or 408 `body_timeout` when its time is up) and
+/// serves a normal client afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_are_bounded_in_memory_and_time() {
+    use futures::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const STALLED: usize = 800;
+    const CHUNK: usize = 256 * 1024;
+    const BUDGET: u64 = 16 << 20;
+    raise_own_fd_limit();
+    let standin = Standin::start(MODEL, DIMS, 512, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let budget = BUDGET.to_string();
+    let daemon = Daemon::start_with_env(
+        &ws,
+        &addr,
+        &[
+            ("CONVSTORE_SERVER__BODY_TIMEOUT_MS", "3000"),
+            ("CONVSTORE_SERVER__MAX_BUFFERED_BODY_BYTES", budget.as_str()),
+        ],
+    )
+    .await;
+    let pid = daemon.pid();
+    let rss_before = rss_bytes(pid);
+
+    let mut request = format!(
+        "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{CHUNK:x}\r\n"
+    )
+    .into_bytes();
+    request.extend(std::iter::once(b'[').chain(std::iter::repeat_n(b' ', CHUNK - 1)));
+    request.extend_from_slice(b"\r\n");
+    let request: &'static [u8] = Box::leak(request.into_boxed_slice());
+
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
+    let sampling = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Some(status) answered; Some(0) closed by the server (a close with
+    // our unread bytes in its buffer is a reset, which can overtake the
+    // answer); None still held after a minute.
+    let answers: Vec<Option<u16>> = futures::stream::iter(0..STALLED)
+        .map(|_| {
+            let addr = addr.clone();
+            async move {
+                let mut stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+                // The server may answer and close before all is sent.
+                let _ = stream.write_all(request).await;
+                let mut head = vec![0u8; 64];
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(60),
+                    stream.read(&mut head),
+                )
+                .await
+                .ok()?;
+                let Ok(read) = read else {
+                    return Some(0);
+                };
+                let text = String::from_utf8_lossy(&head[..read]).to_string();
+                Some(
+                    text.split(' ')
+                        .nth(1)
+                        .and_then(|c| c.parse::<u16>().ok())
+                        .unwrap_or(0),
+                )
+            }
+        })
+        .buffer_unordered(STALLED)
+        .collect()
+        .await;
+    sampling.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let count = |code| answers.iter().filter(|a| **a == Some(code)).count();
+    let held = answers.iter().filter(|a| a.is_none()).count();
+    println!(
+        "{STALLED} stalled bodies: {} answered 503, {} answered 408, {} closed by the server \
+         before its answer arrived, {held} still held; RSS {} MiB before, peak {} MiB (budget {} MiB)",
+        count(503),
+        count(408),
+        count(0),
+        rss_before >> 20,
+        peak >> 20,
+        BUDGET >> 20
+    );
+    assert_eq!(held, 0, "no stalled body is held");
+    assert_eq!(count(503) + count(408) + count(0), STALLED, "{answers:?}");
+    assert!(count(0) <= STALLED / 10, "most refusals arrive as answers");
+    assert!(count(408) > 0, "bodies within the budget time out");
+    assert!(
+        peak < rss_before + BUDGET + (64 << 20),
+        "RSS peaked at {} MiB from {} MiB with a {} MiB body budget",
+        peak >> 20,
+        rss_before >> 20,
+        BUDGET >> 20
+    );
+
+    let scrape = scrape(&daemon).await;
+    assert_eq!(scrape.value("convstore_http_body_buffered_bytes", &[]), 0.0);
+    let client = reqwest::Client::new();
+    let (status, answer) = post_stored(&client, &daemon.base_url(), conversation(2)).await;
+    assert_eq!(status, 201, "{answer}");
+}

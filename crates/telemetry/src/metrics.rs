@@ -91,6 +91,15 @@ pub const JOURNAL_REPLAYED: &str = "convstore_journal_replayed_total";
 pub const JOURNAL_DAMAGED_BYTES: &str = "convstore_journal_damaged_bytes_total";
 pub const ACK_WAIT_SECONDS: &str = "convstore_ack_wait_duration_seconds";
 pub const AUTH_REJECTED: &str = "convstore_auth_rejected_total";
+// Connections and request bodies (issue 15; the daemon's `http::serve`,
+// `http::body`).
+/// Connections open now, by transport.
+pub const HTTP_CONNECTIONS: &str = "convstore_http_connections";
+/// Connections convstore closed or refused, by transport and reason
+/// (`idle`, `header_timeout`, `evicted`, `shed`).
+pub const HTTP_CONNECTIONS_CLOSED: &str = "convstore_http_connections_closed_total";
+/// Bytes of request bodies held in memory now.
+pub const HTTP_BODY_BUFFERED_BYTES: &str = "convstore_http_body_buffered_bytes";
 
 /// Every metric name above, in declaration order. A unit test checks that
 /// it lists every `convstore_` constant of this file and that
@@ -162,6 +171,9 @@ pub const ALL: &[&str] = &[
     JOURNAL_DAMAGED_BYTES,
     ACK_WAIT_SECONDS,
     AUTH_REJECTED,
+    HTTP_CONNECTIONS,
+    HTTP_CONNECTIONS_CLOSED,
+    HTTP_BODY_BUFFERED_BYTES,
 ];
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
@@ -226,6 +238,16 @@ pub fn describe() {
         ACK_WAIT_SECONDS,
         Unit::Seconds,
         "Time a request waited for its acknowledgement level (?wait=durable|stored), by level and outcome."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now, by transport.");
+    describe_counter!(
+        HTTP_CONNECTIONS_CLOSED,
+        "HTTP connections closed or refused by convstore, by transport and reason (idle: no request for server.idle_timeout_ms; header_timeout: no complete request head within server.header_timeout_ms; evicted: replaced at server.max_connections; shed: refused with 503 at server.max_connections)."
+    );
+    describe_gauge!(
+        HTTP_BODY_BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes of request bodies held in memory now (bounded by server.max_buffered_body_bytes)."
     );
     describe_counter!(
         AUTH_REJECTED,

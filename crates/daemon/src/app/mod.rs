@@ -22,6 +22,7 @@
 mod build;
 mod database;
 mod embedders;
+mod fd_limit;
 mod run;
 
 use std::future::Future;
@@ -70,6 +71,9 @@ pub async fn serve(
             http::auth::apply_socket_owner(path, &settings.auth).map_err(anyhow::Error::msg)?;
         }
         http::auth::warn_if_exposed(settings);
+        let count =
+            listeners.tcp.len() + listeners.unix.len() + usize::from(listeners.metrics.is_some());
+        fd_limit::raise_and_check(count, settings.server.max_connections.get());
         anyhow::Ok(listeners)
     };
     build_and_run(settings, control, open, shutdown).await

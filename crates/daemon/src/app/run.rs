@@ -91,10 +91,11 @@ impl App {
 
         let stop_listeners = CancellationToken::new();
         let mut served = JoinSet::new();
+        let limits = connection_limits(&settings);
         for listener in listeners.tcp {
             let addr = listener.local_addr()?;
             let app = http::router(ingress.clone(), Transport::Tcp);
-            spawn_listener(&mut served, listener, app, &stop_listeners);
+            spawn_listener(&mut served, listener, app, limits, "tcp", &stop_listeners);
             tracing::info!(addr = %addr, "Listening on TCP");
         }
         for listener in listeners.unix {
@@ -104,13 +105,20 @@ impl App {
                 .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                 .unwrap_or_default();
             let app = http::router(ingress.clone(), Transport::Unix);
-            spawn_listener(&mut served, listener, app, &stop_listeners);
+            spawn_listener(&mut served, listener, app, limits, "unix", &stop_listeners);
             tracing::info!(path = %path.display(), "Listening on Unix socket");
         }
         if let Some(listener) = listeners.metrics {
             let addr = listener.local_addr()?;
             let app = http::stats::metrics_router(ingress.metrics.clone());
-            spawn_listener(&mut served, listener, app, &stop_listeners);
+            spawn_listener(
+                &mut served,
+                listener,
+                app,
+                limits,
+                "metrics",
+                &stop_listeners,
+            );
             tracing::info!(addr = %addr, "Serving /metrics on the metrics listener");
         }
         warn_if_watchdog_too_short(&settings, supervisor.watchdog());
@@ -212,23 +220,33 @@ impl App {
 }
 
 /// Serves `app` on `listener` (TCP, Unix, activated or bound: anything
-/// axum can accept on) until `stop` is cancelled, then finishes the
-/// requests in flight.
+/// axum can accept on) under the connection limits until `stop` is
+/// cancelled, then finishes the requests in flight.
 fn spawn_listener<L>(
     served: &mut JoinSet<std::io::Result<()>>,
     listener: L,
     app: axum::Router,
+    limits: http::serve::ConnectionLimits,
+    transport: &'static str,
     stop: &CancellationToken,
 ) where
     L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
 {
-    let stop = stop.clone();
-    served.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    served.spawn(http::serve::serve(
+        listener,
+        app,
+        limits,
+        transport,
+        stop.clone(),
+    ));
+}
+
+fn connection_limits(settings: &Settings) -> http::serve::ConnectionLimits {
+    http::serve::ConnectionLimits {
+        max_connections: settings.server.max_connections.get(),
+        header_timeout: Duration::from_millis(settings.server.header_timeout_ms.get()),
+        idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms.get()),
+    }
 }
 
 /// SIGHUP: reload the configuration, bracketed by RELOADING=1 / READY=1.

@@ -41,6 +41,11 @@ pub enum ApiError {
     },
     /// 503: shutting down or not ready.
     Unavailable(String),
+    /// 408: the body did not arrive within `server.body_timeout_ms`.
+    BodyTimeout(String),
+    /// 503: request bodies being read hold `server.max_buffered_body_bytes`;
+    /// retry after this many seconds.
+    BodiesFull { retry_after_secs: u32 },
     /// 500: a bug or an internal failure; the message is safe to show.
     Internal(String),
 }
@@ -67,7 +72,8 @@ impl ApiError {
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unfinished { status, .. } => *status,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::BodiesFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +93,8 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Unfinished { code, .. } => code,
             Self::Unavailable(_) => "unavailable",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::BodiesFull { .. } => "bodies_full",
             Self::Internal(_) => "internal",
         }
     }
@@ -99,6 +107,7 @@ impl ApiError {
             | Self::PayloadTooLarge(m)
             | Self::UnsupportedMediaType(m)
             | Self::Unavailable(m)
+            | Self::BodyTimeout(m)
             | Self::Internal(m)
             | Self::Unauthorized(m) => m.clone(),
             Self::InvalidField { message, .. } | Self::Unfinished { message, .. } => {
@@ -113,6 +122,9 @@ impl ApiError {
             Self::QueueFull { retry_after_secs } => {
                 format!("the queue is full; retry after {retry_after_secs} s")
             }
+            Self::BodiesFull { retry_after_secs } => format!(
+                "request bodies being read hold server.max_buffered_body_bytes; retry after {retry_after_secs} s"
+            ),
         }
     }
 
@@ -131,12 +143,13 @@ impl ApiError {
         }
     }
 
-    /// Seconds a 429 asks the client to wait.
+    /// Seconds a 429 (or a 503 that will pass) asks the client to wait.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             Self::QueueFull { retry_after_secs }
             | Self::JournalFull { retry_after_secs }
-            | Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            | Self::RateLimited { retry_after_secs }
+            | Self::BodiesFull { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -210,6 +223,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        // The rest of a body that timed out is not worth reading: close.
+        if matches!(self, Self::BodyTimeout(_)) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, Self::Unauthorized(_)) {
             response.headers_mut().insert(

@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Extension;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
 
@@ -48,11 +47,12 @@ pub struct Accepted {
         (status = 202, description = "Queued, or durable (`?wait=durable`)", body = Accepted),
         (status = 400, description = "Invalid JSON, field, or query parameter", body = super::error::ErrorEnvelope),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 408, description = "The body did not arrive within `server.body_timeout_ms`", body = super::error::ErrorEnvelope),
         (status = 413, description = "Body or conversation too large", body = super::error::ErrorEnvelope),
         (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
         (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = super::error::ErrorEnvelope),
         (status = 500, description = "Accepted but refused by the database or lost (with id)", body = super::error::ErrorEnvelope),
-        (status = 503, description = "Shutting down, or the journal is unusable", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, the journal is unusable, or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
         (status = 504, description = "Accepted, but the wait ended first (with id): poll GET /v1/conversations/{id}", body = super::error::ErrorEnvelope),
     )
 )]
@@ -116,6 +116,8 @@ async fn accept_one(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + wait.timeout;
     let conversation = parse_conversation(&bytes, state.limits().validation)?;
+    // The conversation is parsed: from here the queue accounts its bytes.
+    drop(bytes);
     let admitted = admit(state, conversation, wait.level).await?;
     metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
     let id = admitted.id.clone();
@@ -168,28 +170,20 @@ pub(super) fn require_content_type(headers: &HeaderMap, ndjson_ok: bool) -> Resu
     }
 }
 
+/// The request body, read within the body deadline and budget
+/// ([`super::body`]).
 pub(super) async fn read_body(
     state: &IngressState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Bytes, ApiError> {
-    let limit = state.limits().max_body_bytes;
-    let too_large =
-        || ApiError::PayloadTooLarge(format!("body over server.max_body_bytes ({limit} bytes)"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "could not read the request body: {e}"
-        ))),
-    }
+) -> Result<super::body::ReadBody, ApiError> {
+    let limits = state.limits();
+    let body_limits = super::body::BodyLimits {
+        max_body_bytes: limits.max_body_bytes,
+        timeout: limits.body_timeout,
+        retry_after_secs: limits.retry_after_secs,
+    };
+    super::body::read(&state.body_budget, body_limits, headers, body).await
 }
 
 /// One item's result in a batch answer.
@@ -240,11 +234,12 @@ pub struct BatchResponse {
         (status = 202, description = "Items accepted; per-item results", body = BatchResponse),
         (status = 400, description = "Invalid body or every item invalid", body = BatchResponse),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 408, description = "The body did not arrive within `server.body_timeout_ms`", body = super::error::ErrorEnvelope),
         (status = 413, description = "Body or item count too large", body = super::error::ErrorEnvelope),
         (status = 415, description = "Not JSON or NDJSON", body = super::error::ErrorEnvelope),
         (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = BatchResponse),
         (status = 500, description = "An accepted item was refused by the database or lost", body = BatchResponse),
-        (status = 503, description = "Shutting down", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
         (status = 504, description = "Accepted, but a wait ended first: poll by id", body = BatchResponse),
     )
 )]

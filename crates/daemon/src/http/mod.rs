@@ -2,12 +2,14 @@
 //! validates, enqueues and answers; it never waits for embedding or storage.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod intake;
 pub mod listen;
 pub mod openapi;
 pub mod search;
+pub mod serve;
 pub mod stats;
 
 use std::sync::Arc;
@@ -47,6 +49,8 @@ impl Transport {
 pub struct IngressLimits {
     pub validation: convstore_core::validate::Limits,
     pub max_body_bytes: usize,
+    /// A request body must arrive whole within this.
+    pub body_timeout: Duration,
     pub max_batch_items: usize,
     pub when_full: WhenFull,
     pub block_timeout: Duration,
@@ -69,6 +73,7 @@ impl IngressLimits {
                 max_label_bytes: settings.limits.max_label_bytes.get(),
             },
             max_body_bytes: settings.server.max_body_bytes.get(),
+            body_timeout: Duration::from_millis(settings.server.body_timeout_ms.get()),
             max_batch_items: settings.server.max_batch_items.get(),
             when_full: settings.queue.when_full,
             block_timeout: Duration::from_millis(settings.queue.block_timeout_ms.get()),
@@ -86,6 +91,8 @@ pub struct IngressState {
     /// Accepted and not yet stored: `GET /v1/conversations/{id}` says
     /// `queued` for these.
     pub in_flight: Arc<InFlight>,
+    /// Request bodies held in memory (`server.max_buffered_body_bytes`).
+    pub body_budget: Arc<body::BodyBudget>,
     /// The journal, when `journal.enabled`.
     journal: Option<Journal>,
     /// Bearer tokens, when `[[auth.tokens]]` are configured.
@@ -112,6 +119,7 @@ impl IngressState {
             queue,
             store,
             in_flight: InFlight::new(),
+            body_budget: body::BodyBudget::new(settings.server.max_buffered_body_bytes.get()),
             journal: None,
             auth: auth::Auth::from_settings(&settings.auth),
             limits: ArcSwap::from_pointee(IngressLimits::from_settings(settings)),

@@ -431,6 +431,7 @@ pub struct SearchResponse {
         (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
             example = json!({"error": {"code": "invalid_field", "message": "k: 0 is out of range: 1 to 100", "field": "k"}})),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 408, description = "The body did not arrive within `server.body_timeout_ms`", body = super::error::ErrorEnvelope),
         (status = 413, description = "Body over `server.max_body_bytes`", body = super::error::ErrorEnvelope),
         (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
         (status = 429, description = "This token's rate limit; see Retry-After", body = super::error::ErrorEnvelope),

@@ -24,6 +24,7 @@ use convstore_telemetry::logging;
 pub const LIVE_KEYS: &[&str] = &[
     "log.level",
     "server.max_body_bytes",
+    "server.body_timeout_ms",
     "server.max_messages",
     "server.max_batch_items",
     "queue.when_full",
@@ -67,6 +68,7 @@ pub fn merge_live(running: &Settings, new: &Settings) -> Settings {
     let mut merged = running.clone();
     merged.log.level = new.log.level.clone();
     merged.server.max_body_bytes = new.server.max_body_bytes;
+    merged.server.body_timeout_ms = new.server.body_timeout_ms;
     merged.server.max_messages = new.server.max_messages;
     merged.server.max_batch_items = new.server.max_batch_items;
     merged.queue.when_full = new.queue.when_full;
@@ -262,6 +264,7 @@ mod tests {
         let mut new = base.clone();
         new.log.level = "debug".into();
         new.server.max_body_bytes = NonZeroUsize::new(7).unwrap();
+        new.server.body_timeout_ms = NonZeroU64::new(10).unwrap();
         new.server.max_messages = NonZeroUsize::new(8).unwrap();
         new.server.max_batch_items = NonZeroUsize::new(9).unwrap();
         new.queue.when_full = WhenFull::Block;
