@@ -41,20 +41,28 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    /// Bytes this conversation holds in memory, roughly; the queue's byte bound.
+    /// Bytes this conversation holds in memory: the queue's byte bound.
+    ///
+    /// Counted from capacities and the real layouts, plus the allocator's
+    /// own overhead per allocation, so that `queue.max_bytes` bounds
+    /// memory rather than text: counting text alone let 256 MiB of queue
+    /// hold 648 MB (issue 15). `tests/memory_bounds.rs` checks the count
+    /// against what the allocator hands out.
     pub fn approx_bytes(&self) -> usize {
-        let text: usize = self
-            .messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len() + 48)
-            .sum();
-        text + self.transcript.as_ref().map_or(0, String::len)
-            + self.summary.as_ref().map_or(0, String::len)
-            + self.client_id.as_ref().map_or(0, String::len)
-            + self.user_id.len()
-            + self.channel.len()
-            + estimate_json_bytes(&self.metadata)
-            + std::mem::size_of::<Self>()
+        let messages = self.messages.capacity() * std::mem::size_of::<Message>()
+            + self
+                .messages
+                .iter()
+                .map(|m| heap_string(&m.role) + heap_string(&m.content))
+                .sum::<usize>();
+        std::mem::size_of::<Self>()
+            + allocation(messages)
+            + self.transcript.as_ref().map_or(0, heap_string)
+            + self.summary.as_ref().map_or(0, heap_string)
+            + self.client_id.as_ref().map_or(0, heap_string)
+            + heap_string(&self.user_id)
+            + heap_string(&self.channel)
+            + heap_json(&self.metadata)
     }
 
     /// The whole conversation as one text, one `role: content` line per message.
@@ -75,18 +83,44 @@ impl Conversation {
     }
 }
 
-fn estimate_json_bytes(value: &serde_json::Value) -> usize {
+/// What the allocator adds to each allocation (glibc: an 8-byte header,
+/// sizes rounded up to 16).
+const ALLOCATION_OVERHEAD: usize = 16;
+
+fn allocation(bytes: usize) -> usize {
+    if bytes == 0 {
+        0
+    } else {
+        bytes + ALLOCATION_OVERHEAD
+    }
+}
+
+fn heap_string(s: &String) -> usize {
+    allocation(s.capacity())
+}
+
+/// One node of the `BTreeMap<String, Value>` behind a JSON object: 11 keys,
+/// 11 values, and (in internal nodes) 12 child pointers, plus bookkeeping.
+const JSON_OBJECT_NODE_BYTES: usize = 11
+    * (std::mem::size_of::<String>() + std::mem::size_of::<serde_json::Value>())
+    + 12 * std::mem::size_of::<usize>()
+    + 16;
+
+/// Heap bytes under a JSON value (the value itself lives in its parent).
+fn heap_json(value: &serde_json::Value) -> usize {
     match value {
-        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 8,
-        serde_json::Value::String(s) => s.len() + 24,
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => 0,
+        serde_json::Value::String(s) => heap_string(s),
         serde_json::Value::Array(items) => {
-            items.iter().map(estimate_json_bytes).sum::<usize>() + 24
+            allocation(items.capacity() * std::mem::size_of::<serde_json::Value>())
+                + items.iter().map(heap_json).sum::<usize>()
         }
         serde_json::Value::Object(map) => {
-            map.iter()
-                .map(|(k, v)| k.len() + 24 + estimate_json_bytes(v))
-                .sum::<usize>()
-                + 48
+            map.len().div_ceil(11) * allocation(JSON_OBJECT_NODE_BYTES)
+                + map
+                    .iter()
+                    .map(|(k, v)| heap_string(k) + heap_json(v))
+                    .sum::<usize>()
         }
     }
 }

@@ -287,12 +287,21 @@ async fn idle_and_slowloris_floods_are_bounded_and_a_normal_client_is_served() {
             &[("transport", "tcp"), ("reason", reason)],
         )
     };
+    // Memory freed by the closed connections goes back to the system
+    // (glibc keeps freed heap otherwise; convstore trims it).
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    let rss_after = rss_bytes(pid);
     println!(
-        "after the idle timeout: {open} TCP connections open; closed idle {}, evicted {}, shed {}; daemon fds {}",
+        "after the idle timeout: {open} TCP connections open; closed idle {}, header_timeout {}, evicted {}, shed {}; \
+         daemon fds {}, RSS {} MiB (was {} MiB before the attack, {} MiB under it)",
         closed("idle"),
+        closed("header_timeout"),
         closed("evicted"),
         closed("shed"),
-        open_fds(pid)
+        open_fds(pid),
+        rss_after >> 20,
+        rss_before >> 20,
+        rss_flooded >> 20
     );
     assert_eq!(
         open, 0.0,
@@ -303,7 +312,14 @@ async fn idle_and_slowloris_floods_are_bounded_and_a_normal_client_is_served() {
         "at the limit, new connections replace unused ones"
     );
     assert!(closed("idle") > 0.0);
+    assert!(closed("header_timeout") > 0.0, "slowloris heads time out");
     assert!(open_fds(pid) <= fds_before + 16);
+    assert!(
+        rss_after < rss_before + (24 << 20),
+        "RSS stayed at {} MiB after the attack ended (from {} MiB): freed memory not returned",
+        rss_after >> 20,
+        rss_before >> 20
+    );
     drop((idle, slow));
 }
 

@@ -131,6 +131,7 @@ impl App {
             queue.clone(),
             stop_background.clone(),
         ));
+        background.spawn(super::trim::return_freed_memory(stop_background.clone()));
         let stop_backfill = stop_background.child_token();
         if settings.backfill.enabled {
             background.spawn(crate::pipeline::backfill::run(

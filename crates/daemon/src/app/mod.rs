@@ -24,6 +24,7 @@ mod database;
 mod embedders;
 mod fd_limit;
 mod run;
+mod trim;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
