@@ -39,6 +39,13 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
+    /// 503: the journal cannot write now (disk full); it takes
+    /// conversations again by itself once there is room, so the answer
+    /// carries `Retry-After` like a 429: a refusal, nothing is lost.
+    JournalUnwritable {
+        reason: String,
+        retry_after_secs: u32,
+    },
     /// 503: shutting down or not ready.
     Unavailable(String),
     /// 500: a bug or an internal failure; the message is safe to show.
@@ -67,7 +74,9 @@ impl ApiError {
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unfinished { status, .. } => *status,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::JournalUnwritable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +95,7 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Unauthorized(_) => "unauthorized",
             Self::Unfinished { code, .. } => code,
+            Self::JournalUnwritable { .. } => "journal_unwritable",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -110,6 +120,12 @@ impl ApiError {
             Self::RateLimited { retry_after_secs } => {
                 format!("this token's rate limit is reached; retry after {retry_after_secs} s")
             }
+            Self::JournalUnwritable {
+                reason,
+                retry_after_secs,
+            } => format!(
+                "the journal cannot write ({reason}); the conversation was not accepted, retry after {retry_after_secs} s"
+            ),
             Self::QueueFull { retry_after_secs } => {
                 format!("the queue is full; retry after {retry_after_secs} s")
             }
@@ -131,12 +147,15 @@ impl ApiError {
         }
     }
 
-    /// Seconds a 429 asks the client to wait.
+    /// Seconds a 429 (or a 503 that passes by itself) asks the client to wait.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             Self::QueueFull { retry_after_secs }
             | Self::JournalFull { retry_after_secs }
-            | Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            | Self::RateLimited { retry_after_secs }
+            | Self::JournalUnwritable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }

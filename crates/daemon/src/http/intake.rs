@@ -254,7 +254,10 @@ fn journal_refused(state: &IngressState, e: AppendError<Option<PushError<Queued>
         AppendError::Failed(reason) => {
             ApiError::Unavailable(format!("the journal is unusable: {reason}"))
         }
-        AppendError::Io(e) => ApiError::Unavailable(format!("cannot write to the journal: {e}")),
+        AppendError::Unwritable(reason) => ApiError::JournalUnwritable {
+            reason,
+            retry_after_secs: state.limits().retry_after_secs,
+        },
         AppendError::Enqueue(Some(e)) => refused(state, e, 0),
         AppendError::Enqueue(None) => ApiError::Internal("admission lost its conversation".into()),
     }
