@@ -15,6 +15,10 @@
 //!   embedded by the backfill once it is back.
 //! - `ack_levels_in_flight_view_and_a_full_journal`: `?wait=` levels,
 //!   504 with the id, `GET` while in flight, 429 when the journal is full.
+//! - `journal_disk_full_on_a_small_filesystem`: the journal directory on a
+//!   2 MiB tmpfs fills while storage is stalled: 503 with `Retry-After` and
+//!   readiness naming the journal; recovery without a restart once stored;
+//!   then a kill -9 on the full disk and a restart that replays first.
 //!
 //! The seed of the random kill points is printed; `CONVSTORE_TEST_SEED`
 //! replays a run.
@@ -32,6 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::daemon::{Daemon, Standin, Workspace, connect_db};
+use support::exposition::Scrape;
 
 const MODEL: &str = "durability-embed";
 const DIMS: usize = 32;
@@ -1055,4 +1060,330 @@ async fn ack_latency_queued_vs_durable() {
         }
         assert!(daemon.terminate(Duration::from_secs(120)).success());
     }
+}
+
+/// A small tmpfs mounted over a directory, unmounted (lazily, so a process
+/// still holding a file cannot keep it) when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a `size` tmpfs on `path`; `None` with the reason printed
+    /// where that is not possible. CI runs as root and must run the test.
+    fn mount(path: &Path, size: &str) -> Option<SmallDisk> {
+        let skip = |why: String| {
+            if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+                panic!("{why}; CI must run this test");
+            }
+            eprintln!("\n{}\nSKIPPED: {why}\n{}\n", "!".repeat(78), "!".repeat(78));
+            None
+        };
+        // SAFETY: geteuid(2) reads a number; no memory is involved.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip("the disk-full test mounts a tmpfs and needs root".into());
+        }
+        std::fs::create_dir_all(path).expect("journal directory");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk {
+                path: path.to_path_buf(),
+            }),
+            Ok(o) => skip(format!(
+                "cannot mount a tmpfs on {} ({}): {}",
+                path.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => skip(format!("cannot run mount: {e}")),
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Rows per client id among `ids`.
+async fn rows_by_client_id(db: &PgPool, ids: &[String]) -> HashMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT client_id, count(*) FROM conversations WHERE client_id = ANY($1) GROUP BY client_id",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+    .expect("count by client id");
+    rows.into_iter().collect()
+}
+
+/// Waits until each of `ids` has a row; then every one must have exactly one.
+async fn assert_stored_once(db: &PgPool, ids: &[String], limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let rows = rows_by_client_id(db, ids).await;
+        if rows.len() == ids.len() {
+            let twice: Vec<_> = rows.iter().filter(|(_, n)| **n != 1).collect();
+            assert!(twice.is_empty(), "stored more than once: {twice:?}");
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} of {} acknowledged conversations stored after {limit:?}; missing e.g. {:?}",
+            rows.len(),
+            ids.len(),
+            ids.iter().find(|id| !rows.contains_key(*id))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn scrape(base: &str) -> Scrape {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    Scrape::parse(&text).expect("exposition")
+}
+
+/// Posts ~3 KB conversations `tag-N` (every fifth `?wait=durable`) until
+/// the journal refuses one; returns the acknowledged ids and the refusal.
+async fn fill_the_disk(base: &str, tag: &str) -> (Vec<String>, Value) {
+    let http = reqwest::Client::new();
+    let mut acked = Vec::new();
+    for n in 0..5000 {
+        let id = format!("{tag}-{n}");
+        let wait = if n % 5 == 4 { "durable" } else { "queued" };
+        let body = json!({"id": id, "user_id": "u-disk", "channel": "c",
+                          "transcript": format!("{id} {}", "x".repeat(3000))});
+        let resp = http
+            .post(format!("{base}/v1/conversations?wait={wait}"))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        match resp.status().as_u16() {
+            202 => acked.push(id),
+            503 => {
+                let retry_after = resp.headers().contains_key("retry-after");
+                let v: Value = resp.json().await.expect("503 body");
+                assert!(
+                    retry_after,
+                    "a 503 for a full journal must carry Retry-After: {v}"
+                );
+                return (acked, v);
+            }
+            other => panic!("{id}: unexpected {other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    panic!("5000 conversations of 3 KB did not fill a 2 MiB journal disk");
+}
+
+/// Polls `/readyz` until it answers `status` (generous deadline); the body
+/// and how long it took.
+async fn readyz_until(base: &str, status: u16, limit: Duration) -> (Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let (s, v) = readyz(base).await;
+        if s == status {
+            return (v, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "/readyz still {s} after {limit:?}, expected {status}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The journal directory on a 2 MiB tmpfs (PostgreSQL lives elsewhere),
+/// the default 16 MiB segment size: the journal's own active segment fills
+/// the disk while the embedding backend is down (nothing is stored).
+/// (a) posts get 503 `journal_unwritable` with Retry-After, `/readyz` and
+/// `/v1/stats` name the journal, nothing is counted lost; (b) storage
+/// resumes: the journal frees its segment and takes conversations again
+/// without a restart; (c) full again, kill -9, restart on the full disk:
+/// the daemon starts, replays, and every acknowledged conversation is
+/// stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_disk_full_on_a_small_filesystem() {
+    let ws = Workspace::new();
+    let Some(_disk) = SmallDisk::mount(&ws.path().join("state/journal"), "2m") else {
+        return;
+    };
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "[journal]\nenabled = true\n");
+    // Backend down: conversations stay in flight (retrying) instead of
+    // being stored as pending, so the breaker must stay closed.
+    let env = [
+        ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
+        ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
+    ];
+    let mut daemon = Daemon::start_with_env(&ws, &addr, &env).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    let mut acked: Vec<String> = Vec::new();
+
+    // (a) The disk fills.
+    standin.set_faults(json!({"down": true})).await;
+    let (ids, refusal) = fill_the_disk(&base, "a").await;
+    acked.extend(ids);
+    println!(
+        "(a) disk full after {} conversations: {refusal}",
+        acked.len()
+    );
+    assert_eq!(refusal["error"]["code"], "journal_unwritable", "{refusal}");
+    // Refused at once from now on, each with Retry-After.
+    let http = reqwest::Client::new();
+    for n in 0..5 {
+        let resp = http
+            .post(format!("{base}/v1/conversations"))
+            .json(
+                &json!({"id": format!("refused-{n}"), "user_id": "u-disk", "channel": "c",
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let retry_after = resp.headers().contains_key("retry-after");
+        let (status, body) = (resp.status(), resp.text().await.unwrap());
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after, "{body}");
+        assert!(body.contains("journal_unwritable"), "{body}");
+    }
+    let (status, ready) = readyz(&base).await;
+    assert_eq!(status, 503, "{ready}");
+    let reasons = ready["reasons"].to_string();
+    assert!(
+        reasons.contains("journal cannot write") && reasons.contains("os error 28"),
+        "readiness must name the journal and the error: {ready}"
+    );
+    assert_eq!(ready["journal"]["writable"], false, "{ready}");
+    let stats: Value = reqwest::get(format!("{base}/v1/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        stats["health"]["reasons"]
+            .to_string()
+            .contains("journal_unwritable"),
+        "{}",
+        stats["health"]
+    );
+    let metrics = scrape(&base).await;
+    assert_eq!(metrics.value("convstore_journal_writable", &[]), 0.0);
+    assert_eq!(
+        metrics.value(
+            "convstore_conversations_failed_total",
+            &[("reason", "lost")]
+        ),
+        0.0
+    );
+
+    // (b) Storage resumes: stored records free the segment, no restart.
+    let resumed = Instant::now();
+    standin.set_faults(json!({"down": false})).await;
+    let (_, ready_after) = readyz_until(&base, 200, Duration::from_secs(180)).await;
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(
+            &json!({"id": "b-after", "user_id": "u-disk", "channel": "c",
+                      "messages": [{"role": "user", "content": "back"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
+    let accepting_after = resumed.elapsed();
+    acked.push("b-after".into());
+    let stored_after = assert_stored_once(&db, &acked, Duration::from_secs(180)).await;
+    println!(
+        "(b) after storage resumed: /readyz 200 in {:.2} s, a post stored (201) at {:.2} s; all {} acknowledged stored once",
+        ready_after.as_secs_f64(),
+        accepting_after.as_secs_f64(),
+        acked.len()
+    );
+    let _ = stored_after;
+    let metrics = scrape(&base).await;
+    assert_eq!(metrics.value("convstore_journal_writable", &[]), 1.0);
+
+    // (c) Full again, then kill -9 and a restart on the full disk.
+    standin.set_faults(json!({"down": true})).await;
+    let (ids, refusal) = fill_the_disk(&base, "c").await;
+    assert_eq!(refusal["error"]["code"], "journal_unwritable", "{refusal}");
+    println!("(c) disk full again after {} more conversations", ids.len());
+    acked.extend(ids);
+    assert_eq!(
+        scrape(&base).await.value(
+            "convstore_conversations_failed_total",
+            &[("reason", "lost")]
+        ),
+        0.0
+    );
+    daemon.kill9();
+    standin.set_faults(json!({"down": false})).await;
+    let restarted = Instant::now();
+    let mut daemon = Daemon::spawn(&ws, &addr, &env);
+    daemon.wait_ready(Duration::from_secs(180)).await;
+    let ready_in = restarted.elapsed();
+    let stored_in = assert_stored_once(&db, &acked, Duration::from_secs(180)).await + ready_in;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("Journal replayed"),
+        "no replay in the log:\n{log}"
+    );
+    assert!(
+        log.contains("creating a segment at start-up") && log.contains("Journal writable again"),
+        "the restart found room for a new segment: the disk was not full\n{log}"
+    );
+    println!(
+        "(c) restart on the full disk: ready in {:.2} s, all {} acknowledged stored exactly once at {:.2} s",
+        ready_in.as_secs_f64(),
+        acked.len(),
+        stored_in.as_secs_f64()
+    );
+    let resp = http
+        .post(format!(
+            "{}/v1/conversations?wait=stored",
+            daemon.base_url()
+        ))
+        .json(
+            &json!({"id": "c-after", "user_id": "u-disk", "channel": "c",
+                      "messages": [{"role": "user", "content": "again"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(
+        scrape(&daemon.base_url()).await.value(
+            "convstore_conversations_failed_total",
+            &[("reason", "lost")]
+        ),
+        0.0
+    );
+    db.close().await;
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+    let left = segments_in(&ws.path().join("state/journal"));
+    assert!(
+        left.is_empty(),
+        "journal not emptied at a clean stop: {left:?}"
+    );
 }

@@ -16,6 +16,15 @@
 //! - [`sync`]: the group-commit thread (fsync, directory sync, deletions).
 //! - [`replay`]: at start-up, the records not yet stored go back on the queue.
 //!
+//! Disk full: a failed write or segment creation (ENOSPC, or any I/O
+//! error) leaves no partial record, seals the active segment (so that it is
+//! deleted once its records are stored: it may be what filled the disk) and
+//! makes the journal *unwritable*: appends are refused at once, readiness
+//! says why, and the sync thread probes for space after every deleted
+//! segment and on a backoff timer, starting a new segment once there is
+//! room. Nothing needs a restart, and [`Journal::open`] on a full disk opens
+//! unwritable instead of failing, so the replay can free the space.
+//!
 //! Positions: every appended record gets a log sequence number (LSN);
 //! [`Journal::wait_durable`] resolves once an fsync covered it. Each
 //! segment counts its records not yet settled; a sealed segment at zero is
@@ -33,7 +42,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use convstore_core::backoff::Backoff;
 
 use tokio::sync::watch;
 
@@ -72,13 +83,15 @@ pub enum AppendError<E> {
     /// Shutting down.
     #[error("the journal is closed")]
     Closed,
-    /// A write or fsync failed earlier; appends stay refused until an
-    /// operator has looked (restart).
+    /// An fsync (or a cut after a failed write) failed earlier; appends
+    /// stay refused until an operator has looked (restart).
     #[error("the journal is unusable after an I/O error: {0}")]
     Failed(String),
-    /// Writing this record failed.
-    #[error("cannot write to the journal: {0}")]
-    Io(io::Error),
+    /// The journal cannot write now (disk full, or another write error):
+    /// nothing of the record is on disk; appends resume by themselves once
+    /// a probe finds room (503 with `Retry-After`).
+    #[error("the journal cannot write: {0}")]
+    Unwritable(String),
     /// The caller's enqueue step refused; the record was taken back.
     #[error("refused after the journal write")]
     Enqueue(E),
@@ -110,8 +123,32 @@ struct Active {
     len: u64,
 }
 
+/// The journal cannot write for now; see the module documentation.
+struct Unwritable {
+    /// What failed, with the directory and the OS error, for readiness.
+    reason: String,
+    since: Instant,
+    /// Bytes a probe must be able to write before appends resume.
+    needed: u64,
+    /// The next probe without a signal (space freed by an operator).
+    next_probe: Instant,
+    backoff: Backoff,
+}
+
+/// Probes ask for at least this much room, so that a disk with a few bytes
+/// free does not flip the journal between writable and not on every append.
+const MIN_PROBE_BYTES: u64 = 64 * 1024;
+/// Backoff of the probes when nothing signals freed space.
+const PROBE_INITIAL: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(2);
+
 struct State {
+    /// None while unwritable (and after close): appends need a segment the
+    /// probe starts.
     active: Option<Active>,
+    /// The id the next segment gets: segment ids only grow, also across
+    /// segments deleted meanwhile.
+    next_segment: u64,
     segments: BTreeMap<u64, Segment>,
     /// Bytes of every segment on disk (live ones and those about to go).
     total_bytes: u64,
@@ -126,6 +163,7 @@ struct State {
     to_retire: Vec<u64>,
     closing: bool,
     failed: Option<String>,
+    unwritable: Option<Unwritable>,
 }
 
 impl State {
@@ -138,6 +176,82 @@ impl State {
             || self.dir_dirty
             || !self.unsynced.is_empty()
             || !self.to_retire.is_empty()
+    }
+
+    /// A probe is due now (never while closing: nothing is appended then).
+    fn probe_due(&self, now: Instant) -> Option<Duration> {
+        match &self.unwritable {
+            Some(u) if !self.closing && self.failed.is_none() => {
+                Some(u.next_probe.saturating_duration_since(now))
+            }
+            _ => None,
+        }
+    }
+
+    /// Seals the active segment: no more appends to it, its data is
+    /// fsynced by the next round and it is deleted once settled.
+    fn seal_active(&mut self) {
+        if let Some(active) = self.active.take() {
+            self.unsynced.push(active.file);
+            if let Some(seg) = self.segments.get_mut(&active.id) {
+                seg.sealed = true;
+            }
+            self.retire_if_done(active.id);
+        }
+    }
+
+    /// A write or a segment creation failed: appends are refused until a
+    /// probe finds `needed` bytes of room. The active segment is sealed:
+    /// if its own records filled the disk, deleting it once they are
+    /// stored is what frees the space.
+    fn become_unwritable(&mut self, dir: &Path, what: &str, error: &io::Error, needed: u64) {
+        let reason = format!("{what} in {} failed: {error}", dir.display());
+        self.seal_active();
+        let needed = needed.max(MIN_PROBE_BYTES);
+        match &mut self.unwritable {
+            Some(u) => {
+                u.reason = reason;
+                u.needed = u.needed.max(needed);
+            }
+            None => {
+                tracing::error!(
+                    dir = %dir.display(),
+                    error = %error,
+                    "Journal cannot write ({what}); conversations are refused (503 with Retry-After) and /readyz reports it until there is room again; retrying when a stored segment is deleted and with backoff"
+                );
+                metrics::gauge!(m::JOURNAL_WRITABLE).set(0.0);
+                let mut backoff = Backoff::new(PROBE_INITIAL, PROBE_MAX);
+                let now = Instant::now();
+                self.unwritable = Some(Unwritable {
+                    reason,
+                    since: now,
+                    needed,
+                    next_probe: now + backoff.next_delay(None),
+                    backoff,
+                });
+            }
+        }
+    }
+
+    /// Makes a freshly created segment (header written) the active one.
+    fn install_active(&mut self, id: u64, file: File) {
+        let header = record::SEGMENT_HEADER.len() as u64;
+        self.segments.insert(
+            id,
+            Segment {
+                bytes: header,
+                outstanding: 0,
+                sealed: false,
+                damaged: false,
+            },
+        );
+        self.total_bytes += header;
+        self.next_segment = id + 1;
+        self.active = Some(Active {
+            id,
+            file: Arc::new(file),
+            len: header,
+        });
     }
 
     /// Schedules segment `id` for deletion if it is sealed and settled.
@@ -221,6 +335,8 @@ impl Journal {
     /// toward `max_bytes` until their records are stored.
     pub fn open(config: JournalConfig) -> io::Result<(Journal, Recovery)> {
         segment::create_dir(&config.dir)?;
+        // A probe interrupted by a crash; it holds no records.
+        segment::remove_probe(&config.dir);
         let old = segment::list(&config.dir)?;
         let mut segments = BTreeMap::new();
         let mut total_bytes = 0;
@@ -238,38 +354,42 @@ impl Journal {
             );
         }
         let active_id = old.last().map_or(1, |last| last + 1);
-        let file = segment::create(&config.dir, active_id)?;
-        let header = record::SEGMENT_HEADER.len() as u64;
-        segment::sync_dir(&config.dir)?;
-        segments.insert(
-            active_id,
-            Segment {
-                bytes: header,
-                outstanding: 0,
-                sealed: false,
-                damaged: false,
-            },
-        );
-        total_bytes += header;
+        let mut state = State {
+            active: None,
+            next_segment: active_id,
+            segments,
+            total_bytes,
+            next_lsn: 1,
+            synced_lsn: 0,
+            unsynced: Vec::new(),
+            dir_dirty: false,
+            to_retire: Vec::new(),
+            closing: false,
+            failed: None,
+            unwritable: None,
+        };
+        // On a full disk the new active segment cannot be created, but the
+        // replay of the old ones (into PostgreSQL, elsewhere) deletes them
+        // and frees the space: open unwritable rather than refuse to start,
+        // and let the sync thread's probe create the segment then. Any
+        // other error is a configuration problem the operator must see.
+        match segment::create(&config.dir, active_id).and_then(|file| {
+            segment::sync_dir(&config.dir)?;
+            Ok(file)
+        }) {
+            Ok(file) => state.install_active(active_id, file),
+            Err(e) if segment::is_out_of_space(&e) => {
+                segment::remove_partial(&config.dir, active_id);
+                state.become_unwritable(&config.dir, "creating a segment at start-up", &e, 0);
+            }
+            Err(e) => return Err(e),
+        }
+        let writable = state.unwritable.is_none();
+        let total_bytes = state.total_bytes;
         let (durable, _) = watch::channel(Durable::default());
         let shared = Arc::new(Shared {
             config,
-            state: Mutex::new(State {
-                active: Some(Active {
-                    id: active_id,
-                    file: Arc::new(file),
-                    len: header,
-                }),
-                segments,
-                total_bytes,
-                next_lsn: 1,
-                synced_lsn: 0,
-                unsynced: Vec::new(),
-                dir_dirty: false,
-                to_retire: Vec::new(),
-                closing: false,
-                failed: None,
-            }),
+            state: Mutex::new(state),
             work: Condvar::new(),
             durable,
         });
@@ -281,6 +401,7 @@ impl Journal {
         };
         metrics::gauge!(m::JOURNAL_MAX_BYTES).set(shared.config.max_bytes as f64);
         metrics::gauge!(m::JOURNAL_BYTES).set(total_bytes as f64);
+        metrics::gauge!(m::JOURNAL_WRITABLE).set(if writable { 1.0 } else { 0.0 });
         let journal = Journal {
             shared,
             sync_thread: Arc::new(Mutex::new(Some(thread))),
@@ -311,9 +432,20 @@ impl Journal {
             .sum()
     }
 
-    /// Why appends are refused, if a write or fsync failed.
+    /// Why appends are refused for good (until a restart), if an fsync or
+    /// a cut after a failed write failed.
     pub fn failure(&self) -> Option<String> {
         self.shared.lock().failed.clone()
+    }
+
+    /// Why appends are refused for now, and since when, if the journal
+    /// cannot write (disk full): it resumes by itself once there is room.
+    pub fn unwritable(&self) -> Option<(String, Duration)> {
+        self.shared
+            .lock()
+            .unwritable
+            .as_ref()
+            .map(|u| (u.reason.clone(), u.since.elapsed()))
     }
 
     /// Appends one record with `payload`, then runs `enqueue` with its
@@ -344,6 +476,11 @@ impl Journal {
         if state.closing {
             return Err(AppendError::Closed);
         }
+        // Refused without touching the disk: the sync thread's probe finds
+        // out when writing works again, not every request.
+        if let Some(u) = &state.unwritable {
+            return Err(AppendError::Unwritable(u.reason.clone()));
+        }
         if state.total_bytes + len > config.max_bytes {
             return Err(AppendError::Full {
                 bytes: state.total_bytes,
@@ -354,16 +491,28 @@ impl Journal {
             .active
             .as_ref()
             .is_some_and(|a| a.len >= config.segment_bytes);
-        if needs_rotation {
-            self.rotate(&mut state).map_err(AppendError::Io)?;
+        if needs_rotation && let Err(e) = self.rotate(&mut state) {
+            state.become_unwritable(&config.dir, "creating a new segment", &e, len);
+            let reason = unwritable_reason(&state);
+            drop(state);
+            self.shared.work.notify_one();
+            return Err(AppendError::Unwritable(reason));
         }
         let Some(active) = state.active.as_ref() else {
             return Err(AppendError::Closed);
         };
         let (id, offset, file) = (active.id, active.len, active.file.clone());
         if let Err(e) = file.write_all_at(&bytes, offset) {
-            cut_back(&mut state, &file, offset, &e);
-            return Err(AppendError::Io(e));
+            if !cut_back(&mut state, &file, offset, &e) {
+                let reason = state.failed.clone().unwrap_or_default();
+                return Err(AppendError::Failed(reason));
+            }
+            let what = format!("writing a {len}-byte record to segment {id}");
+            state.become_unwritable(&config.dir, &what, &e, len);
+            let reason = unwritable_reason(&state);
+            drop(state);
+            self.shared.work.notify_one();
+            return Err(AppendError::Unwritable(reason));
         }
         let position = Position {
             segment: id,
@@ -376,6 +525,7 @@ impl Journal {
                 let reason =
                     format!("cannot cut a refused record off segment {id} at offset {offset}: {e}");
                 tracing::error!(error = %e, segment = id, offset, "Cannot cut a refused record off the journal; the journal stops taking conversations");
+                metrics::gauge!(m::JOURNAL_WRITABLE).set(0.0);
                 state.failed = Some(reason);
             }
             return Err(AppendError::Enqueue(refused));
@@ -394,44 +544,23 @@ impl Journal {
         Ok(position)
     }
 
-    /// Seals the active segment and starts the next one.
+    /// Seals the active segment and starts the next one. On failure the
+    /// active segment stays as it was (the caller seals it as it turns the
+    /// journal unwritable).
     fn rotate(&self, state: &mut State) -> io::Result<()> {
         let dir = &self.shared.config.dir;
-        let Some(old) = state.active.take() else {
-            return Ok(());
-        };
-        let next = old.id + 1;
-        match segment::create(dir, next) {
-            Ok(file) => {
-                let header = record::SEGMENT_HEADER.len() as u64;
-                state.unsynced.push(old.file);
-                if let Some(seg) = state.segments.get_mut(&old.id) {
-                    seg.sealed = true;
-                }
-                state.retire_if_done(old.id);
-                state.segments.insert(
-                    next,
-                    Segment {
-                        bytes: header,
-                        outstanding: 0,
-                        sealed: false,
-                        damaged: false,
-                    },
-                );
-                state.total_bytes += header;
-                state.dir_dirty = true;
-                state.active = Some(Active {
-                    id: next,
-                    file: Arc::new(file),
-                    len: header,
-                });
-                Ok(())
-            }
+        let next = state.next_segment;
+        let file = match segment::create(dir, next) {
+            Ok(file) => file,
             Err(e) => {
-                state.active = Some(old);
-                Err(e)
+                segment::remove_partial(dir, next);
+                return Err(e);
             }
-        }
+        };
+        state.seal_active();
+        state.install_active(next, file);
+        state.dir_dirty = true;
+        Ok(())
     }
 
     /// Resolves once the record at `lsn` (and everything before it) has
@@ -524,12 +653,7 @@ impl Journal {
         {
             let mut state = self.shared.lock();
             state.closing = true;
-            if let Some(active) = state.active.take() {
-                state.unsynced.push(active.file);
-                if let Some(seg) = state.segments.get_mut(&active.id) {
-                    seg.sealed = true;
-                }
-            }
+            state.seal_active();
             let ids: Vec<u64> = state.segments.keys().copied().collect();
             for id in ids {
                 state.retire_if_done(id);
@@ -575,17 +699,31 @@ pub async fn close_at_exit(journal: Journal) {
     }
 }
 
-/// After a failed write: cut the partial record off, or stop appends if
-/// even that fails (a partial record would be followed by good ones; the
-/// scanner would cope, but the disk is evidently in trouble).
-fn cut_back(state: &mut State, file: &File, offset: u64, error: &io::Error) {
-    tracing::error!(error = %error, offset, "Journal write failed; the conversation is refused (503)");
-    if let Err(e) = file.set_len(offset) {
-        tracing::error!(error = %e, "Cannot cut a partial record off the journal; the journal stops taking conversations");
-        state.failed = Some(format!(
-            "write failed ({error}) and truncation failed ({e})"
-        ));
+/// After a failed write: cut the partial record off, so that no torn
+/// record sits before later good ones; true when that worked. If even
+/// that fails the journal stops taking conversations for good (until a
+/// restart): the disk is evidently in worse trouble than being full.
+fn cut_back(state: &mut State, file: &File, offset: u64, error: &io::Error) -> bool {
+    tracing::warn!(error = %error, offset, "Journal write failed; the conversation is refused (503)");
+    match file.set_len(offset) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot cut a partial record off the journal; the journal stops taking conversations until convstore is restarted");
+            metrics::gauge!(m::JOURNAL_WRITABLE).set(0.0);
+            state.failed = Some(format!(
+                "write failed ({error}) and truncation failed ({e})"
+            ));
+            false
+        }
     }
+}
+
+/// Why the journal is unwritable, as readiness says it.
+fn unwritable_reason(state: &State) -> String {
+    state.unwritable.as_ref().map_or_else(
+        || "the journal cannot write".to_string(),
+        |u| u.reason.clone(),
+    )
 }
 
 #[cfg(test)]

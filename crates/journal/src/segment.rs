@@ -15,6 +15,10 @@ use super::record::SEGMENT_HEADER;
 
 const EXTENSION: &str = "seg";
 const DAMAGED_SUFFIX: &str = ".damaged";
+/// The scratch file of a space probe (not a segment: `list` ignores it).
+const PROBE: &str = "space-probe.tmp";
+/// `EDQUOT`: a quota is a full disk for this user.
+const EDQUOT: i32 = 122;
 
 pub fn path_of(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.{EXTENSION}"))
@@ -59,6 +63,50 @@ pub fn create(dir: &Path, id: u64) -> io::Result<File> {
         .open(path_of(dir, id))?;
     file.write_all(&SEGMENT_HEADER)?;
     Ok(file)
+}
+
+/// The disk (or this user's quota) is full: the one write error that
+/// freeing space cures, so the one a start-up tolerates.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(EDQUOT)
+}
+
+/// Removes segment `id` after its creation failed (a name, or a partial
+/// header, on a full disk), so the next attempt can create it anew.
+/// Best-effort: a leftover empty or partial-header segment reads back as
+/// a harmless torn tail.
+pub fn remove_partial(dir: &Path, id: u64) {
+    let _ = fs::remove_file(path_of(dir, id));
+}
+
+/// Whether `bytes` can be written in `dir` now: writes them to a scratch
+/// file and removes it. A probe, not a reservation: it keeps the journal
+/// from declaring itself writable on a disk with a few bytes free.
+pub fn probe_space(dir: &Path, bytes: u64) -> io::Result<()> {
+    let path = dir.join(PROBE);
+    let result = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        let block = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        while written < bytes {
+            let n = (bytes - written).min(block.len() as u64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(&file, &block[..n], written)?;
+            written += n as u64;
+        }
+        Ok(())
+    })();
+    remove_probe(dir);
+    result
+}
+
+/// Removes a probe's scratch file (also one a crash left).
+pub fn remove_probe(dir: &Path) {
+    let _ = fs::remove_file(dir.join(PROBE));
 }
 
 /// fsync of the directory, so a created or removed file name is durable.

@@ -8,6 +8,12 @@
 //! dirty pages it could not write, so a second fsync "succeeding" proves
 //! nothing (PostgreSQL's fsync lesson, 2018). The journal refuses appends
 //! from then on and readiness says why.
+//!
+//! While the journal is unwritable (a write failed: disk full), this thread
+//! also probes for room: at once after it deleted a segment (space freed by
+//! the pipeline storing records), and on a backoff timer (space freed by
+//! someone else), never in a hot loop. A successful probe starts a new
+//! active segment and appends resume.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +26,29 @@ pub(super) fn run(shared: &Shared) {
     let mut last_sync: Option<Instant> = None;
     loop {
         let mut state = shared.lock();
-        while !state.has_sync_work() && !state.closing {
-            state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
+        loop {
+            if state.has_sync_work() || state.closing {
+                break;
+            }
+            match state.probe_due(Instant::now()) {
+                Some(wait) if wait.is_zero() => break,
+                Some(wait) => {
+                    state = shared
+                        .work
+                        .wait_timeout(state, wait)
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                None => state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner()),
+            }
         }
         if state.closing && !state.has_sync_work() {
             break;
+        }
+        if !state.has_sync_work() {
+            drop(state);
+            probe(shared);
+            continue;
         }
         // Pace the fsyncs: what arrives meanwhile shares the next one.
         if let Some(last) = last_sync {
@@ -71,6 +95,7 @@ pub(super) fn run(shared: &Shared) {
         match failure {
             Some(reason) => {
                 tracing::error!(reason = %reason, "Journal fsync failed: the journal refuses new conversations until convstore is restarted; records written so far are replayed then");
+                metrics::gauge!(m::JOURNAL_WRITABLE).set(0.0);
                 shared.lock().failed = Some(reason);
                 shared.durable.send_modify(|d| d.failed = true);
             }
@@ -95,6 +120,10 @@ pub(super) fn run(shared: &Shared) {
                     if let Some(seg) = state.segments.remove(&id) {
                         state.total_bytes = state.total_bytes.saturating_sub(seg.bytes);
                     }
+                    // Space came back: probe now rather than at the timer.
+                    if let Some(u) = state.unwritable.as_mut() {
+                        u.next_probe = Instant::now();
+                    }
                     if damaged {
                         tracing::warn!(
                             segment = id,
@@ -112,4 +141,54 @@ pub(super) fn run(shared: &Shared) {
         metrics::gauge!(m::JOURNAL_BYTES).set(shared.lock().total_bytes as f64);
     }
     shared.durable.send_modify(|d| d.closed = true);
+}
+
+/// One probe while unwritable: is there room for the record that failed?
+/// If so, start a new active segment and take appends again; if not, wait
+/// for the next freed segment or the backoff. The file-system work runs
+/// without the lock, so requests are refused meanwhile, not blocked.
+fn probe(shared: &Shared) {
+    let (needed, id) = {
+        let state = shared.lock();
+        match &state.unwritable {
+            Some(u) => (u.needed, state.next_segment),
+            None => return,
+        }
+    };
+    let dir = &shared.config.dir;
+    let created = segment::probe_space(dir, needed)
+        .and_then(|()| segment::create(dir, id))
+        .inspect_err(|_| segment::remove_partial(dir, id));
+    let mut state = shared.lock();
+    match created {
+        Ok(file) if state.closing || state.failed.is_some() => {
+            // Closed (or broken) meanwhile: the new segment holds nothing.
+            drop(file);
+            drop(state);
+            segment::remove_partial(dir, id);
+        }
+        Ok(file) => {
+            state.install_active(id, file);
+            state.dir_dirty = true;
+            if let Some(u) = state.unwritable.take() {
+                tracing::info!(
+                    dir = %dir.display(),
+                    segment = id,
+                    unwritable_ms = u.since.elapsed().as_millis() as u64,
+                    "Journal writable again: conversations are accepted"
+                );
+            }
+            metrics::gauge!(m::JOURNAL_WRITABLE).set(1.0);
+        }
+        Err(e) => {
+            if let Some(u) = state.unwritable.as_mut() {
+                u.reason = format!(
+                    "no room for {needed} bytes in {} ({e}); retrying when space is freed",
+                    dir.display()
+                );
+                u.next_probe = Instant::now() + u.backoff.next_delay(None);
+                tracing::debug!(error = %e, needed, "Journal still cannot write");
+            }
+        }
+    }
 }

@@ -354,3 +354,136 @@ proptest! {
         prop_assert!(segment::list(dir.path()).unwrap().is_empty());
     }
 }
+
+/// A small tmpfs for a disk-full test, unmounted (lazily) when dropped.
+/// `None`, with the reason printed, where mounting is not allowed (not
+/// root, or no CAP_SYS_ADMIN in a container).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Appends 4 KiB records until the disk is full; their positions.
+fn fill(journal: &Journal) -> (Vec<Position>, String) {
+    let mut positions = Vec::new();
+    for i in 0..10_000 {
+        match journal.append(format!("{i:04096}").as_bytes(), ok) {
+            Ok(p) => positions.push(p),
+            Err(AppendError::Unwritable(reason)) => return (positions, reason),
+            Err(other) => panic!("expected Unwritable, got {other:?}"),
+        }
+    }
+    panic!("the disk never filled");
+}
+
+fn wait_writable(journal: &Journal) -> Duration {
+    let started = std::time::Instant::now();
+    while journal.unwritable().is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still unwritable: {:?}",
+            journal.unwritable()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+/// Disk full with the journal's own active segment (larger than the disk):
+/// appends are refused with the reason, no partial record is left, and
+/// once the records are stored the journal frees the segment and writes
+/// again without a restart; then a crash on a full disk: the journal opens
+/// anyway, and replaying frees the space.
+#[test]
+fn a_full_disk_is_refused_then_recovered_without_and_across_a_restart() {
+    let Some(disk) = SmallDisk::mount("512k") else {
+        return;
+    };
+    let dir = disk.path().join("journal");
+    let cfg = config(&dir, 1 << 30, 1 << 30);
+    let (journal, _) = Journal::open(cfg.clone()).unwrap();
+    let (positions, reason) = fill(&journal);
+    assert!(positions.len() > 10, "{}", positions.len());
+    assert!(
+        reason.contains("os error 28") && reason.contains(&dir.display().to_string()),
+        "{reason}"
+    );
+    assert!(journal.unwritable().is_some());
+    assert!(matches!(
+        journal.append(b"x", ok),
+        Err(AppendError::Unwritable(_))
+    ));
+    // Only whole records on disk: the failed one was cut off.
+    for id in segment::list(&dir).unwrap() {
+        let bytes = std::fs::read(segment::path_of(&dir, id)).unwrap();
+        assert!(record::scan(&bytes).damage.is_empty(), "segment {id}");
+    }
+
+    // The pipeline stores them: the segment goes, appends resume.
+    for p in &positions {
+        journal.settle(*p);
+    }
+    wait_writable(&journal);
+    journal.append(b"after", ok).unwrap();
+
+    // Full again, then a crash: the next open cannot create a segment.
+    let (more, _) = fill(&journal);
+    journal.crash();
+    let (again, recovery) = Journal::open(cfg.clone()).expect("opens on a full disk");
+    assert!(again.unwritable().is_some(), "no room for a new segment");
+    let mut replayed = 0;
+    for id in recovery.segments {
+        let seg = again.recover_segment(id).unwrap();
+        assert!(seg.damage.is_empty(), "segment {id}: {:?}", seg.damage);
+        for (p, _) in &seg.records {
+            replayed += 1;
+            again.settle(*p);
+        }
+    }
+    assert_eq!(replayed, more.len() + 1, "`after` and the second fill");
+    wait_writable(&again);
+    again.append(b"after the restart", ok).unwrap();
+    again.close();
+}

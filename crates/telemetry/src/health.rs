@@ -149,6 +149,8 @@ pub struct WindowCounts {
 
 pub struct Inputs<'a> {
     pub queue: &'a QueueView,
+    /// `None` without a journal; `false` while it cannot write.
+    pub journal_writable: Option<bool>,
     pub latency: &'a Latencies,
     pub backends: &'a [BackendView],
     pub pending: Option<&'a PendingView>,
@@ -206,6 +208,13 @@ pub fn judge(i: &Inputs<'_>) -> Health {
                 "{} conversations refused with 429 (queue full) in the last minute",
                 i.counts.queue_full
             ),
+        );
+    }
+    if i.journal_writable == Some(false) {
+        fire(
+            Verdict::Critical,
+            "journal_unwritable",
+            "the journal cannot write (disk full, or a failed fsync): conversations are refused with 503; /readyz says why".into(),
         );
     }
     if !q.accepting {
@@ -453,6 +462,7 @@ mod tests {
     fn verdicts_follow_the_alert_thresholds() {
         let healthy = judge(&Inputs {
             queue: &queue(10),
+            journal_writable: None,
             latency: &latencies(0.05, 50.0, 10.0),
             backends: &[backend("a", true)],
             pending: None,
@@ -466,6 +476,7 @@ mod tests {
 
         let warning = judge(&Inputs {
             queue: &queue(60),
+            journal_writable: None,
             latency: &latencies(12.0, 300.0, 60.0),
             backends: &[backend("a", true), backend("b", false)],
             pending: None,
@@ -491,6 +502,7 @@ mod tests {
 
         let critical = judge(&Inputs {
             queue: &queue(95),
+            journal_writable: None,
             latency: &latencies(0.05, 600.0, 150.0),
             backends: &[backend("a", false)],
             pending: Some(&PendingView {
@@ -523,5 +535,25 @@ mod tests {
             assert!(crit.contains(&code), "{code} missing from {crit:?}");
         }
         assert!(critical.reasons.iter().any(|r| r.code == "pending_growing"));
+    }
+
+    #[test]
+    fn a_journal_that_cannot_write_is_critical() {
+        let judge_with = |journal_writable| {
+            judge(&Inputs {
+                queue: &queue(10),
+                journal_writable,
+                latency: &latencies(0.05, 50.0, 10.0),
+                backends: &[backend("a", true)],
+                pending: None,
+                counts: WindowCounts::default(),
+            })
+        };
+        for healthy in [None, Some(true)] {
+            assert_eq!(judge_with(healthy).status, Verdict::Healthy);
+        }
+        let h = judge_with(Some(false));
+        assert_eq!(h.status, Verdict::Critical, "{h:?}");
+        assert_eq!(h.reasons[0].code, "journal_unwritable");
     }
 }

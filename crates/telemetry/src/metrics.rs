@@ -89,6 +89,9 @@ pub const JOURNAL_MAX_BYTES: &str = "convstore_journal_max_bytes";
 pub const JOURNAL_FSYNC_SECONDS: &str = "convstore_journal_fsync_duration_seconds";
 pub const JOURNAL_REPLAYED: &str = "convstore_journal_replayed_total";
 pub const JOURNAL_DAMAGED_BYTES: &str = "convstore_journal_damaged_bytes_total";
+/// 1 while the journal can write, 0 while appends are refused because a
+/// write failed (disk full: it recovers by itself) or an fsync did.
+pub const JOURNAL_WRITABLE: &str = "convstore_journal_writable";
 pub const ACK_WAIT_SECONDS: &str = "convstore_ack_wait_duration_seconds";
 pub const AUTH_REJECTED: &str = "convstore_auth_rejected_total";
 // Connections and request bodies (issue 15; the daemon's `http::serve`,
@@ -169,6 +172,7 @@ pub const ALL: &[&str] = &[
     JOURNAL_FSYNC_SECONDS,
     JOURNAL_REPLAYED,
     JOURNAL_DAMAGED_BYTES,
+    JOURNAL_WRITABLE,
     ACK_WAIT_SECONDS,
     AUTH_REJECTED,
     HTTP_CONNECTIONS,
@@ -233,6 +237,10 @@ pub fn describe() {
         JOURNAL_DAMAGED_BYTES,
         Unit::Bytes,
         "Journal bytes skipped at replay because they failed their checksum, by kind (torn_tail, corrupt, bad_header)."
+    );
+    describe_gauge!(
+        JOURNAL_WRITABLE,
+        "1 while the journal can write; 0 while it refuses conversations after a failed write (disk full; recovers by itself) or fsync (until a restart)."
     );
     describe_histogram!(
         ACK_WAIT_SECONDS,

@@ -126,6 +126,9 @@ pub struct LiveQueue {
     pub max_bytes: usize,
     /// False once shutdown began.
     pub accepting: bool,
+    /// Whether the journal can write: `None` without a journal, `false`
+    /// while it refuses conversations (disk full, or a failed fsync).
+    pub journal_writable: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -379,6 +382,7 @@ impl Stats {
         };
         let health = health::judge(&health::Inputs {
             queue: &queue_view,
+            journal_writable: queue.journal_writable,
             latency: &latency,
             backends: &backends,
             pending: pending.as_ref(),
@@ -510,6 +514,7 @@ mod tests {
             bytes: 1000,
             max_bytes: 10_000,
             accepting: true,
+            journal_writable: None,
         }
     }
 

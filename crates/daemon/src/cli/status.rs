@@ -442,6 +442,7 @@ mod tests {
             bytes: 2048,
             max_bytes: 1 << 20,
             accepting: true,
+            journal_writable: None,
         });
         let text = render(&snap, "unix:/run/convstore/convstore.sock", false);
         for needle in [

@@ -39,6 +39,13 @@ pub enum ApiError {
         code: &'static str,
         message: String,
     },
+    /// 503: the journal cannot write now (disk full); it takes
+    /// conversations again by itself once there is room, so the answer
+    /// carries `Retry-After` like a 429: a refusal, nothing is lost.
+    JournalUnwritable {
+        reason: String,
+        retry_after_secs: u32,
+    },
     /// 503: shutting down or not ready.
     Unavailable(String),
     /// 408: the body did not arrive within `server.body_timeout_ms`.
@@ -72,7 +79,9 @@ impl ApiError {
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unfinished { status, .. } => *status,
-            Self::Unavailable(_) | Self::BodiesFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::JournalUnwritable { .. } | Self::BodiesFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +101,7 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Unauthorized(_) => "unauthorized",
             Self::Unfinished { code, .. } => code,
+            Self::JournalUnwritable { .. } => "journal_unwritable",
             Self::Unavailable(_) => "unavailable",
             Self::BodyTimeout(_) => "body_timeout",
             Self::BodiesFull { .. } => "bodies_full",
@@ -119,6 +129,12 @@ impl ApiError {
             Self::RateLimited { retry_after_secs } => {
                 format!("this token's rate limit is reached; retry after {retry_after_secs} s")
             }
+            Self::JournalUnwritable {
+                reason,
+                retry_after_secs,
+            } => format!(
+                "the journal cannot write ({reason}); the conversation was not accepted, retry after {retry_after_secs} s"
+            ),
             Self::QueueFull { retry_after_secs } => {
                 format!("the queue is full; retry after {retry_after_secs} s")
             }
@@ -143,13 +159,16 @@ impl ApiError {
         }
     }
 
-    /// Seconds a 429 (or a 503 that will pass) asks the client to wait.
+    /// Seconds a 429 (or a 503 that passes by itself) asks the client to wait.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             Self::QueueFull { retry_after_secs }
             | Self::JournalFull { retry_after_secs }
             | Self::RateLimited { retry_after_secs }
-            | Self::BodiesFull { retry_after_secs } => Some(*retry_after_secs),
+            | Self::BodiesFull { retry_after_secs }
+            | Self::JournalUnwritable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }

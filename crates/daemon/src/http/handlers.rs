@@ -52,7 +52,7 @@ pub struct Accepted {
         (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
         (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = super::error::ErrorEnvelope),
         (status = 500, description = "Accepted but refused by the database or lost (with id)", body = super::error::ErrorEnvelope),
-        (status = 503, description = "Shutting down, the journal is unusable, or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, the journal cannot write (`journal_unwritable`, disk full: see Retry-After) or is unusable, or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
         (status = 504, description = "Accepted, but the wait ended first (with id): poll GET /v1/conversations/{id}", body = super::error::ErrorEnvelope),
     )
 )]
@@ -239,7 +239,7 @@ pub struct BatchResponse {
         (status = 415, description = "Not JSON or NDJSON", body = super::error::ErrorEnvelope),
         (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = BatchResponse),
         (status = 500, description = "An accepted item was refused by the database or lost", body = BatchResponse),
-        (status = 503, description = "Shutting down, or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, the journal cannot write (`journal_unwritable`: see Retry-After), or request bodies hold `server.max_buffered_body_bytes` (`bodies_full`, see Retry-After)", body = super::error::ErrorEnvelope),
         (status = 504, description = "Accepted, but a wait ended first: poll by id", body = BatchResponse),
     )
 )]
@@ -353,6 +353,7 @@ async fn accept_batch(
                     e,
                     ApiError::QueueFull { .. }
                         | ApiError::JournalFull { .. }
+                        | ApiError::JournalUnwritable { .. }
                         | ApiError::Unavailable(_)
                 ) {
                     queue_full = Some(e.clone());
@@ -568,7 +569,8 @@ const SATURATED: f64 = 0.9;
 
 /// `GET /readyz`: 200 when the database answers, the queue is not
 /// saturated, at least one embedding backend is ready (up, circuit not
-/// open) and the daemon is not shutting down; 503 with the reasons otherwise.
+/// open), the journal (when on) can write and is not nearly full, and the
+/// daemon is not shutting down; 503 with the reasons otherwise.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -595,10 +597,19 @@ pub async fn readyz(State(state): AppState) -> Response {
         if let Some(reason) = &failure {
             reasons.push(format!("journal: {reason}"));
         }
+        let unwritable = journal.unwritable();
+        if let Some((reason, since)) = &unwritable {
+            reasons.push(format!(
+                "journal cannot write for {} s: {reason}",
+                since.as_secs()
+            ));
+        }
         if bytes as f64 >= max_bytes as f64 * SATURATED {
             reasons.push(format!("journal nearly full ({bytes}/{max_bytes} bytes)"));
         }
-        json!({"bytes": bytes, "max_bytes": max_bytes, "failed": failure})
+        json!({"bytes": bytes, "max_bytes": max_bytes, "failed": failure,
+               "writable": failure.is_none() && unwritable.is_none(),
+               "unwritable": unwritable.map(|(reason, _)| reason)})
     });
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_string(),

@@ -163,30 +163,47 @@ pub async fn admit(
                 let Some(next) = item.take() else {
                     return Err(ApiError::Internal("admission lost its conversation".into()));
                 };
+                // The conversation stays here until the journal calls the
+                // enqueue step: when the journal refuses first (full,
+                // cannot write, closing), its ticket is cancelled as a
+                // refusal rather than dropped, which would count it lost.
+                let mut slot = Some(next);
                 let appended = journal.append(&payload, |position| {
-                    let journal = journal.clone();
-                    let Queued {
+                    let Some(Queued {
                         conversation,
                         ticket,
-                    } = next;
+                    }) = slot.take()
+                    else {
+                        return Err(None);
+                    };
+                    let journal = journal.clone();
                     let ticket = ticket.with_release(move || journal.settle(position));
                     state
                         .queue
                         .try_push(Queued::new(conversation, ticket), bytes)
+                        .map_err(Some)
                 });
                 match appended {
                     Ok(position) => break Some(position.lsn),
                     // `block`: the journal lock cannot be held while
                     // waiting, so wait for room outside it and try again.
-                    Err(AppendError::Enqueue(PushError::Full(back)))
+                    Err(AppendError::Enqueue(Some(PushError::Full(back))))
                         if limits.when_full == WhenFull::Block
                             && tokio::time::Instant::now() < deadline =>
                     {
                         item = Some(back);
                         state.queue.wait_for_room(bytes, deadline).await;
                     }
-                    Err(AppendError::Enqueue(e)) => return Err(refused(state, e, bytes)),
-                    Err(e) => return Err(journal_refused(state, e)),
+                    Err(AppendError::Enqueue(Some(e))) => return Err(refused(state, e, bytes)),
+                    Err(AppendError::Enqueue(None)) => {
+                        return Err(ApiError::Internal("admission lost its conversation".into()));
+                    }
+                    Err(e) => {
+                        if let Some(item) = slot.take() {
+                            item.ticket.cancel();
+                        }
+                        return Err(journal_refused(state, e));
+                    }
                 }
             }
         }
@@ -220,7 +237,9 @@ fn refused(state: &IngressState, e: PushError<Queued>, bytes: usize) -> ApiError
     error
 }
 
-fn journal_refused(state: &IngressState, e: AppendError<PushError<Queued>>) -> ApiError {
+/// The answer for a conversation the journal refused before the queue saw
+/// it (the caller cancelled its ticket).
+fn journal_refused(state: &IngressState, e: AppendError<Option<PushError<Queued>>>) -> ApiError {
     match e {
         AppendError::Full { .. } => ApiError::JournalFull {
             retry_after_secs: state.limits().retry_after_secs,
@@ -235,8 +254,12 @@ fn journal_refused(state: &IngressState, e: AppendError<PushError<Queued>>) -> A
         AppendError::Failed(reason) => {
             ApiError::Unavailable(format!("the journal is unusable: {reason}"))
         }
-        AppendError::Io(e) => ApiError::Unavailable(format!("cannot write to the journal: {e}")),
-        AppendError::Enqueue(e) => refused(state, e, 0),
+        AppendError::Unwritable(reason) => ApiError::JournalUnwritable {
+            reason,
+            retry_after_secs: state.limits().retry_after_secs,
+        },
+        AppendError::Enqueue(Some(e)) => refused(state, e, 0),
+        AppendError::Enqueue(None) => ApiError::Internal("admission lost its conversation".into()),
     }
 }
 

@@ -29,6 +29,9 @@ pub async fn get_stats(State(state): State<Arc<IngressState>>) -> Response {
         bytes: state.queue.bytes(),
         max_bytes: state.queue.max_bytes(),
         accepting: !state.is_shutting_down(),
+        journal_writable: state
+            .journal()
+            .map(|j| j.failure().is_none() && j.unwritable().is_none()),
     };
     let snapshot = stats::global().snapshot(queue);
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(snapshot)).into_response()
