@@ -596,6 +596,27 @@ impl Settings {
                     ));
                 }
             }
+            if backend.kind != BackendKind::Builtin {
+                // A cap below a full batch's answer would fail every full
+                // batch on a healthy backend, leaving its texts pending.
+                let needed = convstore_embed::response::largest_expected_answer(
+                    self.embedding.max_batch_inputs.get(),
+                    self.embedding.dimensions.get(),
+                );
+                if backend.max_response_bytes.get() < needed {
+                    return Err(ConfigError::invalid(
+                        key("max_response_bytes"),
+                        format!(
+                            "{} is below the largest answer a batch of embedding.max_batch_inputs = {} \
+                             texts of embedding.dimensions = {} may take ({needed} bytes); raise it to \
+                             at least {needed}",
+                            backend.max_response_bytes,
+                            self.embedding.max_batch_inputs,
+                            self.embedding.dimensions
+                        ),
+                    ));
+                }
+            }
             if !backend.model_dir.is_empty() {
                 if backend.kind != BackendKind::Builtin {
                     return Err(ConfigError::invalid(
@@ -951,6 +972,31 @@ mod tests {
         assert_eq!(s.embedding.backends.len(), 2);
         assert_eq!(s.embedding.backends[1].weight.get(), 3);
         assert_eq!(s.embedding.backends[1].kind, BackendKind::Openai);
+    }
+
+    #[test]
+    fn max_response_bytes_must_hold_a_full_batch() {
+        let file = write(
+            "[embedding]\ndimensions = 768\nmax_batch_inputs = 64\n\
+             [[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nmax_response_bytes = 1000000\n",
+        );
+        let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("embedding.backends[0].max_response_bytes"),
+            "{text}"
+        );
+        // 64 × 768 × 40 bytes + 1 MiB of envelope.
+        assert!(text.contains("at least 3014656"), "{text}");
+        let file = write(
+            "[embedding]\ndimensions = 768\nmax_batch_inputs = 64\n\
+             [[embedding.backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nmax_response_bytes = 3014656\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(s.embedding.backends[0].max_response_bytes.get(), 3_014_656);
+        // The default holds the default batch.
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.embedding.backends[0].max_response_bytes.get(), 16 << 20);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use convstore::config::EncodingFormat;
-use convstore_embed::Embedder;
 use convstore_embed::openai::OpenAiBackend;
+use convstore_embed::response::DEFAULT_MAX_RESPONSE_BYTES;
+use convstore_embed::{ClientConfig, Embedder};
 use convstore_standin::standin_vector;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
@@ -676,7 +677,11 @@ async fn openai_base64_and_float_answers_decode_to_the_same_vectors() {
             MODEL,
             Some("sk-test"),
             encoding,
-            Duration::from_secs(10),
+            ClientConfig {
+                timeout: Duration::from_secs(10),
+                dimensions: DIMS,
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            },
         )
         .expect("client")
     };

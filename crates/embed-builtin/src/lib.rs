@@ -31,6 +31,7 @@ use self::files::ModelFiles;
 use self::model::SentenceModel;
 use self::pool::InferencePool;
 use self::tokenize::{Encoded, ModelTokenizer};
+use convstore_embed::answer::check_vectors;
 use convstore_embed::{EmbedError, Embedder, ModelInfo, TokenCounter};
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
@@ -197,7 +198,10 @@ impl Embedder for BuiltinBackend {
     /// warms the model before the daemon declares itself ready, and proves
     /// the vectors have the length the pooling config promises.
     async fn probe(&self) -> Result<ModelInfo, EmbedError> {
-        let vectors = self.embed(&[WARM_UP_TEXT.to_string()]).await?;
+        let text = [WARM_UP_TEXT.to_string()];
+        let vectors = self.embed_unchecked(&text).await?;
+        // Any dimension here, so a wrong one gets the message below.
+        check_vectors(&self.name, text.len(), None, &vectors)?;
         let got = vectors.first().map_or(0, Vec::len);
         if got != self.dimensions {
             return Err(EmbedError::ModelUnavailable(format!(
@@ -213,6 +217,25 @@ impl Embedder for BuiltinBackend {
     }
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let vectors = self.embed_unchecked(inputs).await?;
+        // The check every backend's vectors pass where they enter: a model
+        // whose weights are corrupt, or a pooling that lost an input, must
+        // fail like a broken remote backend, not store NaN or zero vectors.
+        // Against the model's own dimension: one unlike
+        // `embedding.dimensions` is refused by the health check and never
+        // called, and a loaded model's dimension cannot change.
+        check_vectors(&self.name, inputs.len(), Some(self.dimensions), &vectors)?;
+        Ok(vectors)
+    }
+
+    fn token_counter(&self) -> Option<Arc<dyn TokenCounter>> {
+        Some(self.tokenizer.clone())
+    }
+}
+
+impl BuiltinBackend {
+    /// The model's vectors for `inputs`, in order, before [`check_vectors`].
+    async fn embed_unchecked(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
@@ -244,9 +267,5 @@ impl Embedder for BuiltinBackend {
             }
         }
         Ok(vectors)
-    }
-
-    fn token_counter(&self) -> Option<Arc<dyn TokenCounter>> {
-        Some(self.tokenizer.clone())
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! Nothing here knows about HTTP ingress or the database.
 
+pub mod answer;
 pub mod cache;
 pub mod ollama;
 pub mod openai;
 pub mod prefix;
 pub mod query;
+pub mod response;
 pub mod router;
 pub mod settings;
 
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::settings::{BackendSettings, EmbeddingSettings};
+
 /// What a backend says about its model at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
@@ -23,6 +27,30 @@ pub struct ModelInfo {
     pub dimensions: usize,
     /// Tokens the model can read at once, when the backend says.
     pub context_length: Option<usize>,
+}
+
+/// What an HTTP backend client (Ollama, OpenAI-compatible) needs besides
+/// its URL and model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Bounds each HTTP call, from connecting to the last byte of the
+    /// answer.
+    pub timeout: Duration,
+    /// `embedding.dimensions`: the length every vector of an embed call must
+    /// have ([`answer::check_vectors`]).
+    pub dimensions: usize,
+    /// The most of one answer read into memory ([`response::read_body`]).
+    pub max_response_bytes: u64,
+}
+
+impl ClientConfig {
+    pub fn from_settings(embedding: &EmbeddingSettings, backend: &BackendSettings) -> Self {
+        Self {
+            timeout: Duration::from_millis(backend.timeout_ms.get()),
+            dimensions: embedding.dimensions.get(),
+            max_response_bytes: backend.max_response_bytes.get(),
+        }
+    }
 }
 
 /// Why an embedding call failed, sorted by what the caller should do next.
@@ -81,7 +109,9 @@ pub trait Embedder: Send + Sync {
     /// its dimension and context length.
     async fn probe(&self) -> Result<ModelInfo, EmbedError>;
 
-    /// Embeds `inputs` in order: one unit vector per input.
+    /// Embeds `inputs` in order: one vector per input, checked where it
+    /// entered the process by [`answer::check_vectors`] (count, configured
+    /// dimension, finite, non-zero); callers do not check again.
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
 
     /// The model's exact token counter, when this backend has the model's

@@ -18,6 +18,8 @@
 //! | connection refused / reset | `Unreachable` |
 //! | no answer within the timeout | `Timeout` |
 //! | anything else, or a body that is not the protocol | `Protocol` |
+//! | vectors that fail [`check_vectors`] (count, dimension, NaN, zero) | `Protocol` / `DimensionMismatch` |
+//! | an answer longer than `max_response_bytes` | `Protocol` |
 
 use std::time::Duration;
 
@@ -27,7 +29,9 @@ use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{EmbedError, Embedder, ModelInfo};
+use super::{ClientConfig, EmbedError, Embedder, ModelInfo};
+use crate::answer::check_vectors;
+use crate::response::read_body;
 
 /// The text embedded to learn the dimension when `/api/show` does not say.
 const PROBE_TEXT: &str = "convstore dimension probe";
@@ -40,6 +44,9 @@ pub struct OllamaBackend {
     name: String,
     model: String,
     timeout: Duration,
+    /// `embedding.dimensions`, which every embedded vector must have.
+    dimensions: usize,
+    max_response_bytes: u64,
     client: Client,
     version_url: Url,
     show_url: Url,
@@ -66,8 +73,7 @@ struct ShowRequest<'a> {
 impl OllamaBackend {
     /// A client for the Ollama server at `base_url` (e.g.
     /// `http://127.0.0.1:11434`, or a path prefix behind a proxy), embedding
-    /// with `model`. `timeout` bounds each HTTP call, from connecting to the
-    /// last byte of the answer.
+    /// with `model`, within `config`'s timeout and answer size.
     ///
     /// Fails (as `ModelUnavailable`: an operator must fix the configuration)
     /// only if `base_url` is not an http(s) URL.
@@ -75,8 +81,13 @@ impl OllamaBackend {
         name: impl Into<String>,
         base_url: &str,
         model: impl Into<String>,
-        timeout: Duration,
+        config: ClientConfig,
     ) -> Result<Self, EmbedError> {
+        let ClientConfig {
+            timeout,
+            dimensions,
+            max_response_bytes,
+        } = config;
         let name = name.into();
         let config_error = |why: String| {
             EmbedError::ModelUnavailable(format!(
@@ -105,6 +116,8 @@ impl OllamaBackend {
             name,
             model: model.into(),
             timeout,
+            dimensions,
+            max_response_bytes,
             client,
         })
     }
@@ -123,7 +136,7 @@ impl OllamaBackend {
     }
 
     /// Sends `request` and reads the whole answer, body included, within
-    /// the timeout.
+    /// the timeout and `max_response_bytes`.
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
@@ -139,11 +152,11 @@ impl OllamaBackend {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        Ok((status, retry_after, body.to_vec()))
+        let body = read_body(&self.name, response, self.max_response_bytes, |e| {
+            self.transport_error(e)
+        })
+        .await?;
+        Ok((status, retry_after, body))
     }
 
     /// The error for a non-200 answer to `what`.
@@ -229,6 +242,39 @@ impl OllamaBackend {
         }
         Ok((dimensions, context_length))
     }
+
+    /// `POST /api/embed`; the vectors must be `dimensions` long when given.
+    async fn embed_any(
+        &self,
+        inputs: &[String],
+        dimensions: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if inputs.is_empty() {
+            // Ollama would answer `[]` after loading the model: nothing to
+            // ask.
+            return Ok(Vec::new());
+        }
+        let request = self
+            .client
+            .post(self.embed_url.clone())
+            .json(&EmbedRequest {
+                model: &self.model,
+                input: inputs,
+                truncate: false,
+            });
+        let (status, retry_after, body) = self.send(request).await?;
+        if status != StatusCode::OK {
+            return Err(self.status_error("/api/embed", status, retry_after, &body));
+        }
+        let response: EmbedResponse = serde_json::from_slice(&body).map_err(|e| {
+            EmbedError::Protocol(format!(
+                "backend `{}`: /api/embed answer is not {{\"embeddings\": [[number]]}}: {e}",
+                self.name
+            ))
+        })?;
+        check_vectors(&self.name, inputs.len(), dimensions, &response.embeddings)?;
+        Ok(response.embeddings)
+    }
 }
 
 #[async_trait]
@@ -275,7 +321,9 @@ impl Embedder for OllamaBackend {
         let dimensions = match dimensions {
             Some(d) => d,
             None => {
-                let vectors = self.embed(&[PROBE_TEXT.to_string()]).await?;
+                // Any dimension: a wrong one is the health check's to
+                // report (the backend is refused), not a failed probe.
+                let vectors = self.embed_any(&[PROBE_TEXT.to_string()], None).await?;
                 vectors.first().map_or(0, Vec::len)
             }
         };
@@ -292,68 +340,8 @@ impl Embedder for OllamaBackend {
     }
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if inputs.is_empty() {
-            // Ollama would answer `[]` after loading the model: nothing to
-            // ask.
-            return Ok(Vec::new());
-        }
-        let request = self
-            .client
-            .post(self.embed_url.clone())
-            .json(&EmbedRequest {
-                model: &self.model,
-                input: inputs,
-                truncate: false,
-            });
-        let (status, retry_after, body) = self.send(request).await?;
-        if status != StatusCode::OK {
-            return Err(self.status_error("/api/embed", status, retry_after, &body));
-        }
-        let response: EmbedResponse = serde_json::from_slice(&body).map_err(|e| {
-            EmbedError::Protocol(format!(
-                "backend `{}`: /api/embed answer is not {{\"embeddings\": [[number]]}}: {e}",
-                self.name
-            ))
-        })?;
-        check_vectors(&self.name, inputs.len(), &response.embeddings)?;
-        Ok(response.embeddings)
+        self.embed_any(inputs, Some(self.dimensions)).await
     }
-}
-
-/// One vector per input, all the same non-zero length, all finite: anything
-/// else would store garbage.
-pub(crate) fn check_vectors(
-    name: &str,
-    inputs: usize,
-    vectors: &[Vec<f32>],
-) -> Result<(), EmbedError> {
-    if vectors.len() != inputs {
-        return Err(EmbedError::Protocol(format!(
-            "backend `{name}` returned {} vectors for {inputs} inputs",
-            vectors.len()
-        )));
-    }
-    let dims = vectors.first().map_or(0, Vec::len);
-    if dims == 0 {
-        return Err(EmbedError::Protocol(format!(
-            "backend `{name}` returned an empty vector"
-        )));
-    }
-    if let Some((i, v)) = vectors.iter().enumerate().find(|(_, v)| v.len() != dims) {
-        return Err(EmbedError::Protocol(format!(
-            "backend `{name}` returned vectors of different lengths ({dims} and {} at input {i})",
-            v.len()
-        )));
-    }
-    if let Some(i) = vectors
-        .iter()
-        .position(|v| v.iter().any(|x| !x.is_finite()))
-    {
-        return Err(EmbedError::Protocol(format!(
-            "backend `{name}` returned a vector with NaN or infinite values (input {i})"
-        )));
-    }
-    Ok(())
 }
 
 /// `model_info["<arch>.<key>"]` where `<arch>` is
@@ -441,6 +429,16 @@ mod tests {
     };
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+    /// The stand-in's default model's (nomic-embed-text's).
+    const DIMS: usize = 768;
+
+    fn config(timeout: Duration) -> ClientConfig {
+        ClientConfig {
+            timeout,
+            dimensions: DIMS,
+            max_response_bytes: crate::response::DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
 
     async fn standin(config: StandinConfig) -> SpawnedStandin {
         standin::spawn(config)
@@ -449,7 +447,7 @@ mod tests {
     }
 
     fn backend(url: &str, model: &str) -> OllamaBackend {
-        OllamaBackend::new("test", url, model, TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+        OllamaBackend::new("test", url, model, config(TIMEOUT)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn texts(items: &[&str]) -> Vec<String> {
@@ -771,7 +769,7 @@ mod tests {
             "slow",
             &s.url(),
             "nomic-embed-text",
-            Duration::from_millis(200),
+            config(Duration::from_millis(200)),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         match b.embed(&texts(&["a"])).await {
@@ -829,6 +827,106 @@ mod tests {
         );
     }
 
+    /// Ollama's `normalize` leaves an all-zero vector all zero, so a
+    /// broken model gets one through; a number too big for `f32` parses
+    /// as infinity. Both are that backend's failure, never stored.
+    #[tokio::test]
+    async fn zero_and_non_finite_vectors_are_backend_errors() {
+        let zeros = json!({"embeddings": [vec![0.6f32; DIMS], vec![0.0f32; DIMS]]});
+        let mut huge = vec![json!(0.5); DIMS];
+        huge[7] = json!(1e39);
+        let huge = json!({"embeddings": [huge]});
+        let router = Router::new()
+            .route(
+                "/zero/api/embed",
+                post(move || {
+                    let zeros = zeros.clone();
+                    async move { axum::Json(zeros) }
+                }),
+            )
+            .route(
+                "/huge/api/embed",
+                post(move || {
+                    let huge = huge.clone();
+                    async move { axum::Json(huge) }
+                }),
+            );
+        let (url, _task) = fake(router).await;
+        match backend(&format!("{url}/zero"), "m")
+            .embed(&texts(&["a", "b"]))
+            .await
+        {
+            Err(EmbedError::Protocol(m)) => {
+                assert!(m.contains("backend `test`"), "{m}");
+                assert!(m.contains("zero vector (input 1)"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match backend(&format!("{url}/huge"), "m")
+            .embed(&texts(&["a"]))
+            .await
+        {
+            Err(EmbedError::Protocol(m)) => {
+                assert!(m.contains("NaN or infinite values (input 0)"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A vector of another length than `embedding.dimensions` fails the
+    /// call; the probe still measures it, for the health check to refuse
+    /// the backend by name.
+    #[tokio::test]
+    async fn embed_checks_the_configured_dimension_probe_measures_any() {
+        let s = standin(StandinConfig {
+            dimensions: 384,
+            ..StandinConfig::default()
+        })
+        .await;
+        let b = backend(&s.url(), "nomic-embed-text");
+        assert!(matches!(
+            b.embed(&texts(&["a"])).await,
+            Err(EmbedError::DimensionMismatch {
+                expected: DIMS,
+                got: 384
+            })
+        ));
+        assert_eq!(b.probe().await.ok().map(|i| i.dimensions), Some(384));
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_max_response_bytes_is_a_backend_error() {
+        use crate::response::flood::{self, FLOOD_BYTES, Framing};
+        for framing in [Framing::ContentLength, Framing::Chunked] {
+            let (url, server) = flood::serve(framing).await;
+            let b = OllamaBackend::new(
+                "flooder",
+                &url,
+                "m",
+                ClientConfig {
+                    max_response_bytes: 1 << 20,
+                    ..config(TIMEOUT)
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let result = b.embed(&texts(&["a"])).await;
+            drop(b);
+            let sent = server.await.unwrap_or_else(|e| panic!("{e}"));
+            match result {
+                Err(EmbedError::Protocol(m)) => {
+                    assert!(m.contains("backend `flooder`"), "{framing:?}: {m}");
+                    assert!(
+                        m.contains("max_response_bytes = 1048576"),
+                        "{framing:?}: {m}"
+                    );
+                }
+                other => panic!("{framing:?}: {other:?}"),
+            }
+            assert!(sent.cut_short, "{framing:?}: {sent:?}");
+            assert!(sent.body_bytes < FLOOD_BYTES / 4, "{framing:?}: {sent:?}");
+        }
+    }
+
     #[tokio::test]
     async fn not_an_ollama_server() {
         let (url, _task) = fake(Router::new()).await;
@@ -845,7 +943,7 @@ mod tests {
         for url in ["", "not a url", "ftp://host/", "mailto:someone@example.com"] {
             assert!(
                 matches!(
-                    OllamaBackend::new("b", url, "m", TIMEOUT),
+                    OllamaBackend::new("b", url, "m", config(TIMEOUT)),
                     Err(EmbedError::ModelUnavailable(_))
                 ),
                 "{url}"

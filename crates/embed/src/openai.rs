@@ -21,7 +21,9 @@
 //! cut to `chunking.fallback_context_tokens` unless another backend says).
 //! Statuses map to [`EmbedError`] as for Ollama (see [`super::ollama`]):
 //! 400/413/422 → `Rejected`; 401/403/404/405/501 → `ModelUnavailable`;
-//! 408/425/429/499/5xx → `Transient` with `Retry-After`.
+//! 408/425/429/499/5xx → `Transient` with `Retry-After`; vectors failing
+//! [`check_vectors`] and answers over `max_response_bytes` → `Protocol`
+//! (`DimensionMismatch` for another dimension).
 
 use std::time::Duration;
 
@@ -32,8 +34,10 @@ use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use super::ollama::{chain, check_vectors, error_message, parse_retry_after};
-use super::{EmbedError, Embedder, ModelInfo};
+use super::ollama::{chain, error_message, parse_retry_after};
+use super::{ClientConfig, EmbedError, Embedder, ModelInfo};
+use crate::answer::check_vectors;
+use crate::response::read_body;
 use crate::settings::EncodingFormat;
 
 /// The text embedded to learn the dimension.
@@ -45,6 +49,9 @@ pub struct OpenAiBackend {
     name: String,
     model: String,
     timeout: Duration,
+    /// `embedding.dimensions`, which every embedded vector must have.
+    dimensions: usize,
+    max_response_bytes: u64,
     encoding: EncodingFormat,
     client: Client,
     embeddings_url: Url,
@@ -80,8 +87,8 @@ enum EmbeddingData {
 
 impl OpenAiBackend {
     /// A client for the server at `base_url`, embedding with `model`.
-    /// `api_key` is the bearer key, if the server needs one; `timeout`
-    /// bounds each call from connecting to the last byte.
+    /// `api_key` is the bearer key, if the server needs one; `config` gives
+    /// the timeout and the answer size.
     ///
     /// Fails (as `ModelUnavailable`: an operator must fix the configuration)
     /// if `base_url` is not an http(s) URL or the key is not a valid header.
@@ -91,8 +98,13 @@ impl OpenAiBackend {
         model: impl Into<String>,
         api_key: Option<&str>,
         encoding: EncodingFormat,
-        timeout: Duration,
+        config: ClientConfig,
     ) -> Result<Self, EmbedError> {
+        let ClientConfig {
+            timeout,
+            dimensions,
+            max_response_bytes,
+        } = config;
         let name = name.into();
         let config_error = |why: String| {
             EmbedError::ModelUnavailable(format!(
@@ -132,6 +144,8 @@ impl OpenAiBackend {
             name,
             model: model.into(),
             timeout,
+            dimensions,
+            max_response_bytes,
             encoding,
             client,
             embeddings_url,
@@ -191,8 +205,14 @@ impl OpenAiBackend {
         }
     }
 
-    /// The vectors of a 200 answer, in input order.
-    fn read_answer(&self, body: &[u8], inputs: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+    /// The vectors of a 200 answer, in input order, `dimensions` long when
+    /// given.
+    fn read_answer(
+        &self,
+        body: &[u8],
+        inputs: usize,
+        dimensions: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let response: EmbeddingsResponse = serde_json::from_slice(body).map_err(|e| {
             EmbedError::Protocol(format!(
                 "backend `{}`: /v1/embeddings answer is not {{\"data\": [{{\"embedding\": …}}]}}: {e}",
@@ -224,8 +244,50 @@ impl OpenAiBackend {
             }
         }
         let vectors: Vec<Vec<f32>> = slots.into_iter().flatten().collect();
-        check_vectors(&self.name, inputs, &vectors)?;
+        check_vectors(&self.name, inputs, dimensions, &vectors)?;
         Ok(vectors)
+    }
+
+    /// `POST /v1/embeddings`; the vectors must be `dimensions` long when
+    /// given.
+    async fn embed_any(
+        &self,
+        inputs: &[String],
+        dimensions: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut request = self
+            .client
+            .post(self.embeddings_url.clone())
+            .timeout(self.timeout)
+            .json(&EmbeddingsRequest {
+                model: &self.model,
+                input: inputs,
+                encoding_format: match self.encoding {
+                    EncodingFormat::Base64 => "base64",
+                    EncodingFormat::Float => "float",
+                },
+            });
+        if let Some(auth) = &self.authorization {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = read_body(&self.name, response, self.max_response_bytes, |e| {
+            self.transport_error(e)
+        })
+        .await?;
+        if status != StatusCode::OK {
+            return Err(self.status_error(status, retry_after, &body));
+        }
+        self.read_answer(&body, inputs.len(), dimensions)
     }
 }
 
@@ -262,7 +324,9 @@ impl Embedder for OpenAiBackend {
     /// Embeds one short text: the protocol has no other way to learn the
     /// dimension or whether the key and model are right.
     async fn probe(&self) -> Result<ModelInfo, EmbedError> {
-        let vectors = self.embed(&[PROBE_TEXT.to_string()]).await?;
+        // Any dimension: a wrong one is the health check's to report (the
+        // backend is refused), not a failed probe.
+        let vectors = self.embed_any(&[PROBE_TEXT.to_string()], None).await?;
         let dimensions = vectors.first().map_or(0, Vec::len);
         Ok(ModelInfo {
             dimensions,
@@ -271,39 +335,7 @@ impl Embedder for OpenAiBackend {
     }
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if inputs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut request = self
-            .client
-            .post(self.embeddings_url.clone())
-            .timeout(self.timeout)
-            .json(&EmbeddingsRequest {
-                model: &self.model,
-                input: inputs,
-                encoding_format: match self.encoding {
-                    EncodingFormat::Base64 => "base64",
-                    EncodingFormat::Float => "float",
-                },
-            });
-        if let Some(auth) = &self.authorization {
-            request = request.header(AUTHORIZATION, auth.clone());
-        }
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        if status != StatusCode::OK {
-            return Err(self.status_error(status, retry_after, &body));
-        }
-        self.read_answer(&body, inputs.len())
+        self.embed_any(inputs, Some(self.dimensions)).await
     }
 }
 
@@ -321,13 +353,23 @@ mod tests {
     use convstore_standin::{self as standin, FaultsUpdate, StandinConfig, standin_vector};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+    /// The stand-in's default model's (nomic-embed-text's).
+    const DIMS: usize = 768;
+
+    fn config(dimensions: usize) -> ClientConfig {
+        ClientConfig {
+            timeout: TIMEOUT,
+            dimensions,
+            max_response_bytes: crate::response::DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
 
     fn texts(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
     }
 
     fn backend(url: &str, encoding: EncodingFormat, key: Option<&str>) -> OpenAiBackend {
-        OpenAiBackend::new("oa", url, "nomic-embed-text", key, encoding, TIMEOUT)
+        OpenAiBackend::new("oa", url, "nomic-embed-text", key, encoding, config(DIMS))
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -405,7 +447,15 @@ mod tests {
             }),
         );
         let (url, _task) = fake(router).await;
-        let b = backend(&url, EncodingFormat::Base64, Some("sk-test"));
+        let b = OpenAiBackend::new(
+            "oa",
+            &url,
+            "nomic-embed-text",
+            Some("sk-test"),
+            EncodingFormat::Base64,
+            config(2),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let got = b.embed(&texts(&["a", "b"])).await;
         assert_eq!(got.ok(), Some(vec![vec![1.0, 0.0], vec![0.0, 1.0]]));
         assert_eq!(
@@ -501,6 +551,86 @@ mod tests {
         );
     }
 
+    /// NaN and infinity can only come as base64 (JSON has no such
+    /// numbers); zero vectors come either way. All are that backend's
+    /// failure, never stored.
+    #[tokio::test]
+    async fn zero_and_non_finite_vectors_are_backend_errors() {
+        let mut nan = vec![0.5f32; DIMS];
+        nan[3] = f32::NAN;
+        let mut inf = vec![0.5f32; DIMS];
+        inf[5] = f32::NEG_INFINITY;
+        let answer = |embedding: Value| json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}], "model": "m"});
+        let answers = [
+            (
+                "zero-float",
+                answer(json!(vec![0.0f32; DIMS])),
+                "zero vector",
+            ),
+            (
+                "zero-b64",
+                answer(json!(encode_base64(&vec![0.0f32; DIMS]))),
+                "zero vector",
+            ),
+            ("nan", answer(json!(encode_base64(&nan))), "NaN or infinite"),
+            ("inf", answer(json!(encode_base64(&inf))), "NaN or infinite"),
+        ];
+        let mut router = Router::new();
+        for (path, body, _) in &answers {
+            let body = body.clone();
+            router = router.route(
+                &format!("/{path}/v1/embeddings"),
+                post(move || {
+                    let body = body.clone();
+                    async move { axum::Json(body) }
+                }),
+            );
+        }
+        let (url, _task) = fake(router).await;
+        for (path, _, expected) in answers {
+            let result = backend(&format!("{url}/{path}"), EncodingFormat::Base64, None)
+                .embed(&texts(&["a"]))
+                .await;
+            match result {
+                Err(EmbedError::Protocol(m)) => {
+                    assert!(m.contains("backend `oa`"), "{path}: {m}");
+                    assert!(m.contains(expected), "{path}: {m}");
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_max_response_bytes_is_a_backend_error() {
+        use crate::response::flood::{self, FLOOD_BYTES, Framing};
+        let (url, server) = flood::serve(Framing::Chunked).await;
+        let b = OpenAiBackend::new(
+            "flooder",
+            &url,
+            "m",
+            None,
+            EncodingFormat::Float,
+            ClientConfig {
+                max_response_bytes: 1 << 20,
+                ..config(DIMS)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let result = b.embed(&texts(&["a"])).await;
+        drop(b);
+        let sent = server.await.unwrap_or_else(|e| panic!("{e}"));
+        match result {
+            Err(EmbedError::Protocol(m)) => {
+                assert!(m.contains("backend `flooder`"), "{m}");
+                assert!(m.contains("max_response_bytes = 1048576"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sent.cut_short, "{sent:?}");
+        assert!(sent.body_bytes < FLOOD_BYTES / 4, "{sent:?}");
+    }
+
     #[tokio::test]
     async fn down_and_stopped_servers_are_retryable() {
         let s = standin::spawn(StandinConfig::default())
@@ -538,7 +668,8 @@ mod tests {
         assert!(decode_base64("not base64!").is_err());
         for url in ["", "nope", "ftp://h/"] {
             assert!(
-                OpenAiBackend::new("b", url, "m", None, EncodingFormat::Float, TIMEOUT).is_err(),
+                OpenAiBackend::new("b", url, "m", None, EncodingFormat::Float, config(DIMS))
+                    .is_err(),
                 "{url}"
             );
         }
@@ -549,7 +680,7 @@ mod tests {
                 "m",
                 Some("bad\nkey"),
                 EncodingFormat::Float,
-                TIMEOUT
+                config(DIMS)
             )
             .is_err()
         );

@@ -108,6 +108,9 @@ pub struct BackendSettings {
     pub model_dir: String,
     /// openai: the `encoding_format` asked for; either answer is decoded.
     pub encoding_format: EncodingFormat,
+    /// ollama, openai: the most of one answer read into memory; a longer
+    /// answer is a failure of this backend (`crate::response`).
+    pub max_response_bytes: NonZeroU64,
 }
 
 impl Default for BackendSettings {
@@ -123,6 +126,7 @@ impl Default for BackendSettings {
             api_key_env: String::new(),
             model_dir: String::new(),
             encoding_format: EncodingFormat::Base64,
+            max_response_bytes: const { nz_u64(crate::response::DEFAULT_MAX_RESPONSE_BYTES) },
         }
     }
 }

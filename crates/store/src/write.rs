@@ -251,6 +251,15 @@ fn check_conversation(ready: &ReadyConversation, dims: Option<usize>) -> Result<
     Ok(())
 }
 
+/// Only what PostgreSQL would refuse, so one conversation fails instead of
+/// the whole batch's COPY and transaction: a length other than the
+/// column's, or outside pgvector's 1..=16,000, and NaN or infinity (pgvector
+/// refuses them). Whether a vector is a usable embedding (not zero, the
+/// configured dimension) is checked once, where it entered the process
+/// (`convstore_embed::answer::check_vectors`); this is the database's
+/// defence for any caller of `write_batch`, which cannot assume its vectors
+/// came through there (the store does not depend on the embed crate), and
+/// costs one pass over floats about to be encoded anyway.
 fn check_vector(v: &[f32], dims: Option<usize>) -> Result<(), String> {
     if let Some(dims) = dims
         && v.len() != dims

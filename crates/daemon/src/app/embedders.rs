@@ -10,10 +10,10 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use convstore_embed::Embedder;
 use convstore_embed::ollama::OllamaBackend;
 use convstore_embed::openai::OpenAiBackend;
 use convstore_embed::router::{BackendSpec, Router, RouterConfig};
+use convstore_embed::{ClientConfig, Embedder};
 use convstore_embed_builtin::BuiltinBackend;
 
 use crate::config::{BackendKind, Settings};
@@ -50,14 +50,14 @@ fn build_backend(
     i: usize,
     backend: &crate::config::BackendSettings,
 ) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
-    let timeout = Duration::from_millis(backend.timeout_ms.get());
+    let config = ClientConfig::from_settings(&settings.embedding, backend);
     let shared = |client: Arc<dyn Embedder>| Ok((client.clone(), client));
     match backend.kind {
         BackendKind::Ollama => shared(Arc::new(OllamaBackend::new(
             &backend.name,
             &backend.url,
             settings.embedding.model_for(backend),
-            timeout,
+            config,
         )?)),
         BackendKind::Openai => {
             let key = if backend.api_key_env.is_empty() {
@@ -79,7 +79,7 @@ fn build_backend(
                 settings.embedding.model_for(backend),
                 key.as_deref(),
                 backend.encoding_format,
-                timeout,
+                config,
             )?))
         }
         BackendKind::Builtin => {

@@ -177,7 +177,9 @@ async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Ve
                 }
             }
             Some(Ok(vectors)) => {
-                // The router checks counts; this is a bug, not a backend.
+                // Every backend checks its answer's count where the
+                // vectors enter (convstore_embed::answer); this is a bug,
+                // not a backend.
                 tracing::error!(
                     asked = texts.len(),
                     got = vectors.len(),

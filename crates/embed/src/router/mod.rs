@@ -15,16 +15,19 @@
 //!              └─ limit       (max_in_flight; outstanding count)          limit.rs
 //!                  └─ instrument  (metrics; latency EWMA)                 instrument.rs
 //!                      └─ timeout     (timeout_ms)                        timeout.rs
-//!                          └─ check       (count, dimension, finite)      check.rs
-//!                              └─ client  (ollama / openai)
+//!                          └─ client  (ollama / openai / builtin)
 //! ```
+//!
+//! The clients return only vectors that passed [`crate::answer::check_vectors`]
+//! (count, dimension, finite, non-zero), so no layer checks them again; a
+//! bad answer comes up as an error of that backend, which the breaker
+//! counts and the balancer fails over from.
 //!
 //! Beside the call path, [`health`] probes each backend at start-up and
 //! periodically (up, refused for a wrong dimension, context length).
 
 pub mod balance;
 pub mod breaker;
-pub mod check;
 pub mod health;
 pub mod instrument;
 pub mod limit;
@@ -43,7 +46,6 @@ use crate::settings::{BackendSettings, EmbeddingSettings, Strategy as StrategyNa
 
 use self::balance::Balancer;
 use self::breaker::{Breaker, BreakerConfig, BreakerLayer, CircuitState};
-use self::check::CheckLayer;
 use self::health::BackendCheck;
 use self::instrument::{Ewma, InstrumentLayer};
 use self::limit::{LimitLayer, Load};
@@ -168,7 +170,7 @@ pub struct Backend {
     pub weight: u32,
     /// The bare client behind a timeout: for probes.
     client: Arc<dyn Embedder>,
-    /// breaker → limit → instrument → timeout → check → client.
+    /// breaker → limit → instrument → timeout → client.
     stack: Arc<dyn Embedder>,
     breaker: Arc<Breaker>,
     load: Arc<Load>,
@@ -177,14 +179,14 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(spec: BackendSpec, dimensions: usize, breaker: BreakerConfig) -> Self {
+    fn new(spec: BackendSpec, breaker: BreakerConfig) -> Self {
         let name = spec.client.name().to_string();
         let model = spec.client.model().to_string();
         let breaker = Arc::new(Breaker::new(name.clone(), breaker));
         let load = Arc::new(Load::new(name.clone(), spec.max_in_flight));
         let latency = Arc::new(Ewma::default());
-        let checked: Arc<dyn Embedder> = Arc::new(CheckLayer::new(spec.client.clone(), dimensions));
-        let timed: Arc<dyn Embedder> = Arc::new(TimeoutLayer::new(checked, spec.timeout));
+        let timed: Arc<dyn Embedder> =
+            Arc::new(TimeoutLayer::new(spec.client.clone(), spec.timeout));
         let instrumented: Arc<dyn Embedder> =
             Arc::new(InstrumentLayer::new(timed, latency.clone()));
         let limited: Arc<dyn Embedder> = Arc::new(LimitLayer::new(instrumented, load.clone()));
@@ -299,7 +301,7 @@ impl Router {
     pub fn new(config: RouterConfig, specs: Vec<BackendSpec>) -> Self {
         let backends: Arc<[Arc<Backend>]> = specs
             .into_iter()
-            .map(|spec| Arc::new(Backend::new(spec, config.dimensions, config.breaker)))
+            .map(|spec| Arc::new(Backend::new(spec, config.breaker)))
             .collect();
         let strategy = strategy::from_config(config.strategy, backends.len());
         let balancer = Arc::new(Balancer::new(
@@ -501,8 +503,17 @@ mod tests {
     }
 
     fn spec(name: &str, url: &str) -> BackendSpec {
-        let client = OllamaBackend::new(name, url, "nomic-embed-text", Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = OllamaBackend::new(
+            name,
+            url,
+            "nomic-embed-text",
+            crate::ClientConfig {
+                timeout: Duration::from_secs(5),
+                dimensions: DIMS,
+                max_response_bytes: crate::response::DEFAULT_MAX_RESPONSE_BYTES,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         BackendSpec {
             client: Arc::new(client),
             weight: 1,
@@ -650,6 +661,67 @@ mod tests {
             vec![spec("w", &wrong.url())],
         );
         assert!(health::startup_verdict(&only_wrong.check_all().await, DIMS).is_err());
+    }
+
+    /// An Ollama answering every text with a zero vector (its `normalize`
+    /// lets one through from a broken model), on 127.0.0.1.
+    async fn zero_vector_backend() -> (String, tokio::task::JoinHandle<()>) {
+        use axum::routing::post;
+        let router = axum::Router::new().route(
+            "/api/embed",
+            post(|body: axum::Json<serde_json::Value>| async move {
+                let n = body["input"].as_array().map_or(0, Vec::len);
+                axum::Json(serde_json::json!({"embeddings": vec![vec![0.0f32; DIMS]; n]}))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let url = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn zero_vectors_fail_that_backend_and_the_router_fails_over() {
+        let good = standin(StandinConfig::default()).await;
+        let (zero_url, _task) = zero_vector_backend().await;
+        let router = Router::new(
+            config(StrategyName::RoundRobin),
+            vec![spec("zero", &zero_url), spec("good", &good.url())],
+        );
+        for i in 0..6 {
+            let inputs = vec![format!("t{i}"), format!("u{i}")];
+            let vectors = router
+                .embed(&inputs)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let expected: Vec<Vec<f32>> = inputs.iter().map(|t| standin_vector(t, DIMS)).collect();
+            assert_eq!(vectors, expected, "only the good backend's vectors");
+        }
+        // Counted as that backend's failures: its breaker opened (open, or
+        // half-open if its open period has passed since), never closed.
+        let status = router.snapshot();
+        assert_ne!(status[0].circuit, CircuitState::Closed, "{status:?}");
+        assert_eq!(good.standin.stats().outcomes.ok, 6);
+
+        // Alone, it leaves the texts unembedded (the pipeline stores them
+        // pending for the backfill), and they are not rejected (stored
+        // failed) either.
+        let alone = Router::new(
+            config(StrategyName::RoundRobin),
+            vec![spec("zero", &zero_url)],
+        );
+        let result = alone.embed(&texts(2)).await;
+        assert!(
+            matches!(&result, Err(EmbedError::Protocol(m)) if m.contains("zero vector")),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
