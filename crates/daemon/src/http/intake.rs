@@ -122,7 +122,10 @@ pub struct Admitted {
 }
 
 /// Puts `conversation` in the journal (when on) and on the queue, with its
-/// completion handle. Nothing is left behind when this fails.
+/// completion handle. Nothing is left behind when this fails: every way
+/// admission can end without the queue taking the conversation (refused,
+/// timed out, or the request dropped while it waits for room) cancels the
+/// ticket, which is a refusal the caller hears of, never a loss.
 // The queue hands a refused conversation back inside its error so a
 // blocking admission can retry without cloning it; the error is moved,
 // never copied, so its size costs nothing.
@@ -140,58 +143,91 @@ pub async fn admit(
     let outcome = (level == WaitLevel::Stored).then(|| ticket.subscribe());
     let bytes = conversation.approx_bytes();
     let limits = state.limits();
-    let item = Queued::new(conversation, ticket);
-    let lsn = match state.journal() {
-        None => {
-            let pushed = match limits.when_full {
-                WhenFull::Reject => state.queue.try_push(item, bytes),
-                WhenFull::Block => {
-                    state
-                        .queue
-                        .push_timeout(item, bytes, limits.block_timeout)
-                        .await
-                }
-            };
-            pushed.map_err(|e| refused(state, e, bytes))?;
-            None
-        }
-        Some(journal) => {
-            let payload = entry::encode(&item.conversation);
-            let deadline = tokio::time::Instant::now() + limits.block_timeout;
-            let mut item = Some(item);
-            loop {
-                let Some(next) = item.take() else {
-                    return Err(ApiError::Internal("admission lost its conversation".into()));
-                };
-                let appended = journal.append(&payload, |position| {
-                    let journal = journal.clone();
-                    let Queued {
+    let block = limits.when_full == WhenFull::Block;
+    let deadline = tokio::time::Instant::now() + limits.block_timeout;
+    let payload = state.journal().map(|_| entry::encode(&conversation));
+    let mut pending = Admission::new(Queued::new(conversation, ticket));
+    let lsn = loop {
+        let attempt = match (state.journal(), &payload) {
+            (Some(journal), Some(payload)) => {
+                // The closure runs only once the record is written; on any
+                // refusal before that the conversation stays in `pending`.
+                let appended = journal.append(payload, |position| {
+                    let Some(Queued {
                         conversation,
                         ticket,
-                    } = next;
+                    }) = pending.take()
+                    else {
+                        return Err(None);
+                    };
+                    let journal = journal.clone();
                     let ticket = ticket.with_release(move || journal.settle(position));
                     state
                         .queue
                         .try_push(Queued::new(conversation, ticket), bytes)
+                        .map_err(Some)
                 });
                 match appended {
-                    Ok(position) => break Some(position.lsn),
-                    // `block`: the journal lock cannot be held while
-                    // waiting, so wait for room outside it and try again.
-                    Err(AppendError::Enqueue(PushError::Full(back)))
-                        if limits.when_full == WhenFull::Block
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        item = Some(back);
-                        state.queue.wait_for_room(bytes, deadline).await;
+                    Ok(position) => Ok(Some(position.lsn)),
+                    Err(AppendError::Enqueue(Some(e))) => Err(e),
+                    Err(AppendError::Enqueue(None)) => {
+                        return Err(ApiError::Internal("admission lost its conversation".into()));
                     }
-                    Err(AppendError::Enqueue(e)) => return Err(refused(state, e, bytes)),
+                    // `pending` still holds the conversation: its ticket is
+                    // cancelled when `pending` goes.
                     Err(e) => return Err(journal_refused(state, e)),
                 }
             }
+            _ => match pending.take() {
+                Some(item) => state.queue.try_push(item, bytes).map(|()| None),
+                None => {
+                    return Err(ApiError::Internal("admission lost its conversation".into()));
+                }
+            },
+        };
+        match attempt {
+            Ok(lsn) => break lsn,
+            // `block`: wait for room and try again until the deadline. Not
+            // while holding the journal's lock (the append returned), and
+            // with the conversation in `pending`, so that a request dropped
+            // while it waits cancels its ticket rather than losing it.
+            Err(PushError::Full(back)) if block && tokio::time::Instant::now() < deadline => {
+                pending.put_back(back);
+                state.queue.wait_for_room(bytes, deadline).await;
+            }
+            Err(e) => return Err(refused(state, e, bytes)),
         }
     };
     Ok(Admitted { id, lsn, outcome })
+}
+
+/// A conversation on its way into the queue. Until the queue takes it, it
+/// was never accepted, so however admission ends early its ticket is
+/// cancelled, not dropped: a dropped ticket reports the conversation lost
+/// (an ERROR and `convstore_conversations_failed_total{reason="lost"}`),
+/// which a refusal is not.
+struct Admission(Option<Queued>);
+
+impl Admission {
+    fn new(item: Queued) -> Self {
+        Self(Some(item))
+    }
+
+    fn take(&mut self) -> Option<Queued> {
+        self.0.take()
+    }
+
+    fn put_back(&mut self, item: Queued) {
+        self.0 = Some(item);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(item) = self.0.take() {
+            item.ticket.cancel();
+        }
+    }
 }
 
 /// The answer for a conversation the queue handed back; its ticket is
@@ -220,7 +256,9 @@ fn refused(state: &IngressState, e: PushError<Queued>, bytes: usize) -> ApiError
     error
 }
 
-fn journal_refused(state: &IngressState, e: AppendError<PushError<Queued>>) -> ApiError {
+/// The answer for an append the journal refused before its enqueue step
+/// ran (the caller still holds the conversation and cancels its ticket).
+fn journal_refused<E>(state: &IngressState, e: AppendError<E>) -> ApiError {
     match e {
         AppendError::Full { .. } => ApiError::JournalFull {
             retry_after_secs: state.limits().retry_after_secs,
@@ -236,7 +274,9 @@ fn journal_refused(state: &IngressState, e: AppendError<PushError<Queued>>) -> A
             ApiError::Unavailable(format!("the journal is unusable: {reason}"))
         }
         AppendError::Io(e) => ApiError::Unavailable(format!("cannot write to the journal: {e}")),
-        AppendError::Enqueue(e) => refused(state, e, 0),
+        AppendError::Enqueue(_) => {
+            ApiError::Internal("the queue's refusal reached the journal's answer".into())
+        }
     }
 }
 
@@ -402,6 +442,28 @@ mod tests {
                 .level,
             WaitLevel::Stored
         );
+    }
+
+    /// However admission ends before the queue takes the conversation, the
+    /// ticket is cancelled: no waiter is told `Lost` and the registry is
+    /// left clean.
+    #[tokio::test]
+    async fn an_unfinished_admission_cancels_its_ticket() {
+        let registry = crate::ticket::InFlight::new();
+        let id = uuid::Uuid::from_u128(7);
+        let mut ticket = Ticket::new(id, registry.clone());
+        let rx = ticket.subscribe();
+        let conversation = convstore_core::validate::parse_conversation(
+            br#"{"user_id":"u","channel":"c","transcript":"x"}"#,
+            convstore_core::validate::Limits::DEFAULT,
+        )
+        .unwrap();
+        let mut pending = Admission::new(Queued::new(conversation, ticket));
+        let item = pending.take().unwrap();
+        pending.put_back(item);
+        drop(pending);
+        assert!(registry.is_empty());
+        assert!(rx.await.is_err(), "a cancelled ticket sends no outcome");
     }
 
     #[test]
