@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::model::{Conversation, Message};
 
 use crate::error::InputError;
-use crate::strict_json::StrictValue;
+use crate::strict_json::{StrictValue, may_hold_wide_integer, wide_integers};
 
 /// Namespace for ids derived from a caller's non-UUID id (UUIDv5), so the
 /// same client id always maps to the same row.
@@ -107,7 +107,17 @@ pub struct MessageIn {
 /// conversation it was a third of the enqueue time (PERFORMANCE.md).
 pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
     match serde_json::from_slice::<ConversationIn>(body) {
-        Ok(parsed) => validate(parsed, limits),
+        Ok(parsed) => {
+            let conversation = validate(parsed, limits)?;
+            // Only metadata can hold a number (every other field is text);
+            // the body is read again only when it may hold a rounded one.
+            if may_hold_wide_integer(&conversation.metadata)
+                && let Some(wide) = wide_integers(body).first()
+            {
+                return Err(InputError::invalid_field(&wide.field(0), wide.reason()));
+            }
+            Ok(conversation)
+        }
         Err(plain) => Err(explain_parse_error(body, plain)),
     }
 }
@@ -131,6 +141,10 @@ fn explain_parse_error(body: &[u8], plain: serde_json::Error) -> InputError {
 }
 
 /// Validates one conversation already parsed as a JSON value (batch items).
+///
+/// A value no longer shows whether a number was an integer too wide to
+/// keep (see `strict_json`): [`crate::batch_body::split_items`] refuses
+/// those from the text.
 pub fn conversation_from_value(
     value: serde_json::Value,
     limits: Limits,
@@ -626,6 +640,36 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code(), "invalid_json");
         assert!(err.message().contains("trailing data"), "{err:?}");
+    }
+
+    /// An integer beyond i64/u64 would be stored rounded: refused, naming
+    /// its field. A float of any size is metadata like any other.
+    #[test]
+    fn wide_integers_in_metadata_are_refused_by_field() {
+        let body = |meta: &str| {
+            format!(r#"{{"user_id":"u","channel":"c","transcript":"x","metadata":{meta}}}"#)
+        };
+        assert_eq!(
+            field_of(&body(r#"{"n":18446744073709551616}"#)),
+            "metadata.n"
+        );
+        assert_eq!(
+            field_of(&body(r#"{"a":[1,{"b":-9223372036854775809}]}"#)),
+            "metadata.a[1].b"
+        );
+        let err = parse_conversation(body(r#"{"n":18446744073709551616123}"#).as_bytes(), LIMITS)
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.message().contains("18446744073709551616123"), "{err:?}");
+        let c = parse_conversation(
+            body(r#"{"max":18446744073709551615,"min":-9223372036854775808,"f":1e20,"g":1.5e300}"#)
+                .as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(c.metadata["max"].as_u64(), Some(u64::MAX));
+        assert_eq!(c.metadata["min"].as_i64(), Some(i64::MIN));
+        assert_eq!(c.metadata["f"].as_f64(), Some(1e20));
     }
 
     #[test]

@@ -213,6 +213,14 @@ fn cases() -> Vec<Case> {
             "",
             None,
         ),
+        // Before issue 15 item 9.1 it was stored as 1.8446744073709552e22.
+        case(
+            "integer beyond u64",
+            conv(r#","metadata":{"a":{"n":[1,18446744073709551616123]}}"#),
+            400,
+            "invalid_field",
+            Some("metadata.a.n[1]"),
+        ),
         case(
             "trailing data",
             format!("{} {{}}", conv("")),
