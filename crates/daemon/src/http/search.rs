@@ -340,10 +340,13 @@ fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
     let metadata = match input.metadata {
         None | Some(serde_json::Value::Null) => None,
         Some(value @ serde_json::Value::Object(_)) => {
-            if value.to_string().contains("\\u0000") {
+            // On the decoded value, not its text: the six characters
+            // `\\u0000` (an escaped backslash, then `u0000`) are ordinary
+            // text and used to be refused as a NUL.
+            if let Some(path) = nul_in_json("filter.metadata", &value) {
                 return Err(ApiError::invalid_field(
-                    "filter.metadata",
-                    "contains a NUL character",
+                    &path,
+                    "contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold",
                 ));
             }
             Some(value)
@@ -365,6 +368,29 @@ fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
         until,
         metadata,
     })
+}
+
+/// The path of the first key or string in `value` holding a real NUL
+/// character (`jsonb` refuses it: the filter could never match), as
+/// `filter.metadata.a[2]`; keys are cut to 40 characters, as in
+/// conversation metadata.
+fn nul_in_json(path: &str, value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0').then(|| path.to_string()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_in_json(&format!("{path}[{i}]"), v)),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let path = format!("{path}.{}", k.chars().take(40).collect::<String>());
+            if k.contains('\0') {
+                Some(path)
+            } else {
+                nul_in_json(&path, v)
+            }
+        }),
+        _ => None,
+    }
 }
 
 fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -553,6 +579,30 @@ mod tests {
         assert_eq!(field_of(r#"{"query":"x","top":3}"#).as_deref(), Some("top"));
         let long = format!(r#"{{"query":"{}"}}"#, "a".repeat(MAX_QUERY_BYTES + 1));
         assert_eq!(field_of(&long).as_deref(), Some("query"));
+    }
+
+    /// The six characters `\u0000` (JSON `"\\u0000"`) are text like any
+    /// other; a real NUL (JSON `"\u0000"`) is refused naming where it is.
+    #[test]
+    fn only_a_real_nul_in_the_metadata_filter_is_refused() {
+        for body in [
+            r#"{"query":"x","filter":{"metadata":{"path":"C:\\u0000"}}}"#,
+            r#"{"query":"x","filter":{"metadata":{"\\u0000":["\\u0000"]}}}"#,
+        ] {
+            let r = parse_search(body.as_bytes()).unwrap();
+            let text = r.filter.metadata.unwrap().to_string();
+            assert!(text.contains(r"\\u0000"), "{text}");
+        }
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"metadata":{"a":[1,"b\u0000"]}}}"#).as_deref(),
+            Some("filter.metadata.a[1]")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"metadata":{"k\u0000":1}}}"#).as_deref(),
+            Some("filter.metadata.k\u{0}")
+        );
+        let e = parse_search(br#"{"query":"x","filter":{"metadata":{"a":"\u0000"}}}"#).unwrap_err();
+        assert!(e.message().contains("NUL"), "{e:?}");
     }
 
     #[test]
