@@ -54,7 +54,9 @@ pub struct Wait {
 
 /// Parses the query string. Unknown parameters are refused: a misspelt
 /// `?wiat=stored` silently acknowledging at `queued` would be a quiet
-/// durability bug in the client.
+/// durability bug in the client. So is a repeated one: which of
+/// `?wait=stored&wait=queued` the client meant is anyone's guess (the last
+/// one used to win, acknowledging at `queued`).
 pub fn parse_wait(
     query: Option<&str>,
     default_timeout: Duration,
@@ -63,8 +65,16 @@ pub fn parse_wait(
 ) -> Result<Wait, ApiError> {
     let mut level = WaitLevel::Queued;
     let mut timeout = default_timeout;
+    let mut seen: Vec<&str> = Vec::with_capacity(2);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if seen.contains(&key) {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter `{}` is given twice; give it once",
+                key.chars().take(40).collect::<String>()
+            )));
+        }
+        seen.push(key);
         match key {
             "wait" => {
                 level = match value {
@@ -477,6 +487,24 @@ mod tests {
             "timeout_ms=300001",
         ] {
             assert!(parse_wait(Some(q), T, MAX, true).is_err(), "{q}");
+        }
+    }
+
+    /// `?wait=stored&wait=queued` used to answer at `queued` (the last won).
+    #[test]
+    fn repeated_parameters_are_refused_by_name() {
+        for (q, name) in [
+            ("wait=stored&wait=queued", "`wait`"),
+            ("wait=stored&wait=stored", "`wait`"),
+            ("timeout_ms=5&wait=stored&timeout_ms=10", "`timeout_ms`"),
+            ("wait=queued&wait", "`wait`"),
+        ] {
+            let e = parse_wait(Some(q), T, MAX, true).unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{q}");
+            assert!(
+                e.message().contains(name) && e.message().contains("given twice"),
+                "{q}: {e:?}"
+            );
         }
     }
 }
