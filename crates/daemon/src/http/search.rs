@@ -39,7 +39,7 @@ use convstore_telemetry::metrics as m;
 use super::error::ApiError;
 use super::handlers::{read_body, require_content_type};
 use super::{IngressState, Transport};
-use convstore_core::validate::schema_error;
+use convstore_core::validate::{refuse_non_object, schema_error};
 
 /// Conversations a search returns when it does not say.
 pub const DEFAULT_K: usize = 10;
@@ -255,6 +255,8 @@ pub struct SearchRequest {
 
 /// Parses and validates a search body; errors name the field.
 pub fn parse_search(body: &[u8]) -> Result<SearchRequest, ApiError> {
+    // serde would read `["flights", 3]` as {query, k}: refused, as no field.
+    refuse_non_object(body, "the body")?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let input: SearchIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
     de.end()
@@ -454,7 +456,7 @@ pub struct SearchResponse {
     ),
     responses(
         (status = 200, description = "The nearest conversations, nearest first, and how they were found", body = SearchResponse),
-        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
+        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata` (or the path inside it holding a NUL, `filter.metadata.a[1]`), or an unknown field; `invalid_json` for broken JSON, trailing data or a body that is not a JSON object; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
             example = json!({"error": {"code": "invalid_field", "message": "k: 0 is out of range: 1 to 100", "field": "k"}})),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
         (status = 413, description = "Body over `server.max_body_bytes`", body = super::error::ErrorEnvelope),
@@ -609,6 +611,23 @@ mod tests {
     fn broken_json_is_not_a_field_error() {
         let e = parse_search(b"{\"query\": ").unwrap_err();
         assert_eq!(e.code(), "invalid_json");
+        // A body that is not an object is no field (an array used to be
+        // read as the fields in order, `["x", 0]` refused as `k`).
+        for body in [
+            r#"["flights", 3]"#,
+            r#"["x", 0]"#,
+            "5",
+            "true",
+            r#""x""#,
+            "null",
+        ] {
+            let e = parse_search(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.code(), e.field()),
+                ("invalid_json", None),
+                "{body}: {e:?}"
+            );
+        }
         let e = parse_search(br#"{"query":"x"} trailing"#).unwrap_err();
         assert_eq!(e.code(), "invalid_json");
     }
