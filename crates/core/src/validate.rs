@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::model::{Conversation, Message};
 
 use crate::error::InputError;
-use crate::strict_json::StrictValue;
+use crate::strict_json::{StrictValue, may_hold_wide_integer, wide_integers};
 
 /// Namespace of the row ids derived from callers' ids (UUIDv5), so the
 /// same client id always maps to the same row.
@@ -106,8 +106,19 @@ pub struct MessageIn {
 /// path allocates a string per key and index: on every accepted
 /// conversation it was a third of the enqueue time (PERFORMANCE.md).
 pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
+    refuse_non_object(body, "the body")?;
     match serde_json::from_slice::<ConversationIn>(body) {
-        Ok(parsed) => validate(parsed, limits),
+        Ok(parsed) => {
+            let conversation = validate(parsed, limits)?;
+            // Only metadata can hold a number (every other field is text);
+            // the body is read again only when it may hold a rounded one.
+            if may_hold_wide_integer(&conversation.metadata)
+                && let Some(wide) = wide_integers(body).first()
+            {
+                return Err(InputError::invalid_field(&wide.field(0), wide.reason()));
+            }
+            Ok(conversation)
+        }
         Err(plain) => Err(explain_parse_error(body, plain)),
     }
 }
@@ -131,12 +142,53 @@ fn explain_parse_error(body: &[u8], plain: serde_json::Error) -> InputError {
 }
 
 /// Validates one conversation already parsed as a JSON value (batch items).
+///
+/// A value no longer shows whether a number was an integer too wide to
+/// keep (see `strict_json`): [`crate::batch_body::split_items`] refuses
+/// those from the text.
 pub fn conversation_from_value(
     value: serde_json::Value,
     limits: Limits,
 ) -> Result<Conversation, InputError> {
+    if !value.is_object() {
+        return Err(InputError::invalid_json(format!(
+            "each item must be a JSON object (one conversation), not {}",
+            json_kind(&value)
+        )));
+    }
     let parsed: ConversationIn = serde_path_to_error::deserialize(value).map_err(schema_error)?;
     validate(parsed, limits)
+}
+
+/// Refuses a JSON text that is not an object before serde reads it: serde's
+/// derive also reads a struct from an array of its fields in order, so
+/// `["id","u","c",…]` would be a conversation, and an error in it would be
+/// named by position (`[0]`), which is no field. Blank text, or text that is
+/// not JSON, is left to the parser's own error.
+pub fn refuse_non_object(body: &[u8], what: &str) -> Result<(), InputError> {
+    let kind = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None | Some(b'{') => return Ok(()),
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'-' | b'0'..=b'9') => "a number",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        Some(_) => return Ok(()),
+    };
+    Err(InputError::invalid_json(format!(
+        "{what} must be a JSON object, not {kind}"
+    )))
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> InputError {
@@ -151,9 +203,17 @@ pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> I
         return InputError::invalid_json(format!("body is not valid JSON: {inner}"));
     }
     if path == "." || path.is_empty() {
-        // Missing or unknown top-level fields: serde names the field in the message.
-        let field = quoted_field(&inner).unwrap_or_default();
-        return InputError::invalid_field(&field, inner);
+        // Missing, unknown or repeated top-level fields: serde names the
+        // field in the message. Anything else at the root is about the
+        // body as a whole, which is no field: an empty `field`, or a value
+        // (`invalid type: integer `5``) quoted as one, helped nobody.
+        let named_field = ["missing field", "unknown field", "duplicate field"]
+            .iter()
+            .any(|kind| inner.starts_with(kind));
+        return match quoted_field(&inner).filter(|_| named_field) {
+            Some(field) => InputError::invalid_field(&field, inner),
+            None => InputError::invalid_json(format!("body is not a valid request: {inner}")),
+        };
     }
     InputError::invalid_field(&path, inner)
 }
@@ -611,6 +671,118 @@ mod tests {
         );
     }
 
+    /// Every `field` is the JSON path of the offending field: never empty,
+    /// never a value. A body (or batch item) that is not an object has no
+    /// field at fault: it is `invalid_json`, without one.
+    #[test]
+    fn every_field_is_a_path_never_empty_nor_a_value() {
+        // (body, field); the batch item path is checked too where a parsed
+        // value still shows the fault (duplicate keys and wide integers are
+        // split_items' to find, from the text).
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","summary":5}"#,
+                "summary",
+            ),
+            (
+                r#"{"user_id":"u","channel":"","transcript":"x"}"#,
+                "channel",
+            ),
+            (
+                r#"{"id":"","user_id":"u","channel":"c","transcript":"x"}"#,
+                "id",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"  "}"#,
+                "transcript",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","summary":"\u0000"}"#,
+                "summary",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","messages":{"role":"user"}}"#,
+                "messages",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","messages":[5]}"#,
+                "messages[0]",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","messages":[{"content":"x"}]}"#,
+                "messages[0]",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"x"},{"role":"user","content":"y","ts":5}]}"#,
+                "messages[1].ts",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"a":{"b":[1,"\u0000"]}}}"#,
+                "metadata.a.b[1]",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"n":1e400}}"#,
+                "metadata.n",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"n":-99999999999999999999}}"#,
+                "metadata.n",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","metadata":"x"}"#,
+                "metadata",
+            ),
+            (
+                r#"{"user_id":"u","channel":"c","transcript":"x","created_at":5}"#,
+                "created_at",
+            ),
+            (
+                r#"{"user_id":"u","user_id":"v","channel":"c","transcript":"x"}"#,
+                "user_id",
+            ),
+            (r#"{"user_id":"u","transcript":"x"}"#, "channel"),
+        ];
+        for (body, field) in cases {
+            let err = parse_conversation(body.as_bytes(), LIMITS).unwrap_err();
+            assert_eq!(err.field(), Some(*field), "{body}: {err:?}");
+            // The same conversation as a batch item names the same field.
+            let from_text_only = body.contains("\"user_id\":\"v\"")
+                || body.contains("9999999")
+                || body.contains("1e400");
+            if !from_text_only {
+                let value: serde_json::Value = serde_json::from_str(body).unwrap();
+                let err = conversation_from_value(value, LIMITS).unwrap_err();
+                assert_eq!(err.field(), Some(*field), "item {body}: {err:?}");
+            }
+        }
+        // Not an object: no field (these were `[0]`, `5`, `true` or empty),
+        // and an array is not read as the fields in order.
+        for body in [
+            "5",
+            "true",
+            "null",
+            r#""conversation""#,
+            "[1,2]",
+            " [[[]]]",
+            "[]",
+            r#"["id-1","u","c",null,"hello",null,null,null]"#,
+        ] {
+            let err = parse_conversation(body.as_bytes(), LIMITS).unwrap_err();
+            assert_eq!(
+                (err.code(), err.field()),
+                ("invalid_json", None),
+                "{body}: {err:?}"
+            );
+            let value: serde_json::Value = serde_json::from_str(body).unwrap();
+            let err = conversation_from_value(value, LIMITS).unwrap_err();
+            assert_eq!(
+                (err.code(), err.field()),
+                ("invalid_json", None),
+                "item {body}: {err:?}"
+            );
+        }
+    }
+
     #[test]
     fn invalid_json_is_not_a_field_error() {
         let err = parse_conversation(b"{\"user_id\": ", LIMITS).unwrap_err();
@@ -654,6 +826,36 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code(), "invalid_json");
         assert!(err.message().contains("trailing data"), "{err:?}");
+    }
+
+    /// An integer beyond i64/u64 would be stored rounded: refused, naming
+    /// its field. A float of any size is metadata like any other.
+    #[test]
+    fn wide_integers_in_metadata_are_refused_by_field() {
+        let body = |meta: &str| {
+            format!(r#"{{"user_id":"u","channel":"c","transcript":"x","metadata":{meta}}}"#)
+        };
+        assert_eq!(
+            field_of(&body(r#"{"n":18446744073709551616}"#)),
+            "metadata.n"
+        );
+        assert_eq!(
+            field_of(&body(r#"{"a":[1,{"b":-9223372036854775809}]}"#)),
+            "metadata.a[1].b"
+        );
+        let err = parse_conversation(body(r#"{"n":18446744073709551616123}"#).as_bytes(), LIMITS)
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.message().contains("18446744073709551616123"), "{err:?}");
+        let c = parse_conversation(
+            body(r#"{"max":18446744073709551615,"min":-9223372036854775808,"f":1e20,"g":1.5e300}"#)
+                .as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(c.metadata["max"].as_u64(), Some(u64::MAX));
+        assert_eq!(c.metadata["min"].as_i64(), Some(i64::MIN));
+        assert_eq!(c.metadata["f"].as_f64(), Some(1e20));
     }
 
     #[test]

@@ -515,6 +515,17 @@ impl Settings {
             ));
         }
         self.server.socket_mode_bits()?;
+        // Looked up here, not only when the socket is created: check-config
+        // must say a name is wrong, and serve must refuse it before it
+        // starts the database and the pipeline (it used to pass both).
+        if !self.auth.socket_owner.is_empty() {
+            crate::unix_ids::user_id(&self.auth.socket_owner)
+                .map_err(|e| ConfigError::invalid("auth.socket_owner", e))?;
+        }
+        if !self.auth.socket_group.is_empty() {
+            crate::unix_ids::group_id(&self.auth.socket_group)
+                .map_err(|e| ConfigError::invalid("auth.socket_group", e))?;
+        }
         if !self.metrics.listen.is_empty() {
             let addr = self.metrics.listen.parse::<SocketAddr>().map_err(|e| {
                 ConfigError::invalid(

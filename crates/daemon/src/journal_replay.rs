@@ -154,7 +154,13 @@ async fn push_waiting(queue: &BoundedQueue<Queued>, item: Queued) -> Result<(), 
         {
             Ok(()) => return Ok(()),
             Err(PushError::Full(back) | PushError::TooLarge(back)) => item = back,
-            Err(PushError::Closed(_)) => return Err(ReplayError::QueueClosed),
+            // Shutting down during the replay: the record stays in the
+            // journal for the next start. Cancelled, not dropped: a dropped
+            // ticket would report it lost.
+            Err(PushError::Closed(back)) => {
+                back.ticket.cancel();
+                return Err(ReplayError::QueueClosed);
+            }
         }
     }
 }

@@ -28,3 +28,4 @@ pub mod queue;
 pub mod systemd;
 pub mod telemetry_task;
 pub mod ticket;
+pub mod unix_ids;

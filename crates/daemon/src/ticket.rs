@@ -149,8 +149,13 @@ impl Ticket {
         self.finish(outcome);
     }
 
-    /// The conversation was refused before it was accepted (queue full,
-    /// shutting down): nobody waits for it and nothing was journaled.
+    /// The conversation was refused before it was accepted (queue or
+    /// journal full, shutting down, a journal error, a blocking wait that
+    /// ran out, a request dropped while waiting for room): the caller hears
+    /// of the refusal, or has gone, so nothing is lost and nothing is
+    /// counted as lost. Nobody waits for it; a journal record, if one was
+    /// written, was taken back (or, for a replayed record, stays for the
+    /// next start): the release is not run.
     pub fn cancel(mut self) {
         self.done = true;
         self.registry.remove(self.id);
@@ -207,10 +212,14 @@ fn report_lost(id: Uuid, journaled: bool) {
             .is_ok()
     {
         LOST_SINCE_LOG.fetch_sub(lost, Ordering::Relaxed);
+        // Only what the ticket knows: whether a journal record holds this
+        // conversation. Whether the journal is on is not the question (and a
+        // ticket cannot tell): a refusal before the journal write is a
+        // cancellation, never reported here.
         if journaled {
             tracing::error!(id = %id, count = lost, "Accepted conversations left the pipeline without being stored; they stay in the journal and are replayed at the next start");
         } else {
-            tracing::error!(id = %id, count = lost, "Accepted conversations left the pipeline without being stored and are LOST (the journal is off)");
+            tracing::error!(id = %id, count = lost, "Accepted conversations left the pipeline without being stored and are LOST: no journal record holds them");
         }
     }
 }
@@ -294,6 +303,55 @@ mod tests {
                 "{outcome:?}"
             );
         }
+    }
+
+    /// `convstore_conversations_failed_total{reason="lost"}` recorded while
+    /// `f` runs (on this thread).
+    fn lost_counted(f: impl FnOnce()) -> u64 {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, f);
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| {
+                key.key().name() == m::CONVERSATIONS_FAILED
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == "lost")
+            })
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_cancelled_ticket_is_a_refusal_not_a_loss() {
+        let registry = InFlight::new();
+        let released = Arc::new(AtomicUsize::new(0));
+        let r = released.clone();
+        let lost = lost_counted(|| {
+            let mut ticket = Ticket::new(id(5), registry.clone()).with_release(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            });
+            let mut rx = ticket.subscribe();
+            ticket.cancel();
+            // The waiter hears nothing: the request answers the refusal.
+            assert!(rx.try_recv().is_err());
+        });
+        assert_eq!(lost, 0);
+        assert!(registry.is_empty());
+        assert_eq!(released.load(Ordering::SeqCst), 0);
+        // A dropped one is a loss, counted.
+        assert_eq!(
+            lost_counted(|| drop(Ticket::new(id(6), registry.clone()))),
+            1
+        );
     }
 
     #[test]

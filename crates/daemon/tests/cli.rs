@@ -125,3 +125,53 @@ fn help_lists_the_user_commands_and_no_test_tool() {
     let (code, _, stderr) = run(&["standin"], &[]);
     assert_eq!(code, 2, "`convstore standin` is not a command: {stderr}");
 }
+
+/// `auth.socket_owner` and `auth.socket_group` must exist on this system:
+/// check-config used to accept any name, and serve found out only once the
+/// socket was bound, after starting everything else.
+#[test]
+fn check_config_and_serve_refuse_a_socket_owner_or_group_that_does_not_exist() {
+    for (contents, key, name) in [
+        (
+            "[auth]\nsocket_owner = \"no-such-user-convstore\"\n",
+            "auth.socket_owner",
+            "no-such-user-convstore",
+        ),
+        (
+            "[auth]\nsocket_group = \"no-such-group-convstore\"\n",
+            "auth.socket_group",
+            "no-such-group-convstore",
+        ),
+    ] {
+        let file = config_file(contents);
+        let path = file.path().to_str().unwrap();
+        let (code, _stdout, stderr) = run(&["check-config", "--config", path], &[]);
+        assert_eq!(code, 2, "{contents}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(name),
+            "{contents}: should name `{key}` and `{name}`: {stderr}"
+        );
+        // serve stops at the configuration, before any listener or database.
+        let state = tempfile::tempdir().unwrap();
+        let (code, _stdout, stderr) = run(
+            &["serve", "--config", path],
+            &[
+                ("CONVSTORE_STATE_DIR", state.path().to_str().unwrap()),
+                ("CONVSTORE_SERVER__HTTP_ADDR", "127.0.0.1:0"),
+                ("CONVSTORE_SERVER__UNIX_SOCKET", ""),
+            ],
+        );
+        assert_ne!(code, 0, "serve started with {contents}");
+        assert!(
+            stderr.contains(key) && stderr.contains(name),
+            "serve with {contents}: should name `{key}`: {stderr}"
+        );
+    }
+    // Names and ids that exist pass.
+    let file = config_file("[auth]\nsocket_owner = \"root\"\nsocket_group = \"0\"\n");
+    let (code, _stdout, stderr) = run(
+        &["check-config", "--config", file.path().to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -19,6 +19,9 @@
 //!   2 MiB tmpfs fills while storage is stalled: 503 with `Retry-After` and
 //!   readiness naming the journal; recovery without a restart once stored;
 //!   then a kill -9 on the full disk and a restart that replays first.
+//! - `refusals_with_the_journal_on_are_not_losses`: 429 `journal_full`
+//!   (single, `?wait=stored`, batch) is counted as a refusal, never as
+//!   `convstore_conversations_failed_total{reason="lost"}`.
 //!
 //! The seed of the random kill points is printed; `CONVSTORE_TEST_SEED`
 //! replays a run.
@@ -981,6 +984,144 @@ async fn ack_levels_in_flight_view_and_a_full_journal() {
         names.is_empty(),
         "journal not emptied at a clean stop: {names:?}"
     );
+}
+
+/// A refusal is not a loss: with the journal on, every 429 `journal_full`
+/// (a single conversation, one waiting for `stored`, the items of a batch)
+/// used to drop its ticket and count `reason="lost"` with an ERROR saying
+/// the journal is off, firing the data-loss alerts when nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_with_the_journal_on_are_not_losses() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[journal]\nenabled = true\nmax_bytes = 40000\nsegment_bytes = 8192\n",
+    );
+    let mut daemon = Daemon::start_with_env(
+        &ws,
+        &addr,
+        &[
+            ("CONVSTORE_SERVER__MAX_BODY_BYTES", "16384"),
+            // As in `ack_levels_in_flight_view_and_a_full_journal`: with
+            // the backend down, conversations stay in flight (and in the
+            // journal) instead of being stored as pending.
+            ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
+            ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
+        ],
+    )
+    .await;
+    let base = daemon.base_url();
+    let http = reqwest::Client::new();
+    let big = |id: &str| json!({"id": id, "user_id": "u", "channel": "c", "transcript": "x".repeat(2000)});
+    standin.set_faults(json!({"down": true})).await;
+
+    // Fill the journal.
+    let mut accepted = Vec::new();
+    let mut filled = false;
+    for i in 0..200 {
+        let id = format!("fill-{i}");
+        let resp = http
+            .post(format!("{base}/v1/conversations"))
+            .json(&big(&id))
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            202 => accepted.push(id),
+            429 => {
+                filled = true;
+                break;
+            }
+            other => panic!("{other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    assert!(filled, "the journal never filled");
+
+    // Refusals of every kind the ingest API has.
+    const SINGLES: usize = 10;
+    for i in 0..SINGLES {
+        let wait = if i % 2 == 0 { "" } else { "?wait=stored" };
+        let resp = http
+            .post(format!("{base}/v1/conversations{wait}"))
+            .json(&big(&format!("refused-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "journal_full", "{v}");
+    }
+    let items: Vec<Value> = (0..5).map(|i| big(&format!("refused-batch-{i}"))).collect();
+    let resp = http
+        .post(format!("{base}/v1/conversations/batch"))
+        .json(&items)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["rejected"], 5, "{v}");
+
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = support::exposition::Scrape::parse(&text).expect("metrics parse");
+    let lost = scrape.value(
+        "convstore_conversations_failed_total",
+        &[("reason", "lost")],
+    );
+    let refused_requests = scrape.sum(
+        "convstore_ingest_requests_total",
+        &[("outcome", "journal_full")],
+    );
+    let refused_singles = scrape.sum(
+        "convstore_ingest_conversations_total",
+        &[("outcome", "journal_full")],
+    );
+    println!(
+        "lost {lost}, journal_full requests {refused_requests}, journal_full conversations {refused_singles}"
+    );
+    assert_eq!(lost, 0.0, "refusals were counted as lost");
+    // The filling loop's last request, the singles, and the batch.
+    assert_eq!(refused_requests, (SINGLES + 2) as f64);
+    assert_eq!(refused_singles, (SINGLES + 1) as f64);
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("left the pipeline without being stored"),
+        "a refusal was logged as a loss:\n{log}"
+    );
+
+    // Nothing accepted is lost either: back up, all of it is stored.
+    standin.set_faults(json!({"down": false})).await;
+    let db = connect_db(&ws.database_url()).await;
+    let started = Instant::now();
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM conversations WHERE client_id = ANY($1)")
+                .bind(&accepted)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if n == accepted.len() as i64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{n}/{} stored",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    db.close().await;
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
 }
 
 /// Not a test: the journal's cost on acknowledgement latency, `queued`

@@ -213,6 +213,14 @@ fn cases() -> Vec<Case> {
             "",
             None,
         ),
+        // Before issue 15 item 9.1 it was stored as 1.8446744073709552e22.
+        case(
+            "integer beyond u64",
+            conv(r#","metadata":{"a":{"n":[1,18446744073709551616123]}}"#),
+            400,
+            "invalid_field",
+            Some("metadata.a.n[1]"),
+        ),
         case(
             "trailing data",
             format!("{} {{}}", conv("")),
@@ -321,15 +329,107 @@ async fn hostile_bodies_are_refused_naming_the_field_and_nothing_is_stored() {
             }
         }
     }
+    // `field` exactly: a JSON path, or absent when no field is at fault
+    // (issue 15 item 9.4: `5` was refused as field "5", `[1,2]` as "[0]",
+    // and a JSON array of the fields in order was a conversation).
+    for (body, code, field) in [
+        ("5", "invalid_json", None),
+        ("[1,2]", "invalid_json", None),
+        (
+            r#"["id-1","u","c",null,"hello",null,null,null]"#,
+            "invalid_json",
+            None,
+        ),
+        (
+            r#"{"user_id":"u","channel":"c","messages":[{"role":"user","content":"x"},{"role":"user"}]}"#,
+            "invalid_field",
+            Some("messages[1]"),
+        ),
+        (
+            r#"{"user_id":"u","channel":"c","transcript":"x","metadata":{"a":[{"b":"\u0000"}]}}"#,
+            "invalid_field",
+            Some("metadata.a[0].b"),
+        ),
+    ] {
+        let (status, answer, _) =
+            post(&base, "/v1/conversations", "application/json", body.into()).await;
+        let got = (
+            status,
+            answer["error"]["code"].as_str(),
+            answer["error"]["field"].as_str(),
+        );
+        if got != (400, Some(code), field) {
+            failures.push(format!(
+                "{body}: expected 400 {code} {field:?}, got {answer}"
+            ));
+        }
+    }
+    // Each batch item's error names its field from the item's root.
+    let batch = format!(
+        "[5,{},{}]",
+        conv(r#","metadata":{"n":18446744073709551616}"#),
+        conv(r#","summary":7"#)
+    );
+    let (status, answer, _) = post(
+        &base,
+        "/v1/conversations/batch",
+        "application/json",
+        batch.into(),
+    )
+    .await;
+    let fields: Vec<(Option<&str>, Option<&str>)> = answer["results"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|r| (r["error"]["code"].as_str(), r["error"]["field"].as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if status != 400
+        || fields
+            != [
+                (Some("invalid_json"), None),
+                (Some("invalid_field"), Some("metadata.n")),
+                (Some("invalid_field"), Some("summary")),
+            ]
+    {
+        failures.push(format!("batch item fields: {status} {answer}"));
+    }
     // Query parameters and paths.
     for (path, status) in [
         ("/v1/conversations?wait=forever", 400),
         ("/v1/conversations?wait=stored&timeout_ms=99999999999", 400),
         ("/v1/conversations?wiat=stored", 400),
+        // Before issue 15 item 9.3 the last one won: 202 at `queued`.
+        ("/v1/conversations?wait=stored&wait=queued", 400),
+        ("/v1/conversations/batch?timeout_ms=100&timeout_ms=200", 400),
     ] {
         let (got, body, _) = post(&base, path, "application/json", conv("").into()).await;
         if got != status {
             failures.push(format!("{path}: expected {status}, got {got} {body}"));
+        }
+    }
+    // Search filters: the six characters `\u0000` are text; a real NUL is
+    // refused naming where it is (before issue 15 item 9.2 both were
+    // refused, as `filter.metadata`).
+    for (body, status, field) in [
+        (
+            r#"{"query":"x","filter":{"metadata":{"p":"C:\\u0000"}}}"#,
+            200,
+            None,
+        ),
+        (
+            r#"{"query":"x","filter":{"metadata":{"p":["a","\u0000"]}}}"#,
+            400,
+            Some("filter.metadata.p[1]"),
+        ),
+    ] {
+        let (got, answer, _) = post(&base, "/v1/search", "application/json", body.into()).await;
+        if got != status || answer["error"]["field"].as_str() != field {
+            failures.push(format!(
+                "search {body}: expected {status} {field:?}, got {got} {answer}"
+            ));
         }
     }
     let http = reqwest::Client::new();

@@ -18,7 +18,6 @@
 //! Rate limit: a token bucket per token (`rate_per_sec`, `burst`); an
 //! empty bucket answers 429 with `Retry-After`.
 
-use std::ffi::CString;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -239,12 +238,18 @@ pub fn apply_socket_owner(path: &Path, settings: &AuthSettings) -> Result<(), St
     let uid = if settings.socket_owner.is_empty() {
         None
     } else {
-        Some(lookup_user(&settings.socket_owner)?)
+        Some(
+            crate::unix_ids::user_id(&settings.socket_owner)
+                .map_err(|e| format!("auth.socket_owner: {e}"))?,
+        )
     };
     let gid = if settings.socket_group.is_empty() {
         None
     } else {
-        Some(lookup_group(&settings.socket_group)?)
+        Some(
+            crate::unix_ids::group_id(&settings.socket_group)
+                .map_err(|e| format!("auth.socket_group: {e}"))?,
+        )
     };
     std::os::unix::fs::chown(path, uid, gid).map_err(|e| {
         format!(
@@ -255,50 +260,6 @@ pub fn apply_socket_owner(path: &Path, settings: &AuthSettings) -> Result<(), St
             settings.socket_group
         )
     })
-}
-
-fn lookup_user(name: &str) -> Result<u32, String> {
-    if let Ok(uid) = name.parse::<u32>() {
-        return Ok(uid);
-    }
-    let c = CString::new(name).map_err(|_| format!("auth.socket_owner `{name}` contains NUL"))?;
-    // SAFETY: an all-zero `passwd` is a valid value of this plain C struct
-    // (null pointers, zero ids); getpwnam_r overwrites it.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call: `c` is a NUL-terminated
-    // string, `pwd` and `out` are locals, `buf` is a live buffer whose
-    // length is passed; getpwnam_r writes only within them.
-    let rc =
-        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return Err(format!(
-            "auth.socket_owner: no user `{name}` on this system"
-        ));
-    }
-    Ok(pwd.pw_uid)
-}
-
-fn lookup_group(name: &str) -> Result<u32, String> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Ok(gid);
-    }
-    let c = CString::new(name).map_err(|_| format!("auth.socket_group `{name}` contains NUL"))?;
-    // SAFETY: an all-zero `group` is a valid value of this plain C struct
-    // (null pointers, zero ids); getgrnam_r overwrites it.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as in `lookup_user`, for getgrnam_r.
-    let rc =
-        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return Err(format!(
-            "auth.socket_group: no group `{name}` on this system"
-        ));
-    }
-    Ok(grp.gr_gid)
 }
 
 #[cfg(test)]

@@ -54,7 +54,9 @@ pub struct Wait {
 
 /// Parses the query string. Unknown parameters are refused: a misspelt
 /// `?wiat=stored` silently acknowledging at `queued` would be a quiet
-/// durability bug in the client.
+/// durability bug in the client. So is a repeated one: which of
+/// `?wait=stored&wait=queued` the client meant is anyone's guess (the last
+/// one used to win, acknowledging at `queued`).
 pub fn parse_wait(
     query: Option<&str>,
     default_timeout: Duration,
@@ -63,8 +65,16 @@ pub fn parse_wait(
 ) -> Result<Wait, ApiError> {
     let mut level = WaitLevel::Queued;
     let mut timeout = default_timeout;
+    let mut seen: Vec<&str> = Vec::with_capacity(2);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if seen.contains(&key) {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter `{}` is given twice; give it once",
+                key.chars().take(40).collect::<String>()
+            )));
+        }
+        seen.push(key);
         match key {
             "wait" => {
                 level = match value {
@@ -122,7 +132,10 @@ pub struct Admitted {
 }
 
 /// Puts `conversation` in the journal (when on) and on the queue, with its
-/// completion handle. Nothing is left behind when this fails.
+/// completion handle. Nothing is left behind when this fails: every way
+/// admission can end without the queue taking the conversation (refused,
+/// timed out, or the request dropped while it waits for room) cancels the
+/// ticket, which is a refusal the caller hears of, never a loss.
 // The queue hands a refused conversation back inside its error so a
 // blocking admission can retry without cloning it; the error is moved,
 // never copied, so its size costs nothing.
@@ -140,39 +153,20 @@ pub async fn admit(
     let outcome = (level == WaitLevel::Stored).then(|| ticket.subscribe());
     let bytes = conversation.approx_bytes();
     let limits = state.limits();
-    let item = Queued::new(conversation, ticket);
-    let lsn = match state.journal() {
-        None => {
-            let pushed = match limits.when_full {
-                WhenFull::Reject => state.queue.try_push(item, bytes),
-                WhenFull::Block => {
-                    state
-                        .queue
-                        .push_timeout(item, bytes, limits.block_timeout)
-                        .await
-                }
-            };
-            pushed.map_err(|e| refused(state, e, bytes))?;
-            None
-        }
-        Some(journal) => {
-            let payload = entry::encode(&item.conversation);
-            let deadline = tokio::time::Instant::now() + limits.block_timeout;
-            let mut item = Some(item);
-            loop {
-                let Some(next) = item.take() else {
-                    return Err(ApiError::Internal("admission lost its conversation".into()));
-                };
-                // The conversation stays here until the journal calls the
-                // enqueue step: when the journal refuses first (full,
-                // cannot write, closing), its ticket is cancelled as a
-                // refusal rather than dropped, which would count it lost.
-                let mut slot = Some(next);
-                let appended = journal.append(&payload, |position| {
+    let block = limits.when_full == WhenFull::Block;
+    let deadline = tokio::time::Instant::now() + limits.block_timeout;
+    let payload = state.journal().map(|_| entry::encode(&conversation));
+    let mut pending = Admission::new(Queued::new(conversation, ticket));
+    let lsn = loop {
+        let attempt = match (state.journal(), &payload) {
+            (Some(journal), Some(payload)) => {
+                // The closure runs only once the record is written; on any
+                // refusal before that the conversation stays in `pending`.
+                let appended = journal.append(payload, |position| {
                     let Some(Queued {
                         conversation,
                         ticket,
-                    }) = slot.take()
+                    }) = pending.take()
                     else {
                         return Err(None);
                     };
@@ -184,31 +178,66 @@ pub async fn admit(
                         .map_err(Some)
                 });
                 match appended {
-                    Ok(position) => break Some(position.lsn),
-                    // `block`: the journal lock cannot be held while
-                    // waiting, so wait for room outside it and try again.
-                    Err(AppendError::Enqueue(Some(PushError::Full(back))))
-                        if limits.when_full == WhenFull::Block
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        item = Some(back);
-                        state.queue.wait_for_room(bytes, deadline).await;
-                    }
-                    Err(AppendError::Enqueue(Some(e))) => return Err(refused(state, e, bytes)),
+                    Ok(position) => Ok(Some(position.lsn)),
+                    Err(AppendError::Enqueue(Some(e))) => Err(e),
                     Err(AppendError::Enqueue(None)) => {
                         return Err(ApiError::Internal("admission lost its conversation".into()));
                     }
-                    Err(e) => {
-                        if let Some(item) = slot.take() {
-                            item.ticket.cancel();
-                        }
-                        return Err(journal_refused(state, e));
-                    }
+                    // `pending` still holds the conversation: its ticket is
+                    // cancelled when `pending` goes.
+                    Err(e) => return Err(journal_refused(state, e)),
                 }
             }
+            _ => match pending.take() {
+                Some(item) => state.queue.try_push(item, bytes).map(|()| None),
+                None => {
+                    return Err(ApiError::Internal("admission lost its conversation".into()));
+                }
+            },
+        };
+        match attempt {
+            Ok(lsn) => break lsn,
+            // `block`: wait for room and try again until the deadline. Not
+            // while holding the journal's lock (the append returned), and
+            // with the conversation in `pending`, so that a request dropped
+            // while it waits cancels its ticket rather than losing it.
+            Err(PushError::Full(back)) if block && tokio::time::Instant::now() < deadline => {
+                pending.put_back(back);
+                state.queue.wait_for_room(bytes, deadline).await;
+            }
+            Err(e) => return Err(refused(state, e, bytes)),
         }
     };
     Ok(Admitted { id, lsn, outcome })
+}
+
+/// A conversation on its way into the queue. Until the queue takes it, it
+/// was never accepted, so however admission ends early its ticket is
+/// cancelled, not dropped: a dropped ticket reports the conversation lost
+/// (an ERROR and `convstore_conversations_failed_total{reason="lost"}`),
+/// which a refusal is not.
+struct Admission(Option<Queued>);
+
+impl Admission {
+    fn new(item: Queued) -> Self {
+        Self(Some(item))
+    }
+
+    fn take(&mut self) -> Option<Queued> {
+        self.0.take()
+    }
+
+    fn put_back(&mut self, item: Queued) {
+        self.0 = Some(item);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(item) = self.0.take() {
+            item.ticket.cancel();
+        }
+    }
 }
 
 /// The answer for a conversation the queue handed back; its ticket is
@@ -237,9 +266,9 @@ fn refused(state: &IngressState, e: PushError<Queued>, bytes: usize) -> ApiError
     error
 }
 
-/// The answer for a conversation the journal refused before the queue saw
-/// it (the caller cancelled its ticket).
-fn journal_refused(state: &IngressState, e: AppendError<Option<PushError<Queued>>>) -> ApiError {
+/// The answer for an append the journal refused before its enqueue step
+/// ran (the caller still holds the conversation and cancels its ticket).
+fn journal_refused<E>(state: &IngressState, e: AppendError<E>) -> ApiError {
     match e {
         AppendError::Full { .. } => ApiError::JournalFull {
             retry_after_secs: state.limits().retry_after_secs,
@@ -258,8 +287,9 @@ fn journal_refused(state: &IngressState, e: AppendError<Option<PushError<Queued>
             reason,
             retry_after_secs: state.limits().retry_after_secs,
         },
-        AppendError::Enqueue(Some(e)) => refused(state, e, 0),
-        AppendError::Enqueue(None) => ApiError::Internal("admission lost its conversation".into()),
+        AppendError::Enqueue(_) => {
+            ApiError::Internal("the queue's refusal reached the journal's answer".into())
+        }
     }
 }
 
@@ -427,6 +457,28 @@ mod tests {
         );
     }
 
+    /// However admission ends before the queue takes the conversation, the
+    /// ticket is cancelled: no waiter is told `Lost` and the registry is
+    /// left clean.
+    #[tokio::test]
+    async fn an_unfinished_admission_cancels_its_ticket() {
+        let registry = crate::ticket::InFlight::new();
+        let id = uuid::Uuid::from_u128(7);
+        let mut ticket = Ticket::new(id, registry.clone());
+        let rx = ticket.subscribe();
+        let conversation = convstore_core::validate::parse_conversation(
+            br#"{"user_id":"u","channel":"c","transcript":"x"}"#,
+            convstore_core::validate::Limits::DEFAULT,
+        )
+        .unwrap();
+        let mut pending = Admission::new(Queued::new(conversation, ticket));
+        let item = pending.take().unwrap();
+        pending.put_back(item);
+        drop(pending);
+        assert!(registry.is_empty());
+        assert!(rx.await.is_err(), "a cancelled ticket sends no outcome");
+    }
+
     #[test]
     fn bad_parameters_are_refused() {
         for q in [
@@ -438,6 +490,24 @@ mod tests {
             "timeout_ms=300001",
         ] {
             assert!(parse_wait(Some(q), T, MAX, true).is_err(), "{q}");
+        }
+    }
+
+    /// `?wait=stored&wait=queued` used to answer at `queued` (the last won).
+    #[test]
+    fn repeated_parameters_are_refused_by_name() {
+        for (q, name) in [
+            ("wait=stored&wait=queued", "`wait`"),
+            ("wait=stored&wait=stored", "`wait`"),
+            ("timeout_ms=5&wait=stored&timeout_ms=10", "`timeout_ms`"),
+            ("wait=queued&wait", "`wait`"),
+        ] {
+            let e = parse_wait(Some(q), T, MAX, true).unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{q}");
+            assert!(
+                e.message().contains(name) && e.message().contains("given twice"),
+                "{q}: {e:?}"
+            );
         }
     }
 }

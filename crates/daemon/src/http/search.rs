@@ -39,7 +39,7 @@ use convstore_telemetry::metrics as m;
 use super::error::ApiError;
 use super::handlers::{read_body, require_content_type};
 use super::{IngressState, Transport};
-use convstore_core::validate::schema_error;
+use convstore_core::validate::{refuse_non_object, schema_error};
 
 /// Conversations a search returns when it does not say.
 pub const DEFAULT_K: usize = 10;
@@ -255,6 +255,8 @@ pub struct SearchRequest {
 
 /// Parses and validates a search body; errors name the field.
 pub fn parse_search(body: &[u8]) -> Result<SearchRequest, ApiError> {
+    // serde would read `["flights", 3]` as {query, k}: refused, as no field.
+    refuse_non_object(body, "the body")?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let input: SearchIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
     de.end()
@@ -340,10 +342,13 @@ fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
     let metadata = match input.metadata {
         None | Some(serde_json::Value::Null) => None,
         Some(value @ serde_json::Value::Object(_)) => {
-            if value.to_string().contains("\\u0000") {
+            // On the decoded value, not its text: the six characters
+            // `\\u0000` (an escaped backslash, then `u0000`) are ordinary
+            // text and used to be refused as a NUL.
+            if let Some(path) = nul_in_json("filter.metadata", &value) {
                 return Err(ApiError::invalid_field(
-                    "filter.metadata",
-                    "contains a NUL character",
+                    &path,
+                    "contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold",
                 ));
             }
             Some(value)
@@ -365,6 +370,29 @@ fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
         until,
         metadata,
     })
+}
+
+/// The path of the first key or string in `value` holding a real NUL
+/// character (`jsonb` refuses it: the filter could never match), as
+/// `filter.metadata.a[2]`; keys are cut to 40 characters, as in
+/// conversation metadata.
+fn nul_in_json(path: &str, value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0').then(|| path.to_string()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_in_json(&format!("{path}[{i}]"), v)),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let path = format!("{path}.{}", k.chars().take(40).collect::<String>());
+            if k.contains('\0') {
+                Some(path)
+            } else {
+                nul_in_json(&path, v)
+            }
+        }),
+        _ => None,
+    }
 }
 
 fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -428,7 +456,7 @@ pub struct SearchResponse {
     ),
     responses(
         (status = 200, description = "The nearest conversations, nearest first, and how they were found", body = SearchResponse),
-        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata`, or an unknown field; `invalid_json` for broken JSON or trailing data; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
+        (status = 400, description = "`invalid_field`, with `field` naming the one at fault: `query` (missing, blank, over 8192 bytes, NUL, or refused by the embedding backend), `k`, `ef_search`, `exact`, `filter`, `filter.user_id`, `filter.channel`, `filter.since`, `filter.until` (also when not after `filter.since`), `filter.metadata` (or the path inside it holding a NUL, `filter.metadata.a[1]`), or an unknown field; `invalid_json` for broken JSON, trailing data or a body that is not a JSON object; `bad_request` when the body cannot be read", body = super::error::ErrorEnvelope,
             example = json!({"error": {"code": "invalid_field", "message": "k: 0 is out of range: 1 to 100", "field": "k"}})),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
         (status = 408, description = "The body did not arrive within `server.body_timeout_ms`", body = super::error::ErrorEnvelope),
@@ -556,10 +584,51 @@ mod tests {
         assert_eq!(field_of(&long).as_deref(), Some("query"));
     }
 
+    /// The six characters `\u0000` (JSON `"\\u0000"`) are text like any
+    /// other; a real NUL (JSON `"\u0000"`) is refused naming where it is.
+    #[test]
+    fn only_a_real_nul_in_the_metadata_filter_is_refused() {
+        for body in [
+            r#"{"query":"x","filter":{"metadata":{"path":"C:\\u0000"}}}"#,
+            r#"{"query":"x","filter":{"metadata":{"\\u0000":["\\u0000"]}}}"#,
+        ] {
+            let r = parse_search(body.as_bytes()).unwrap();
+            let text = r.filter.metadata.unwrap().to_string();
+            assert!(text.contains(r"\\u0000"), "{text}");
+        }
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"metadata":{"a":[1,"b\u0000"]}}}"#).as_deref(),
+            Some("filter.metadata.a[1]")
+        );
+        assert_eq!(
+            field_of(r#"{"query":"x","filter":{"metadata":{"k\u0000":1}}}"#).as_deref(),
+            Some("filter.metadata.k\u{0}")
+        );
+        let e = parse_search(br#"{"query":"x","filter":{"metadata":{"a":"\u0000"}}}"#).unwrap_err();
+        assert!(e.message().contains("NUL"), "{e:?}");
+    }
+
     #[test]
     fn broken_json_is_not_a_field_error() {
         let e = parse_search(b"{\"query\": ").unwrap_err();
         assert_eq!(e.code(), "invalid_json");
+        // A body that is not an object is no field (an array used to be
+        // read as the fields in order, `["x", 0]` refused as `k`).
+        for body in [
+            r#"["flights", 3]"#,
+            r#"["x", 0]"#,
+            "5",
+            "true",
+            r#""x""#,
+            "null",
+        ] {
+            let e = parse_search(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                (e.code(), e.field()),
+                ("invalid_json", None),
+                "{body}: {e:?}"
+            );
+        }
         let e = parse_search(br#"{"query":"x"} trailing"#).unwrap_err();
         assert_eq!(e.code(), "invalid_json");
     }
