@@ -18,6 +18,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo clippy: the daemon without the builtin model (--no-default-features)"
+cargo clippy -p convstore --no-default-features --all-targets --locked -- -D warnings
+
 echo "== cargo deny: licenses, sources, bans (deny.toml)"
 # Advisories need the RustSec database from a git host CI cannot reach.
 cargo deny check bans licenses sources

@@ -29,6 +29,7 @@ use convstore::config::Settings;
 use convstore::http::{IngressState, Transport};
 use convstore::queue::BoundedQueue;
 use convstore_store::Store;
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 use convstore_telemetry::stats::Stats;
 use convstore_telemetry::tap::StatsRecorder;
@@ -128,9 +129,9 @@ fn enqueue(c: &mut Criterion) {
 
 /// The metric calls of one accepted single-conversation request.
 fn record_request() {
-    metrics::counter!(m::INGEST_REQUESTS, "transport" => "tcp", "endpoint" => "conversations", "outcome" => "accepted")
+    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => "tcp", label::ENDPOINT => "conversations", label::OUTCOME => "accepted")
         .increment(1);
-    metrics::counter!(m::INGEST_CONVERSATIONS, "transport" => "tcp", "outcome" => "accepted")
+    metrics::counter!(m::INGEST_CONVERSATIONS, label::TRANSPORT => "tcp", label::OUTCOME => "accepted")
         .increment(1);
     metrics::histogram!(m::ENQUEUE_SECONDS).record(black_box(0.000_021));
 }

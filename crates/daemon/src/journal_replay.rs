@@ -20,6 +20,7 @@ use convstore_core::model::Conversation;
 use convstore_journal::record::DamageKind;
 use convstore_journal::{Journal, Recovery, entry};
 use convstore_store::{Store, StoreError};
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// Ids looked up in PostgreSQL per query.
@@ -72,7 +73,7 @@ pub async fn replay(
         report.segments += 1;
         for damage in &segment.damage {
             report.damaged_bytes += damage.len;
-            metrics::counter!(m::JOURNAL_DAMAGED_BYTES, "kind" => damage.kind.as_str())
+            metrics::counter!(m::JOURNAL_DAMAGED_BYTES, label::KIND => damage.kind.as_str())
                 .increment(damage.len);
             match damage.kind {
                 DamageKind::TornTail => tracing::warn!(
@@ -97,7 +98,8 @@ pub async fn replay(
                 Ok(c) => decoded.push((*position, c)),
                 Err(e) => {
                     report.undecodable += 1;
-                    metrics::counter!(m::JOURNAL_REPLAYED, "outcome" => "undecodable").increment(1);
+                    metrics::counter!(m::JOURNAL_REPLAYED, label::OUTCOME => "undecodable")
+                        .increment(1);
                     tracing::error!(segment = %segment.path.display(), offset = range.start, error = %e, "Journal record passed its checksum but cannot be read; skipped");
                     journal.settle(*position);
                 }
@@ -125,8 +127,8 @@ pub async fn replay(
             }
         }
     }
-    metrics::counter!(m::JOURNAL_REPLAYED, "outcome" => "queued").increment(report.queued);
-    metrics::counter!(m::JOURNAL_REPLAYED, "outcome" => "already_stored")
+    metrics::counter!(m::JOURNAL_REPLAYED, label::OUTCOME => "queued").increment(report.queued);
+    metrics::counter!(m::JOURNAL_REPLAYED, label::OUTCOME => "already_stored")
         .increment(report.already_stored);
     Ok(report)
 }

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use convstore_core::model::Conversation;
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// How a conversation's trip through the pipeline ended.
@@ -188,7 +189,7 @@ impl Drop for Ticket {
         if self.done {
             return;
         }
-        metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "lost").increment(1);
+        metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "lost").increment(1);
         report_lost(self.id, self.release.is_some());
         self.finish(Outcome::Lost);
     }

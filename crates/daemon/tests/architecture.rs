@@ -246,3 +246,69 @@ fn architecture_md_shows_the_real_crate_graph() {
         "ARCHITECTURE.md's crate graph is stale; paste this between the markers:\n{expected}"
     );
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// No metric call in product code spells a label key: keys come from
+/// `convstore_telemetry::events::label`, so `/v1/stats` (which matches
+/// them) and the dashboards cannot drift from what is recorded. Test
+/// modules may spell them, to check the constants against the docs.
+#[test]
+fn metric_label_keys_are_named_once() {
+    let key = regex_lite_label_key();
+    let mut offenders = Vec::new();
+    let mut files = Vec::new();
+    for dir in ["crates", "tools"] {
+        rust_files(&Path::new(REPO).join(dir), &mut files);
+    }
+    for path in files {
+        if path.components().any(|c| c.as_os_str() == "tests") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let product = text.split("#[cfg(test)]").next().unwrap_or("");
+        let mut in_metric_call = 0usize;
+        for (n, line) in product.lines().enumerate() {
+            if ["counter!(", "gauge!(", "histogram!("]
+                .iter()
+                .any(|m| line.contains(m))
+            {
+                in_metric_call = 4;
+            }
+            if in_metric_call > 0 {
+                if key(line) {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+                in_metric_call -= 1;
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "label keys spelled out in metric calls (use convstore_telemetry::events::label):\n{}",
+        offenders.join("\n")
+    );
+}
+
+/// Whether `line` holds `"word" =>`: a label key written as a literal.
+fn regex_lite_label_key() -> impl Fn(&str) -> bool {
+    |line: &str| {
+        line.match_indices("\" =>").any(|(end, _)| {
+            let before = &line[..end];
+            before.rfind('"').is_some_and(|start| {
+                let word = &before[start + 1..];
+                !word.is_empty() && word.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+        })
+    }
+}

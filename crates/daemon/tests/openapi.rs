@@ -458,12 +458,15 @@ fn search_errors_use_the_error_envelope() {
         .as_object()
         .expect("no responses");
     let statuses: BTreeSet<&str> = responses.keys().map(String::as_str).collect();
-    // A search over search.timeout_ms is a 503, not a 504.
+    // A search over search.timeout_ms is a 503, not a 504; a body that
+    // does not arrive within server.body_timeout_ms is a 408 (issue 15).
     assert_eq!(
         statuses,
-        ["200", "400", "401", "413", "415", "429", "500", "503"]
-            .into_iter()
-            .collect()
+        [
+            "200", "400", "401", "408", "413", "415", "429", "500", "503"
+        ]
+        .into_iter()
+        .collect()
     );
     let envelope = &doc["components"]["schemas"]["ErrorEnvelope"];
     assert!(envelope["properties"]["error"].is_object(), "{envelope}");

@@ -176,9 +176,9 @@ impl BuiltinBackend {
                     self.model_name
                 ))
             })?;
-        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), "kind" => "real")
+        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), label::KIND => "real")
             .increment(real as u64);
-        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), "kind" => "padding")
+        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), label::KIND => "padding")
             .increment(padded.saturating_sub(real) as u64);
         Ok(vectors)
     }

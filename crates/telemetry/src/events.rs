@@ -6,17 +6,28 @@
 //! [`outcome`], [`chunk_status`] and [`Tier`], and the tap matches the same
 //! constants: a label renamed on one side is renamed on the other, instead
 //! of leaving the status view blank. Metrics `/v1/stats` does not read are
-//! still recorded directly, with their names from [`crate::metrics`].
+//! still recorded directly, with their names from [`crate::metrics`] and
+//! their label keys from [`label`]: no metric call spells a label key.
 
 use crate::metrics as m;
 
-/// Label keys.
+/// Label keys, for every metric (`docs/MONITORING.md` lists which metric
+/// carries which).
 pub mod label {
     pub const BACKEND: &str = "backend";
+    pub const ENDPOINT: &str = "endpoint";
+    pub const KIND: &str = "kind";
+    pub const LEVEL: &str = "level";
     pub const OUTCOME: &str = "outcome";
+    pub const REASON: &str = "reason";
+    pub const RESULT: &str = "result";
     pub const STATUS: &str = "status";
+    pub const STRATEGY: &str = "strategy";
+    pub const TABLE: &str = "table";
     pub const TIER: &str = "tier";
+    pub const TO: &str = "to";
     pub const TRANSPORT: &str = "transport";
+    pub const VERSION: &str = "version";
 }
 
 /// Values of the `outcome` label that `/v1/stats` tells apart. Any other

@@ -8,6 +8,8 @@
 //! Hot paths record once per batch where the number is the same for every
 //! item.
 
+use crate::events::label;
+
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
 pub const ENQUEUE_SECONDS: &str = "convstore_enqueue_duration_seconds";
@@ -202,17 +204,17 @@ pub fn init_series() {
         metrics::counter!(name).absolute(0);
     }
     for reason in ["database_unavailable", "rejected_by_database", "lost"] {
-        metrics::counter!(CONVERSATIONS_FAILED, "reason" => reason).absolute(0);
+        metrics::counter!(CONVERSATIONS_FAILED, label::REASON => reason).absolute(0);
     }
     for status in ["embedded", "pending", "failed"] {
-        metrics::counter!(CHUNKS_STORED, "status" => status).absolute(0);
+        metrics::counter!(CHUNKS_STORED, label::STATUS => status).absolute(0);
     }
     for table in ["conversations", "conversation_chunks"] {
-        metrics::counter!(STORE_ROWS, "table" => table).absolute(0);
+        metrics::counter!(STORE_ROWS, label::TABLE => table).absolute(0);
     }
-    metrics::counter!(CACHE_HITS, "tier" => "l1").absolute(0);
-    metrics::counter!(CACHE_MISSES, "tier" => "l1").absolute(0);
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::counter!(CACHE_HITS, label::TIER => "l1").absolute(0);
+    metrics::counter!(CACHE_MISSES, label::TIER => "l1").absolute(0);
+    metrics::gauge!(BUILD_INFO, label::VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Descriptions and units of every metric, for the recorder installed.

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "builtin")]
 use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +15,7 @@ use convstore_embed::ollama::OllamaBackend;
 use convstore_embed::openai::OpenAiBackend;
 use convstore_embed::router::{BackendSpec, Router, RouterConfig};
 use convstore_embed::{ClientConfig, Embedder};
+#[cfg(feature = "builtin")]
 use convstore_embed_builtin::BuiltinBackend;
 
 use crate::config::{BackendKind, Settings};
@@ -82,24 +84,45 @@ fn build_backend(
                 config,
             )?))
         }
-        BackendKind::Builtin => {
-            let builtin = BuiltinBackend::load(
-                &backend.name,
-                &backend.model_dir,
-                settings.embedding.model_for(backend),
-                &settings.state_dir,
-            )
-            .with_context(|| {
-                format!(
-                    "cannot load the builtin embedding model of backend `{}`",
-                    backend.name
-                )
-            })?;
-            tracing::info!(backend = %backend.name, model = builtin.model(), dir = %builtin.model_dir().display(), "Builtin embedding model loaded");
-            let search = builtin.with_own_pool(settings.search.backend_in_flight.get());
-            Ok((Arc::new(builtin), Arc::new(search)))
-        }
+        BackendKind::Builtin => builtin_backend(settings, backend),
     }
+}
+
+/// The builtin model (`kind = "builtin"`), with an inference pool of its
+/// own for search queries.
+#[cfg(feature = "builtin")]
+fn builtin_backend(
+    settings: &Settings,
+    backend: &crate::config::BackendSettings,
+) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
+    let builtin = BuiltinBackend::load(
+        &backend.name,
+        &backend.model_dir,
+        settings.embedding.model_for(backend),
+        &settings.state_dir,
+    )
+    .with_context(|| {
+        format!(
+            "cannot load the builtin embedding model of backend `{}`",
+            backend.name
+        )
+    })?;
+    tracing::info!(backend = %backend.name, model = builtin.model(), dir = %builtin.model_dir().display(), "Builtin embedding model loaded");
+    let search = builtin.with_own_pool(settings.search.backend_in_flight.get());
+    Ok((Arc::new(builtin), Arc::new(search)))
+}
+
+/// Built without the `builtin` feature: no model to load, and a clear
+/// error naming the backend rather than a missing symbol.
+#[cfg(not(feature = "builtin"))]
+fn builtin_backend(
+    _settings: &Settings,
+    backend: &crate::config::BackendSettings,
+) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
+    anyhow::bail!(
+        "backend `{}` has kind = \"builtin\", but this convstore was built without the builtin model (cargo feature `builtin`, on by default): configure an Ollama or OpenAI-compatible backend, or build with the default features",
+        backend.name
+    )
 }
 
 /// Probes every backend once and warms up those that answer. A backend

@@ -33,6 +33,7 @@ use convstore_telemetry::metrics as m;
 
 use super::Transport;
 use super::error::ApiError;
+use convstore_telemetry::events::label;
 
 /// Routes that never need a token.
 const OPEN_ROUTES: &[&str] = &[
@@ -145,7 +146,7 @@ impl Auth {
     /// The name of the token in `headers`, or why the request is refused.
     pub fn check(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
         let Some(presented) = bearer(headers) else {
-            metrics::counter!(m::AUTH_REJECTED, "reason" => "missing").increment(1);
+            metrics::counter!(m::AUTH_REJECTED, label::REASON => "missing").increment(1);
             return Err(ApiError::Unauthorized(
                 "this route needs `Authorization: Bearer <token>`".into(),
             ));
@@ -160,7 +161,7 @@ impl Auth {
             }
         }
         let Some(token) = found else {
-            metrics::counter!(m::AUTH_REJECTED, "reason" => "invalid").increment(1);
+            metrics::counter!(m::AUTH_REJECTED, label::REASON => "invalid").increment(1);
             return Err(ApiError::Unauthorized("unknown bearer token".into()));
         };
         if let Some(bucket) = &token.bucket {
@@ -169,7 +170,7 @@ impl Auth {
                 .unwrap_or_else(|p| p.into_inner())
                 .take(Instant::now());
             if let Err(retry_after_secs) = taken {
-                metrics::counter!(m::AUTH_REJECTED, "reason" => "rate_limited").increment(1);
+                metrics::counter!(m::AUTH_REJECTED, label::REASON => "rate_limited").increment(1);
                 return Err(ApiError::RateLimited { retry_after_secs });
             }
         }

@@ -20,6 +20,7 @@ use super::intake::{Reached, Wait, WaitLevel, admit, parse_wait, wait_for};
 use super::{IngressState, Transport};
 use convstore_core::batch_body::split_items;
 use convstore_core::validate::{conversation_from_value, parse_conversation, row_id};
+use convstore_telemetry::events::label;
 
 type AppState = State<Arc<IngressState>>;
 
@@ -68,7 +69,7 @@ pub async fn post_conversation(
         Ok(_) => events::outcome::ACCEPTED,
         Err(e) => e.code(),
     };
-    metrics::counter!(m::INGEST_REQUESTS, "transport" => transport.as_str(), "endpoint" => "conversations", "outcome" => outcome)
+    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "conversations", label::OUTCOME => outcome)
         .increment(1);
     events::ingest(transport.as_str(), outcome, 1);
     match result {
@@ -291,7 +292,7 @@ pub async fn post_batch(
         }
     };
     let t = transport.as_str();
-    metrics::counter!(m::INGEST_REQUESTS, "transport" => t, "endpoint" => "batch", "outcome" => outcome).increment(1);
+    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => t, label::ENDPOINT => "batch", label::OUTCOME => outcome).increment(1);
     events::ingest(t, events::outcome::ACCEPTED, accepted as u64);
     events::ingest(t, events::outcome::REJECTED, rejected as u64);
     response

@@ -26,6 +26,7 @@ use convstore_telemetry::metrics as m;
 
 use super::IngressState;
 use super::error::ApiError;
+use convstore_telemetry::events::label;
 
 /// How far a request waits before it is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,7 +361,7 @@ pub async fn wait_for(
         Ok(_) => "ok",
         Err(e) => e.code(),
     };
-    metrics::histogram!(m::ACK_WAIT_SECONDS, "level" => level.as_str(), "outcome" => outcome)
+    metrics::histogram!(m::ACK_WAIT_SECONDS, label::LEVEL => level.as_str(), label::OUTCOME => outcome)
         .record(started.elapsed().as_secs_f64());
     result
 }

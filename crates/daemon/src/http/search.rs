@@ -40,6 +40,7 @@ use super::error::ApiError;
 use super::handlers::{read_body, require_content_type};
 use super::{IngressState, Transport};
 use convstore_core::validate::{refuse_non_object, schema_error};
+use convstore_telemetry::events::label;
 
 /// Conversations a search returns when it does not say.
 pub const DEFAULT_K: usize = 10;
@@ -112,7 +113,7 @@ impl SearchService {
         let embed_seconds = embed_started.elapsed().as_secs_f64();
         metrics::histogram!(m::SEARCH_EMBED_SECONDS).record(embed_seconds);
         let result = if query.cached { "hit" } else { "miss" };
-        metrics::counter!(m::SEARCH_EMBED_CACHE, "result" => result).increment(1);
+        metrics::counter!(m::SEARCH_EMBED_CACHE, label::RESULT => result).increment(1);
 
         let db_started = Instant::now();
         let outcome = self
@@ -132,7 +133,7 @@ impl SearchService {
             .map_err(ApiError::from)?;
         let db_seconds = db_started.elapsed().as_secs_f64();
         metrics::histogram!(m::SEARCH_DATABASE_SECONDS).record(db_seconds);
-        metrics::counter!(m::SEARCH_STRATEGY, "strategy" => outcome.plan.strategy.as_str())
+        metrics::counter!(m::SEARCH_STRATEGY, label::STRATEGY => outcome.plan.strategy.as_str())
             .increment(1);
 
         Ok(SearchResponse {
@@ -479,7 +480,7 @@ pub async fn post_search(
         Ok(_) => "ok",
         Err(e) => e.code(),
     };
-    metrics::counter!(m::SEARCH_REQUESTS, "transport" => transport.as_str(), "outcome" => outcome)
+    metrics::counter!(m::SEARCH_REQUESTS, label::TRANSPORT => transport.as_str(), label::OUTCOME => outcome)
         .increment(1);
     metrics::histogram!(m::SEARCH_SECONDS).record(started.elapsed().as_secs_f64());
     match result {

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
 /// How long a connection may hold its slot, and how many slots there are.
@@ -83,7 +84,7 @@ where
 {
     let registry = Arc::new(Registry::default());
     let shedding = Arc::new(AtomicUsize::new(0));
-    let open = metrics::gauge!(m::HTTP_CONNECTIONS, "transport" => transport);
+    let open = metrics::gauge!(m::HTTP_CONNECTIONS, label::TRANSPORT => transport);
     // Every reason exists from the start, so rate() and alerts see a 0.
     for reason in [
         Unused::Idle.as_str(),
@@ -91,7 +92,7 @@ where
         HEADER_TIMEOUT,
         SHED,
     ] {
-        metrics::counter!(m::HTTP_CONNECTIONS_CLOSED, "transport" => transport, "reason" => reason)
+        metrics::counter!(m::HTTP_CONNECTIONS_CLOSED, label::TRANSPORT => transport, label::REASON => reason)
             .increment(0);
     }
     let mut connections = JoinSet::new();
@@ -196,7 +197,7 @@ fn far_future() -> Instant {
 }
 
 fn closed(transport: &'static str, reason: &'static str) {
-    metrics::counter!(m::HTTP_CONNECTIONS_CLOSED, "transport" => transport, "reason" => reason)
+    metrics::counter!(m::HTTP_CONNECTIONS_CLOSED, label::TRANSPORT => transport, label::REASON => reason)
         .increment(1);
 }
 

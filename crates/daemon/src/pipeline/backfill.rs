@@ -30,6 +30,7 @@ use convstore_telemetry::metrics as m;
 use super::PipelineContext;
 use super::embedding::embed_texts;
 use convstore_core::model::ChunkVector;
+use convstore_telemetry::events::label;
 
 /// How often the dead-letter and backlog counts are sampled.
 const BACKLOG_EVERY: Duration = Duration::from_secs(10);
@@ -64,7 +65,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     for outcome in ["embedded", "failed", "deferred"] {
-        metrics::counter!(m::BACKFILL_CHUNKS, "outcome" => outcome).absolute(0);
+        metrics::counter!(m::BACKFILL_CHUNKS, label::OUTCOME => outcome).absolute(0);
     }
     let mut sampled: Option<Instant> = None;
     let mut since_sample = BackfillOutcome::default();
@@ -131,7 +132,7 @@ fn record(outcome: &BackfillOutcome, total: &mut BackfillOutcome) {
         ("failed", outcome.failed),
         ("deferred", outcome.deferred),
     ] {
-        metrics::counter!(m::BACKFILL_CHUNKS, "outcome" => label).increment(n as u64);
+        metrics::counter!(m::BACKFILL_CHUNKS, label::OUTCOME => label).increment(n as u64);
     }
     tracing::debug!(
         claimed = outcome.claimed,

@@ -17,6 +17,7 @@ use crate::ticket::Outcome;
 use convstore_core::backoff::Backoff;
 use convstore_core::chunker::{Chunker, fit_exactly};
 use convstore_core::model::ChunkVector;
+use convstore_telemetry::events::label;
 
 pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {
@@ -133,7 +134,7 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                         ids = ?ids,
                         "Database unavailable until the shutdown deadline; these accepted conversations were NOT stored"
                     );
-                    metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "database_unavailable")
+                    metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "database_unavailable")
                         .increment(ready.len() as u64);
                     return vec![
                         Outcome::NotStored(format!("database unavailable: {e}"));
@@ -157,7 +158,7 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                     .map(|r| r.conversation.id.to_string())
                     .unwrap_or_default();
                 tracing::error!(error = %e, id = %id, "Database refused a conversation; it was NOT stored");
-                metrics::counter!(m::CONVERSATIONS_FAILED, "reason" => "rejected_by_database")
+                metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "rejected_by_database")
                     .increment(1);
                 return vec![Outcome::Rejected(e.to_string())];
             }
@@ -168,9 +169,9 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
 fn record_stored(ready: &[ReadyConversation], outcome: &convstore_store::WriteOutcome) {
     metrics::counter!(m::CONVERSATIONS_STORED).increment(outcome.conversations_inserted as u64);
     metrics::counter!(m::CONVERSATIONS_DUPLICATE).increment(outcome.duplicates as u64);
-    metrics::counter!(m::STORE_ROWS, "table" => "conversations")
+    metrics::counter!(m::STORE_ROWS, label::TABLE => "conversations")
         .increment(outcome.conversations_inserted as u64);
-    metrics::counter!(m::STORE_ROWS, "table" => "conversation_chunks")
+    metrics::counter!(m::STORE_ROWS, label::TABLE => "conversation_chunks")
         .increment(outcome.chunks_inserted as u64);
     let embedded = outcome
         .chunks_inserted

@@ -272,7 +272,7 @@ impl Breaker {
         metrics::counter!(
             m::BACKEND_CIRCUIT_TRANSITIONS,
             label::BACKEND => self.backend.clone(),
-            "to" => to.as_str()
+            label::TO => to.as_str()
         )
         .increment(1);
     }
