@@ -180,7 +180,8 @@ pub fn refuse_non_object(body: &[u8], what: &str) -> Result<(), InputError> {
     )))
 }
 
-fn json_kind(value: &serde_json::Value) -> &'static str {
+/// What kind of JSON value `value` is, for messages ("got an array").
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
     match value {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

@@ -806,6 +806,16 @@ async fn embedders_down_60s_stores_pending_then_backfills() {
     assert!(daemon.terminate(Duration::from_secs(60)).success());
 }
 
+/// Small bodies, and a backend that is never given up on: with the backend
+/// down, conversations stay in flight (retrying, and in the journal)
+/// instead of being stored as pending, which is what happens as soon as
+/// every breaker is open; so the breaker must stay closed.
+const HELD_IN_FLIGHT: &[(&str, &str)] = &[
+    ("CONVSTORE_SERVER__MAX_BODY_BYTES", "16384"),
+    ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
+    ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_levels_in_flight_view_and_a_full_journal() {
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
@@ -816,19 +826,7 @@ async fn ack_levels_in_flight_view_and_a_full_journal() {
         DIMS,
         "[journal]\nenabled = true\nmax_bytes = 40000\nsegment_bytes = 8192\n\n[ack]\ntimeout_ms = 20000\n",
     );
-    let mut daemon = Daemon::start_with_env(
-        &ws,
-        &addr,
-        &[
-            ("CONVSTORE_SERVER__MAX_BODY_BYTES", "16384"),
-            // Backend down: conversations stay in flight (retrying) instead
-            // of being stored as pending, which is what happens as soon as
-            // every breaker is open; so the breaker must stay closed.
-            ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
-            ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
-        ],
-    )
-    .await;
+    let mut daemon = Daemon::start_with_env(&ws, &addr, HELD_IN_FLIGHT).await;
     let base = daemon.base_url();
     let http = reqwest::Client::new();
     let body = |id: &str| {
@@ -1000,19 +998,7 @@ async fn refusals_with_the_journal_on_are_not_losses() {
         DIMS,
         "[journal]\nenabled = true\nmax_bytes = 40000\nsegment_bytes = 8192\n",
     );
-    let mut daemon = Daemon::start_with_env(
-        &ws,
-        &addr,
-        &[
-            ("CONVSTORE_SERVER__MAX_BODY_BYTES", "16384"),
-            // As in `ack_levels_in_flight_view_and_a_full_journal`: with
-            // the backend down, conversations stay in flight (and in the
-            // journal) instead of being stored as pending.
-            ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
-            ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
-        ],
-    )
-    .await;
+    let mut daemon = Daemon::start_with_env(&ws, &addr, HELD_IN_FLIGHT).await;
     let base = daemon.base_url();
     let http = reqwest::Client::new();
     let big = |id: &str| json!({"id": id, "user_id": "u", "channel": "c", "transcript": "x".repeat(2000)});

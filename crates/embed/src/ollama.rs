@@ -24,14 +24,13 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::RETRY_AFTER;
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{ClientConfig, EmbedError, Embedder, ModelInfo};
 use crate::answer::check_vectors;
-use crate::response::read_body;
+use crate::response::read_answer;
 
 /// The text embedded to learn the dimension when `/api/show` does not say.
 const PROBE_TEXT: &str = "convstore dimension probe";
@@ -146,17 +145,11 @@ impl OllamaBackend {
             .send()
             .await
             .map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = read_body(&self.name, response, self.max_response_bytes, |e| {
+        let answer = read_answer(&self.name, response, self.max_response_bytes, |e| {
             self.transport_error(e)
         })
         .await?;
-        Ok((status, retry_after, body))
+        Ok((answer.status, answer.retry_after, answer.body))
     }
 
     /// The error for a non-200 answer to `what`.
@@ -371,12 +364,6 @@ fn parameter_num_ctx(parameters: &str) -> Option<usize> {
             _ => None,
         }
     })
-}
-
-/// `Retry-After` in its delay-seconds form. The HTTP-date form is ignored:
-/// no Ollama sends it, and the caller's own backoff applies instead.
-pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The message of an error answer: Ollama's `{"error": "..."}`, the
@@ -953,6 +940,7 @@ mod tests {
 
     #[test]
     fn helpers() {
+        use crate::response::parse_retry_after;
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);

@@ -30,14 +30,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
-use super::ollama::{chain, error_message, parse_retry_after};
+use super::ollama::{chain, error_message};
 use super::{ClientConfig, EmbedError, Embedder, ModelInfo};
 use crate::answer::check_vectors;
-use crate::response::read_body;
+use crate::response::read_answer;
 use crate::settings::EncodingFormat;
 
 /// The text embedded to learn the dimension.
@@ -274,20 +274,14 @@ impl OpenAiBackend {
             request = request.header(AUTHORIZATION, auth.clone());
         }
         let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = read_body(&self.name, response, self.max_response_bytes, |e| {
+        let answer = read_answer(&self.name, response, self.max_response_bytes, |e| {
             self.transport_error(e)
         })
         .await?;
-        if status != StatusCode::OK {
-            return Err(self.status_error(status, retry_after, &body));
+        if answer.status != StatusCode::OK {
+            return Err(self.status_error(answer.status, answer.retry_after, &answer.body));
         }
-        self.read_answer(&body, inputs.len(), dimensions)
+        self.read_answer(&answer.body, inputs.len(), dimensions)
     }
 }
 

@@ -9,9 +9,47 @@
 //! passes the cap; a `Content-Length` over the cap is refused before any of
 //! the body is read.
 
-use reqwest::Response;
+use std::time::Duration;
+
+use reqwest::header::RETRY_AFTER;
+use reqwest::{Response, StatusCode};
 
 use crate::EmbedError;
+
+/// An HTTP backend's answer, read whole: what both clients act on.
+pub struct Answer {
+    pub status: StatusCode,
+    /// `Retry-After` in its delay-seconds form.
+    pub retry_after: Option<Duration>,
+    pub body: Vec<u8>,
+}
+
+/// Reads `response` into an [`Answer`], its body through [`read_body`].
+pub async fn read_answer(
+    backend: &str,
+    response: Response,
+    max_bytes: u64,
+    transport: impl Fn(&reqwest::Error) -> EmbedError,
+) -> Result<Answer, EmbedError> {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = read_body(backend, response, max_bytes, transport).await?;
+    Ok(Answer {
+        status,
+        retry_after,
+        body,
+    })
+}
+
+/// `Retry-After` in its delay-seconds form. The HTTP-date form is ignored:
+/// no backend we speak to sends it, and the caller's own backoff applies.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
 
 /// Default of `max_response_bytes`: 16 MiB. The largest legitimate answer
 /// of the default configuration (32 inputs × 384 dimensions) is under

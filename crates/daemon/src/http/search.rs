@@ -359,7 +359,7 @@ fn validate_filter(input: FilterIn) -> Result<SearchFilter, ApiError> {
                 "filter.metadata",
                 format!(
                     "must be a JSON object the conversation's metadata contains, got {}",
-                    json_type(&other)
+                    convstore_core::validate::json_kind(&other)
                 ),
             ));
         }
@@ -405,17 +405,6 @@ fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
                 format!("`{value}` is not an RFC 3339 time like 2024-05-01T10:00:00Z ({e})"),
             )
         })
-}
-
-fn json_type(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 /// Milliseconds spent, for the caller's own latency accounting.
