@@ -294,6 +294,7 @@ mod tests {
                     role: r.to_string(),
                     content: c.to_string(),
                     ts: None,
+                    message_id: None,
                 })
                 .collect(),
             transcript: None,

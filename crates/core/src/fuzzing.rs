@@ -122,10 +122,18 @@ pub fn check_accepted(c: &Conversation, limits: &Limits) {
     );
 
     // The journal keeps it exactly, and the record reads back.
-    let payload = entry::encode(c);
+    let stamped = crate::lifecycle::StampedChange {
+        stamp: c.received_at.timestamp_micros(),
+        change: crate::lifecycle::Change::Post(c.clone()),
+    };
+    let payload = entry::encode(&stamped);
     assert!(!payload.contains(&0xFF), "journal payload contains 0xFF");
     let back = match entry::decode(&payload) {
-        Ok(back) => back,
+        Ok(crate::lifecycle::StampedChange {
+            change: crate::lifecycle::Change::Post(back),
+            ..
+        }) => back,
+        Ok(other) => panic!("journal entry decodes as another change: {other:?}"),
         Err(e) => panic!("journal entry does not decode: {e}"),
     };
     assert!(

@@ -11,6 +11,7 @@ pub mod chunker;
 pub mod error;
 pub mod fuzzing;
 pub mod journal;
+pub mod lifecycle;
 pub mod model;
 pub mod nonzero;
 pub mod strict_json;

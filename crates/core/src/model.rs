@@ -14,6 +14,10 @@ pub struct Message {
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<DateTime<Utc>>,
+    /// The caller's id for this message: an append that carries a message
+    /// id the conversation already holds does not add it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
 }
 
 /// A conversation that passed validation and was given its id.
@@ -49,14 +53,8 @@ impl Conversation {
     /// hold 648 MB (issue 15). `tests/memory_bounds.rs` checks the count
     /// against what the allocator hands out.
     pub fn approx_bytes(&self) -> usize {
-        let messages = self.messages.capacity() * std::mem::size_of::<Message>()
-            + self
-                .messages
-                .iter()
-                .map(|m| heap_string(&m.role) + heap_string(&m.content))
-                .sum::<usize>();
         std::mem::size_of::<Self>()
-            + allocation(messages)
+            + heap_messages(&self.messages)
             + self.transcript.as_ref().map_or(0, heap_string)
             + self.summary.as_ref().map_or(0, heap_string)
             + self.client_id.as_ref().map_or(0, heap_string)
@@ -95,8 +93,21 @@ fn allocation(bytes: usize) -> usize {
     }
 }
 
-fn heap_string(s: &String) -> usize {
+pub(crate) fn heap_string(s: &String) -> usize {
     allocation(s.capacity())
+}
+
+/// Heap bytes under a message list: the array and each message's strings.
+pub(crate) fn heap_messages(messages: &Vec<Message>) -> usize {
+    allocation(messages.capacity() * std::mem::size_of::<Message>())
+        + messages
+            .iter()
+            .map(|m| {
+                heap_string(&m.role)
+                    + heap_string(&m.content)
+                    + m.message_id.as_ref().map_or(0, heap_string)
+            })
+            .sum::<usize>()
 }
 
 /// One node of the `BTreeMap<String, Value>` behind a JSON object: 11 keys,
@@ -129,8 +140,13 @@ fn heap_json(value: &serde_json::Value) -> usize {
 pub type ContentHash = [u8; 32];
 
 pub fn content_hash(text: &str) -> ContentHash {
+    content_hash_bytes(text.as_bytes())
+}
+
+/// sha256 of `bytes`.
+pub fn content_hash_bytes(bytes: &[u8]) -> ContentHash {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(text.as_bytes());
+    let digest = Sha256::digest(bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(&digest);
     out
@@ -221,6 +237,36 @@ pub struct ReadyConversation {
     pub chunks: Vec<EmbeddedChunk>,
     /// The model whose vectors these are.
     pub model: String,
+    /// Which version of the conversation this is (`crate::lifecycle`).
+    pub version: RowVersion,
+}
+
+/// The version bookkeeping of a row to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowVersion {
+    /// Stamp of the last change folded into it (0: unstamped).
+    pub stamp: i64,
+    /// How many changes made it.
+    pub versions: i32,
+    /// Of the content; computed by the store when absent.
+    pub content_sha: Option<ContentHash>,
+    /// Of the last post's content; the content's when absent.
+    pub posted_sha: Option<ContentHash>,
+    /// The stamp of the stored version this one replaces; `None`: the
+    /// conversation is not stored yet (a new row).
+    pub replaces: Option<i64>,
+}
+
+impl Default for RowVersion {
+    fn default() -> Self {
+        Self {
+            stamp: 0,
+            versions: 1,
+            content_sha: None,
+            posted_sha: None,
+            replaces: None,
+        }
+    }
 }
 
 impl ReadyConversation {

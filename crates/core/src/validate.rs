@@ -97,6 +97,30 @@ pub struct MessageIn {
     /// RFC 3339, between 1970 and now + 1 day.
     #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
     ts: Option<String>,
+    /// Your id for this message: an append that repeats a message id the
+    /// conversation already holds does not add that message again.
+    #[schema(min_length = 1, max_length = 256, example = "msg-0042")]
+    message_id: Option<String>,
+}
+
+/// The body of `POST /v1/conversations/{id}/messages`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = AppendMessages)]
+pub struct AppendIn {
+    /// The turns to add at the end of the conversation, in order.
+    #[schema(min_items = 1)]
+    messages: Vec<MessageIn>,
+}
+
+/// Parses and validates the body of an append: the messages to add.
+pub fn parse_append(body: &[u8], limits: Limits) -> Result<Vec<Message>, InputError> {
+    refuse_non_object(body, "the body")?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: AppendIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
+    de.end()
+        .map_err(|e| InputError::invalid_json(format!("trailing data after the messages: {e}")))?;
+    validate_messages(parsed.messages, limits)
 }
 
 /// Parses and validates one conversation from JSON bytes.
@@ -296,9 +320,15 @@ fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, Input
         .map(|s| parse_timestamp(Field::Top("created_at"), s))
         .transpose()?;
 
-    let id = match &client_id {
-        Some(cid) => row_id(cid),
-        None => Uuid::now_v7(),
+    // Without a client id the assigned UUIDv7 is both the row id and the
+    // key the caller knows it by: appends, deletes and reads all find a
+    // conversation by its key.
+    let (id, client_id) = match client_id {
+        Some(cid) => (row_id(&cid), Some(cid)),
+        None => {
+            let id = Uuid::now_v7();
+            (id, Some(id.to_string()))
+        }
     };
     Ok(Conversation {
         id,
@@ -367,10 +397,18 @@ fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Mes
                 m.ts.as_deref()
                     .map(|s| parse_timestamp(Field::Message(i, "ts"), s))
                     .transpose()?;
+            if let Some(message_id) = &m.message_id {
+                check_label(
+                    &Field::Message(i, "message_id").name(),
+                    message_id,
+                    limits.max_id_bytes,
+                )?;
+            }
             Ok(Message {
                 role: m.role,
                 content: m.content,
                 ts,
+                message_id: m.message_id,
             })
         })
         .collect()
@@ -557,6 +595,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.id.get_version_num(), 7);
+        // The assigned id is the key the caller knows it by.
+        assert_eq!(c.client_id, Some(c.id.to_string()));
         assert_eq!(c.messages.len(), 1);
         assert!(c.messages[0].ts.is_some());
     }

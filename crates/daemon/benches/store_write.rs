@@ -131,6 +131,7 @@ impl Generator {
                     role: "user".into(),
                     content: transcript,
                     ts: None,
+                    message_id: None,
                 }],
                 transcript: None,
                 summary: None,
@@ -141,6 +142,7 @@ impl Generator {
             },
             chunks,
             model: "bench-model".into(),
+            version: convstore_core::model::RowVersion::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::queue::{BoundedQueue, PushError};
 use crate::ticket::{InFlight, Queued, Ticket};
-use convstore_core::model::Conversation;
+use convstore_core::lifecycle::StampedChange;
 use convstore_journal::record::DamageKind;
 use convstore_journal::{Journal, Recovery, entry};
 use convstore_store::{Store, StoreError};
@@ -91,7 +91,7 @@ pub async fn replay(
                 ),
             }
         }
-        let mut decoded: Vec<(convstore_journal::Position, Conversation)> =
+        let mut decoded: Vec<(convstore_journal::Position, StampedChange)> =
             Vec::with_capacity(segment.records.len());
         for (position, range) in &segment.records {
             match entry::decode(segment.payload(range)) {
@@ -109,20 +109,29 @@ pub async fn replay(
         for chunk in chunked(decoded, LOOKUP_CHUNK) {
             let keys: Vec<(Uuid, Option<&str>)> = chunk
                 .iter()
-                .map(|(_, c)| (c.id, c.client_id.as_deref()))
+                .map(|(_, c)| (c.change.row_id(), c.change.client_id()))
                 .collect();
             let stored = store.stored_ids(&keys).await?;
             drop(keys);
-            for (position, conversation) in chunk {
-                if stored.contains(&conversation.id) {
+            for (position, change) in chunk {
+                // New changes are stamped after every replayed one, even if
+                // the clock went back across the restart.
+                crate::stamp::observe(change.stamp);
+                // The stored version holds this change (or a later one):
+                // nothing to apply. A deleted conversation has no row: its
+                // changes are queued and discarded by its tombstone.
+                if stored
+                    .get(&change.change.row_id())
+                    .is_some_and(|stamp| *stamp >= change.stamp)
+                {
                     report.already_stored += 1;
                     journal.settle(position);
                     continue;
                 }
                 let journal = journal.clone();
-                let ticket = Ticket::new(conversation.id, registry.clone())
+                let ticket = Ticket::for_change(&change, registry.clone())
                     .with_release(move || journal.settle(position));
-                push_waiting(queue, Queued::new(conversation, ticket)).await?;
+                push_waiting(queue, Queued::new(change, ticket)).await?;
                 report.queued += 1;
             }
         }
@@ -147,7 +156,7 @@ fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
 /// record journaled under a larger `queue.max_bytes` than today's still
 /// fits (alone), rather than being dropped.
 async fn push_waiting(queue: &BoundedQueue<Queued>, item: Queued) -> Result<(), ReplayError> {
-    let bytes = item.conversation.approx_bytes().min(queue.max_bytes());
+    let bytes = item.change.change.approx_bytes().min(queue.max_bytes());
     let mut item = item;
     loop {
         match queue

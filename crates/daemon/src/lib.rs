@@ -25,6 +25,7 @@ pub mod journal_replay;
 pub mod journal_startup;
 pub mod pipeline;
 pub mod queue;
+pub mod stamp;
 pub mod systemd;
 pub mod telemetry_task;
 pub mod ticket;

@@ -187,6 +187,32 @@ impl<T> BoundedQueue<T> {
         }
     }
 
+    /// Takes every queued item `matches` selects out of the queue, in
+    /// order (a delete or erasure withdrawing what it covers); the rest
+    /// keep their order.
+    pub fn remove_where(&self, mut matches: impl FnMut(&T) -> bool) -> Vec<T> {
+        let removed = {
+            let mut state = self.lock();
+            let mut removed = Vec::new();
+            let mut freed = 0;
+            let items = std::mem::take(&mut state.items);
+            for (item, bytes) in items {
+                if matches(&item) {
+                    freed += bytes;
+                    removed.push(item);
+                } else {
+                    state.items.push_back((item, bytes));
+                }
+            }
+            state.bytes -= freed;
+            removed
+        };
+        if !removed.is_empty() {
+            self.space_freed.notify_waiters();
+        }
+        removed
+    }
+
     /// Refuses new items; what is queued can still be popped.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -224,6 +250,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::sync::Arc;
+
+    #[test]
+    fn remove_where_takes_out_what_matches_and_frees_its_room() {
+        let q = BoundedQueue::new(4, 100);
+        for (item, bytes) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
+            q.try_push(item, bytes).unwrap();
+        }
+        assert_eq!(q.remove_where(|i| i % 2 == 0), vec![2, 4]);
+        assert_eq!((q.len(), q.bytes()), (2, 40));
+        q.try_push(5, 60).unwrap();
+        assert_eq!(q.remove_where(|_| false), Vec::<i32>::new());
+    }
 
     #[tokio::test]
     async fn full_by_count_hands_item_back() {

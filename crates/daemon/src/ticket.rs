@@ -7,19 +7,25 @@
 //!
 //! The ticket also
 //! - keeps the conversation in the [`InFlight`] registry, which answers
-//!   `GET /v1/conversations/{id}` with `queued` until the commit;
-//! - releases its journal record once the conversation needs no replay
-//!   (stored, or refused by the database for good) and never otherwise.
+//!   `GET /v1/conversations/{id}` with `queued` until the commit, and knows
+//!   the conversation an append is for before it is stored;
+//! - orders the changes of one conversation: each ticket holds the
+//!   completion of the change accepted before it for the same row
+//!   ([`Ticket::after`]), which a worker awaits before it applies its own,
+//!   so changes apply in the order they were acknowledged whatever batch
+//!   or worker carries them;
+//! - releases its journal record once the change needs no replay (stored,
+//!   discarded, or refused by the database for good) and never otherwise.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use convstore_core::model::Conversation;
+use convstore_core::lifecycle::{Discard, StampedChange};
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 
@@ -28,6 +34,9 @@ use convstore_telemetry::metrics as m;
 pub enum Outcome {
     /// Committed in PostgreSQL (or found already there: same id).
     Stored,
+    /// Not applied, for good: stamped before a delete or erasure, or an
+    /// append whose conversation is gone.
+    Discarded(Discard),
     /// The database refused it for good (a value it cannot hold).
     Rejected(String),
     /// Given up at the shutdown deadline (the database was unreachable);
@@ -40,16 +49,44 @@ pub enum Outcome {
 impl Outcome {
     /// Whether the journal record can go: nothing a replay could fix.
     fn releases_journal(&self) -> bool {
-        matches!(self, Self::Stored | Self::Rejected(_))
+        matches!(self, Self::Stored | Self::Discarded(_) | Self::Rejected(_))
     }
 }
 
-/// Conversations accepted and not yet finished, by row id: the in-flight
-/// view of `GET /v1/conversations/{id}`. Counted, since the same client id
-/// can be in flight twice.
+/// Changes accepted and not yet finished, by row id: the in-flight view of
+/// `GET /v1/conversations/{id}`, the conversation an append is for, and
+/// the last change of each row (the next one waits for it).
 #[derive(Debug, Default)]
 pub struct InFlight {
-    ids: Mutex<HashMap<Uuid, u32>>,
+    ids: Mutex<HashMap<Uuid, Entry>>,
+    /// Admission order, for telling changes of one batch apart.
+    next_seq: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Changes of this row in flight.
+    count: u32,
+    /// The user of the latest post (an append inherits it).
+    user_id: String,
+    /// The latest change accepted, which the next one waits for.
+    tail: Option<Predecessor>,
+}
+
+/// The change accepted just before another one of the same row: its
+/// admission number and a receiver that closes when it finishes.
+#[derive(Debug, Clone)]
+pub struct Predecessor {
+    pub seq: u64,
+    done: watch::Receiver<()>,
+}
+
+impl Predecessor {
+    /// Waits until that change finished (stored, discarded, refused,
+    /// cancelled or lost: whatever it was, it no longer runs).
+    pub async fn finished(mut self) {
+        while self.done.changed().await.is_ok() {}
+    }
 }
 
 impl InFlight {
@@ -57,28 +94,58 @@ impl InFlight {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
         // Each critical section is one map update: poison is harmless.
         self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, id: Uuid) {
-        *self.lock().entry(id).or_insert(0) += 1;
+    /// Registers a change of `id`; returns its admission number, the
+    /// change before it, and its own completion sender.
+    fn add(
+        &self,
+        id: Uuid,
+        user_id: Option<&str>,
+    ) -> (u64, Option<Predecessor>, watch::Sender<()>) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (done, rx) = watch::channel(());
+        let mut ids = self.lock();
+        let entry = ids.entry(id).or_insert_with(|| Entry {
+            count: 0,
+            user_id: user_id.unwrap_or_default().to_string(),
+            tail: None,
+        });
+        entry.count += 1;
+        if let Some(user) = user_id {
+            user.clone_into(&mut entry.user_id);
+        }
+        let after = entry.tail.replace(Predecessor { seq, done: rx });
+        (seq, after, done)
     }
 
-    fn remove(&self, id: Uuid) {
+    fn remove(&self, id: Uuid, seq: u64, after: Option<&Predecessor>) {
         let mut ids = self.lock();
-        if let Some(n) = ids.get_mut(&id) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(entry) = ids.get_mut(&id) {
+            // A change taken back before it was accepted leaves the chain
+            // as it was: the next one waits for the one before it.
+            if entry.tail.as_ref().is_some_and(|t| t.seq == seq) {
+                entry.tail = after.cloned();
+            }
+            entry.count -= 1;
+            if entry.count == 0 {
                 ids.remove(&id);
             }
         }
     }
 
-    /// Whether a conversation with this row id is accepted and not stored.
+    /// Whether a change of this row id is accepted and not finished.
     pub fn contains(&self, id: Uuid) -> bool {
         self.lock().contains_key(&id)
+    }
+
+    /// The user of the conversation with this row id, while a change of it
+    /// is in flight.
+    pub fn user_of(&self, id: Uuid) -> Option<String> {
+        self.lock().get(&id).map(|e| e.user_id.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -92,10 +159,15 @@ impl InFlight {
 
 type Release = Box<dyn FnOnce() + Send + Sync>;
 
-/// The completion handle of one accepted conversation.
+/// The completion handle of one accepted change.
 pub struct Ticket {
     id: Uuid,
+    seq: u64,
     registry: Arc<InFlight>,
+    /// The change of the same row accepted before this one, if in flight.
+    after: Option<Predecessor>,
+    /// Closed when this ticket finishes, releasing the change after it.
+    _finished: watch::Sender<()>,
     waiter: Option<oneshot::Sender<Outcome>>,
     release: Option<Release>,
     done: bool,
@@ -112,16 +184,41 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    /// A ticket for conversation `id`, registered as in flight.
-    pub fn new(id: Uuid, registry: Arc<InFlight>) -> Self {
-        registry.add(id);
+    /// A ticket for a change of row `id`, registered as in flight (and as
+    /// the row's latest change). `user_id`: the user a post names (an
+    /// append leaves the row's as it is).
+    pub fn new(id: Uuid, user_id: Option<&str>, registry: Arc<InFlight>) -> Self {
+        let (seq, after, finished) = registry.add(id, user_id);
         Self {
             id,
+            seq,
             registry,
+            after,
+            _finished: finished,
             waiter: None,
             release: None,
             done: false,
         }
+    }
+
+    /// A ticket for `change`.
+    pub fn for_change(change: &StampedChange, registry: Arc<InFlight>) -> Self {
+        use convstore_core::lifecycle::Change;
+        let user = match &change.change {
+            Change::Post(c) => Some(c.user_id.as_str()),
+            Change::Append(_) => None,
+        };
+        Self::new(change.change.row_id(), user, registry)
+    }
+
+    /// Admission number: later changes have larger ones.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The change of the same row to wait for before applying this one.
+    pub fn after(&self) -> Option<&Predecessor> {
+        self.after.as_ref()
     }
 
     /// Runs `release` once the conversation needs no replay.
@@ -159,7 +256,7 @@ impl Ticket {
     /// next start): the release is not run.
     pub fn cancel(mut self) {
         self.done = true;
-        self.registry.remove(self.id);
+        self.registry.remove(self.id, self.seq, self.after.as_ref());
         self.release = None;
         self.waiter = None;
     }
@@ -171,7 +268,7 @@ impl Ticket {
         self.done = true;
         // Out of the registry before the waiter hears: a client answered
         // 201 that reads the conversation back must find it stored.
-        self.registry.remove(self.id);
+        self.registry.remove(self.id, self.seq, None);
         if outcome.releases_journal()
             && let Some(release) = self.release.take()
         {
@@ -225,23 +322,20 @@ fn report_lost(id: Uuid, journaled: bool) {
     }
 }
 
-/// A queue item: the conversation and its ticket.
+/// A queue item: the change and its ticket.
 #[derive(Debug)]
 pub struct Queued {
-    pub conversation: Conversation,
+    pub change: StampedChange,
     pub ticket: Ticket,
 }
 
 impl Queued {
-    pub fn new(conversation: Conversation, ticket: Ticket) -> Self {
-        Self {
-            conversation,
-            ticket,
-        }
+    pub fn new(change: StampedChange, ticket: Ticket) -> Self {
+        Self { change, ticket }
     }
 
-    pub fn into_parts(self) -> (Conversation, Ticket) {
-        (self.conversation, self.ticket)
+    pub fn into_parts(self) -> (StampedChange, Ticket) {
+        (self.change, self.ticket)
     }
 }
 
@@ -257,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn completed_ticket_tells_the_waiter_and_leaves_the_registry() {
         let registry = InFlight::new();
-        let mut ticket = Ticket::new(id(1), registry.clone());
+        let mut ticket = Ticket::new(id(1), None, registry.clone());
         let rx = ticket.subscribe();
         assert!(registry.contains(id(1)));
         ticket.complete(Outcome::Stored);
@@ -270,7 +364,7 @@ mod tests {
         let registry = InFlight::new();
         let released = Arc::new(AtomicUsize::new(0));
         let r = released.clone();
-        let mut ticket = Ticket::new(id(2), registry.clone()).with_release(move || {
+        let mut ticket = Ticket::new(id(2), None, registry.clone()).with_release(move || {
             r.fetch_add(1, Ordering::SeqCst);
         });
         let rx = ticket.subscribe();
@@ -294,7 +388,7 @@ mod tests {
         ] {
             let released = Arc::new(AtomicUsize::new(0));
             let r = released.clone();
-            let ticket = Ticket::new(id(3), InFlight::new()).with_release(move || {
+            let ticket = Ticket::new(id(3), None, InFlight::new()).with_release(move || {
                 r.fetch_add(1, Ordering::SeqCst);
             });
             ticket.complete(outcome.clone());
@@ -337,7 +431,7 @@ mod tests {
         let released = Arc::new(AtomicUsize::new(0));
         let r = released.clone();
         let lost = lost_counted(|| {
-            let mut ticket = Ticket::new(id(5), registry.clone()).with_release(move || {
+            let mut ticket = Ticket::new(id(5), None, registry.clone()).with_release(move || {
                 r.fetch_add(1, Ordering::SeqCst);
             });
             let mut rx = ticket.subscribe();
@@ -350,7 +444,7 @@ mod tests {
         assert_eq!(released.load(Ordering::SeqCst), 0);
         // A dropped one is a loss, counted.
         assert_eq!(
-            lost_counted(|| drop(Ticket::new(id(6), registry.clone()))),
+            lost_counted(|| drop(Ticket::new(id(6), None, registry.clone()))),
             1
         );
     }
@@ -358,8 +452,8 @@ mod tests {
     #[test]
     fn the_same_id_twice_stays_in_flight_until_both_finish() {
         let registry = InFlight::new();
-        let a = Ticket::new(id(4), registry.clone());
-        let b = Ticket::new(id(4), registry.clone());
+        let a = Ticket::new(id(4), None, registry.clone());
+        let b = Ticket::new(id(4), None, registry.clone());
         a.complete(Outcome::Stored);
         assert!(registry.contains(id(4)));
         b.complete(Outcome::Stored);

@@ -171,11 +171,13 @@ fn chunks_fit_the_model_exactly() {
                 role: "user".into(),
                 content: format!("Why did these deliveries fail? {}", hashes.join(" ")),
                 ts: None,
+                message_id: None,
             },
             Message {
                 role: "assistant".into(),
                 content: "Their tracking ids are not in our system.".into(),
                 ts: None,
+                message_id: None,
             },
         ],
         transcript: None,

@@ -121,6 +121,7 @@ fn prepare(n: usize) -> (Vec<ReadyConversation>, Vec<Known>) {
             conversation,
             chunks,
             model: MODEL.to_string(),
+            version: convstore_core::model::RowVersion::default(),
         });
     }
     (ready, known)

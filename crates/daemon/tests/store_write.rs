@@ -103,11 +103,13 @@ fn conversation(id: Uuid, client_id: Option<&str>, n: usize) -> Conversation {
                 role: "user".into(),
                 content: format!("Book me a flight to Seattle, number {n} — ünïcode"),
                 ts: Some(ts(n as i64)),
+                message_id: None,
             },
             Message {
                 role: "assistant".into(),
                 content: "Done.".into(),
                 ts: None,
+                message_id: None,
             },
         ],
         transcript: None,
@@ -130,6 +132,7 @@ fn batch(first: u128, count: usize) -> Vec<ReadyConversation> {
                     .map(|seq| embedded(seq, &format!("conversation {id} chunk {seq}")))
                     .collect(),
                 model: "test-model".into(),
+                version: convstore_core::model::RowVersion::default(),
             }
         })
         .collect()

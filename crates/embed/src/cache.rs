@@ -63,6 +63,23 @@ impl EmbeddingCache {
         }
     }
 
+    /// Evicts the entries of these texts, whatever their model (an
+    /// erasure: the text is what is personal); returns how many went.
+    /// Walks the whole cache: for the rare erasure, not the hot path.
+    pub fn remove_hashes(&self, hashes: &[ContentHash]) -> usize {
+        let wanted: std::collections::HashSet<&ContentHash> = hashes.iter().collect();
+        let mut entries = self.lock();
+        let doomed: Vec<CacheKey> = entries
+            .iter()
+            .filter(|(k, _)| wanted.contains(&k.hash))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &doomed {
+            entries.pop(key);
+        }
+        doomed.len()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -13,6 +13,7 @@
 pub mod backfill;
 pub mod copy;
 pub mod embedding_cache;
+pub mod lifecycle;
 pub mod managed;
 pub mod managed_watch;
 pub mod read;

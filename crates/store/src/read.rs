@@ -5,7 +5,7 @@
 //! as they are. Vectors are left out (768 floats per chunk help no reader);
 //! a chunk's `embedding_status` says whether it has one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -101,8 +101,9 @@ impl Store {
     }
 
     /// Which of these conversations, given as (row id, client id), are
-    /// stored already (the journal's start-up replay settles those without
-    /// embedding them again); answered by row id.
+    /// stored, with the stamp of the stored version (the journal's
+    /// start-up replay settles a change the stored version already holds
+    /// without applying it again); answered by row id.
     ///
     /// A conversation with a client id is stored when its client id is:
     /// the key, not the row id, which another client id may hold (see
@@ -110,21 +111,24 @@ impl Store {
     pub async fn stored_ids(
         &self,
         conversations: &[(Uuid, Option<&str>)],
-    ) -> Result<HashSet<Uuid>, StoreError> {
+    ) -> Result<HashMap<Uuid, i64>, StoreError> {
         let (ids, client_ids): (Vec<Uuid>, Vec<Option<&str>>) =
             conversations.iter().copied().unzip();
-        let rows: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT k.id FROM UNNEST($1::uuid[], $2::text[]) AS k(id, client_id) \
-             WHERE CASE WHEN k.client_id IS NULL \
-               THEN EXISTS (SELECT 1 FROM conversations c WHERE c.id = k.id) \
-               ELSE EXISTS (SELECT 1 FROM conversations c WHERE c.client_id = k.client_id) END",
+        let rows: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
+            "SELECT k.id, CASE WHEN k.client_id IS NULL \
+               THEN (SELECT c.version_stamp FROM conversations c WHERE c.id = k.id) \
+               ELSE (SELECT c.version_stamp FROM conversations c WHERE c.client_id = k.client_id) END \
+             FROM UNNEST($1::uuid[], $2::text[]) AS k(id, client_id)",
         )
         .bind(&ids)
         .bind(&client_ids)
         .fetch_all(self.pool())
         .await
         .map_err(StoreError::from)?;
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, stamp)| stamp.map(|s| (id, s)))
+            .collect())
     }
 
     /// The conversation with this row id, or `None`.

@@ -1,12 +1,26 @@
 //! Writing a batch: one transaction, conversations first, then the chunk
 //! rows of the conversations that were actually new.
 //!
+//! Versions (issue 16, `convstore_core::lifecycle`): each conversation of
+//! a batch is the version the pipeline folded from the stored one
+//! ([`RowVersion::replaces`] names the stored version's stamp, `None` a
+//! conversation not stored yet). Under the advisory locks of its client id
+//! and user (`lifecycle`), the transaction checks that the stored version
+//! is still that one and that no tombstone covers it: if another instance,
+//! a delete or an erasure changed it since the fold, the conversation is
+//! not written and comes back in [`WriteOutcome::stale`], for the pipeline
+//! to fold again. A replaced version keeps its row (and id); of its chunk
+//! rows, those with the same position, text, model and status stay as they
+//! are (no index work), the rest are deleted and the new ones written.
+//!
 //! Idempotency: conversation rows are inserted with `ON CONFLICT DO
 //! NOTHING ... RETURNING id`, and both the id and the client id are unique,
 //! so a retried batch, a journal replay or a second instance writing the
-//! same client id stores one row. Chunk rows are written only for the ids
-//! the insert returned, so they never conflict and need no `ON CONFLICT`
-//! (which is what lets them go through `COPY`).
+//! same client id stores one row; a new conversation whose client id is
+//! stored meanwhile with the same content is a duplicate. Chunk rows are
+//! written only for rows the batch inserted or replaced, at positions it
+//! changed, so they never conflict and need no `ON CONFLICT` (which is what
+//! lets them go through `COPY`).
 //!
 //! A skipped row is a duplicate only when its *client id* is stored: the
 //! client id is the key. A row id held by another client id (a row an
@@ -27,7 +41,7 @@
 //! within a few percent. COPY is the default; UNNEST stays as a plain-SQL
 //! fallback.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use pgvector::Vector;
@@ -36,12 +50,14 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::copy::{CopyEncodeError, CopyEncoder, VECTOR_MAX_DIMENSIONS};
+use super::lifecycle::{KeyKind, lock_key, lock_keys, read_tombstones};
 use super::{Store, StoreError};
 use crate::settings::WriteMethod;
-use convstore_core::model::{EmbeddingStatus, ReadyConversation};
+use convstore_core::lifecycle::{Tombstones, content_sha};
+use convstore_core::model::{ContentHash, EmbeddingStatus, ReadyConversation};
 
 /// What a batch write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteOutcome {
     /// New conversation rows.
     pub conversations_inserted: usize,
@@ -57,6 +73,16 @@ pub struct WriteOutcome {
     pub chunks_pending: usize,
     /// Of `chunks_inserted`: stored as failed (dead letters).
     pub chunks_failed: usize,
+    /// Stored versions replaced by the batch's (posts and appends).
+    pub replaced: usize,
+    /// Chunk rows of replaced versions left as they were.
+    pub chunks_kept: usize,
+    /// Chunk rows of replaced versions deleted (changed or gone).
+    pub chunks_deleted: usize,
+    /// Client ids not written because the stored version they were folded
+    /// onto changed meanwhile (another writer, a delete, an erasure): fold
+    /// them again and write them again.
+    pub stale: Vec<String>,
 }
 
 /// Columns of a chunk row, in the order both write methods send them.
@@ -88,12 +114,31 @@ const COPY_FLUSH_BYTES: usize = 1 << 20;
 const INSERT_CONVERSATIONS: &str = "\
 INSERT INTO conversations
     (id, client_id, user_id, channel, summary, transcript, messages, metadata,
-     created_at, received_at, embedding_status)
+     created_at, received_at, embedding_status,
+     version_stamp, versions, content_sha, posted_sha)
 SELECT * FROM UNNEST(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::timestamptz[], $11::text[])
+    $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::timestamptz[], $11::text[],
+    $12::int8[], $13::int4[], $14::bytea[], $15::bytea[])
 ON CONFLICT DO NOTHING
 RETURNING id";
+
+/// A replaced version keeps its row, its id and its arrival time.
+const UPDATE_CONVERSATIONS: &str = "\
+UPDATE conversations AS c SET
+    user_id = u.user_id, channel = u.channel, summary = u.summary,
+    transcript = u.transcript, messages = u.messages, metadata = u.metadata,
+    created_at = u.created_at, embedding_status = u.embedding_status,
+    version_stamp = u.version_stamp, versions = u.versions,
+    content_sha = u.content_sha, posted_sha = u.posted_sha, updated_at = now()
+FROM UNNEST(
+    $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::timestamptz[], $11::text[],
+    $12::int8[], $13::int4[], $14::bytea[], $15::bytea[])
+    AS u(id, client_id, user_id, channel, summary, transcript, messages, metadata,
+         created_at, received_at, embedding_status,
+         version_stamp, versions, content_sha, posted_sha)
+WHERE c.id = u.id";
 
 impl Store {
     /// Writes a batch in one transaction and reports what was new.
@@ -124,8 +169,14 @@ impl Store {
         }
 
         let mut tx = self.pool.begin().await?;
-        let keyed: Vec<(Uuid, &ReadyConversation)> =
-            unique.iter().map(|r| (r.conversation.id, *r)).collect();
+        let plan = plan_writes(&mut tx, unique).await?;
+        outcome.duplicates += plan.duplicates;
+        outcome.stale = plan.stale;
+        let keyed: Vec<(Uuid, &ReadyConversation)> = plan
+            .inserts
+            .iter()
+            .map(|r| (r.conversation.id, *r))
+            .collect();
         let inserted = insert_conversations(&mut tx, &keyed).await?;
         let (mut new, skipped): (Vec<_>, Vec<_>) = keyed
             .into_iter()
@@ -150,13 +201,25 @@ impl Store {
                 }
             }
         }
+        outcome.duplicates += plan.inserts.len() - new.len();
         outcome.conversations_inserted = new.len();
-        outcome.duplicates += unique.len() - new.len();
+        let kept = if plan.updates.is_empty() {
+            HashSet::new()
+        } else {
+            update_conversations(&mut tx, &plan.updates).await?;
+            outcome.replaced = plan.updates.len();
+            let diff = diff_chunks(&mut tx, &plan.updates).await?;
+            outcome.chunks_kept = diff.kept.len();
+            outcome.chunks_deleted = diff.deleted;
+            diff.kept
+        };
+        new.extend(plan.updates.iter().copied());
 
         let now = Utc::now();
         let rows: Vec<ChunkRow<'_>> = new
             .iter()
             .flat_map(|(row_id, r)| chunk_rows(r, *row_id, now))
+            .filter(|row| !kept.contains(&(row.conversation_id, row.seq)))
             .collect();
         for row in &rows {
             match row.status {
@@ -174,6 +237,8 @@ impl Store {
         tx.commit().await?;
         tracing::debug!(
             conversations = outcome.conversations_inserted,
+            replaced = outcome.replaced,
+            stale = outcome.stale.len(),
             duplicates = outcome.duplicates,
             chunks = outcome.chunks_inserted,
             method = ?self.write_method,
@@ -289,6 +354,205 @@ fn json_has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
+/// What the batch does to each of its conversations, decided under the
+/// locks.
+struct WritePlan<'a> {
+    inserts: Vec<&'a ReadyConversation>,
+    /// (stored row id, the new version).
+    updates: Vec<(Uuid, &'a ReadyConversation)>,
+    duplicates: usize,
+    stale: Vec<String>,
+}
+
+/// The stored row of a client id, as far as the write needs it.
+struct CurrentRow {
+    id: Uuid,
+    stamp: i64,
+    content_sha: Option<Vec<u8>>,
+    posted_sha: Option<Vec<u8>>,
+}
+
+/// Takes the locks of the batch's users (shared) and client ids
+/// (exclusive), reads their stored versions and tombstones, and sorts each
+/// conversation into insert, update, duplicate or stale.
+async fn plan_writes<'a>(
+    conn: &mut PgConnection,
+    unique: Vec<&'a ReadyConversation>,
+) -> Result<WritePlan<'a>, StoreError> {
+    let users: Vec<&str> = unique
+        .iter()
+        .map(|r| r.conversation.user_id.as_str())
+        .collect();
+    let client_ids: Vec<&str> = unique
+        .iter()
+        .filter_map(|r| r.conversation.client_id.as_deref())
+        .collect();
+    // Users first, then conversations, in every writer: one lock order.
+    lock_keys(
+        conn,
+        users.iter().map(|u| lock_key(KeyKind::User, u)).collect(),
+        true,
+    )
+    .await?;
+    lock_keys(
+        conn,
+        client_ids
+            .iter()
+            .map(|k| lock_key(KeyKind::Conversation, k))
+            .collect(),
+        false,
+    )
+    .await?;
+    let mut current: HashMap<String, CurrentRow> = HashMap::new();
+    if !client_ids.is_empty() {
+        let rows = sqlx::query(
+            "SELECT id, client_id, version_stamp, content_sha, posted_sha FROM conversations \
+             WHERE client_id = ANY($1) FOR UPDATE",
+        )
+        .bind(&client_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            use sqlx::Row;
+            let client_id: String = row.try_get("client_id")?;
+            current.insert(
+                client_id,
+                CurrentRow {
+                    id: row.try_get("id")?,
+                    stamp: row.try_get("version_stamp")?,
+                    content_sha: row.try_get("content_sha")?,
+                    posted_sha: row.try_get("posted_sha")?,
+                },
+            );
+        }
+    }
+    let tombstones = read_tombstones(conn, &client_ids, &users).await?;
+    let mut plan = WritePlan {
+        inserts: Vec::new(),
+        updates: Vec::new(),
+        duplicates: 0,
+        stale: Vec::new(),
+    };
+    for ready in unique {
+        let c = &ready.conversation;
+        let v = &ready.version;
+        let buried = c
+            .client_id
+            .as_deref()
+            .and_then(|k| tombstones.conversation(k))
+            .into_iter()
+            .chain(tombstones.user(&c.user_id))
+            .any(|deleted| v.stamp <= deleted);
+        let Some(client_id) = c.client_id.as_deref() else {
+            if buried {
+                plan.stale.push(c.id.to_string());
+            } else {
+                plan.inserts.push(ready);
+            }
+            continue;
+        };
+        match (current.get(client_id), v.replaces) {
+            _ if buried => plan.stale.push(client_id.to_string()),
+            (None, None) => plan.inserts.push(ready),
+            (Some(row), Some(stamp)) if row.stamp == stamp => plan.updates.push((row.id, ready)),
+            (Some(row), None) if is_retry(ready, row) => plan.duplicates += 1,
+            _ => plan.stale.push(client_id.to_string()),
+        }
+    }
+    Ok(plan)
+}
+
+/// A new conversation whose client id is stored with the same content (or
+/// by a version before content hashes): the same client id twice stores
+/// one row.
+fn is_retry(ready: &ReadyConversation, row: &CurrentRow) -> bool {
+    let Some(stored) = row.content_sha.as_deref() else {
+        return true;
+    };
+    let sha = ready
+        .version
+        .content_sha
+        .unwrap_or_else(|| content_sha(&ready.conversation));
+    stored == sha.as_slice() || row.posted_sha.as_deref() == Some(sha.as_slice())
+}
+
+fn version_shas(ready: &ReadyConversation) -> (ContentHash, ContentHash) {
+    let sha = ready
+        .version
+        .content_sha
+        .unwrap_or_else(|| content_sha(&ready.conversation));
+    (sha, ready.version.posted_sha.unwrap_or(sha))
+}
+
+/// What [`diff_chunks`] found.
+struct ChunkDiff {
+    /// (row id, seq) of chunk rows left as they are.
+    kept: HashSet<(Uuid, i32)>,
+    deleted: usize,
+}
+
+/// Deletes the chunk rows of replaced versions that the new version does
+/// not hold as they are (same position, text, model and status), and says
+/// which stay.
+async fn diff_chunks(
+    conn: &mut PgConnection,
+    updates: &[(Uuid, &ReadyConversation)],
+) -> Result<ChunkDiff, StoreError> {
+    use sqlx::Row;
+    let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
+    let mut wanted: HashMap<(Uuid, i32), (&[u8], &str, &str)> = HashMap::new();
+    for (id, ready) in updates {
+        for chunk in &ready.chunks {
+            wanted.insert(
+                (*id, chunk.chunk.seq),
+                (
+                    chunk.chunk.content_hash.as_slice(),
+                    ready.model.as_str(),
+                    chunk.vector.status().as_str(),
+                ),
+            );
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT conversation_id, seq, content_hash, model, embedding_status \
+         FROM conversation_chunks WHERE conversation_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut kept = HashSet::new();
+    let (mut gone_ids, mut gone_seqs) = (Vec::new(), Vec::new());
+    for row in rows {
+        let key: (Uuid, i32) = (row.try_get("conversation_id")?, row.try_get("seq")?);
+        let hash: Vec<u8> = row.try_get("content_hash")?;
+        let model: String = row.try_get("model")?;
+        let status: String = row.try_get("embedding_status")?;
+        let same = wanted
+            .get(&key)
+            .is_some_and(|(h, m, s)| *h == hash.as_slice() && *m == model && *s == status);
+        if same {
+            kept.insert(key);
+        } else {
+            gone_ids.push(key.0);
+            gone_seqs.push(key.1);
+        }
+    }
+    if !gone_ids.is_empty() {
+        sqlx::query(
+            "DELETE FROM conversation_chunks AS c USING UNNEST($1::uuid[], $2::int4[]) AS d(id, seq) \
+             WHERE c.conversation_id = d.id AND c.seq = d.seq",
+        )
+        .bind(&gone_ids)
+        .bind(&gone_seqs)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(ChunkDiff {
+        kept,
+        deleted: gone_ids.len(),
+    })
+}
+
 /// Of the conversations the insert skipped, those whose client id is not
 /// stored: their row id is held by a different conversation, so they are
 /// not duplicates and must still be written. A conversation without a
@@ -325,6 +589,54 @@ async fn insert_conversations(
     conn: &mut PgConnection,
     batch: &[(Uuid, &ReadyConversation)],
 ) -> Result<HashSet<Uuid>, StoreError> {
+    let inserted: Vec<Uuid> = bind_conversations(sqlx::query_scalar(INSERT_CONVERSATIONS), batch)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(inserted.into_iter().collect())
+}
+
+/// Replaces the stored versions, each in the row paired with it.
+async fn update_conversations(
+    conn: &mut PgConnection,
+    batch: &[(Uuid, &ReadyConversation)],
+) -> Result<(), StoreError> {
+    bind_conversations(sqlx::query(UPDATE_CONVERSATIONS), batch)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Something the fifteen conversation columns can be bound to, in order.
+trait BindColumns<'q>: Sized {
+    fn bind_column<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send;
+}
+
+impl<'q> BindColumns<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_column<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+    {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> BindColumns<'q>
+    for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+{
+    fn bind_column<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+    {
+        self.bind(value)
+    }
+}
+
+fn bind_conversations<'q, Q: BindColumns<'q>>(
+    query: Q,
+    batch: &'q [(Uuid, &'q ReadyConversation)],
+) -> Q {
     let n = batch.len();
     let mut ids = Vec::with_capacity(n);
     let mut client_ids = Vec::with_capacity(n);
@@ -337,8 +649,17 @@ async fn insert_conversations(
     let mut created = Vec::with_capacity(n);
     let mut received = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
+    let mut stamps = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut content_shas = Vec::with_capacity(n);
+    let mut posted_shas = Vec::with_capacity(n);
     for (row_id, ready) in batch {
         let c = &ready.conversation;
+        let (content, posted) = version_shas(ready);
+        stamps.push(ready.version.stamp);
+        versions.push(ready.version.versions);
+        content_shas.push(content.to_vec());
+        posted_shas.push(posted.to_vec());
         ids.push(*row_id);
         client_ids.push(c.client_id.as_deref());
         user_ids.push(c.user_id.as_str());
@@ -351,21 +672,22 @@ async fn insert_conversations(
         received.push(c.received_at);
         statuses.push(ready.embedding_status().as_str());
     }
-    let inserted: Vec<Uuid> = sqlx::query_scalar(INSERT_CONVERSATIONS)
-        .bind(&ids)
-        .bind(&client_ids)
-        .bind(&user_ids)
-        .bind(&channels)
-        .bind(&summaries)
-        .bind(&transcripts)
-        .bind(&messages)
-        .bind(&metadata)
-        .bind(&created)
-        .bind(&received)
-        .bind(&statuses)
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(inserted.into_iter().collect())
+    query
+        .bind_column(ids)
+        .bind_column(client_ids)
+        .bind_column(user_ids)
+        .bind_column(channels)
+        .bind_column(summaries)
+        .bind_column(transcripts)
+        .bind_column(messages)
+        .bind_column(metadata)
+        .bind_column(created)
+        .bind_column(received)
+        .bind_column(statuses)
+        .bind_column(stamps)
+        .bind_column(versions)
+        .bind_column(content_shas)
+        .bind_column(posted_shas)
 }
 
 /// One `conversation_chunks` row, borrowed from the batch.
@@ -520,6 +842,7 @@ mod tests {
             },
             chunks,
             model: "m".into(),
+            version: convstore_core::model::RowVersion::default(),
         }
     }
 

@@ -37,6 +37,11 @@ pub const STORE_RETRIES: &str = "convstore_store_retries_total";
 pub const CONVERSATIONS_STORED: &str = "convstore_conversations_stored_total";
 pub const CONVERSATIONS_DUPLICATE: &str = "convstore_conversations_duplicate_total";
 pub const CONVERSATIONS_FAILED: &str = "convstore_conversations_failed_total";
+/// Changes to conversations (posts and appends) by what they came to.
+pub const CONVERSATION_CHANGES: &str = "convstore_conversation_changes_total";
+pub const MESSAGES_APPENDED: &str = "convstore_messages_appended_total";
+/// Conversations deleted, by reason: `api`, `erase`, `retention`.
+pub const CONVERSATIONS_DELETED: &str = "convstore_conversations_deleted_total";
 pub const CHUNKS_STORED: &str = "convstore_chunks_stored_total";
 pub const END_TO_END_SECONDS: &str = "convstore_end_to_end_seconds";
 pub const READY: &str = "convstore_ready";
@@ -137,6 +142,9 @@ pub const ALL: &[&str] = &[
     CONVERSATIONS_STORED,
     CONVERSATIONS_DUPLICATE,
     CONVERSATIONS_FAILED,
+    CONVERSATION_CHANGES,
+    MESSAGES_APPENDED,
+    CONVERSATIONS_DELETED,
     CHUNKS_STORED,
     END_TO_END_SECONDS,
     READY,
@@ -182,6 +190,16 @@ pub const ALL: &[&str] = &[
     HTTP_BODY_BUFFERED_BYTES,
 ];
 
+/// The `outcome` values of [`CONVERSATION_CHANGES`].
+pub const CHANGE_OUTCOMES: &[&str] = &[
+    "created",
+    "replaced",
+    "appended",
+    "unchanged",
+    "superseded",
+    "discarded",
+];
+
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
 pub const ENQUEUE_BUCKETS: &[f64] = &[
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05,
@@ -208,6 +226,13 @@ pub fn init_series() {
     }
     for status in ["embedded", "pending", "failed"] {
         metrics::counter!(CHUNKS_STORED, label::STATUS => status).absolute(0);
+    }
+    for outcome in CHANGE_OUTCOMES {
+        metrics::counter!(CONVERSATION_CHANGES, label::OUTCOME => *outcome).absolute(0);
+    }
+    metrics::counter!(MESSAGES_APPENDED).absolute(0);
+    for reason in ["api", "erase", "retention"] {
+        metrics::counter!(CONVERSATIONS_DELETED, label::REASON => reason).absolute(0);
     }
     for table in ["conversations", "conversation_chunks"] {
         metrics::counter!(STORE_ROWS, label::TABLE => table).absolute(0);
@@ -345,6 +370,18 @@ pub fn describe() {
         "Accepted conversations that could not be stored, by reason."
     );
     describe_counter!(CHUNKS_STORED, "Chunks committed, by embedding status.");
+    describe_counter!(
+        CONVERSATION_CHANGES,
+        "Posts and appends applied, by outcome: created, replaced (a new version of a stored conversation), appended, unchanged (a retry), superseded (a later change was there), discarded (deleted or erased before it was stored)."
+    );
+    describe_counter!(
+        CONVERSATIONS_DELETED,
+        "Stored conversations deleted, by reason: api (DELETE /v1/conversations/{id}), erase (DELETE /v1/users/{user_id}), retention (the reaper)."
+    );
+    describe_counter!(
+        MESSAGES_APPENDED,
+        "Messages added to stored conversations by appends (repeated message ids not counted)."
+    );
     describe_histogram!(
         END_TO_END_SECONDS,
         Unit::Seconds,

@@ -1,10 +1,12 @@
-//! What one journal record holds: an accepted conversation, exactly as it
-//! will be stored (its row id included, so a replay writes the same row).
+//! What one journal record holds: an accepted change (a conversation
+//! posted, or turns appended to one), exactly as it will be applied (its
+//! row id and acknowledgement stamp included, so a replay writes the same
+//! row and applies the change once).
 //!
 //! JSON, with a version field: readable with standard tools when an
 //! operator has to look inside a segment, and tolerant of fields added
-//! later. Encoding a conversation costs microseconds, small next to the
-//! write itself.
+//! later. Version 1 (before issue 16) held posts only, without a stamp;
+//! such records are still read, stamped with their arrival time.
 
 use std::time::Instant;
 
@@ -12,27 +14,35 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::lifecycle::{Append, Change, Stamp, StampedChange};
 use crate::model::{Conversation, Message};
 
 /// The payload format written by this version.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The oldest format still read.
+const OLDEST_READ: u32 = 1;
 
-/// Written: borrows from the conversation.
+/// Written: borrows from the change.
 #[derive(Serialize)]
 struct EntryRef<'a> {
     v: u32,
+    /// `post` or `append`.
+    kind: &'static str,
+    stamp: Stamp,
     id: Uuid,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_id: Option<&'a str>,
     user_id: &'a str,
-    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     #[serde(skip_serializing_if = "<[Message]>::is_empty")]
     messages: &'a [Message],
     #[serde(skip_serializing_if = "Option::is_none")]
     transcript: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<&'a str>,
-    metadata: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     created_at: Option<DateTime<Utc>>,
     received_at: DateTime<Utc>,
@@ -42,54 +52,81 @@ struct EntryRef<'a> {
 /// may add some that this one does not need).
 #[derive(Deserialize)]
 struct EntryOwned {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    stamp: Option<Stamp>,
     id: Uuid,
     #[serde(default)]
     client_id: Option<String>,
     user_id: String,
-    channel: String,
+    #[serde(default)]
+    channel: Option<String>,
     #[serde(default)]
     messages: Vec<Message>,
     #[serde(default)]
     transcript: Option<String>,
     #[serde(default)]
     summary: Option<String>,
-    metadata: serde_json::Value,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
     #[serde(default)]
     created_at: Option<DateTime<Utc>>,
     received_at: DateTime<Utc>,
 }
 
-/// Why a verified record's payload is not a conversation.
+/// Why a verified record's payload is not a change.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("payload is not a journal entry: {0}")]
     Json(#[from] serde_json::Error),
     #[error("journal entry version {0} is newer than this convstore understands")]
     Version(u32),
+    #[error("journal entry is not complete: {0}")]
+    Incomplete(&'static str),
 }
 
-/// The payload for `conversation`.
-pub fn encode(conversation: &Conversation) -> Vec<u8> {
-    let entry = EntryRef {
-        v: VERSION,
-        id: conversation.id,
-        client_id: conversation.client_id.as_deref(),
-        user_id: &conversation.user_id,
-        channel: &conversation.channel,
-        messages: &conversation.messages,
-        transcript: conversation.transcript.as_deref(),
-        summary: conversation.summary.as_deref(),
-        metadata: &conversation.metadata,
-        created_at: conversation.created_at,
-        received_at: conversation.received_at,
+/// The payload for `change`.
+pub fn encode(change: &StampedChange) -> Vec<u8> {
+    let entry = match &change.change {
+        Change::Post(c) => EntryRef {
+            v: VERSION,
+            kind: "post",
+            stamp: change.stamp,
+            id: c.id,
+            client_id: c.client_id.as_deref(),
+            user_id: &c.user_id,
+            channel: Some(&c.channel),
+            messages: &c.messages,
+            transcript: c.transcript.as_deref(),
+            summary: c.summary.as_deref(),
+            metadata: Some(&c.metadata),
+            created_at: c.created_at,
+            received_at: c.received_at,
+        },
+        Change::Append(a) => EntryRef {
+            v: VERSION,
+            kind: "append",
+            stamp: change.stamp,
+            id: a.id,
+            client_id: Some(&a.client_id),
+            user_id: &a.user_id,
+            channel: None,
+            messages: &a.messages,
+            transcript: None,
+            summary: None,
+            metadata: None,
+            created_at: None,
+            received_at: a.received_at,
+        },
     };
     // Serialising plain strings, numbers and a JSON value cannot fail.
     serde_json::to_vec(&entry).unwrap_or_default()
 }
 
-/// The conversation in `payload`. `received_instant` is now: the time it
-/// spent in the journal before a restart is not pipeline latency.
-pub fn decode(payload: &[u8]) -> Result<Conversation, DecodeError> {
+/// The change in `payload`. `received_instant` is now: the time it spent
+/// in the journal before a restart is not pipeline latency.
+pub fn decode(payload: &[u8]) -> Result<StampedChange, DecodeError> {
     // The version first: a newer layout must be refused as newer, not
     // reported as a malformed entry.
     #[derive(Deserialize)]
@@ -97,23 +134,44 @@ pub fn decode(payload: &[u8]) -> Result<Conversation, DecodeError> {
         v: u32,
     }
     let version: VersionOnly = serde_json::from_slice(payload)?;
-    if version.v != VERSION {
+    if !(OLDEST_READ..=VERSION).contains(&version.v) {
         return Err(DecodeError::Version(version.v));
     }
     let entry: EntryOwned = serde_json::from_slice(payload)?;
-    Ok(Conversation {
-        id: entry.id,
-        client_id: entry.client_id,
-        user_id: entry.user_id,
-        channel: entry.channel,
-        messages: entry.messages,
-        transcript: entry.transcript,
-        summary: entry.summary,
-        metadata: entry.metadata,
-        created_at: entry.created_at,
-        received_at: entry.received_at,
-        received_instant: Instant::now(),
-    })
+    let stamp = entry
+        .stamp
+        .unwrap_or_else(|| entry.received_at.timestamp_micros());
+    let change = match entry.kind.as_deref() {
+        None | Some("post") => Change::Post(Conversation {
+            id: entry.id,
+            client_id: entry.client_id,
+            user_id: entry.user_id,
+            channel: entry
+                .channel
+                .ok_or(DecodeError::Incomplete("a post without channel"))?,
+            messages: entry.messages,
+            transcript: entry.transcript,
+            summary: entry.summary,
+            metadata: entry
+                .metadata
+                .ok_or(DecodeError::Incomplete("a post without metadata"))?,
+            created_at: entry.created_at,
+            received_at: entry.received_at,
+            received_instant: Instant::now(),
+        }),
+        Some("append") => Change::Append(Append {
+            id: entry.id,
+            client_id: entry
+                .client_id
+                .ok_or(DecodeError::Incomplete("an append without client_id"))?,
+            user_id: entry.user_id,
+            messages: entry.messages,
+            received_at: entry.received_at,
+            received_instant: Instant::now(),
+        }),
+        Some(_) => return Err(DecodeError::Incomplete("an unknown kind of change")),
+    };
+    Ok(StampedChange { stamp, change })
 }
 
 #[cfg(test)]
@@ -142,6 +200,7 @@ pub(crate) mod tests {
                 role: role.to_string(),
                 content,
                 ts,
+                message_id: None,
             });
         let metadata = proptest::collection::btree_map("[a-z]{1,5}", "[^\u{0}]{0,10}", 0..4)
             .prop_map(|m| serde_json::json!(m));
@@ -201,24 +260,69 @@ pub(crate) mod tests {
             && a.received_at == b.received_at
     }
 
+    pub(crate) fn post(c: &Conversation, stamp: Stamp) -> StampedChange {
+        StampedChange {
+            stamp,
+            change: Change::Post(c.clone()),
+        }
+    }
+
+    pub(crate) fn posted(change: &StampedChange) -> &Conversation {
+        match &change.change {
+            Change::Post(c) => c,
+            Change::Append(_) => panic!("not a post: {change:?}"),
+        }
+    }
+
     proptest! {
         #[test]
-        fn conversation_round_trips(c in arb_conversation()) {
-            let payload = encode(&c);
+        fn post_round_trips(c in arb_conversation(), stamp in any::<i64>()) {
+            let payload = encode(&post(&c, stamp));
             // The scanner's resynchronisation relies on this.
             prop_assert!(!payload.contains(&0xFF));
             let back = decode(&payload).unwrap();
-            prop_assert!(same(&c, &back), "{c:?} != {back:?}");
+            prop_assert_eq!(back.stamp, stamp);
+            prop_assert!(same(&c, posted(&back)), "{c:?} != {back:?}");
+        }
+
+        #[test]
+        fn append_round_trips(c in arb_conversation(), stamp in any::<i64>()) {
+            let append = Append {
+                id: c.id,
+                client_id: c.client_id.clone().unwrap_or_else(|| "k".into()),
+                user_id: c.user_id.clone(),
+                messages: c.messages.clone(),
+                received_at: c.received_at,
+                received_instant: Instant::now(),
+            };
+            let change = StampedChange { stamp, change: Change::Append(append.clone()) };
+            let payload = encode(&change);
+            prop_assert!(!payload.contains(&0xFF));
+            let back = decode(&payload).unwrap();
+            prop_assert_eq!(back.stamp, stamp);
+            let Change::Append(a) = back.change else { panic!("not an append") };
+            prop_assert_eq!(
+                (a.id, a.client_id, a.user_id, a.messages, a.received_at),
+                (append.id, append.client_id, append.user_id, append.messages, append.received_at)
+            );
         }
     }
 
     #[test]
     fn newer_version_is_refused_not_misread() {
         let c = parse_one();
-        let mut value: serde_json::Value = serde_json::from_slice(&encode(&c)).unwrap();
-        value["v"] = 2.into();
+        let mut value: serde_json::Value = serde_json::from_slice(&encode(&post(&c, 1))).unwrap();
+        value["v"] = 3.into();
         let err = decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
-        assert!(matches!(err, DecodeError::Version(2)));
+        assert!(matches!(err, DecodeError::Version(3)));
+    }
+
+    #[test]
+    fn version_1_records_are_posts_stamped_by_arrival() {
+        let payload = br#"{"v":1,"id":"00000000-0000-0000-0000-000000000001","client_id":"c-1","user_id":"u","channel":"web","messages":[{"role":"user","content":"hi"}],"metadata":{},"received_at":"2024-05-01T10:00:00.000001Z"}"#;
+        let back = decode(payload).unwrap();
+        assert_eq!(back.stamp, 1_714_557_600_000_001);
+        assert_eq!(posted(&back).client_id.as_deref(), Some("c-1"));
     }
 
     fn parse_one() -> Conversation {
@@ -231,6 +335,7 @@ pub(crate) mod tests {
                 role: "user".into(),
                 content: "hi".into(),
                 ts: None,
+                message_id: None,
             }],
             transcript: None,
             summary: None,

@@ -171,7 +171,8 @@ impl App {
             IngressState::new(settings, queue.clone(), store.clone(), metrics)
                 .with_journal(journal.as_ref().map(|(j, _)| j.clone()))
                 .with_router(embedder.clone())
-                .with_search(Arc::new(search)),
+                .with_search(Arc::new(search))
+                .with_cache(ctx.cache.clone()),
         );
         // What an earlier run journaled and did not store goes back on the
         // queue before anything new is accepted.

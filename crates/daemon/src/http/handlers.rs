@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorBody};
 use super::intake::{Reached, Wait, WaitLevel, admit, parse_wait, wait_for};
 use super::{IngressState, Transport};
 use convstore_core::batch_body::split_items;
+use convstore_core::lifecycle::Change;
 use convstore_core::validate::{conversation_from_value, parse_conversation, row_id};
 use convstore_telemetry::events::label;
 
@@ -32,6 +33,12 @@ pub struct Accepted {
     /// The level reached: `queued`, `durable` or `stored`.
     #[schema(example = "queued")]
     status: &'static str,
+}
+
+impl Accepted {
+    pub(super) fn new(id: String, status: &'static str) -> Self {
+        Self { id, status }
+    }
 }
 
 /// `POST /v1/conversations`: one conversation → 202
@@ -82,7 +89,7 @@ pub async fn post_conversation(
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-struct WaitParams {
+pub(super) struct WaitParams {
     /// `queued` (default), `durable` (journal fsynced; without a journal,
     /// as `stored`) or `stored` (committed in PostgreSQL).
     #[param(inline, value_type = Option<String>, pattern = "^(queued|durable|stored)$")]
@@ -93,7 +100,7 @@ struct WaitParams {
     timeout_ms: Option<u64>,
 }
 
-fn wait_of(state: &IngressState, query: Option<&str>) -> Result<Wait, ApiError> {
+pub(super) fn wait_of(state: &IngressState, query: Option<&str>) -> Result<Wait, ApiError> {
     let limits = state.limits();
     parse_wait(
         query,
@@ -119,7 +126,7 @@ async fn accept_one(
     let conversation = parse_conversation(&bytes, state.limits().validation)?;
     // The conversation is parsed: from here the queue accounts its bytes.
     drop(bytes);
-    let admitted = admit(state, conversation, wait.level).await?;
+    let admitted = admit(state, Change::Post(conversation), wait.level).await?;
     metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
     let id = admitted.id.clone();
     let reached = wait_for(state, admitted, wait.level, deadline).await?;
@@ -332,7 +339,7 @@ async fn accept_batch(
             (_, Some(full)) => Err(full.clone()),
             (Err(e), None) => Err(e.into()),
             (Ok(value), None) => match conversation_from_value(value, limits.validation) {
-                Ok(conversation) => admit(state, conversation, wait.level).await,
+                Ok(conversation) => admit(state, Change::Post(conversation), wait.level).await,
                 Err(e) => Err(e.into()),
             },
         };

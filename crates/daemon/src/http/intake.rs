@@ -20,7 +20,7 @@ use tokio::time::timeout_at;
 use crate::config::WhenFull;
 use crate::queue::PushError;
 use crate::ticket::{Outcome, Queued, Ticket};
-use convstore_core::model::Conversation;
+use convstore_core::lifecycle::{Change, StampedChange};
 use convstore_journal::{AppendError, DurableError, entry};
 use convstore_telemetry::metrics as m;
 
@@ -121,10 +121,10 @@ pub fn parse_wait(
     Ok(Wait { level, timeout })
 }
 
-/// An accepted conversation, as far as the request still cares.
+/// An accepted change, as far as the request still cares.
 #[derive(Debug)]
 pub struct Admitted {
-    /// The id the caller knows: its own, or the assigned UUID.
+    /// The id the caller knows: its own, or the UUID assigned when it gave none.
     pub id: String,
     /// The journal record's LSN, when journaled.
     pub lsn: Option<u64>,
@@ -132,111 +132,147 @@ pub struct Admitted {
     pub outcome: Option<oneshot::Receiver<Outcome>>,
 }
 
-/// Puts `conversation` in the journal (when on) and on the queue, with its
-/// completion handle. Nothing is left behind when this fails: every way
-/// admission can end without the queue taking the conversation (refused,
-/// timed out, or the request dropped while it waits for room) cancels the
-/// ticket, which is a refusal the caller hears of, never a loss.
-// The queue hands a refused conversation back inside its error so a
-// blocking admission can retry without cloning it; the error is moved,
-// never copied, so its size costs nothing.
+/// Serialises the admission of changes to one conversation: stamping,
+/// registering as the row's latest change, journaling and enqueueing
+/// happen as one step per row, so the stamps, the journal and the queue
+/// agree on the order of a conversation's changes. Striped by row id, so
+/// different conversations rarely wait for each other; every section is
+/// synchronous (microseconds) and never held across an await.
+pub struct AdmissionOrder {
+    stripes: Vec<std::sync::Mutex<()>>,
+}
+
+impl AdmissionOrder {
+    const STRIPES: usize = 64;
+
+    pub fn new() -> Self {
+        Self {
+            stripes: (0..Self::STRIPES)
+                .map(|_| std::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    fn lock(&self, row_id: uuid::Uuid) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let stripe = (row_id.as_u128() % Self::STRIPES as u128) as usize;
+        // The sections hold no data: poison is harmless.
+        self.stripes
+            .get(stripe)
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Default for AdmissionOrder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Stamps `change`, puts it in the journal (when on) and on the queue, with
+/// its completion handle. Nothing is left behind when this fails: every
+/// refusal cancels the ticket before the row's admission section ends,
+/// which is a refusal the caller hears of, never a loss; while a blocking
+/// admission waits for room it holds the bare change, no ticket.
+// The queue hands a refused change back inside its error so a blocking
+// admission can retry without cloning it; the error is moved, never
+// copied, so its size costs nothing.
 #[allow(clippy::result_large_err)]
 pub async fn admit(
     state: &IngressState,
-    conversation: Conversation,
+    change: Change,
     level: WaitLevel,
 ) -> Result<Admitted, ApiError> {
-    let id = match &conversation.client_id {
-        Some(cid) => cid.clone(),
-        None => conversation.id.to_string(),
+    let id = match change.client_id() {
+        Some(cid) => cid.to_string(),
+        None => change.row_id().to_string(),
     };
-    let mut ticket = Ticket::new(conversation.id, state.in_flight.clone());
-    let outcome = (level == WaitLevel::Stored).then(|| ticket.subscribe());
-    let bytes = conversation.approx_bytes();
+    let row_id = change.row_id();
+    let bytes = change.approx_bytes();
     let limits = state.limits();
     let block = limits.when_full == WhenFull::Block;
     let deadline = tokio::time::Instant::now() + limits.block_timeout;
-    let payload = state.journal().map(|_| entry::encode(&conversation));
-    let mut pending = Admission::new(Queued::new(conversation, ticket));
-    let lsn = loop {
-        let attempt = match (state.journal(), &payload) {
-            (Some(journal), Some(payload)) => {
-                // The closure runs only once the record is written; on any
-                // refusal before that the conversation stays in `pending`.
-                let appended = journal.append(payload, |position| {
-                    let Some(Queued {
-                        conversation,
-                        ticket,
-                    }) = pending.take()
-                    else {
-                        return Err(None);
-                    };
-                    let journal = journal.clone();
-                    let ticket = ticket.with_release(move || journal.settle(position));
-                    state
-                        .queue
-                        .try_push(Queued::new(conversation, ticket), bytes)
-                        .map_err(Some)
-                });
-                match appended {
-                    Ok(position) => Ok(Some(position.lsn)),
-                    Err(AppendError::Enqueue(Some(e))) => Err(e),
-                    Err(AppendError::Enqueue(None)) => {
-                        return Err(ApiError::Internal("admission lost its conversation".into()));
-                    }
-                    // `pending` still holds the conversation: its ticket is
-                    // cancelled when `pending` goes.
-                    Err(e) => return Err(journal_refused(state, e)),
+    let mut change = Some(change);
+    loop {
+        let attempt = {
+            let _order = state.admission_order.lock(row_id);
+            let Some(next) = change.take() else {
+                return Err(ApiError::Internal("admission lost its change".into()));
+            };
+            let stamped = StampedChange {
+                stamp: crate::stamp::next(),
+                change: next,
+            };
+            let mut ticket = Ticket::for_change(&stamped, state.in_flight.clone());
+            let outcome = (level == WaitLevel::Stored).then(|| ticket.subscribe());
+            match enqueue(state, Queued::new(stamped, ticket), bytes) {
+                Ok(lsn) => {
+                    return Ok(Admitted { id, lsn, outcome });
                 }
+                Err(Refusal::Queue(PushError::Full(back)))
+                    if block && tokio::time::Instant::now() < deadline =>
+                {
+                    let (stamped, ticket) = back.into_parts();
+                    ticket.cancel();
+                    change = Some(stamped.change);
+                    None
+                }
+                Err(Refusal::Queue(e)) => Some(refused(state, e, bytes)),
+                Err(Refusal::Journal(e)) => Some(e),
             }
-            _ => match pending.take() {
-                Some(item) => state.queue.try_push(item, bytes).map(|()| None),
-                None => {
-                    return Err(ApiError::Internal("admission lost its conversation".into()));
-                }
-            },
         };
         match attempt {
-            Ok(lsn) => break lsn,
-            // `block`: wait for room and try again until the deadline. Not
-            // while holding the journal's lock (the append returned), and
-            // with the conversation in `pending`, so that a request dropped
-            // while it waits cancels its ticket rather than losing it.
-            Err(PushError::Full(back)) if block && tokio::time::Instant::now() < deadline => {
-                pending.put_back(back);
+            Some(error) => return Err(error),
+            // `block`: wait for room (without the row's section) and try
+            // again until the deadline.
+            None => {
                 state.queue.wait_for_room(bytes, deadline).await;
             }
-            Err(e) => return Err(refused(state, e, bytes)),
         }
+    }
+}
+
+/// Why [`enqueue`] did not take a change (its ticket already cancelled
+/// unless the queue handed it back).
+enum Refusal {
+    Queue(PushError<Queued>),
+    Journal(ApiError),
+}
+
+/// Journals (when on) and enqueues one stamped change; its LSN.
+fn enqueue(state: &IngressState, item: Queued, bytes: usize) -> Result<Option<u64>, Refusal> {
+    let Some(journal) = state.journal() else {
+        return state
+            .queue
+            .try_push(item, bytes)
+            .map(|()| None)
+            .map_err(Refusal::Queue);
     };
-    Ok(Admitted { id, lsn, outcome })
-}
-
-/// A conversation on its way into the queue. Until the queue takes it, it
-/// was never accepted, so however admission ends early its ticket is
-/// cancelled, not dropped: a dropped ticket reports the conversation lost
-/// (an ERROR and `convstore_conversations_failed_total{reason="lost"}`),
-/// which a refusal is not.
-struct Admission(Option<Queued>);
-
-impl Admission {
-    fn new(item: Queued) -> Self {
-        Self(Some(item))
-    }
-
-    fn take(&mut self) -> Option<Queued> {
-        self.0.take()
-    }
-
-    fn put_back(&mut self, item: Queued) {
-        self.0 = Some(item);
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if let Some(item) = self.0.take() {
-            item.ticket.cancel();
+    let payload = entry::encode(&item.change);
+    let mut pending = Some(item);
+    // The closure runs only once the record is written; on any refusal
+    // before that the change stays in `pending`.
+    let appended = journal.append(&payload, |position| {
+        let Some(Queued { change, ticket }) = pending.take() else {
+            return Err(None);
+        };
+        let journal = journal.clone();
+        let ticket = ticket.with_release(move || journal.settle(position));
+        state
+            .queue
+            .try_push(Queued::new(change, ticket), bytes)
+            .map_err(Some)
+    });
+    match appended {
+        Ok(position) => Ok(Some(position.lsn)),
+        Err(AppendError::Enqueue(Some(e))) => Err(Refusal::Queue(e)),
+        Err(AppendError::Enqueue(None)) => Err(Refusal::Journal(ApiError::Internal(
+            "admission lost its change".into(),
+        ))),
+        Err(e) => {
+            if let Some(item) = pending.take() {
+                item.ticket.cancel();
+            }
+            Err(Refusal::Journal(journal_refused(state, e)))
         }
     }
 }
@@ -379,6 +415,15 @@ async fn wait_stored(
     match timeout_at(deadline, rx).await {
         Err(_) => Err(timed_out(&id, WaitLevel::Stored)),
         Ok(Ok(Outcome::Stored)) => Ok(Reached::Stored),
+        Ok(Ok(Outcome::Discarded(why))) => Err(unfinished(
+            &id,
+            axum::http::StatusCode::CONFLICT,
+            "discarded",
+            match why {
+                convstore_core::lifecycle::Discard::Deleted => "not stored: the conversation (or its user) was deleted after this change was accepted".into(),
+                convstore_core::lifecycle::Discard::NoConversation => "not stored: the conversation this appends to is gone (deleted, erased, or its post was refused)".into(),
+            },
+        )),
         Ok(Ok(Outcome::Rejected(reason))) => Err(unfinished(
             &id,
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -456,28 +501,6 @@ mod tests {
                 .level,
             WaitLevel::Stored
         );
-    }
-
-    /// However admission ends before the queue takes the conversation, the
-    /// ticket is cancelled: no waiter is told `Lost` and the registry is
-    /// left clean.
-    #[tokio::test]
-    async fn an_unfinished_admission_cancels_its_ticket() {
-        let registry = crate::ticket::InFlight::new();
-        let id = uuid::Uuid::from_u128(7);
-        let mut ticket = Ticket::new(id, registry.clone());
-        let rx = ticket.subscribe();
-        let conversation = convstore_core::validate::parse_conversation(
-            br#"{"user_id":"u","channel":"c","transcript":"x"}"#,
-            convstore_core::validate::Limits::DEFAULT,
-        )
-        .unwrap();
-        let mut pending = Admission::new(Queued::new(conversation, ticket));
-        let item = pending.take().unwrap();
-        pending.put_back(item);
-        drop(pending);
-        assert!(registry.is_empty());
-        assert!(rx.await.is_err(), "a cancelled ticket sends no outcome");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod intake;
+pub mod lifecycle;
 pub mod listen;
 pub mod openapi;
 pub mod search;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{Settings, WhenFull};
@@ -91,6 +92,8 @@ pub struct IngressState {
     /// Accepted and not yet stored: `GET /v1/conversations/{id}` says
     /// `queued` for these.
     pub in_flight: Arc<InFlight>,
+    /// One admission at a time per conversation (`intake::admit`).
+    pub admission_order: intake::AdmissionOrder,
     /// Request bodies held in memory (`server.max_buffered_body_bytes`).
     pub body_budget: Arc<body::BodyBudget>,
     /// The journal, when `journal.enabled`.
@@ -106,6 +109,8 @@ pub struct IngressState {
     embedding: Option<Arc<convstore_embed::router::Router>>,
     /// `POST /v1/search` (503 without one).
     search: Option<Arc<search::SearchService>>,
+    /// The L1 embedding cache: an erasure evicts the user's texts.
+    cache: Option<Arc<convstore_embed::cache::EmbeddingCache>>,
 }
 
 impl IngressState {
@@ -119,6 +124,7 @@ impl IngressState {
             queue,
             store,
             in_flight: InFlight::new(),
+            admission_order: intake::AdmissionOrder::new(),
             body_budget: body::BodyBudget::new(settings.server.max_buffered_body_bytes.get()),
             journal: None,
             auth: auth::Auth::from_settings(&settings.auth),
@@ -127,6 +133,7 @@ impl IngressState {
             metrics,
             embedding: None,
             search: None,
+            cache: None,
         }
     }
 
@@ -161,6 +168,16 @@ impl IngressState {
         self.search.as_ref()
     }
 
+    /// The L1 cache an erasure evicts from.
+    pub fn with_cache(mut self, cache: Arc<convstore_embed::cache::EmbeddingCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    pub fn cache(&self) -> Option<&Arc<convstore_embed::cache::EmbeddingCache>> {
+        self.cache.as_ref()
+    }
+
     /// The limits in force now.
     pub fn limits(&self) -> IngressLimits {
         **self.limits.load()
@@ -186,7 +203,15 @@ pub fn router(state: Arc<IngressState>, transport: Transport) -> Router {
     let app = Router::new()
         .route("/v1/conversations", post(handlers::post_conversation))
         .route("/v1/conversations/batch", post(handlers::post_batch))
-        .route("/v1/conversations/{id}", get(handlers::get_conversation))
+        .route(
+            "/v1/conversations/{id}",
+            get(handlers::get_conversation).delete(lifecycle::delete_conversation),
+        )
+        .route(
+            "/v1/conversations/{id}/messages",
+            post(lifecycle::append_messages),
+        )
+        .route("/v1/users/{user_id}", delete(lifecycle::erase_user))
         .route("/v1/search", post(search::post_search))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(handlers::healthz))

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{handlers, search};
+use super::{handlers, lifecycle, search};
 
 pub use super::error::ErrorBody as ErrorObject;
 pub use super::error::ErrorEnvelope as ErrorResponse;
@@ -35,6 +35,9 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         handlers::post_conversation,
         handlers::post_batch,
         handlers::get_conversation,
+        lifecycle::append_messages,
+        lifecycle::delete_conversation,
+        lifecycle::erase_user,
         search::post_search,
         stats_doc,
         handlers::healthz,
@@ -47,6 +50,8 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         handlers::BatchResponse,
         handlers::ItemResult,
         handlers::ConversationView,
+        lifecycle::Deleted,
+        lifecycle::Erased,
         ErrorResponse,
         ErrorObject,
     )),
@@ -55,6 +60,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
     tags(
         (name = "ingest", description = "Hand conversations over"),
         (name = "read", description = "Read them back"),
+        (name = "lifecycle", description = "Delete conversations, erase users"),
         (name = "search", description = "Recall stored conversations by meaning"),
         (name = "monitoring", description = "What the daemon is doing"),
         (name = "health", description = "Liveness and readiness"),

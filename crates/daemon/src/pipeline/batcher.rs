@@ -60,7 +60,7 @@ pub async fn run(
         metrics::gauge!(m::QUEUE_BYTES).set(queue.bytes() as f64);
         let wait = metrics::histogram!(m::QUEUE_WAIT_SECONDS);
         for c in &batch {
-            wait.record(c.conversation.received_instant.elapsed().as_secs_f64());
+            wait.record(c.change.change.received_instant().elapsed().as_secs_f64());
         }
         metrics::histogram!(m::BATCH_CONVERSATIONS).record(batch.len() as f64);
         if let Err(mpsc::error::SendError(lost)) = tx.send(batch).await {

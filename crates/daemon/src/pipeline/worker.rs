@@ -1,14 +1,16 @@
 //! One worker: takes a batch, chunks it, gets vectors (cache, then backend),
 //! writes the batch in one transaction, and records what happened.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::{Mutex, mpsc};
 
-use convstore_core::model::{EmbeddedChunk, ReadyConversation};
+use convstore_core::lifecycle::{Applied, StampedChange, fold};
+use convstore_core::model::{Conversation, EmbeddedChunk, ReadyConversation, RowVersion};
+use convstore_store::lifecycle::FoldBase;
 use convstore_telemetry::metrics as m;
 
 use super::embedding::embed_chunks;
@@ -35,11 +37,24 @@ pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Recei
 }
 
 async fn process(ctx: &PipelineContext, batch: Batch) {
-    let (conversations, tickets): (Vec<_>, Vec<_>) = batch
+    // A change waits for the change of its conversation accepted before
+    // it, when that one travels in an earlier batch: changes apply in the
+    // order they were acknowledged. (Within this batch the fold orders
+    // them; an earlier batch never waits for a later one, so this cannot
+    // deadlock.)
+    let seqs: HashSet<u64> = batch.iter().map(|q| q.ticket.seq()).collect();
+    for item in &batch {
+        if let Some(before) = item.ticket.after()
+            && !seqs.contains(&before.seq)
+        {
+            before.clone().finished().await;
+        }
+    }
+    let (changes, tickets): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(crate::ticket::Queued::into_parts)
         .unzip();
-    let outcomes = embed_and_store(ctx, conversations).await;
+    let outcomes = apply(ctx, &changes).await;
     // Aligned with the batch; a ticket without an outcome (cannot happen)
     // reports itself lost when dropped.
     for (ticket, outcome) in tickets.into_iter().zip(outcomes) {
@@ -47,10 +62,237 @@ async fn process(ctx: &PipelineContext, batch: Batch) {
     }
 }
 
+/// How many times a conversation whose stored version changed under its
+/// write (another instance, a delete, an erasure) is folded and written
+/// again before its changes are given up for this run (the journal keeps
+/// them).
+const MAX_REFOLDS: u32 = 10;
+
+/// The changes of one conversation in a batch, in acknowledgement order.
+struct Group {
+    /// Client id (or row id, for a conversation stored without one).
+    key: String,
+    changes: Vec<usize>,
+}
+
+fn key_of(change: &StampedChange) -> String {
+    change
+        .change
+        .client_id()
+        .map_or_else(|| change.change.row_id().to_string(), str::to_string)
+}
+
+/// Applies a batch of changes: folds each conversation's changes onto its
+/// stored version (`convstore_core::lifecycle::fold`), embeds and writes
+/// the versions that changed in one transaction, and folds again whatever
+/// the database says changed meanwhile. Returns each change's outcome, in
+/// batch order.
+async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    for (i, change) in changes.iter().enumerate() {
+        let key = key_of(change);
+        match by_key.get(&key) {
+            Some(g) => groups[*g].changes.push(i),
+            None => {
+                by_key.insert(key.clone(), groups.len());
+                groups.push(Group {
+                    key,
+                    changes: vec![i],
+                });
+            }
+        }
+    }
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; changes.len()];
+    let mut applied: Vec<Option<Applied>> = vec![None; changes.len()];
+    let mut open: Vec<usize> = (0..groups.len()).collect();
+    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
+    for round in 0..=MAX_REFOLDS {
+        if open.is_empty() {
+            break;
+        }
+        if round == MAX_REFOLDS {
+            for g in &open {
+                for i in &groups[*g].changes {
+                    outcomes[*i] = Some(Outcome::NotStored(
+                        "its conversation kept changing under the write".into(),
+                    ));
+                }
+            }
+            tracing::error!(
+                conversations = open.len(),
+                "Conversations kept changing under their writes; their changes were not applied in this run"
+            );
+            break;
+        }
+        let base = match read_base(ctx, &groups, &open, changes).await {
+            Ok(base) => base,
+            Err(reason) => {
+                for g in &open {
+                    for i in &groups[*g].changes {
+                        outcomes[*i] = Some(Outcome::NotStored(reason.clone()));
+                    }
+                }
+                break;
+            }
+        };
+        let mut to_write: Vec<(usize, Conversation, RowVersion)> = Vec::new();
+        let mut base = base;
+        for g in &open {
+            let group = &groups[*g];
+            let stored = base.versions.remove(&group.key);
+            let replaces = stored.as_ref().map(|v| v.stamp);
+            let refs: Vec<&StampedChange> = group.changes.iter().map(|i| &changes[*i]).collect();
+            let folded = fold(stored, &base.tombstones, &refs);
+            for (i, a) in group.changes.iter().zip(&folded.applied) {
+                applied[*i] = Some(*a);
+            }
+            match folded.version {
+                Some(version) if folded.changed => {
+                    let row = RowVersion {
+                        stamp: version.stamp,
+                        versions: version.versions,
+                        content_sha: Some(version.content_sha),
+                        posted_sha: Some(version.posted_sha),
+                        replaces,
+                    };
+                    to_write.push((*g, version.conversation, row));
+                }
+                _ => {
+                    for i in &group.changes {
+                        outcomes[*i] = Some(outcome_of(applied[*i]));
+                    }
+                }
+            }
+        }
+        let written_groups: Vec<usize> = to_write.iter().map(|(g, ..)| *g).collect();
+        let (written, stale) = if to_write.is_empty() {
+            (Vec::new(), HashSet::new())
+        } else {
+            embed_and_store(ctx, to_write.into_iter().map(|(_, c, v)| (c, v)).collect()).await
+        };
+        let mut next = Vec::new();
+        for (g, outcome) in written_groups.into_iter().zip(written) {
+            let group = &groups[g];
+            if stale.contains(&group.key) {
+                next.push(g);
+                continue;
+            }
+            for i in &group.changes {
+                outcomes[*i] = Some(match &outcome {
+                    Outcome::Stored => outcome_of(applied[*i]),
+                    other => other.clone(),
+                });
+            }
+        }
+        open = next;
+        if !open.is_empty() {
+            tracing::debug!(
+                conversations = open.len(),
+                "Stored versions changed under the write; folding again"
+            );
+            tokio::time::sleep(backoff.next_delay(None)).await;
+        }
+    }
+    record_changes(changes, &applied, &outcomes);
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Lost))
+        .collect()
+}
+
+/// A change the fold applied (or made moot) is stored once its version
+/// is; a discarded one is not.
+fn outcome_of(applied: Option<Applied>) -> Outcome {
+    match applied {
+        Some(Applied::Discarded(why)) => Outcome::Discarded(why),
+        Some(_) => Outcome::Stored,
+        None => Outcome::Lost,
+    }
+}
+
+fn record_changes(
+    changes: &[StampedChange],
+    applied: &[Option<Applied>],
+    outcomes: &[Option<Outcome>],
+) {
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    let mut appended = 0u64;
+    for ((_, applied), outcome) in changes.iter().zip(applied).zip(outcomes) {
+        if !matches!(outcome, Some(Outcome::Stored | Outcome::Discarded(_))) {
+            continue;
+        }
+        let name = match applied {
+            Some(Applied::Created) => "created",
+            Some(Applied::Replaced) => "replaced",
+            Some(Applied::Appended(n)) => {
+                appended += *n as u64;
+                "appended"
+            }
+            Some(Applied::Unchanged) => "unchanged",
+            Some(Applied::Superseded) => "superseded",
+            Some(Applied::Discarded(_)) => "discarded",
+            None => continue,
+        };
+        *counts.entry(name).or_default() += 1;
+    }
+    // Retries and replays of what is stored: the duplicates the store's
+    // idempotency used to count (they no longer reach it).
+    let duplicates = counts.get("unchanged").copied().unwrap_or(0)
+        + counts.get("superseded").copied().unwrap_or(0);
+    metrics::counter!(m::CONVERSATIONS_DUPLICATE).increment(duplicates);
+    for (name, n) in counts {
+        metrics::counter!(m::CONVERSATION_CHANGES, label::OUTCOME => name).increment(n);
+    }
+    metrics::counter!(m::MESSAGES_APPENDED).increment(appended);
+}
+
+/// The stored versions and tombstones the open groups fold onto, retried
+/// while the database is unavailable (until the shutdown deadline).
+async fn read_base(
+    ctx: &PipelineContext,
+    groups: &[Group],
+    open: &[usize],
+    changes: &[StampedChange],
+) -> Result<FoldBase, String> {
+    let client_ids: Vec<&str> = open.iter().map(|g| groups[*g].key.as_str()).collect();
+    let mut users: Vec<&str> = open
+        .iter()
+        .flat_map(|g| groups[*g].changes.iter())
+        .map(|i| changes[*i].change.user_id())
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
+    loop {
+        match ctx.store.fold_base(&client_ids, &users).await {
+            Ok(base) => return Ok(base),
+            Err(e) if e.is_retryable() => {
+                metrics::counter!(m::STORE_RETRIES).increment(1);
+                let delay = backoff.next_delay(None);
+                if ctx.drain.deadline_passed() || ctx.drain.would_pass(delay) {
+                    metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "database_unavailable")
+                        .increment(open.len() as u64);
+                    tracing::error!(error = %e, conversations = open.len(), "Database unavailable until the shutdown deadline; these accepted changes were NOT stored");
+                    return Err(format!("database unavailable: {e}"));
+                }
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Reading stored versions failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the stored versions of a batch; its changes were NOT stored");
+                return Err(e.to_string());
+            }
+        }
+    }
+}
+
+/// Chunks, embeds and writes the versions; returns each one's outcome (in
+/// order) and the keys the store found stale.
 async fn embed_and_store(
     ctx: &PipelineContext,
-    batch: Vec<convstore_core::model::Conversation>,
-) -> Vec<Outcome> {
+    batch: Vec<(Conversation, RowVersion)>,
+) -> (Vec<Outcome>, HashSet<String>) {
     // Room for the model's document prefix, added on the way to the model.
     let prefix_tokens = convstore_core::chunker::estimate_tokens(
         convstore_embed::prefix::prefixes(&ctx.model).document,
@@ -65,31 +307,34 @@ async fn embed_and_store(
     // the estimate's chunks exactly, so none is refused as too long.
     let counter = ctx.embedder.token_counter();
     let mut chunked = Vec::with_capacity(batch.len());
-    for c in batch {
+    for (c, version) in batch {
         let mut chunks = chunker.chunk(&c);
         if let Some(counter) = counter.as_deref() {
             chunks = fit_exactly(chunks, counter);
         }
-        chunked.push((c, chunks));
+        chunked.push((c, version, chunks));
     }
-    let chunk_count: usize = chunked.iter().map(|(_, ch)| ch.len()).sum();
+    let chunk_count: usize = chunked.iter().map(|(.., ch)| ch.len()).sum();
     metrics::histogram!(m::BATCH_CHUNKS).record(chunk_count as f64);
 
     let embedding = Instant::now();
-    let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(_, ch)| ch.iter())).await;
+    let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(.., ch)| ch.iter())).await;
     metrics::histogram!(m::EMBED_BATCH_SECONDS).record(embedding.elapsed().as_secs_f64());
     let ready: Vec<ReadyConversation> = chunked
         .into_iter()
-        .map(|(conversation, chunks)| ReadyConversation {
+        .map(|(conversation, version, chunks)| ReadyConversation {
             chunks: chunks
                 .into_iter()
                 .map(|chunk| attach(chunk, &outcomes))
                 .collect(),
             conversation,
             model: ctx.model.to_string(),
+            version,
         })
         .collect();
-    store_with_retry(ctx, ready).await
+    let mut stale = HashSet::new();
+    let outcomes = store_with_retry(ctx, ready, &mut stale).await;
+    (outcomes, stale)
 }
 
 fn attach(
@@ -107,7 +352,11 @@ fn attach(
 /// unavailable. A batch the database refuses is retried one conversation at
 /// a time, so one bad row cannot hold back the others. Returns each
 /// conversation's outcome, in batch order.
-async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) -> Vec<Outcome> {
+async fn store_with_retry(
+    ctx: &PipelineContext,
+    ready: Vec<ReadyConversation>,
+    stale: &mut HashSet<String>,
+) -> Vec<Outcome> {
     let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
     loop {
         let started = Instant::now();
@@ -118,6 +367,7 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                 let elapsed = started.elapsed().as_secs_f64();
                 metrics::histogram!(m::STORE_SECONDS).record(elapsed);
                 record_stored(&ready, &outcome);
+                stale.extend(outcome.stale);
                 return vec![Outcome::Stored; ready.len()];
             }
             Err(e) if e.is_retryable() => {
@@ -148,7 +398,7 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
                 tracing::warn!(error = %e, conversations = ready.len(), "Database refused a batch; writing its conversations one by one");
                 let mut outcomes = Vec::with_capacity(ready.len());
                 for one in ready {
-                    outcomes.extend(Box::pin(store_with_retry(ctx, vec![one])).await);
+                    outcomes.extend(Box::pin(store_with_retry(ctx, vec![one], stale)).await);
                 }
                 return outcomes;
             }
@@ -168,6 +418,14 @@ async fn store_with_retry(ctx: &PipelineContext, ready: Vec<ReadyConversation>) 
 
 fn record_stored(ready: &[ReadyConversation], outcome: &convstore_store::WriteOutcome) {
     metrics::counter!(m::CONVERSATIONS_STORED).increment(outcome.conversations_inserted as u64);
+    if outcome.chunks_kept > 0 || outcome.chunks_deleted > 0 {
+        tracing::debug!(
+            replaced = outcome.replaced,
+            chunks_kept = outcome.chunks_kept,
+            chunks_deleted = outcome.chunks_deleted,
+            "Replaced stored versions"
+        );
+    }
     metrics::counter!(m::CONVERSATIONS_DUPLICATE).increment(outcome.duplicates as u64);
     metrics::counter!(m::STORE_ROWS, label::TABLE => "conversations")
         .increment(outcome.conversations_inserted as u64);

@@ -1,0 +1,298 @@
+//! After a conversation is posted: appending turns to it, deleting it, and
+//! erasing a user (docs/LIFECYCLE.md).
+//!
+//! An append is a change like a post: stamped, journaled, queued and
+//! acknowledged in microseconds, applied in acknowledgement order by the
+//! pipeline. A delete and an erasure are answered only once PostgreSQL
+//! has committed them, with their tombstone: `"deleted": true` means the
+//! rows are gone and nothing acknowledged before can bring them back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use uuid::Uuid;
+
+use convstore_core::lifecycle::{Append, Change, Discard, Stamp};
+use convstore_core::validate::{check_label, parse_append, row_id};
+use convstore_telemetry::events::{self, label};
+use convstore_telemetry::metrics as m;
+
+use super::error::ApiError;
+use super::handlers::{Accepted, read_body, require_content_type};
+use super::intake::{admit, wait_for};
+use super::{IngressState, Transport};
+use crate::ticket::{Outcome, Queued};
+
+type AppState = State<Arc<IngressState>>;
+
+/// `POST /v1/conversations/{id}/messages`: `{"messages": [...]}` added at
+/// the end of the conversation, in the order appends are acknowledged.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/messages",
+    tag = "ingest",
+    params(
+        ("id" = String, Path, description = "The conversation's id (yours, or the one assigned)"),
+        super::handlers::WaitParams,
+    ),
+    request_body(content = convstore_core::validate::AppendIn, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Applied (`?wait=stored`)", body = Accepted),
+        (status = 202, description = "Queued, or durable (`?wait=durable`)", body = Accepted),
+        (status = 400, description = "Invalid JSON, field, or query parameter", body = super::error::ErrorEnvelope),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 404, description = "No conversation with this id was ever accepted (or it was deleted)", body = super::error::ErrorEnvelope),
+        (status = 409, description = "`?wait=stored`: the conversation was deleted before the append was applied (`discarded`)", body = super::error::ErrorEnvelope),
+        (status = 413, description = "Body too large", body = super::error::ErrorEnvelope),
+        (status = 415, description = "Not application/json", body = super::error::ErrorEnvelope),
+        (status = 429, description = "Queue or journal full, or rate limited; see Retry-After", body = super::error::ErrorEnvelope),
+        (status = 503, description = "Shutting down, the journal cannot write, or the database is unreachable (the conversation could not be looked up)", body = super::error::ErrorEnvelope),
+        (status = 504, description = "Accepted, but the wait ended first (with id)", body = super::error::ErrorEnvelope),
+    )
+)]
+pub async fn append_messages(
+    State(state): AppState,
+    Extension(transport): Extension<Transport>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = accept_append(&state, &id, query.as_deref(), &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => events::outcome::ACCEPTED,
+        Err(e) => e.code(),
+    };
+    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "messages", label::OUTCOME => outcome)
+        .increment(1);
+    match result {
+        Ok((status, accepted)) => (status, axum::Json(accepted)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept_append(
+    state: &IngressState,
+    id: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Accepted), ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::Unavailable("convstore is shutting down".into()));
+    }
+    let limits = state.limits();
+    check_label("id", id, limits.validation.max_id_bytes)?;
+    let wait = super::handlers::wait_of(state, query)?;
+    require_content_type(headers, false)?;
+    let bytes = read_body(state, headers, body).await?;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + wait.timeout;
+    let messages = parse_append(&bytes, limits.validation)?;
+    drop(bytes);
+    let Some((row, user_id)) = conversation_of(state, id).await? else {
+        return Err(ApiError::NotFound(format!(
+            "no conversation with id `{id}` was accepted (or it was deleted); post it first"
+        )));
+    };
+    let change = Change::Append(Append {
+        id: row,
+        client_id: id.to_string(),
+        user_id,
+        messages,
+        received_at: chrono::Utc::now(),
+        received_instant: Instant::now(),
+    });
+    let admitted = admit(state, change, wait.level).await?;
+    metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
+    let reached = wait_for(state, admitted, wait.level, deadline).await?;
+    Ok((
+        reached.status(),
+        Accepted::new(id.to_string(), reached.as_str()),
+    ))
+}
+
+/// The row id and user of the conversation `id` names: one in flight here
+/// (posted and not yet stored), else the stored one.
+async fn conversation_of(
+    state: &IngressState,
+    id: &str,
+) -> Result<Option<(Uuid, String)>, ApiError> {
+    for row in candidate_rows(id) {
+        if let Some(user) = state.in_flight.user_of(row) {
+            return Ok(Some((row, user)));
+        }
+    }
+    Ok(state.store.stored_owner(id).await?)
+}
+
+/// The row ids a conversation with key `id` may have: the hash of a
+/// client id, or the UUID assigned to a conversation posted without one.
+fn candidate_rows(id: &str) -> impl Iterator<Item = Uuid> {
+    std::iter::once(row_id(id)).chain(Uuid::parse_str(id).ok())
+}
+
+/// The answer to a delete.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    id: String,
+    deleted: bool,
+    /// Chunk rows (with their vectors) removed.
+    chunks: u64,
+    /// Changes still queued that were withdrawn.
+    queued_changes: usize,
+}
+
+/// `DELETE /v1/conversations/{id}`: removes the conversation, its chunks
+/// and vectors, and its changes still queued or journaled; a tombstone
+/// keeps any change acknowledged before the delete from bringing it back.
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{id}",
+    tag = "lifecycle",
+    params(("id" = String, Path, description = "The conversation's id (yours, or the one assigned)")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 403, description = "The token's scopes do not include `delete`", body = super::error::ErrorEnvelope),
+        (status = 404, description = "Neither stored nor in flight", body = super::error::ErrorEnvelope),
+        (status = 503, description = "The database is unreachable: nothing was deleted", body = super::error::ErrorEnvelope),
+    )
+)]
+pub async fn delete_conversation(State(state): AppState, Path(id): Path<String>) -> Response {
+    match delete_one(&state, &id).await {
+        Ok(deleted) => (StatusCode::OK, axum::Json(deleted)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete_one(state: &IngressState, id: &str) -> Result<Deleted, ApiError> {
+    check_label("id", id, state.limits().validation.max_id_bytes)?;
+    let in_flight = candidate_rows(id).find(|row| state.in_flight.contains(*row));
+    let row = in_flight
+        .or_else(|| Uuid::parse_str(id).ok())
+        .unwrap_or_else(|| row_id(id));
+    let stamp = crate::stamp::next();
+    let Some(deleted) = state
+        .store
+        .delete_conversation(id, row, stamp, in_flight.is_some())
+        .await?
+    else {
+        return Err(ApiError::NotFound(format!(
+            "no conversation with id `{id}`"
+        )));
+    };
+    let withdrawn = withdraw(state, stamp, |change| change.client_id() == Some(id));
+    if deleted.row {
+        metrics::counter!(m::CONVERSATIONS_DELETED, label::REASON => "api").increment(1);
+    }
+    tracing::info!(
+        id,
+        chunks = deleted.chunks,
+        queued_changes = withdrawn,
+        "Deleted a conversation"
+    );
+    Ok(Deleted {
+        id: id.to_string(),
+        deleted: true,
+        chunks: deleted.chunks,
+        queued_changes: withdrawn,
+    })
+}
+
+/// The answer to an erasure.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Erased {
+    user_id: String,
+    erased: bool,
+    /// Stored conversations removed.
+    conversations: u64,
+    /// Chunk rows (with their vectors) removed.
+    chunks: u64,
+    /// Rows of the shared embedding cache (L2) removed, and entries of the
+    /// in-memory one (L1) evicted.
+    cache_entries: u64,
+    /// Changes still queued that were withdrawn.
+    queued_changes: usize,
+}
+
+/// `DELETE /v1/users/{user_id}`: erases everything of the user, stored,
+/// queued or journaled, including the cached vectors of their texts; a
+/// tombstone keeps anything acknowledged before from coming back.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user_id}",
+    tag = "lifecycle",
+    params(("user_id" = String, Path, description = "The user whose data goes")),
+    responses(
+        (status = 200, description = "Erased, with counts", body = Erased),
+        (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
+        (status = 403, description = "The token's scopes do not include `delete`", body = super::error::ErrorEnvelope),
+        (status = 503, description = "The database is unreachable; call again (an erasure is safe to repeat)", body = super::error::ErrorEnvelope),
+    )
+)]
+pub async fn erase_user(State(state): AppState, Path(user_id): Path<String>) -> Response {
+    match erase(&state, &user_id).await {
+        Ok(erased) => (StatusCode::OK, axum::Json(erased)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> {
+    check_label(
+        "user_id",
+        user_id,
+        state.limits().validation.max_label_bytes,
+    )?;
+    let stamp = crate::stamp::next();
+    // The texts' hashes before their rows go: the in-memory cache is
+    // evicted by them.
+    let hashes = state.store.chunk_hashes_of_user(user_id).await?;
+    let erased = state.store.erase_user(user_id, stamp).await?;
+    let withdrawn = withdraw(state, stamp, |change| change.user_id() == user_id);
+    let evicted = state
+        .cache()
+        .map_or(0, |cache| cache.remove_hashes(&hashes));
+    metrics::counter!(m::CONVERSATIONS_DELETED, label::REASON => "erase")
+        .increment(erased.conversations);
+    tracing::info!(
+        conversations = erased.conversations,
+        chunks = erased.chunks,
+        cache_entries = erased.cache_entries + evicted as u64,
+        queued_changes = withdrawn,
+        "Erased a user"
+    );
+    Ok(Erased {
+        user_id: user_id.to_string(),
+        erased: true,
+        conversations: erased.conversations,
+        chunks: erased.chunks,
+        cache_entries: erased.cache_entries + evicted as u64,
+        queued_changes: withdrawn,
+    })
+}
+
+/// Takes the queued changes `covers` selects and that were acknowledged
+/// before `stamp` out of the queue; their tickets finish as discarded
+/// (releasing their journal records). Changes already with a worker are
+/// discarded there, by the tombstone.
+fn withdraw(state: &IngressState, stamp: Stamp, covers: impl Fn(&Change) -> bool) -> usize {
+    let withdrawn: Vec<Queued> = state
+        .queue
+        .remove_where(|q| q.change.stamp <= stamp && covers(&q.change.change));
+    let n = withdrawn.len();
+    for item in withdrawn {
+        item.ticket.complete(Outcome::Discarded(Discard::Deleted));
+    }
+    if n > 0 {
+        metrics::counter!(m::CONVERSATION_CHANGES, label::OUTCOME => "discarded")
+            .increment(n as u64);
+    }
+    n
+}
