@@ -16,6 +16,7 @@ pub mod embedding_cache;
 pub mod managed;
 pub mod managed_watch;
 pub mod read;
+pub mod retention;
 pub mod schema;
 pub mod search;
 pub mod settings;

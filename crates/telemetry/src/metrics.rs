@@ -8,7 +8,7 @@
 //! Hot paths record once per batch where the number is the same for every
 //! item.
 
-use crate::events::label;
+use crate::events::{deletion, label, retention_run};
 
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
@@ -105,6 +105,14 @@ pub const HTTP_CONNECTIONS: &str = "convstore_http_connections";
 pub const HTTP_CONNECTIONS_CLOSED: &str = "convstore_http_connections_closed_total";
 /// Bytes of request bodies held in memory now.
 pub const HTTP_BODY_BUFFERED_BYTES: &str = "convstore_http_body_buffered_bytes";
+// Conversation lifecycle (issue 16; docs/LIFECYCLE.md).
+/// Conversations deleted, by reason (`events::deletion`: api, erase,
+/// retention).
+pub const CONVERSATIONS_DELETED: &str = "convstore_conversations_deleted_total";
+/// Runs of the retention reaper, by outcome (ok, failed, busy).
+pub const RETENTION_RUNS: &str = "convstore_retention_runs_total";
+/// Tombstones dropped by the reaper past `retention.tombstone_max_age`.
+pub const TOMBSTONES_DROPPED: &str = "convstore_tombstones_dropped_total";
 
 /// Every metric name above, in declaration order. A unit test checks that
 /// it lists every `convstore_` constant of this file and that
@@ -180,6 +188,9 @@ pub const ALL: &[&str] = &[
     HTTP_CONNECTIONS,
     HTTP_CONNECTIONS_CLOSED,
     HTTP_BODY_BUFFERED_BYTES,
+    CONVERSATIONS_DELETED,
+    RETENTION_RUNS,
+    TOMBSTONES_DROPPED,
 ];
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
@@ -212,6 +223,13 @@ pub fn init_series() {
     for table in ["conversations", "conversation_chunks"] {
         metrics::counter!(STORE_ROWS, label::TABLE => table).absolute(0);
     }
+    for reason in deletion::ALL {
+        metrics::counter!(CONVERSATIONS_DELETED, label::REASON => reason).absolute(0);
+    }
+    for outcome in retention_run::ALL {
+        metrics::counter!(RETENTION_RUNS, label::OUTCOME => outcome).absolute(0);
+    }
+    metrics::counter!(TOMBSTONES_DROPPED).absolute(0);
     metrics::counter!(CACHE_HITS, label::TIER => "l1").absolute(0);
     metrics::counter!(CACHE_MISSES, label::TIER => "l1").absolute(0);
     metrics::gauge!(BUILD_INFO, label::VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -262,6 +280,18 @@ pub fn describe() {
     describe_counter!(
         AUTH_REJECTED,
         "Requests refused by access control, by reason (missing, invalid, rate_limited)."
+    );
+    describe_counter!(
+        CONVERSATIONS_DELETED,
+        "Conversations deleted, by reason (api: DELETE /v1/conversations/{id}; erase: DELETE /v1/users/{user_id}; retention: past retention.max_age)."
+    );
+    describe_counter!(
+        RETENTION_RUNS,
+        "Runs of the retention reaper, by outcome (ok; failed: a database error, retried next interval; busy: another instance was reaping)."
+    );
+    describe_counter!(
+        TOMBSTONES_DROPPED,
+        "Tombstones dropped by the retention reaper, past retention.tombstone_max_age."
     );
     describe_counter!(
         INGEST_REQUESTS,
