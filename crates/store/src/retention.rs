@@ -107,7 +107,7 @@ pub enum BatchOutcome {
 
 /// The advisory lock key of the reaper (`pg_try_advisory_xact_lock`):
 /// "convreap" in ASCII, apart from sqlx's migration lock.
-const REAPER_LOCK: i64 = 0x636f_6e76_7265_6170;
+pub const REAPER_LOCK: i64 = 0x636f_6e76_7265_6170;
 
 /// Conversations of channel `$1` older than `$2`, oldest first, `$3` at
 /// most. `= ANY(ARRAY(...))` makes the pick an init plan and the delete a
