@@ -63,6 +63,10 @@ pub struct StatsSnapshot {
     /// From the database every few seconds; `null` until first sampled.
     pub pending_embedding: Option<PendingView>,
     pub totals: Totals,
+    /// Conversations deleted since start, by reason. Absent from the
+    /// snapshot of a daemon older than the lifecycle (issue 16): zeros.
+    #[serde(default)]
+    pub deleted: Deleted,
     /// `null` when nothing was stored in the window.
     pub bottleneck: Option<Bottleneck>,
     /// `null` where `/proc` is not available.
@@ -226,6 +230,18 @@ pub struct Totals {
     pub embed_errors: u64,
     pub embed_inputs: u64,
     pub store_retries: u64,
+}
+
+/// Conversations deleted since start, by reason (the `reason` label of
+/// `convstore_conversations_deleted_total`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// `DELETE /v1/conversations/{id}`.
+    pub api: u64,
+    /// `DELETE /v1/users/{user_id}`.
+    pub erase: u64,
+    /// Past `retention.max_age`.
+    pub retention: u64,
 }
 
 /// Where conversations spend their time (`convstore_telemetry::health::bottleneck`).

@@ -1,6 +1,7 @@
 //! convstore's core: what a conversation is, how a request body becomes
 //! one (or says which field is wrong), how it is cut into chunks, how a
-//! journal record is framed, and how retries back off.
+//! journal record is framed, how retries back off, and how a duration is
+//! written in the configuration.
 //!
 //! A leaf crate: no async runtime, no database, no HTTP, no model. The
 //! fuzz target builds on it alone.
@@ -8,6 +9,7 @@
 pub mod backoff;
 pub mod batch_body;
 pub mod chunker;
+pub mod duration;
 pub mod error;
 pub mod fuzzing;
 pub mod journal;

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 pub use convstore_embed::settings::{
     BackendKind, BackendSettings, CacheSettings, EmbeddingSettings, EncodingFormat, Strategy,
 };
-pub use convstore_store::settings::{DatabaseSettings, ManagedClusterSettings, WriteMethod};
+pub use convstore_store::settings::{
+    DatabaseSettings, ManagedClusterSettings, RetentionSettings, WriteMethod,
+};
 pub use convstore_telemetry::settings::{LogFormat, LogSettings};
 
 /// Everything convstore can be told. Key names are a contract (DESIGN.md).
@@ -41,6 +43,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub metrics: MetricsSettings,
     pub search: SearchSettings,
+    pub retention: RetentionSettings,
 }
 
 impl Default for Settings {
@@ -64,6 +67,7 @@ impl Default for Settings {
             shutdown: ShutdownSettings::default(),
             metrics: MetricsSettings::default(),
             search: SearchSettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -324,7 +328,7 @@ pub struct AuthSettings {
 }
 
 /// One bearer token of `[[auth.tokens]]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenSettings {
     /// Names the client in logs and metrics; never the token itself.
@@ -335,6 +339,88 @@ pub struct TokenSettings {
     pub rate_per_sec: u32,
     /// Requests it may make at once above the rate; 0 = `rate_per_sec`.
     pub burst: u32,
+    /// What it may do ([`Scope`] names); default `["ingest", "read"]`.
+    pub scopes: Vec<String>,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            sha256: String::new(),
+            rate_per_sec: 0,
+            burst: 0,
+            scopes: Scope::DEFAULT.iter().map(|s| s.as_str().into()).collect(),
+        }
+    }
+}
+
+/// A right a bearer token may be given (`[[auth.tokens]] scopes`). Which
+/// route needs which is decided in `http::auth::required_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Hand conversations over: post, batch, append.
+    Ingest,
+    /// Read them back: get, search.
+    Read,
+    /// Delete a conversation, erase a user.
+    Delete,
+    /// Everything under `/v1/admin/`, and every other scope too.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Ingest, Scope::Read, Scope::Delete, Scope::Admin];
+    /// What a token is given when its `scopes` is not set: what every
+    /// token could do before scopes existed, except deleting.
+    pub const DEFAULT: [Scope; 2] = [Scope::Ingest, Scope::Read];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Delete => "delete",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TokenSettings {
+    /// The scopes named in `scopes`, or the first name that is not one.
+    pub fn parsed_scopes(&self) -> Result<Vec<Scope>, String> {
+        if self.scopes.is_empty() {
+            return Err(format!(
+                "a token without scopes can do nothing; give at least one of {}",
+                scope_names()
+            ));
+        }
+        self.scopes
+            .iter()
+            .map(|name| {
+                Scope::parse(name.trim()).ok_or_else(|| {
+                    format!("`{name}` is not a scope; the scopes are {}", scope_names())
+                })
+            })
+            .collect()
+    }
+}
+
+fn scope_names() -> String {
+    Scope::ALL
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -547,6 +633,9 @@ impl Settings {
             }
         }
         self.validate_intake()?;
+        self.retention
+            .policy()
+            .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
         let url = &self.database.url;
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(
@@ -740,6 +829,9 @@ impl Settings {
                     "the same token hash is listed twice",
                 ));
             }
+            token
+                .parsed_scopes()
+                .map_err(|reason| ConfigError::invalid(key("scopes"), reason))?;
         }
         Ok(())
     }
@@ -1035,6 +1127,103 @@ mod tests {
             let err =
                 Settings::load_from(None, env(&[("CONVSTORE_METRICS__LISTEN", bad)])).unwrap_err();
             assert!(err.to_string().contains("metrics.listen"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn retention_durations_are_parsed_and_bad_ones_named() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        let policy = s.retention.policy().expect("default policy");
+        assert_eq!(policy.max_age, None, "kept forever by default");
+        assert_eq!(policy.interval, std::time::Duration::from_secs(3_600));
+        assert_eq!(
+            policy.tombstone_max_age,
+            Some(std::time::Duration::from_secs(90 * 86_400))
+        );
+
+        let file = write(
+            "[retention]\nmax_age = \"365d\"\ninterval = \"90m\"\ntombstone_max_age = \"\"\n\
+             [retention.channels]\nweb = \"30d\"\nLegal = \"\"\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        let policy = s.retention.policy().expect("policy");
+        assert_eq!(
+            policy.max_age,
+            Some(std::time::Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(policy.interval, std::time::Duration::from_secs(5_400));
+        assert_eq!(policy.tombstone_max_age, None);
+        assert_eq!(
+            policy.channels.get("web"),
+            Some(&Some(std::time::Duration::from_secs(30 * 86_400)))
+        );
+        // Channel names keep their case: they are matched as stored.
+        assert_eq!(policy.channels.get("Legal"), Some(&None));
+
+        for (toml, key) in [
+            ("[retention]\nmax_age = \"1y\"\n", "retention.max_age"),
+            ("[retention]\ninterval = \"\"\n", "retention.interval"),
+            ("[retention]\ninterval = \"0s\"\n", "retention.interval"),
+            (
+                "[retention]\ntombstone_max_age = \"90\"\n",
+                "retention.tombstone_max_age",
+            ),
+            (
+                "[retention.channels]\nweb = \"30 days\"\n",
+                "retention.channels.web",
+            ),
+        ] {
+            let file = write(toml);
+            match Settings::load_from(Some(file.path()), env(&[])).unwrap_err() {
+                ConfigError::Invalid { key: k, reason } => {
+                    assert_eq!(k, key, "{toml}: {reason}");
+                    assert!(reason.contains('`'), "the value is quoted: {reason}");
+                }
+                other => panic!("{toml}: unexpected {other}"),
+            }
+        }
+        let err =
+            Settings::load_from(None, env(&[("CONVSTORE_RETENTION__MAX_AGE", "2w")])).unwrap_err();
+        assert!(err.to_string().contains("retention.max_age"), "{err}");
+    }
+
+    #[test]
+    fn token_scopes_default_to_ingest_and_read_and_unknown_ones_are_named() {
+        let hash = "ab".repeat(32);
+        let file = write(&format!(
+            "[[auth.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\n"
+        ));
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(
+            s.auth.tokens[0].parsed_scopes().expect("scopes"),
+            vec![Scope::Ingest, Scope::Read]
+        );
+
+        let file = write(&format!(
+            "[[auth.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nscopes = [\"delete\", \"admin\"]\n"
+        ));
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        assert_eq!(
+            s.auth.tokens[0].parsed_scopes().expect("scopes"),
+            vec![Scope::Delete, Scope::Admin]
+        );
+
+        for (scopes, needle) in [
+            ("[\"ingest\", \"wirte\"]", "`wirte`"),
+            ("[]", "at least one"),
+        ] {
+            let file = write(&format!(
+                "[[auth.tokens]]\nname = \"a\"\nsha256 = \"{}\"\n\
+                 [[auth.tokens]]\nname = \"b\"\nsha256 = \"{hash}\"\nscopes = {scopes}\n",
+                "cd".repeat(32)
+            ));
+            match Settings::load_from(Some(file.path()), env(&[])).unwrap_err() {
+                ConfigError::Invalid { key, reason } => {
+                    assert_eq!(key, "auth.tokens[1].scopes", "{reason}");
+                    assert!(reason.contains(needle), "{reason}");
+                }
+                other => panic!("unexpected {other}"),
+            }
         }
     }
 

@@ -14,6 +14,7 @@
 //! cache) → `convstore_store` (all SQL: one transaction per batch,
 //! migrations, the managed cluster).
 //! [`app`] wires the stages together and owns start-up and shutdown.
+//! [`retention_task`] deletes what is past `[retention]`.
 //! [`systemd`] speaks to the service manager (notify, watchdog, socket
 //! activation, reload).
 
@@ -25,6 +26,7 @@ pub mod journal_replay;
 pub mod journal_startup;
 pub mod pipeline;
 pub mod queue;
+pub mod retention_task;
 pub mod stamp;
 pub mod systemd;
 pub mod telemetry_task;

@@ -527,9 +527,15 @@ burst = 2
 [[auth.tokens]]
 name = "ingest"
 sha256 = "{}"
+
+[[auth.tokens]]
+name = "operator"
+sha256 = "{}"
+scopes = ["admin"]
 "#,
             sha256_hex("limited-token"),
-            sha256_hex("ingest-token")
+            sha256_hex("ingest-token"),
+            sha256_hex("admin-token")
         ),
     );
     let mut daemon =
@@ -564,6 +570,78 @@ sha256 = "{}"
         .await
         .unwrap();
     assert_eq!(resp.status(), 401, "reads need a token too");
+
+    // Scopes: a token with the default ones (ingest, read) may read, but
+    // not delete: 403 naming the token and the scope, before routing.
+    let with_token = |method: reqwest::Method, path: &str, token: &str| {
+        http.request(method, format!("{base}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+    };
+    let resp = with_token(reqwest::Method::GET, "/v1/conversations/x", "ingest-token")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404, "read is a default scope");
+    let resp = with_token(
+        reqwest::Method::DELETE,
+        "/v1/conversations/x",
+        "ingest-token",
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 403);
+    let error = resp.json::<Value>().await.unwrap()["error"].clone();
+    assert_eq!(error["code"], "forbidden", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("`ingest`") && message.contains("`delete`"),
+        "{message}"
+    );
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/v1/users/u"),
+        (reqwest::Method::GET, "/v1/admin/anything"),
+    ] {
+        let resp = with_token(method.clone(), path, "ingest-token")
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{method} {path}");
+    }
+    // `admin` passes access control everywhere; what follows is routing.
+    let resp = with_token(
+        reqwest::Method::DELETE,
+        "/v1/conversations/x",
+        "admin-token",
+    )
+    .await
+    .unwrap();
+    assert!(
+        ![401, 403].contains(&resp.status().as_u16()),
+        "{}",
+        resp.status()
+    );
+    assert_eq!(
+        with_token(reqwest::Method::POST, "/v1/search", "admin-token")
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+            / 100,
+        4,
+        "an empty search body is the handler's 4xx, not access control's"
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = support::exposition::Scrape::parse(&metrics).unwrap();
+    assert_eq!(
+        scrape.sum("convstore_auth_rejected_total", &[("reason", "scope")]),
+        3.0
+    );
     for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         let status = http
             .get(format!("{base}{open}"))
@@ -611,6 +689,7 @@ sha256 = "{}"
     assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
     let log = daemon.log_text();
     assert!(!log.contains("ingest-token"), "a token appeared in the log");
+    assert!(!log.contains("admin-token"), "a token appeared in the log");
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
 

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod managed;
 pub mod managed_watch;
 pub mod read;
+pub mod retention;
 pub mod schema;
 pub mod search;
 pub mod settings;

@@ -1,11 +1,15 @@
 //! Settings this crate owns; the daemon's `Settings` composes them
 //! (key names are a contract, DESIGN.md) and validates across sections.
 
+use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 
+use convstore_core::duration::parse_duration;
 use convstore_core::nonzero::{nz_u32, nz_u64};
 use serde::{Deserialize, Serialize};
+
+use crate::retention::RetentionPolicy;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -56,4 +60,77 @@ pub enum WriteMethod {
 pub struct ManagedClusterSettings {
     pub database: DatabaseSettings,
     pub cluster_dir: PathBuf,
+}
+
+/// `[retention]`: how long conversations (and the tombstones of deleted
+/// ones) are kept. Durations are written `"90s"`, `"15m"`, `"1h"`, `"365d"`
+/// ([`parse_duration`]); `""` where allowed means forever.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Age past which a conversation is deleted, by `created_at`, else
+    /// `received_at`; `""` = kept forever.
+    pub max_age: String,
+    /// How often the reaper runs.
+    pub interval: String,
+    /// Age past which a tombstone (what keeps a deleted conversation or an
+    /// erased user from coming back) is dropped; `""` = kept forever.
+    pub tombstone_max_age: String,
+    /// `max_age` per channel, overriding the default; `""` = that channel
+    /// is kept forever.
+    pub channels: BTreeMap<String, String>,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            max_age: String::new(),
+            interval: "1h".into(),
+            tombstone_max_age: "90d".into(),
+            channels: BTreeMap::new(),
+        }
+    }
+}
+
+/// A setting that cannot be used: its full key and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    pub key: String,
+    pub reason: String,
+}
+
+impl RetentionSettings {
+    /// The settings as a policy, or the first key whose value is not a
+    /// duration (`retention.max_age`, `retention.channels.web`, ...).
+    pub fn policy(&self) -> Result<RetentionPolicy, InvalidSetting> {
+        let age =
+            |key: String, text: &str| -> Result<Option<std::time::Duration>, InvalidSetting> {
+                if text.trim().is_empty() {
+                    return Ok(None);
+                }
+                parse_duration(text)
+                    .map(Some)
+                    .map_err(|reason| InvalidSetting { key, reason })
+            };
+        let interval = parse_duration(&self.interval).map_err(|reason| InvalidSetting {
+            key: "retention.interval".into(),
+            reason,
+        })?;
+        let mut channels = BTreeMap::new();
+        for (channel, text) in &self.channels {
+            channels.insert(
+                channel.clone(),
+                age(format!("retention.channels.{channel}"), text)?,
+            );
+        }
+        Ok(RetentionPolicy {
+            max_age: age("retention.max_age".into(), &self.max_age)?,
+            channels,
+            tombstone_max_age: age(
+                "retention.tombstone_max_age".into(),
+                &self.tombstone_max_age,
+            )?,
+            interval,
+        })
+    }
 }

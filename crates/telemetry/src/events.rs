@@ -52,6 +52,28 @@ pub mod chunk_status {
     pub const FAILED: &str = "failed";
 }
 
+/// Values of the `reason` label of `convstore_conversations_deleted_total`,
+/// which `/v1/stats` counts apart.
+pub mod deletion {
+    /// `DELETE /v1/conversations/{id}`.
+    pub const API: &str = "api";
+    /// `DELETE /v1/users/{user_id}`.
+    pub const ERASE: &str = "erase";
+    /// Past `retention.max_age` (or its channel's override).
+    pub const RETENTION: &str = "retention";
+    pub const ALL: [&str; 3] = [API, ERASE, RETENTION];
+}
+
+/// Values of the `outcome` label of `convstore_retention_runs_total`.
+pub mod retention_run {
+    pub const OK: &str = super::outcome::OK;
+    /// A database error; the reaper tries again next interval.
+    pub const FAILED: &str = "failed";
+    /// Another instance was reaping; this one left it the work.
+    pub const BUSY: &str = "busy";
+    pub const ALL: [&str; 3] = [OK, FAILED, BUSY];
+}
+
 /// An embedding cache tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -102,4 +124,9 @@ pub fn embed_request(backend: &str, outcome: &'static str, inputs: u64, seconds:
         .increment(1);
     metrics::counter!(m::EMBED_INPUTS, label::BACKEND => backend.to_string(), label::OUTCOME => outcome)
         .increment(inputs);
+}
+
+/// `n` conversations deleted for `reason` ([`deletion`]).
+pub fn conversations_deleted(reason: &'static str, n: u64) {
+    metrics::counter!(m::CONVERSATIONS_DELETED, label::REASON => reason).increment(n);
 }

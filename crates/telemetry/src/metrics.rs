@@ -8,7 +8,7 @@
 //! Hot paths record once per batch where the number is the same for every
 //! item.
 
-use crate::events::label;
+use crate::events::{deletion, label, retention_run};
 
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
@@ -40,8 +40,6 @@ pub const CONVERSATIONS_FAILED: &str = "convstore_conversations_failed_total";
 /// Changes to conversations (posts and appends) by what they came to.
 pub const CONVERSATION_CHANGES: &str = "convstore_conversation_changes_total";
 pub const MESSAGES_APPENDED: &str = "convstore_messages_appended_total";
-/// Conversations deleted, by reason: `api`, `erase`, `retention`.
-pub const CONVERSATIONS_DELETED: &str = "convstore_conversations_deleted_total";
 pub const CHUNKS_STORED: &str = "convstore_chunks_stored_total";
 pub const END_TO_END_SECONDS: &str = "convstore_end_to_end_seconds";
 pub const READY: &str = "convstore_ready";
@@ -110,6 +108,14 @@ pub const HTTP_CONNECTIONS: &str = "convstore_http_connections";
 pub const HTTP_CONNECTIONS_CLOSED: &str = "convstore_http_connections_closed_total";
 /// Bytes of request bodies held in memory now.
 pub const HTTP_BODY_BUFFERED_BYTES: &str = "convstore_http_body_buffered_bytes";
+// Conversation lifecycle (issue 16; docs/LIFECYCLE.md).
+/// Conversations deleted, by reason (`events::deletion`: api, erase,
+/// retention).
+pub const CONVERSATIONS_DELETED: &str = "convstore_conversations_deleted_total";
+/// Runs of the retention reaper, by outcome (ok, failed, busy).
+pub const RETENTION_RUNS: &str = "convstore_retention_runs_total";
+/// Tombstones dropped by the reaper past `retention.tombstone_max_age`.
+pub const TOMBSTONES_DROPPED: &str = "convstore_tombstones_dropped_total";
 
 /// Every metric name above, in declaration order. A unit test checks that
 /// it lists every `convstore_` constant of this file and that
@@ -144,7 +150,6 @@ pub const ALL: &[&str] = &[
     CONVERSATIONS_FAILED,
     CONVERSATION_CHANGES,
     MESSAGES_APPENDED,
-    CONVERSATIONS_DELETED,
     CHUNKS_STORED,
     END_TO_END_SECONDS,
     READY,
@@ -188,6 +193,9 @@ pub const ALL: &[&str] = &[
     HTTP_CONNECTIONS,
     HTTP_CONNECTIONS_CLOSED,
     HTTP_BODY_BUFFERED_BYTES,
+    CONVERSATIONS_DELETED,
+    RETENTION_RUNS,
+    TOMBSTONES_DROPPED,
 ];
 
 /// The `outcome` values of [`CONVERSATION_CHANGES`].
@@ -231,12 +239,16 @@ pub fn init_series() {
         metrics::counter!(CONVERSATION_CHANGES, label::OUTCOME => *outcome).absolute(0);
     }
     metrics::counter!(MESSAGES_APPENDED).absolute(0);
-    for reason in ["api", "erase", "retention"] {
-        metrics::counter!(CONVERSATIONS_DELETED, label::REASON => reason).absolute(0);
-    }
     for table in ["conversations", "conversation_chunks"] {
         metrics::counter!(STORE_ROWS, label::TABLE => table).absolute(0);
     }
+    for reason in deletion::ALL {
+        metrics::counter!(CONVERSATIONS_DELETED, label::REASON => reason).absolute(0);
+    }
+    for outcome in retention_run::ALL {
+        metrics::counter!(RETENTION_RUNS, label::OUTCOME => outcome).absolute(0);
+    }
+    metrics::counter!(TOMBSTONES_DROPPED).absolute(0);
     metrics::counter!(CACHE_HITS, label::TIER => "l1").absolute(0);
     metrics::counter!(CACHE_MISSES, label::TIER => "l1").absolute(0);
     metrics::gauge!(BUILD_INFO, label::VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -287,6 +299,18 @@ pub fn describe() {
     describe_counter!(
         AUTH_REJECTED,
         "Requests refused by access control, by reason (missing, invalid, rate_limited)."
+    );
+    describe_counter!(
+        CONVERSATIONS_DELETED,
+        "Conversations deleted, by reason (api: DELETE /v1/conversations/{id}; erase: DELETE /v1/users/{user_id}; retention: past retention.max_age)."
+    );
+    describe_counter!(
+        RETENTION_RUNS,
+        "Runs of the retention reaper, by outcome (ok; failed: a database error, retried next interval; busy: another instance was reaping)."
+    );
+    describe_counter!(
+        TOMBSTONES_DROPPED,
+        "Tombstones dropped by the retention reaper, past retention.tombstone_max_age."
     );
     describe_counter!(
         INGEST_REQUESTS,
@@ -373,10 +397,6 @@ pub fn describe() {
     describe_counter!(
         CONVERSATION_CHANGES,
         "Posts and appends applied, by outcome: created, replaced (a new version of a stored conversation), appended, unchanged (a retry), superseded (a later change was there), discarded (deleted or erased before it was stored)."
-    );
-    describe_counter!(
-        CONVERSATIONS_DELETED,
-        "Stored conversations deleted, by reason: api (DELETE /v1/conversations/{id}), erase (DELETE /v1/users/{user_id}), retention (the reaper)."
     );
     describe_counter!(
         MESSAGES_APPENDED,

@@ -39,9 +39,12 @@ pub enum Count {
     EmbedRequestsFailed,
     EmbedInputs,
     StoreRetries,
+    DeletedApi,
+    DeletedErase,
+    DeletedRetention,
 }
 
-const COUNTS: usize = 13;
+const COUNTS: usize = 16;
 
 impl Count {
     fn index(self) -> usize {
@@ -359,6 +362,12 @@ impl Stats {
             store_retries: total(Count::StoreRetries),
         };
 
+        let deleted = Deleted {
+            api: total(Count::DeletedApi),
+            erase: total(Count::DeletedErase),
+            retention: total(Count::DeletedRetention),
+        };
+
         let process = process::sample().map(|p| {
             let last = *self.cpu.lock().unwrap_or_else(|p| p.into_inner());
             let cpu_ratio = last.and_then(|(at, cpu)| {
@@ -401,6 +410,7 @@ impl Stats {
             backends,
             pending_embedding: pending,
             totals,
+            deleted,
             bottleneck,
             process,
         }

@@ -20,7 +20,7 @@ use metrics::{
     SharedString, Unit,
 };
 
-use super::events::{chunk_status, label as key_of, outcome};
+use super::events::{chunk_status, deletion, label as key_of, outcome};
 use super::metrics as m;
 use super::stats::{BackendStats, Count, Stage, Stats, TierStats};
 
@@ -221,6 +221,12 @@ impl<R: Recorder> StatsRecorder<R> {
             m::CACHE_HITS => CounterTap::CacheHits(self.stats.tier(label(key, key_of::TIER)?)),
             m::CACHE_MISSES => CounterTap::CacheMisses(self.stats.tier(label(key, key_of::TIER)?)),
             m::STORE_RETRIES => CounterTap::Count(Count::StoreRetries),
+            m::CONVERSATIONS_DELETED => match label(key, key_of::REASON) {
+                Some(deletion::API) => CounterTap::Count(Count::DeletedApi),
+                Some(deletion::ERASE) => CounterTap::Count(Count::DeletedErase),
+                Some(deletion::RETENTION) => CounterTap::Count(Count::DeletedRetention),
+                _ => return None,
+            },
             _ => return None,
         })
     }
@@ -303,7 +309,7 @@ mod tests {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
     use super::*;
-    use crate::stats::LiveQueue;
+    use crate::stats::{Deleted, LiveQueue};
 
     #[test]
     fn values_reach_both_the_inner_recorder_and_the_stats() {
@@ -375,6 +381,9 @@ mod tests {
             events::cache_lookups(Tier::L2, 1, 1);
             events::embed_request("a", outcome::OK, 3, 0.01);
             events::embed_request("a", "timeout", 3, 0.5);
+            events::conversations_deleted(events::deletion::API, 2);
+            events::conversations_deleted(events::deletion::ERASE, 3);
+            events::conversations_deleted(events::deletion::RETENTION, 4);
         });
         let snap = stats.snapshot(LiveQueue::default());
         assert_eq!(snap.totals.accepted, 5);
@@ -384,6 +393,14 @@ mod tests {
         assert_eq!(snap.totals.chunks_failed, 1);
         assert_eq!(snap.totals.embed_errors, 1);
         assert_eq!(snap.latency.embed.count, 2);
+        assert_eq!(
+            snap.deleted,
+            Deleted {
+                api: 2,
+                erase: 3,
+                retention: 4
+            }
+        );
         let tiers: Vec<(&str, u64, u64)> = snap
             .cache
             .tiers

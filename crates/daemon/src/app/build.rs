@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +18,7 @@ use convstore_embed::Embedder as _;
 use convstore_embed::cache::EmbeddingCache;
 use convstore_embed::router::Router;
 use convstore_store::Store;
+use convstore_store::retention::RetentionPolicy;
 use convstore_telemetry::metrics as m;
 
 use super::embedders::{build_embedder, probe_at_start};
@@ -44,8 +46,11 @@ pub struct App {
     /// `stop_background` after the drain.
     pub(super) background: JoinSet<()>,
     pub(super) stop_background: CancellationToken,
-    /// Stopped when shutdown begins: the drain gets the backends to itself.
+    /// Stopped when shutdown begins: the drain gets the backends and the
+    /// database to itself (the backfill, the retention reaper).
     pub(super) stop_backfill: CancellationToken,
+    /// The retention reaper's policy; a reload sends it a new one.
+    pub(super) retention: watch::Sender<RetentionPolicy>,
     /// Whether a backend answered the warm-up.
     pub(super) warm: bool,
 }
@@ -141,6 +146,18 @@ impl App {
                 stop_backfill.clone(),
             ));
         }
+        // Always started, even when everything is kept: a reload may turn
+        // retention on, and an idle reaper touches nothing.
+        let policy = settings
+            .retention
+            .policy()
+            .map_err(|e| anyhow::anyhow!("invalid value for `{}`: {}", e.key, e.reason))?;
+        let (retention, retention_policy) = watch::channel(policy);
+        background.spawn(crate::retention_task::run(
+            store.clone(),
+            retention_policy,
+            stop_backfill.clone(),
+        ));
         let probe = convstore_telemetry::stats::PipelineProbe {
             in_flight: ctx.in_flight.clone(),
             workers: settings.pipeline.workers.get(),
@@ -199,6 +216,7 @@ impl App {
             background,
             stop_background,
             stop_backfill,
+            retention,
             warm,
         })
     }

@@ -81,6 +81,7 @@ impl App {
             mut background,
             stop_background,
             stop_backfill,
+            retention,
             warm,
         } = self;
         let Control {
@@ -127,6 +128,7 @@ impl App {
             settings.clone(),
             ingress.clone(),
             batch_limits,
+            retention,
         ));
         if let Some(hangup) = hangup {
             background.spawn(reload_on_sighup(

@@ -324,6 +324,16 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
         int(t.chunks_pending),
         int(t.chunks_failed),
     );
+    let d = &s.deleted;
+    if d.api + d.erase + d.retention > 0 {
+        let _ = writeln!(
+            o,
+            "DELETED    by request {}   by user erasure {}   by retention {}",
+            int(d.api),
+            int(d.erase),
+            int(d.retention),
+        );
+    }
     if let Some(p) = &s.process {
         let _ = writeln!(
             o,

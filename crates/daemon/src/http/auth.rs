@@ -15,20 +15,28 @@
 //! `auth.require_on_unix_socket`: by default the socket file's owner, group
 //! and mode are its access control.
 //!
+//! Scopes: each token has some of `ingest`, `read`, `delete`, `admin`
+//! (`[[auth.tokens]] scopes`, default `ingest` and `read`). The scope a
+//! request needs is decided from its method and path alone
+//! ([`required_scope`]), before routing, so a route added later is covered
+//! without a list to update; a known token without that scope gets 403
+//! `forbidden`. `admin` grants every scope.
+//!
 //! Rate limit: a token bucket per token (`rate_per_sec`, `burst`); an
-//! empty bucket answers 429 with `Retry-After`.
+//! empty bucket answers 429 with `Retry-After`. A request refused for its
+//! scope takes nothing from the bucket.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::Request;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthSettings, Settings};
+use crate::config::{AuthSettings, Scope, Settings};
 use convstore_telemetry::metrics as m;
 
 use super::Transport;
@@ -83,7 +91,46 @@ impl Bucket {
 struct Token {
     name: String,
     hash: [u8; 32],
+    scopes: Vec<Scope>,
     bucket: Option<Mutex<Bucket>>,
+}
+
+impl Token {
+    fn allows(&self, needed: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&needed)
+    }
+}
+
+/// The scope a request needs, from its method and path:
+/// - anything under `/v1/admin/` → `admin`;
+/// - `DELETE` → `delete` (a conversation, a user's everything);
+/// - `POST /v1/search` and `GET`/`HEAD` → `read`;
+/// - `POST`/`PUT`/`PATCH` under `/v1/conversations` → `ingest` (a post, a
+///   batch, an append);
+/// - any other method or path → `admin`: a request nothing here knows
+///   needs the broadest right, so a new kind of write is never open to a
+///   token given less.
+pub fn required_scope(method: &Method, path: &str) -> Scope {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if under("/v1/admin") {
+        Scope::Admin
+    } else if method == Method::DELETE {
+        Scope::Delete
+    } else if method == Method::GET
+        || method == Method::HEAD
+        || (method == Method::POST && path == "/v1/search")
+    {
+        Scope::Read
+    } else if (method == Method::POST || method == Method::PUT || method == Method::PATCH)
+        && under("/v1/conversations")
+    {
+        Scope::Ingest
+    } else {
+        Scope::Admin
+    }
 }
 
 /// The configured tokens; `None` from [`Auth::from_settings`] when there
@@ -124,6 +171,9 @@ impl Auth {
                 Token {
                     name: t.name.clone(),
                     hash,
+                    // Checked by `Settings::validate`; a name that is not a
+                    // scope here grants nothing.
+                    scopes: t.parsed_scopes().unwrap_or_default(),
                     bucket: (t.rate_per_sec > 0)
                         .then(|| Mutex::new(Bucket::new(t.rate_per_sec, t.burst))),
                 }
@@ -143,8 +193,9 @@ impl Auth {
         transport == Transport::Tcp || self.require_on_unix_socket
     }
 
-    /// The name of the token in `headers`, or why the request is refused.
-    pub fn check(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
+    /// The name of the token in `headers` if it may do what needs
+    /// `needed`, or why the request is refused.
+    pub fn check(&self, headers: &HeaderMap, needed: Scope) -> Result<&str, ApiError> {
         let Some(presented) = bearer(headers) else {
             metrics::counter!(m::AUTH_REJECTED, label::REASON => "missing").increment(1);
             return Err(ApiError::Unauthorized(
@@ -164,6 +215,13 @@ impl Auth {
             metrics::counter!(m::AUTH_REJECTED, label::REASON => "invalid").increment(1);
             return Err(ApiError::Unauthorized("unknown bearer token".into()));
         };
+        if !token.allows(needed) {
+            metrics::counter!(m::AUTH_REJECTED, label::REASON => "scope").increment(1);
+            return Err(ApiError::Forbidden(format!(
+                "token `{}` does not have the `{needed}` scope this request needs ([[auth.tokens]] scopes)",
+                token.name
+            )));
+        }
         if let Some(bucket) = &token.bucket {
             let taken = bucket
                 .lock()
@@ -205,7 +263,8 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     if auth.applies_to(request.uri().path(), transport) {
-        match auth.check(request.headers()) {
+        let needed = required_scope(request.method(), request.uri().path());
+        match auth.check(request.headers(), needed) {
             Ok(name) => tracing::trace!(token = %name, "Authenticated"),
             Err(e) => return e.into_response(),
         }
@@ -277,6 +336,7 @@ mod tests {
                     sha256: hex::encode(Sha256::digest(b"s3cret")),
                     rate_per_sec: rate,
                     burst,
+                    ..TokenSettings::default()
                 },
                 TokenSettings {
                     name: "other".into(),
@@ -302,8 +362,16 @@ mod tests {
     #[test]
     fn tokens_are_checked_by_hash() {
         let auth = Auth::from_settings(&settings(0, 0)).unwrap();
-        assert_eq!(auth.check(&headers("Bearer s3cret")).unwrap(), "ingest");
-        assert_eq!(auth.check(&headers("bearer  another ")).unwrap(), "other");
+        assert_eq!(
+            auth.check(&headers("Bearer s3cret"), Scope::Ingest)
+                .unwrap(),
+            "ingest"
+        );
+        assert_eq!(
+            auth.check(&headers("bearer  another "), Scope::Read)
+                .unwrap(),
+            "other"
+        );
         for bad in [
             "Bearer s3cre",
             "Bearer S3CRET",
@@ -311,14 +379,17 @@ mod tests {
             "Bearer",
             "s3cret",
         ] {
-            let e = auth.check(&headers(bad)).unwrap_err();
+            let e = auth.check(&headers(bad), Scope::Read).unwrap_err();
             assert_eq!(e.code(), "unauthorized", "{bad}");
         }
-        let e = auth.check(&HeaderMap::new()).unwrap_err();
+        let e = auth.check(&HeaderMap::new(), Scope::Read).unwrap_err();
         assert_eq!(e.status(), axum::http::StatusCode::UNAUTHORIZED);
         // The hash itself is not a token.
         let hash = hex::encode(Sha256::digest(b"s3cret"));
-        assert!(auth.check(&headers(&format!("Bearer {hash}"))).is_err());
+        assert!(
+            auth.check(&headers(&format!("Bearer {hash}")), Scope::Read)
+                .is_err()
+        );
     }
 
     #[test]
@@ -357,12 +428,91 @@ mod tests {
     #[test]
     fn rate_limit_answers_429_with_retry_after() {
         let auth = Auth::from_settings(&settings(1, 1)).unwrap();
-        auth.check(&headers("Bearer s3cret")).unwrap();
-        let e = auth.check(&headers("Bearer s3cret")).unwrap_err();
+        auth.check(&headers("Bearer s3cret"), Scope::Ingest)
+            .unwrap();
+        let e = auth
+            .check(&headers("Bearer s3cret"), Scope::Ingest)
+            .unwrap_err();
         assert_eq!(e.code(), "rate_limited");
         assert_eq!(e.retry_after(), Some(1));
         // Other tokens have their own bucket (none here).
-        auth.check(&headers("Bearer another")).unwrap();
+        auth.check(&headers("Bearer another"), Scope::Read).unwrap();
+    }
+
+    #[test]
+    fn the_scope_a_request_needs() {
+        let cases = [
+            (Method::POST, "/v1/conversations", Scope::Ingest),
+            (Method::POST, "/v1/conversations/batch", Scope::Ingest),
+            (
+                Method::POST,
+                "/v1/conversations/abc/messages",
+                Scope::Ingest,
+            ),
+            (Method::GET, "/v1/conversations/abc", Scope::Read),
+            (Method::HEAD, "/v1/conversations/abc", Scope::Read),
+            (Method::POST, "/v1/search", Scope::Read),
+            (Method::GET, "/v1/stats", Scope::Read),
+            (Method::DELETE, "/v1/conversations/abc", Scope::Delete),
+            (Method::DELETE, "/v1/users/u-1", Scope::Delete),
+            (Method::GET, "/v1/admin/retention", Scope::Admin),
+            (Method::POST, "/v1/admin", Scope::Admin),
+            (Method::DELETE, "/v1/admin/x", Scope::Admin),
+            // Not a prefix match on text: `/v1/administer` is no admin route.
+            (Method::GET, "/v1/administer", Scope::Read),
+            (Method::POST, "/v1/conversationsx", Scope::Admin),
+            // Writes nothing here knows need the broadest right.
+            (Method::POST, "/v1/users/u-1", Scope::Admin),
+            (Method::PUT, "/v1/something", Scope::Admin),
+            (Method::OPTIONS, "/v1/conversations", Scope::Admin),
+        ];
+        for (method, path, scope) in cases {
+            assert_eq!(required_scope(&method, path), scope, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_token_without_the_scope_gets_403_and_admin_gets_everything() {
+        let mut s = settings(1, 1);
+        s.tokens[1].scopes = vec!["admin".into()];
+        s.tokens.push(TokenSettings {
+            name: "reader".into(),
+            sha256: hex::encode(Sha256::digest(b"reader")),
+            scopes: vec!["read".into()],
+            ..TokenSettings::default()
+        });
+        let auth = Auth::from_settings(&s).unwrap();
+        // Default scopes: ingest and read, not delete nor admin.
+        let e = auth
+            .check(&headers("Bearer s3cret"), Scope::Delete)
+            .unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::FORBIDDEN);
+        assert_eq!(e.code(), "forbidden");
+        let message = e.message();
+        assert!(
+            message.contains("`ingest`") && message.contains("`delete`"),
+            "names the token and the scope: {message}"
+        );
+        assert!(auth.check(&headers("Bearer s3cret"), Scope::Admin).is_err());
+        // A refusal for the scope takes nothing from the bucket (burst 1).
+        assert_eq!(
+            auth.check(&headers("Bearer s3cret"), Scope::Ingest)
+                .unwrap(),
+            "ingest"
+        );
+        for scope in Scope::ALL {
+            assert_eq!(
+                auth.check(&headers("Bearer another"), scope).unwrap(),
+                "other"
+            );
+        }
+        assert!(auth.check(&headers("Bearer reader"), Scope::Read).is_ok());
+        assert_eq!(
+            auth.check(&headers("Bearer reader"), Scope::Ingest)
+                .unwrap_err()
+                .code(),
+            "forbidden"
+        );
     }
 
     #[test]

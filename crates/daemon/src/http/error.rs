@@ -30,6 +30,9 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u32 },
     /// 401: no bearer token, or not a known one.
     Unauthorized(String),
+    /// 403: a known token without the scope the request needs; the message
+    /// names both.
+    Forbidden(String),
     /// The conversation was accepted (it has an id) but the level the
     /// request waited for was not reached: 504 (still in flight, poll by
     /// id), 503 (not stored by shutdown) or 500 (lost or refused).
@@ -78,6 +81,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unfinished { status, .. } => *status,
             Self::Unavailable(_) | Self::JournalUnwritable { .. } | Self::BodiesFull { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -100,6 +104,7 @@ impl ApiError {
             Self::JournalFull { .. } => "journal_full",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::Unfinished { code, .. } => code,
             Self::JournalUnwritable { .. } => "journal_unwritable",
             Self::Unavailable(_) => "unavailable",
@@ -119,7 +124,8 @@ impl ApiError {
             | Self::Unavailable(m)
             | Self::BodyTimeout(m)
             | Self::Internal(m)
-            | Self::Unauthorized(m) => m.clone(),
+            | Self::Unauthorized(m)
+            | Self::Forbidden(m) => m.clone(),
             Self::InvalidField { message, .. } | Self::Unfinished { message, .. } => {
                 message.clone()
             }

@@ -190,7 +190,7 @@ async fn delete_one(state: &IngressState, id: &str) -> Result<Deleted, ApiError>
     };
     let withdrawn = withdraw(state, stamp, |change| change.client_id() == Some(id));
     if deleted.row {
-        metrics::counter!(m::CONVERSATIONS_DELETED, label::REASON => "api").increment(1);
+        events::conversations_deleted(events::deletion::API, 1);
     }
     tracing::info!(
         id,
@@ -259,8 +259,7 @@ async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> 
     let evicted = state
         .cache()
         .map_or(0, |cache| cache.remove_hashes(&hashes));
-    metrics::counter!(m::CONVERSATIONS_DELETED, label::REASON => "erase")
-        .increment(erased.conversations);
+    events::conversations_deleted(events::deletion::ERASE, erased.conversations);
     tracing::info!(
         conversations = erased.conversations,
         chunks = erased.chunks,

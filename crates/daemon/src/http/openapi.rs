@@ -55,7 +55,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         ErrorResponse,
         ErrorObject,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ScopeRefusals),
     security(("bearer" = []), ()),
     tags(
         (name = "ingest", description = "Hand conversations over"),
@@ -79,6 +79,40 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// A token lacking the scope a route needs gets 403 (`http::auth`): said
+/// once here, for every operation that can answer 401, rather than in each
+/// handler's list.
+struct ScopeRefusals;
+
+impl Modify for ScopeRefusals {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                let Some(RefOr::T(unauthorized)) = responses.get("401") else {
+                    continue;
+                };
+                let mut forbidden = unauthorized.clone();
+                forbidden.description = "`forbidden`: the bearer token does not have the scope this \
+                    route needs (`[[auth.tokens]] scopes`: `ingest` to post, `read` to get and search, \
+                    `delete` to delete, `admin` for everything); the message names the token and the scope"
+                    .into();
+                responses.entry("403".into()).or_insert(RefOr::T(forbidden));
+            }
+        }
     }
 }
 
@@ -114,7 +148,8 @@ pub fn document_json() -> &'static str {
         description = "A JSON snapshot from memory (no database round trip), `Cache-Control: no-store`: \
             `version`, `uptime_seconds`, `window_seconds`, `health` (`status`: healthy, warning or critical, \
             and `reasons`), `queue`, `rates`, `latency` (per-stage percentiles in ms), `cache`, `backends`, \
-            `pending_embedding`, `totals`, `bottleneck`, `process`. Rates and latencies cover the last \
+            `pending_embedding`, `totals`, `deleted` (conversations deleted since start by reason: `api`, `erase`, \
+            `retention`), `bottleneck`, `process`. Rates and latencies cover the last \
             `window_seconds`; totals count since start; `null` where nothing happened or nothing is known.",
         content_type = "application/json",
         body = Object
@@ -174,6 +209,20 @@ mod tests {
             );
         }
         assert_eq!(conversation["additionalProperties"], false);
+        // Every operation that can refuse a token can refuse its scope.
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let responses = &operation["responses"];
+                if responses.get("401").is_some() {
+                    let forbidden = responses["403"]["description"].as_str().unwrap_or("");
+                    assert!(
+                        forbidden.contains("forbidden"),
+                        "{method} {path}: {responses}"
+                    );
+                }
+            }
+        }
+        assert!(doc["paths"]["/v1/search"]["post"]["responses"]["403"].is_object());
         let wait = &doc["paths"]["/v1/conversations"]["post"]["parameters"];
         assert!(
             wait.as_array().unwrap().iter().any(|p| p["name"] == "wait"),

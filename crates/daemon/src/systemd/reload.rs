@@ -3,8 +3,9 @@
 //! keys need a restart. An invalid file changes nothing: convstore keeps
 //! running on the configuration it has and logs why.
 //!
-//! Live keys ([`LIVE_KEYS`]): the log filter, the request limits and queue
-//! policy of ingress, the batch size and wait, and the shutdown deadline.
+//! Live keys ([`LIVE_KEYS`], and every `retention.channels.*`): the log
+//! filter, the request limits and queue policy of ingress, the batch size
+//! and wait, the shutdown deadline, and `[retention]`.
 //! Every other key (addresses, database, queue capacity, workers, model,
 //! backends, …) needs a restart; a changed one is reported, not applied.
 
@@ -14,10 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::http::{IngressLimits, IngressState};
 use crate::pipeline::batcher::BatchLimits;
+use convstore_store::retention::RetentionPolicy;
 use convstore_telemetry::logging;
 
 /// Keys a reload applies to the running daemon.
@@ -33,7 +36,18 @@ pub const LIVE_KEYS: &[&str] = &[
     "batch.max_size",
     "batch.max_wait_ms",
     "shutdown.timeout_ms",
+    "retention.max_age",
+    "retention.interval",
+    "retention.tombstone_max_age",
 ];
+
+/// Keys under these prefixes are live too: a map whose keys are data (a
+/// channel name), not a fixed list.
+pub const LIVE_PREFIXES: &[&str] = &["retention.channels."];
+
+fn is_live(key: &str) -> bool {
+    LIVE_KEYS.contains(&key) || LIVE_PREFIXES.iter().any(|p| key.starts_with(p))
+}
 
 /// Changed keys, sorted by whether a reload can apply them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,7 +66,7 @@ pub fn changes(running: &Settings, new: &Settings) -> Changes {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for key in keys {
         if old.get(key) != new.get(key) {
-            if LIVE_KEYS.contains(&key.as_str()) {
+            if is_live(key) {
                 out.live.push(key.clone());
             } else {
                 out.need_restart.push(key.clone());
@@ -76,6 +90,7 @@ pub fn merge_live(running: &Settings, new: &Settings) -> Settings {
     merged.queue.retry_after_secs = new.queue.retry_after_secs;
     merged.batch = new.batch.clone();
     merged.shutdown = new.shutdown.clone();
+    merged.retention = new.retention.clone();
     merged
 }
 
@@ -169,6 +184,7 @@ pub struct Reloader {
     current: ArcSwap<Settings>,
     ingress: Arc<IngressState>,
     batch: Arc<BatchLimits>,
+    retention: watch::Sender<RetentionPolicy>,
 }
 
 impl Reloader {
@@ -177,12 +193,14 @@ impl Reloader {
         running: Settings,
         ingress: Arc<IngressState>,
         batch: Arc<BatchLimits>,
+        retention: watch::Sender<RetentionPolicy>,
     ) -> Self {
         Self {
             config_path,
             current: ArcSwap::from_pointee(running),
             ingress,
             batch,
+            retention,
         }
     }
 
@@ -231,6 +249,20 @@ impl Reloader {
             merged.batch.max_size.get(),
             Duration::from_millis(merged.batch.max_wait_ms.get()),
         );
+        // Validated with the rest of the file; the reaper is woken only
+        // when the policy really changed.
+        match merged.retention.policy() {
+            Ok(policy) => {
+                self.retention.send_if_modified(|running| {
+                    let changed = *running != policy;
+                    if changed {
+                        *running = policy;
+                    }
+                    changed
+                });
+            }
+            Err(e) => notes.push(format!("[retention] not applied: {}: {}", e.key, e.reason)),
+        }
         self.current.store(Arc::new(merged));
         if changes.live.is_empty() && changes.need_restart.is_empty() {
             tracing::info!("Configuration reloaded; nothing changed");
@@ -273,6 +305,9 @@ mod tests {
         new.batch.max_size = NonZeroUsize::new(13).unwrap();
         new.batch.max_wait_ms = NonZeroU64::new(14).unwrap();
         new.shutdown.timeout_ms = NonZeroU64::new(15).unwrap();
+        new.retention.max_age = "365d".into();
+        new.retention.interval = "5m".into();
+        new.retention.tombstone_max_age = "30d".into();
         new
     }
 
@@ -288,6 +323,26 @@ mod tests {
         // merge_live copies every live key: nothing live is left to change.
         let merged = merge_live(&base, &new);
         assert_eq!(merged, new);
+    }
+
+    #[test]
+    fn retention_channels_are_live_whatever_their_names() {
+        let base = Settings::default();
+        let mut new = base.clone();
+        new.retention.channels.insert("web".into(), "30d".into());
+        new.retention
+            .channels
+            .insert("support desk".into(), "".into());
+        let c = changes(&base, &new);
+        assert_eq!(
+            c.live,
+            vec!["retention.channels.support desk", "retention.channels.web"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        );
+        assert!(c.need_restart.is_empty());
+        assert_eq!(merge_live(&base, &new), new);
     }
 
     #[test]
