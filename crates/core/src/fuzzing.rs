@@ -73,7 +73,8 @@ pub fn check_accepted(c: &Conversation, limits: &Limits) {
     };
     label("user_id", &c.user_id, limits.max_label_bytes);
     label("channel", &c.channel, limits.max_label_bytes);
-    if let Some(id) = &c.client_id {
+    // An assigned id (no id sent) is the row's UUID, not the caller's text.
+    if let Some(id) = c.client_id.as_ref().filter(|id| **id != c.id.to_string()) {
         label("id", id, limits.max_id_bytes);
     }
     let text = |name: &str, s: &str| {

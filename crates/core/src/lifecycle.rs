@@ -83,6 +83,14 @@ impl Change {
         }
     }
 
+    /// The key a conversation's changes are ordered, folded and deleted
+    /// by: its client id, else (a conversation stored without one) its row
+    /// id.
+    pub fn key(&self) -> String {
+        self.client_id()
+            .map_or_else(|| self.row_id().to_string(), str::to_string)
+    }
+
     pub fn received_instant(&self) -> Instant {
         match self {
             Self::Post(c) => c.received_instant,
@@ -240,54 +248,63 @@ pub struct Folded {
     pub version: Option<Version>,
     /// Whether `version` differs from the stored one (a write is needed).
     pub changed: bool,
+    /// The stored version is gone and nothing replaces it: a delete or
+    /// erasure found a version of these changes current (say, an erased
+    /// user's replacement of another user's version), so the stored row
+    /// must go.
+    pub delete_stored: bool,
     /// Per change, in order.
     pub applied: Vec<Applied>,
 }
 
-fn deleted(t: &dyn Tombstones, client_id: Option<&str>, user_id: &str, stamp: Stamp) -> bool {
-    client_id
+/// Whether a change stamped `stamp` was acknowledged before a delete of its
+/// conversation or an erasure of its user.
+fn acknowledged_before_a_tombstone(t: &dyn Tombstones, change: &StampedChange) -> bool {
+    change
+        .change
+        .client_id()
         .and_then(|k| t.conversation(k))
-        .is_some_and(|d| stamp <= d)
-        || t.user(user_id).is_some_and(|d| stamp <= d)
+        .into_iter()
+        .chain(t.user(change.change.user_id()))
+        .any(|deleted| change.stamp <= deleted)
+}
+
+/// Whether a delete or erasure stamped in `[version.stamp, until)` found
+/// `version` current, and so deleted it.
+fn deleted_before(t: &dyn Tombstones, version: &Version, until: Option<Stamp>) -> bool {
+    version
+        .conversation
+        .client_id
+        .as_deref()
+        .and_then(|k| t.conversation(k))
+        .into_iter()
+        .chain(t.user(&version.conversation.user_id))
+        .any(|deleted| version.stamp <= deleted && until.is_none_or(|u| deleted < u))
 }
 
 /// Applies `changes` (one conversation's, in acknowledgement order) to the
-/// `stored` version. A stored version that a tombstone covers counts as
-/// gone (an erasure deletes rows in batches after its tombstone commits).
+/// `stored` version, as if each change, delete and erasure had happened
+/// one after the other at its stamp: a version is gone from the moment a
+/// delete of its conversation or an erasure of *its* user is stamped while
+/// it is current, whether it is the stored version (an erasure deletes rows
+/// in batches after its tombstone commits) or one made by these changes.
+/// Only the latest tombstone of each key is known; it deletes whatever was
+/// current when it was stamped, which is all the final state needs.
 pub fn fold(
     stored: Option<Version>,
     tombstones: &dyn Tombstones,
     changes: &[&StampedChange],
 ) -> Folded {
-    let stored = stored.filter(|v| {
-        !deleted(
-            tombstones,
-            v.conversation.client_id.as_deref(),
-            &v.conversation.user_id,
-            v.stamp,
-        )
-    });
     let stored_stamp = stored.as_ref().map(|v| v.stamp);
+    let had_stored = stored.is_some();
     let mut state = stored;
-    let mut changed = false;
     let mut applied = Vec::with_capacity(changes.len());
     for sc in changes {
         let stamp = sc.stamp;
-        if deleted(
-            tombstones,
-            sc.change.client_id(),
-            sc.change.user_id(),
-            stamp,
-        ) {
-            applied.push(Applied::Discarded(Discard::Deleted));
-            continue;
-        }
+        state = state.filter(|v| !deleted_before(tombstones, v, Some(stamp)));
         let outcome = match (&sc.change, state.as_mut()) {
             (Change::Post(c), None) => {
-                let mut version = Version::posted(c.clone(), stamp);
-                // A post after its row was deleted starts over at version 1.
-                version.versions = 1;
-                state = Some(version);
+                state = Some(Version::posted(c.clone(), stamp));
                 Applied::Created
             }
             (Change::Post(c), Some(v)) => {
@@ -316,32 +333,57 @@ pub fn fold(
                     if added > 0 {
                         v.versions = v.versions.saturating_add(1);
                         v.content_sha = content_sha(&v.conversation);
+                        v.stamp = stamp;
                     }
                     Applied::Appended(added)
                 }
             }
         };
-        if let Some(v) = state.as_mut()
-            && matches!(
-                outcome,
-                Applied::Created | Applied::Replaced | Applied::Appended(1..)
-            )
-        {
-            v.stamp = v.stamp.max(stamp);
-            changed = true;
-        }
-        applied.push(outcome);
+        // What a later tombstone deletes was still applied in order (it
+        // decides what the state was when the tombstone came), but it is
+        // not stored: its caller hears it was discarded.
+        applied.push(if acknowledged_before_a_tombstone(tombstones, sc) {
+            Applied::Discarded(Discard::Deleted)
+        } else {
+            outcome
+        });
     }
+    state = state.filter(|v| !deleted_before(tombstones, v, None));
     // Only retries, replays and appends of messages already there: the
     // stored version stands, nothing to write.
-    if state.as_ref().map(|v| v.stamp) == stored_stamp {
-        changed = false;
-    }
+    let changed = state.as_ref().map(|v| v.stamp) != stored_stamp && state.is_some();
     Folded {
+        delete_stored: had_stored && state.is_none(),
         version: state,
         changed,
         applied,
     }
+}
+
+/// Of these queued changes, the keys of the conversations an erasure of
+/// `user_id` stamped `stamp` deletes: those whose last change stamped
+/// before it was that user's (a post by them, or an append to a
+/// conversation that was theirs). Every change of such a conversation
+/// stamped before the erasure is moot, whoever made it: a version another
+/// user posted earlier was replaced by the erased user's. A conversation
+/// whose last change was someone else's is not the erased user's any more;
+/// their earlier changes are discarded by the tombstone when folded.
+pub fn erased_conversations<'a>(
+    queued: impl IntoIterator<Item = &'a StampedChange>,
+    user_id: &str,
+    stamp: Stamp,
+) -> HashSet<String> {
+    let mut last_user: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for change in queued {
+        if change.stamp <= stamp {
+            last_user.insert(change.change.key(), change.change.user_id());
+        }
+    }
+    last_user
+        .into_iter()
+        .filter(|(_, user)| *user == user_id)
+        .map(|(key, _)| key)
+        .collect()
 }
 
 /// Adds `messages` at the end of `c`, skipping those whose message id `c`

@@ -187,6 +187,14 @@ impl<T> BoundedQueue<T> {
         }
     }
 
+    /// Runs `f` over the queued items, in order, under the queue's lock
+    /// (keep it short: producers and the batcher wait meanwhile).
+    pub fn inspect<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &T>) -> R) -> R {
+        let state = self.lock();
+        let mut items = state.items.iter().map(|(item, _)| item);
+        f(&mut items)
+    }
+
     /// Takes every queued item `matches` selects out of the queue, in
     /// order (a delete or erasure withdrawing what it covers); the rest
     /// keep their order.

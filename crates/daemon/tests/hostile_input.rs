@@ -733,6 +733,10 @@ const SCHEMATHESIS_TOML: &str = r#"
 [[operations]]
 include-name = "POST /v1/conversations"
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "504"]
+
+[[operations]]
+include-name = "POST /v1/conversations/{id}/messages"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "504"]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

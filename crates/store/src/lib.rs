@@ -34,7 +34,7 @@ use uuid::Uuid;
 use crate::settings::{DatabaseSettings, WriteMethod};
 
 pub use read::{ChunkCounts, StoreCounts, StoredChunk, StoredConversation};
-pub use write::WriteOutcome;
+pub use write::{Removal, WriteOutcome};
 
 /// The migrations in `migrations/`, compiled into the binary.
 ///

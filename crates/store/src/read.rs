@@ -38,6 +38,12 @@ pub struct StoredConversation {
     pub received_at: DateTime<Utc>,
     pub stored_at: DateTime<Utc>,
     pub embedding_status: EmbeddingStatus,
+    /// How many changes (the post, replacements, appends) made this
+    /// version.
+    pub versions: i32,
+    /// When the last replacement or append was stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
     pub chunks: Vec<StoredChunk>,
 }
 
@@ -79,7 +85,8 @@ macro_rules! select_conversation {
     ($where:literal) => {
         concat!(
             "SELECT id, client_id, user_id, channel, summary, transcript, messages, metadata, \
-             created_at, received_at, stored_at, embedding_status FROM conversations WHERE ",
+             created_at, received_at, stored_at, embedding_status, versions, updated_at \
+             FROM conversations WHERE ",
             $where
         )
     };
@@ -221,6 +228,8 @@ fn conversation_from_row(row: &PgRow) -> Result<StoredConversation, StoreError> 
         received_at: row.try_get("received_at")?,
         stored_at: row.try_get("stored_at")?,
         embedding_status: parse_status(&status)?,
+        versions: row.try_get("versions")?,
+        updated_at: row.try_get("updated_at")?,
         chunks: Vec::new(),
     })
 }

@@ -79,6 +79,8 @@ pub struct WriteOutcome {
     pub chunks_kept: usize,
     /// Chunk rows of replaced versions deleted (changed or gone).
     pub chunks_deleted: usize,
+    /// Stored versions removed ([`Removal`]).
+    pub removed: usize,
     /// Client ids not written because the stored version they were folded
     /// onto changed meanwhile (another writer, a delete, an erasure): fold
     /// them again and write them again.
@@ -151,6 +153,18 @@ impl Store {
         &self,
         batch: &[ReadyConversation],
     ) -> Result<WriteOutcome, StoreError> {
+        self.write_versions(batch, &[]).await
+    }
+
+    /// [`Store::write_batch`], and in the same transaction the removal of
+    /// stored versions a delete or erasure made moot (each checked as the
+    /// versions are: a removal whose stored version changed meanwhile is
+    /// stale).
+    pub async fn write_versions(
+        &self,
+        batch: &[ReadyConversation],
+        removals: &[Removal],
+    ) -> Result<WriteOutcome, StoreError> {
         let unique = dedupe(batch);
         for ready in &unique {
             check_conversation(ready, self.dimensions()).map_err(|reason| {
@@ -164,14 +178,29 @@ impl Store {
             duplicates: batch.len() - unique.len(),
             ..WriteOutcome::default()
         };
-        if unique.is_empty() {
+        if unique.is_empty() && removals.is_empty() {
             return Ok(outcome);
         }
 
         let mut tx = self.pool.begin().await?;
-        let plan = plan_writes(&mut tx, unique).await?;
+        let plan = plan_writes(&mut tx, unique, removals).await?;
         outcome.duplicates += plan.duplicates;
         outcome.stale = plan.stale;
+        if !plan.removals.is_empty() {
+            let chunks: i64 = sqlx::query_scalar(
+                "WITH gone AS (DELETE FROM conversation_chunks WHERE conversation_id = ANY($1) RETURNING 1) \
+                 SELECT count(*) FROM gone",
+            )
+            .bind(&plan.removals)
+            .fetch_one(&mut *tx)
+            .await?;
+            let rows = sqlx::query("DELETE FROM conversations WHERE id = ANY($1)")
+                .bind(&plan.removals)
+                .execute(&mut *tx)
+                .await?;
+            outcome.removed = usize::try_from(rows.rows_affected()).unwrap_or(usize::MAX);
+            outcome.chunks_deleted += usize::try_from(chunks).unwrap_or(0);
+        }
         let keyed: Vec<(Uuid, &ReadyConversation)> = plan
             .inserts
             .iter()
@@ -354,10 +383,23 @@ fn json_has_nul(value: &serde_json::Value) -> bool {
     }
 }
 
+/// A stored version to remove: a delete or erasure made it moot while
+/// changes of it were in flight (`convstore_core::lifecycle::Folded::delete_stored`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub client_id: String,
+    /// The stored version's user (its lock is taken like a writer's).
+    pub user_id: String,
+    /// The stored version's stamp, as folded.
+    pub replaces: i64,
+}
+
 /// What the batch does to each of its conversations, decided under the
 /// locks.
 struct WritePlan<'a> {
     inserts: Vec<&'a ReadyConversation>,
+    /// Row ids of stored versions to remove.
+    removals: Vec<Uuid>,
     /// (stored row id, the new version).
     updates: Vec<(Uuid, &'a ReadyConversation)>,
     duplicates: usize,
@@ -374,18 +416,22 @@ struct CurrentRow {
 
 /// Takes the locks of the batch's users (shared) and client ids
 /// (exclusive), reads their stored versions and tombstones, and sorts each
-/// conversation into insert, update, duplicate or stale.
+/// conversation into insert, update, duplicate or stale, and each removal
+/// into remove or stale.
 async fn plan_writes<'a>(
     conn: &mut PgConnection,
     unique: Vec<&'a ReadyConversation>,
+    removals: &[Removal],
 ) -> Result<WritePlan<'a>, StoreError> {
     let users: Vec<&str> = unique
         .iter()
         .map(|r| r.conversation.user_id.as_str())
+        .chain(removals.iter().map(|r| r.user_id.as_str()))
         .collect();
     let client_ids: Vec<&str> = unique
         .iter()
         .filter_map(|r| r.conversation.client_id.as_deref())
+        .chain(removals.iter().map(|r| r.client_id.as_str()))
         .collect();
     // Users first, then conversations, in every writer: one lock order.
     lock_keys(
@@ -429,6 +475,7 @@ async fn plan_writes<'a>(
     let tombstones = read_tombstones(conn, &client_ids, &users).await?;
     let mut plan = WritePlan {
         inserts: Vec::new(),
+        removals: Vec::new(),
         updates: Vec::new(),
         duplicates: 0,
         stale: Vec::new(),
@@ -457,6 +504,14 @@ async fn plan_writes<'a>(
             (Some(row), Some(stamp)) if row.stamp == stamp => plan.updates.push((row.id, ready)),
             (Some(row), None) if is_retry(ready, row) => plan.duplicates += 1,
             _ => plan.stale.push(client_id.to_string()),
+        }
+    }
+    for removal in removals {
+        match current.get(&removal.client_id) {
+            Some(row) if row.stamp == removal.replaces => plan.removals.push(row.id),
+            // Already gone (the delete or erasure took it): done.
+            None => {}
+            Some(_) => plan.stale.push(removal.client_id.clone()),
         }
     }
     Ok(plan)

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod client;
 mod enqueue;
+mod forget;
 mod reload;
 mod search;
 pub mod status;
@@ -47,6 +48,10 @@ pub enum Command {
     Search(search::SearchArgs),
     /// Load a running daemon (HTTP or Unix socket): latency percentiles, throughput, stored rate.
     Bench(bench::BenchArgs),
+    /// Delete one conversation with its chunks, vectors and queued changes (DELETE /v1/conversations/{id}).
+    Delete(forget::DeleteArgs),
+    /// Erase everything of one user: conversations, chunks, vectors, cached vectors, queued changes (DELETE /v1/users/{user_id}).
+    EraseUser(forget::EraseUserArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -127,6 +132,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Search(args) => {
             let settings = load(cli.config.as_deref())?;
             search::run(args, &settings).await
+        }
+        Command::Delete(args) => {
+            let settings = load(cli.config.as_deref())?;
+            forget::delete(args, &settings).await
+        }
+        Command::EraseUser(args) => {
+            let settings = load(cli.config.as_deref())?;
+            forget::erase_user(args, &settings).await
         }
         Command::Bench(args) => {
             let settings = load(cli.config.as_deref())?;

@@ -232,13 +232,17 @@ pub async fn admit(
 }
 
 /// Why [`enqueue`] did not take a change (its ticket already cancelled
-/// unless the queue handed it back).
+/// unless the queue handed it back). The queue's refusal carries the change
+/// back so a blocking admission can retry without cloning it; it is moved,
+/// never copied, so its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Refusal {
     Queue(PushError<Queued>),
     Journal(ApiError),
 }
 
 /// Journals (when on) and enqueues one stamped change; its LSN.
+#[allow(clippy::result_large_err)]
 fn enqueue(state: &IngressState, item: Queued, bytes: usize) -> Result<Option<u64>, Refusal> {
     let Some(journal) = state.journal() else {
         return state

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use uuid::Uuid;
 
-use convstore_core::lifecycle::{Append, Change, Discard, Stamp};
+use convstore_core::lifecycle::{Append, Change, Discard, Stamp, erased_conversations};
 use convstore_core::validate::{check_label, parse_append, row_id};
 use convstore_telemetry::events::{self, label};
 use convstore_telemetry::metrics as m;
@@ -160,7 +160,6 @@ pub struct Deleted {
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
-        (status = 403, description = "The token's scopes do not include `delete`", body = super::error::ErrorEnvelope),
         (status = 404, description = "Neither stored nor in flight", body = super::error::ErrorEnvelope),
         (status = 503, description = "The database is unreachable: nothing was deleted", body = super::error::ErrorEnvelope),
     )
@@ -188,7 +187,7 @@ async fn delete_one(state: &IngressState, id: &str) -> Result<Deleted, ApiError>
             "no conversation with id `{id}`"
         )));
     };
-    let withdrawn = withdraw(state, stamp, |change| change.client_id() == Some(id));
+    let withdrawn = withdraw(state, stamp, |change| change.key() == id);
     if deleted.row {
         events::conversations_deleted(events::deletion::API, 1);
     }
@@ -233,7 +232,6 @@ pub struct Erased {
     responses(
         (status = 200, description = "Erased, with counts", body = Erased),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
-        (status = 403, description = "The token's scopes do not include `delete`", body = super::error::ErrorEnvelope),
         (status = 503, description = "The database is unreachable; call again (an erasure is safe to repeat)", body = super::error::ErrorEnvelope),
     )
 )]
@@ -254,8 +252,24 @@ async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> 
     // The texts' hashes before their rows go: the in-memory cache is
     // evicted by them.
     let hashes = state.store.chunk_hashes_of_user(user_id).await?;
-    let erased = state.store.erase_user(user_id, stamp).await?;
-    let withdrawn = withdraw(state, stamp, |change| change.user_id() == user_id);
+    let mut erased = state.store.erase_user(user_id, stamp).await?;
+    // Conversations whose last queued change was this user's are theirs,
+    // whoever posted the stored version: they go whole, with a tombstone.
+    let theirs = state
+        .queue
+        .inspect(|queued| erased_conversations(queued.map(|q| &q.change), user_id, stamp));
+    for key in &theirs {
+        let row = candidate_rows(key).next().unwrap_or_else(|| row_id(key));
+        if let Some(d) = state
+            .store
+            .delete_conversation(key, row, stamp, true)
+            .await?
+        {
+            erased.chunks += d.chunks;
+            erased.conversations += u64::from(d.row);
+        }
+    }
+    let withdrawn = withdraw(state, stamp, |change| theirs.contains(&change.key()));
     let evicted = state
         .cache()
         .map_or(0, |cache| cache.remove_hashes(&hashes));

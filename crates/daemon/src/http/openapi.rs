@@ -186,6 +186,8 @@ mod tests {
             "/v1/conversations",
             "/v1/conversations/batch",
             "/v1/conversations/{id}",
+            "/v1/conversations/{id}/messages",
+            "/v1/users/{user_id}",
             "/v1/search",
             "/v1/stats",
             "/healthz",

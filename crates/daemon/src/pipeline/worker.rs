@@ -10,6 +10,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use convstore_core::lifecycle::{Applied, StampedChange, fold};
 use convstore_core::model::{Conversation, EmbeddedChunk, ReadyConversation, RowVersion};
+use convstore_store::Removal;
 use convstore_store::lifecycle::FoldBase;
 use convstore_telemetry::metrics as m;
 
@@ -76,10 +77,7 @@ struct Group {
 }
 
 fn key_of(change: &StampedChange) -> String {
-    change
-        .change
-        .client_id()
-        .map_or_else(|| change.change.row_id().to_string(), str::to_string)
+    change.change.key()
 }
 
 /// Applies a batch of changes: folds each conversation's changes onto its
@@ -137,11 +135,13 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
             }
         };
         let mut to_write: Vec<(usize, Conversation, RowVersion)> = Vec::new();
+        let mut removals: Vec<(usize, Removal)> = Vec::new();
         let mut base = base;
         for g in &open {
             let group = &groups[*g];
             let stored = base.versions.remove(&group.key);
             let replaces = stored.as_ref().map(|v| v.stamp);
+            let stored_user = stored.as_ref().map(|v| v.conversation.user_id.clone());
             let refs: Vec<&StampedChange> = group.changes.iter().map(|i| &changes[*i]).collect();
             let folded = fold(stored, &base.tombstones, &refs);
             for (i, a) in group.changes.iter().zip(&folded.applied) {
@@ -158,6 +158,18 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
                     };
                     to_write.push((*g, version.conversation, row));
                 }
+                None if folded.delete_stored => {
+                    if let (Some(replaces), Some(user_id)) = (replaces, stored_user) {
+                        removals.push((
+                            *g,
+                            Removal {
+                                client_id: group.key.clone(),
+                                user_id,
+                                replaces,
+                            },
+                        ));
+                    }
+                }
                 _ => {
                     for i in &group.changes {
                         outcomes[*i] = Some(outcome_of(applied[*i]));
@@ -165,14 +177,22 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
                 }
             }
         }
+        let mut finished: Vec<(usize, Outcome)> = Vec::new();
         let written_groups: Vec<usize> = to_write.iter().map(|(g, ..)| *g).collect();
-        let (written, stale) = if to_write.is_empty() {
+        let (written, mut stale) = if to_write.is_empty() {
             (Vec::new(), HashSet::new())
         } else {
             embed_and_store(ctx, to_write.into_iter().map(|(_, c, v)| (c, v)).collect()).await
         };
+        finished.extend(written_groups.into_iter().zip(written));
+        if !removals.is_empty() {
+            let (groups_removed, removals): (Vec<usize>, Vec<Removal>) =
+                removals.into_iter().unzip();
+            let outcome = remove_with_retry(ctx, &removals, &mut stale).await;
+            finished.extend(groups_removed.into_iter().map(|g| (g, outcome.clone())));
+        }
         let mut next = Vec::new();
-        for (g, outcome) in written_groups.into_iter().zip(written) {
+        for (g, outcome) in finished {
             let group = &groups[g];
             if stale.contains(&group.key) {
                 next.push(g);
@@ -218,9 +238,15 @@ fn record_changes(
 ) {
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
     let mut appended = 0u64;
-    for ((_, applied), outcome) in changes.iter().zip(applied).zip(outcomes) {
+    let e2e = metrics::histogram!(m::END_TO_END_SECONDS);
+    for ((change, applied), outcome) in changes.iter().zip(applied).zip(outcomes) {
         if !matches!(outcome, Some(Outcome::Stored | Outcome::Discarded(_))) {
             continue;
+        }
+        // Every change that is in the store (a retry or replay included:
+        // its content is there) or never will be, once.
+        if matches!(outcome, Some(Outcome::Stored)) {
+            e2e.record(change.change.received_instant().elapsed().as_secs_f64());
         }
         let name = match applied {
             Some(Applied::Created) => "created",
@@ -282,6 +308,38 @@ async fn read_base(
             Err(e) => {
                 tracing::error!(error = %e, "Cannot read the stored versions of a batch; its changes were NOT stored");
                 return Err(e.to_string());
+            }
+        }
+    }
+}
+
+/// Removes stored versions a delete or erasure made moot, retrying while
+/// the database is unavailable; stale ones are added to `stale`.
+async fn remove_with_retry(
+    ctx: &PipelineContext,
+    removals: &[Removal],
+    stale: &mut HashSet<String>,
+) -> Outcome {
+    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
+    loop {
+        match ctx.store.write_versions(&[], removals).await {
+            Ok(outcome) => {
+                if outcome.removed > 0 {
+                    tracing::info!(
+                        removed = outcome.removed,
+                        "Removed stored versions that a delete or erasure made moot"
+                    );
+                }
+                stale.extend(outcome.stale);
+                return Outcome::Stored;
+            }
+            Err(e) if e.is_retryable() && !ctx.drain.deadline_passed() => {
+                metrics::counter!(m::STORE_RETRIES).increment(1);
+                tokio::time::sleep(backoff.next_delay(None)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot remove stored versions a delete or erasure made moot; the journal keeps their changes");
+                return Outcome::NotStored(e.to_string());
             }
         }
     }
@@ -366,7 +424,7 @@ async fn store_with_retry(
             Ok(outcome) => {
                 let elapsed = started.elapsed().as_secs_f64();
                 metrics::histogram!(m::STORE_SECONDS).record(elapsed);
-                record_stored(&ready, &outcome);
+                record_stored(&outcome);
                 stale.extend(outcome.stale);
                 return vec![Outcome::Stored; ready.len()];
             }
@@ -416,7 +474,7 @@ async fn store_with_retry(
     }
 }
 
-fn record_stored(ready: &[ReadyConversation], outcome: &convstore_store::WriteOutcome) {
+fn record_stored(outcome: &convstore_store::WriteOutcome) {
     metrics::counter!(m::CONVERSATIONS_STORED).increment(outcome.conversations_inserted as u64);
     if outcome.chunks_kept > 0 || outcome.chunks_deleted > 0 {
         tracing::debug!(
@@ -439,8 +497,4 @@ fn record_stored(ready: &[ReadyConversation], outcome: &convstore_store::WriteOu
         outcome.chunks_pending as u64,
         outcome.chunks_failed as u64,
     );
-    let e2e = metrics::histogram!(m::END_TO_END_SECONDS);
-    for r in ready {
-        e2e.record(r.conversation.received_instant.elapsed().as_secs_f64());
-    }
 }

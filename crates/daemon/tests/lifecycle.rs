@@ -1,0 +1,580 @@
+//! The conversation lifecycle with real processes: the daemon, its managed
+//! PostgreSQL, the embedding stand-in (issue 16, docs/LIFECYCLE.md).
+//!
+//! - `appends_while_queued_apply_in_order`: two appends while the first
+//!   version waits behind a slow stand-in, one change per batch on two
+//!   workers: every turn stored in order, the backend asked only for the
+//!   new turns' chunks, the first version's chunk rows left as they were.
+//! - `replace_with_one_edited_turn`: one row, chunks of the new text only,
+//!   the old text nowhere, one backend input; a retry changes nothing.
+//! - `message_ids_and_unknown_ids`: a re-sent message id is not added
+//!   twice; an append to an id never accepted is 404; a delete is 200
+//!   then 404; an append after the delete is 404.
+//! - `erase_with_journal_and_kill9`: 40 conversations of a user, part
+//!   stored, part queued, journal on; erase, `kill -9`, restart: no row of
+//!   that user, search finds none of their text, and an append for them
+//!   after the erasure is refused; another user's data is untouched.
+// Test code: a panic on what the test set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use support::daemon::{Daemon, Standin, Workspace, connect_db};
+
+const MODEL: &str = "lifecycle-embed";
+const DIMS: usize = 32;
+const CONTEXT: usize = 512;
+
+/// One message a chunk: at most 30 tokens a chunk, each turn ~20.
+const ONE_TURN_PER_CHUNK: &str = "[chunking]\nmax_tokens = 30\n";
+
+/// Embedding retried for as long as a test needs (the stand-in is made
+/// slow or down on purpose).
+const PATIENT: &[(&str, &str)] = &[
+    ("CONVSTORE_EMBEDDING__MAX_WAIT_MS", "600000"),
+    ("CONVSTORE_EMBEDDING__BREAKER_FAILURES", "1000000"),
+];
+
+fn turn(n: usize, topic: &str) -> Value {
+    json!({"role": if n.is_multiple_of(2) { "user" } else { "assistant" },
+           "content": format!("Turn {n} about {topic}: the kettle order {n}{n} has not shipped yet")})
+}
+
+async fn inputs(standin: &Standin) -> u64 {
+    standin.stats().await["inputs"]
+        .as_u64()
+        .expect("inputs counter")
+}
+
+async fn get(http: &reqwest::Client, base: &str, id: &str) -> (u16, Value) {
+    let resp = http
+        .get(format!("{base}/v1/conversations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls GET until `done` holds for the stored view, or 60 s pass.
+async fn wait_stored(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, view) = get(http, base, id).await;
+        if status == 200 && view["status"] == "stored" && done(&view) {
+            return view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{id} never reached the expected state: {status} {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn contents(view: &Value) -> Vec<String> {
+    view["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn chunk_rows(
+    db: &PgPool,
+    id: &str,
+) -> Vec<(i32, String, Option<chrono::DateTime<chrono::Utc>>)> {
+    sqlx::query_as(
+        "SELECT k.seq, k.content, k.embedded_at FROM conversations c \
+         JOIN conversation_chunks k ON k.conversation_id = c.id WHERE c.client_id = $1 ORDER BY k.seq",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_while_queued_apply_in_order() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        &format!("{ONE_TURN_PER_CHUNK}\n[batch]\nmax_size = 1\nmax_wait_ms = 5\n\n[pipeline]\nworkers = 2\n"),
+    );
+    let daemon = Daemon::start_with_env(&ws, &addr, PATIENT).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    let http = reqwest::Client::new();
+
+    // The stand-in answers each request after 1.5 s: the first version
+    // is still in flight while both appends are acknowledged.
+    standin
+        .set_faults(json!({"latency_per_request_ms": 1500.0}))
+        .await;
+    let before = inputs(&standin).await;
+    let first: Vec<Value> = (0..3).map(|n| turn(n, "shipping")).collect();
+    let resp = http
+        .post(format!("{base}/v1/conversations"))
+        .json(&json!({"id": "grows", "user_id": "u1", "channel": "web", "messages": first}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    for n in [3, 4] {
+        let resp = http
+            .post(format!("{base}/v1/conversations/grows/messages"))
+            .json(&json!({"messages": [turn(n, "shipping")]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "append {n}");
+        assert_eq!(
+            resp.json::<Value>().await.unwrap(),
+            json!({"id": "grows", "status": "queued"})
+        );
+    }
+    let (status, view) = get(&http, &base, "grows").await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (200, Some("queued")),
+        "{view}"
+    );
+
+    let view = wait_stored(&http, &base, "grows", |v| contents(v).len() == 5).await;
+    let expected: Vec<String> = (0..5)
+        .map(|n| turn(n, "shipping")["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(contents(&view), expected);
+    let rows = chunk_rows(&db, "grows").await;
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    for (n, (seq, content, _)) in rows.iter().enumerate() {
+        assert_eq!(*seq as usize, n);
+        assert!(content.contains(&expected[n]), "chunk {n}: {content}");
+    }
+    // Five turns, five chunks, five inputs: each turn's chunk was embedded
+    // once, whatever version it first appeared in.
+    assert_eq!(inputs(&standin).await - before, 5);
+
+    // One more turn on the stored conversation: one input, one chunk row
+    // written; the five rows before it untouched.
+    standin
+        .set_faults(json!({"latency_per_request_ms": 0.0}))
+        .await;
+    let before = inputs(&standin).await;
+    let resp = http
+        .post(format!(
+            "{base}/v1/conversations/grows/messages?wait=stored"
+        ))
+        .json(&json!({"messages": [turn(5, "shipping")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(inputs(&standin).await - before, 1);
+    let after = chunk_rows(&db, "grows").await;
+    assert_eq!(after.len(), 6);
+    assert_eq!(
+        &after[..5],
+        &rows[..],
+        "the first five chunk rows were rewritten"
+    );
+    let (versions,): (i32,) =
+        sqlx::query_as("SELECT versions FROM conversations WHERE client_id = 'grows'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(versions >= 2, "versions {versions}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_with_one_edited_turn() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, ONE_TURN_PER_CHUNK);
+    let daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    let http = reqwest::Client::new();
+
+    let mut messages: Vec<Value> = (0..4).map(|n| turn(n, "refunds")).collect();
+    let body = |messages: &Vec<Value>| {
+        json!({"id": "edited", "user_id": "u2", "channel": "web", "messages": messages,
+               "metadata": {"ticket": 7}})
+    };
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(&body(&messages))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let rows = chunk_rows(&db, "edited").await;
+    assert_eq!(rows.len(), 4);
+
+    // Turn 2 corrected.
+    messages[2] = json!({"role": "user", "content": "Correction: the parcel number is PX-5521, not the one above"});
+    let before = inputs(&standin).await;
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(&body(&messages))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(
+        inputs(&standin).await - before,
+        1,
+        "only the edited turn is embedded"
+    );
+
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversations WHERE client_id = 'edited'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(count, 1);
+    let after = chunk_rows(&db, "edited").await;
+    assert_eq!(after.len(), 4);
+    assert_eq!(after[0], rows[0]);
+    assert_eq!(after[1], rows[1]);
+    assert_eq!(after[3], rows[3]);
+    assert!(after[2].1.contains("PX-5521"), "{:?}", after[2]);
+    let old = turn(2, "refunds")["content"].as_str().unwrap().to_string();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM conversation_chunks WHERE content LIKE '%' || $1 || '%') + \
+                (SELECT count(*) FROM conversations WHERE transcript LIKE '%' || $1 || '%' \
+                   OR messages::text LIKE '%' || $1 || '%')",
+    )
+    .bind(&old)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the old text is still stored");
+
+    // The same content again is a retry: nothing changes.
+    let before = inputs(&standin).await;
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(&body(&messages))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(inputs(&standin).await, before);
+    let (versions, updated): (i32, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT versions, updated_at FROM conversations WHERE client_id = 'edited'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(versions, 2);
+    assert_eq!(chunk_rows(&db, "edited").await, after);
+    assert!(updated.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_ids_and_unknown_ids() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let http = reqwest::Client::new();
+
+    let resp = http
+        .post(format!("{base}/v1/conversations/never-posted/messages"))
+        .json(&json!({"messages": [{"role": "user", "content": "hello?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "not_found"
+    );
+
+    // Posted without an id: the assigned id is the key appends use.
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(&json!({"user_id": "u3", "channel": "sms",
+                      "messages": [{"role": "user", "content": "first", "message_id": "m1"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..2 {
+        let resp = http
+            .post(format!("{base}/v1/conversations/{id}/messages?wait=stored"))
+            .json(&json!({"messages": [
+                {"role": "user", "content": "first", "message_id": "m1"},
+                {"role": "assistant", "content": "second", "message_id": "m2"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    let (_, view) = get(&http, &base, &id).await;
+    assert_eq!(contents(&view), ["first", "second"], "{view}");
+    assert_eq!(view["messages"][1]["message_id"], "m2");
+
+    // Bad bodies name the field and change nothing.
+    for (body, field) in [
+        (json!({"messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x", "message_id": ""}]}),
+            "messages[0].message_id",
+        ),
+        (json!({"turns": []}), "turns"),
+    ] {
+        let resp = http
+            .post(format!("{base}/v1/conversations/{id}/messages"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let e: Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["field"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field)
+                || e["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains(field),
+            "{body}: {e}"
+        );
+    }
+    let (_, view) = get(&http, &base, &id).await;
+    assert_eq!(contents(&view).len(), 2);
+
+    // Delete: 200, then gone; again: 404; an append after it: 404.
+    let resp = http
+        .delete(format!("{base}/v1/conversations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["deleted"].as_bool()),
+        (Some(id.as_str()), Some(true))
+    );
+    assert_eq!(get(&http, &base, &id).await.0, 404);
+    let resp = http
+        .delete(format!("{base}/v1/conversations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = http
+        .post(format!("{base}/v1/conversations/{id}/messages"))
+        .json(&json!({"messages": [{"role": "user", "content": "late"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = support::exposition::Scrape::parse(&metrics).unwrap();
+    assert_eq!(
+        scrape.value(
+            "convstore_conversations_deleted_total",
+            &[("reason", "api")]
+        ),
+        1.0
+    );
+    assert_eq!(scrape.value("convstore_messages_appended_total", &[]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_with_journal_and_kill9() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[journal]\nenabled = true\n\n[batch]\nmax_size = 8\nmax_wait_ms = 5\n",
+    );
+    let mut daemon = Daemon::start_with_env(&ws, &addr, PATIENT).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    let http = reqwest::Client::new();
+    let secret =
+        |i: usize| format!("My home address is 12 Quiet Lane, flat {i}, and my card ends 4242");
+    let post = |id: String, user: &str, text: String, wait: &str| {
+        let http = http.clone();
+        let url = format!("{base}/v1/conversations?wait={wait}");
+        let body = json!({"id": id, "user_id": user, "channel": "web",
+                          "messages": [{"role": "user", "content": text}]});
+        async move {
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+
+    // 20 of the user's conversations stored, one of another user.
+    for i in 0..20 {
+        assert_eq!(
+            post(format!("erase-{i}"), "erase-me", secret(i), "stored").await,
+            201
+        );
+    }
+    assert_eq!(
+        post(
+            "keep-0".into(),
+            "keep-me",
+            "I keep my data".into(),
+            "stored"
+        )
+        .await,
+        201
+    );
+    // The stand-in goes down: 20 more stay queued (journaled), with an
+    // append to one of the stored ones and one more of the other user.
+    standin.set_faults(json!({"down": true})).await;
+    for i in 20..40 {
+        assert_eq!(
+            post(format!("erase-{i}"), "erase-me", secret(i), "durable").await,
+            202
+        );
+    }
+    let resp = http
+        .post(format!(
+            "{base}/v1/conversations/erase-3/messages?wait=durable"
+        ))
+        .json(&json!({"messages": [{"role": "user", "content": "and my phone is 555-0199"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert_eq!(
+        post("keep-1".into(), "keep-me", "Still mine".into(), "durable").await,
+        202
+    );
+
+    let resp = http
+        .delete(format!("{base}/v1/users/erase-me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let erased: Value = resp.json().await.unwrap();
+    assert_eq!(erased["conversations"], 20, "{erased}");
+    assert_eq!(erased["erased"], true);
+    assert!(erased["chunks"].as_u64().unwrap() >= 20, "{erased}");
+    // Right after: kill -9, then restart with the backend back.
+    daemon.kill9();
+    standin.set_faults(json!({"down": false})).await;
+    let mut daemon = Daemon::start_with_env(&ws, &addr, PATIENT).await;
+    let base = daemon.base_url();
+
+    // The other user's queued conversation is stored after the replay...
+    let started = Instant::now();
+    loop {
+        let (status, view) = get(&http, &base, "keep-1").await;
+        if status == 200 && view["status"] == "stored" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "keep-1: {status} {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and nothing of the erased user came back.
+    let settle = Instant::now();
+    while daemon_in_flight(&http, &base).await > 0 && settle.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversations WHERE user_id = 'erase-me'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
+    let text: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_chunks WHERE content LIKE '%Quiet Lane%' OR content LIKE '%555-0199%'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(text, 0);
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversations WHERE user_id = 'keep-me'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(kept, 2);
+    let resp = http
+        .post(format!("{base}/v1/search"))
+        .json(&json!({"query": secret(3), "k": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let found: Value = resp.json().await.unwrap();
+    let hits = found["results"].as_array().cloned().unwrap_or_default();
+    assert!(
+        hits.iter().all(|h| h["user_id"] != "erase-me"),
+        "search found erased data: {found}"
+    );
+    // An append for the erased user's conversation, after the erasure.
+    let resp = http
+        .post(format!("{base}/v1/conversations/erase-25/messages"))
+        .json(&json!({"messages": [{"role": "user", "content": "late turn"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    daemon.kill9();
+}
+
+async fn daemon_in_flight(http: &reqwest::Client, base: &str) -> u64 {
+    let stats: Value = http
+        .get(format!("{base}/v1/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["queue"]["depth"].as_u64().unwrap_or(0)
+        + stats["queue"]["in_flight"].as_u64().unwrap_or(0)
+}
