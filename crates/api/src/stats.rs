@@ -230,6 +230,18 @@ pub struct Totals {
     pub embed_errors: u64,
     pub embed_inputs: u64,
     pub store_retries: u64,
+    /// Stored conversations replaced by a new version (a post with the
+    /// same id and other content).
+    #[serde(default)]
+    pub replaced: u64,
+    /// Appends applied, and the messages they added.
+    #[serde(default)]
+    pub appended: u64,
+    #[serde(default)]
+    pub messages_appended: u64,
+    /// Changes deleted or erased before they were stored.
+    #[serde(default)]
+    pub discarded: u64,
 }
 
 /// Conversations deleted since start, by reason (the `reason` label of

@@ -185,8 +185,8 @@ impl std::fmt::Debug for Ticket {
 
 impl Ticket {
     /// A ticket for a change of row `id`, registered as in flight (and as
-    /// the row's latest change). `user_id`: the user a post names (an
-    /// append leaves the row's as it is).
+    /// the row's latest change). `user_id`: the conversation's user as of
+    /// this change.
     pub fn new(id: Uuid, user_id: Option<&str>, registry: Arc<InFlight>) -> Self {
         let (seq, after, finished) = registry.add(id, user_id);
         Self {
@@ -202,13 +202,14 @@ impl Ticket {
     }
 
     /// A ticket for `change`.
+    /// An append carries the user of its conversation, so the registry
+    /// knows it even when the append is the only change in flight.
     pub fn for_change(change: &StampedChange, registry: Arc<InFlight>) -> Self {
-        use convstore_core::lifecycle::Change;
-        let user = match &change.change {
-            Change::Post(c) => Some(c.user_id.as_str()),
-            Change::Append(_) => None,
-        };
-        Self::new(change.change.row_id(), user, registry)
+        Self::new(
+            change.change.row_id(),
+            Some(change.change.user_id()),
+            registry,
+        )
     }
 
     /// Admission number: later changes have larger ones.

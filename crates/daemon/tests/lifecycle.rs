@@ -291,7 +291,8 @@ async fn message_ids_and_unknown_ids() {
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
     let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
-    let daemon = Daemon::start(&ws, &addr).await;
+    let daemon =
+        Daemon::start_with_env(&ws, &addr, &[("CONVSTORE_SERVER__MAX_MESSAGES", "4")]).await;
     let base = daemon.base_url();
     let http = reqwest::Client::new();
 
@@ -370,6 +371,24 @@ async fn message_ids_and_unknown_ids() {
     }
     let (_, view) = get(&http, &base, &id).await;
     assert_eq!(contents(&view).len(), 2);
+    // Appends grow a conversation no further than server.max_messages.
+    let resp = http
+        .post(format!("{base}/v1/conversations/{id}/messages"))
+        .json(&json!({"messages": [
+            {"role": "user", "content": "3"}, {"role": "user", "content": "4"},
+            {"role": "user", "content": "5"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_messages"),
+        "{e}"
+    );
 
     // Delete: 200, then gone; again: 404; an append after it: 404.
     let resp = http

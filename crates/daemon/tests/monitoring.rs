@@ -442,10 +442,12 @@ async fn metrics_agree_exactly_with_postgres_and_the_standin() {
 
     // --- the cache ---
     let phase1_chunks = count("SELECT count(*) FROM conversation_chunks ch JOIN conversations c ON c.id = ch.conversation_id WHERE c.client_id LIKE 'm-%'").await;
+    // Texts sent again under new ids hit the cache; a retry under the same
+    // id with the same content is folded away before chunking (issue 16):
+    // no chunk, no lookup.
     let resent_chunks = count(
         "SELECT count(*) FROM conversation_chunks ch JOIN conversations c ON c.id = ch.conversation_id \
-         WHERE c.client_id LIKE 'again-%' \
-            OR c.client_id IN (SELECT 'm-' || g FROM generate_series(0, 19) g)",
+         WHERE c.client_id LIKE 'again-%'",
     )
     .await;
     assert_eq!(

@@ -228,17 +228,20 @@ impl Store {
         })
     }
 
-    /// The row id and user of the conversation stored under `client_id`.
+    /// The row id, user and message count of the conversation stored
+    /// under `client_id`.
     pub async fn stored_owner(
         &self,
         client_id: &str,
-    ) -> Result<Option<(Uuid, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT id, user_id FROM conversations WHERE client_id = $1")
-                .bind(client_id)
-                .fetch_optional(&self.pool)
-                .await?,
+    ) -> Result<Option<(Uuid, String, usize)>, StoreError> {
+        let row: Option<(Uuid, String, i32)> = sqlx::query_as(
+            "SELECT id, user_id, coalesce(jsonb_array_length(messages), 0) \
+             FROM conversations WHERE client_id = $1",
         )
+        .bind(client_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, user, n)| (id, user, usize::try_from(n).unwrap_or(0))))
     }
 
     /// Deletes the conversation stored under `client_id` (or, for a row

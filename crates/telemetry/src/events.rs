@@ -64,6 +64,20 @@ pub mod deletion {
     pub const ALL: [&str; 3] = [API, ERASE, RETENTION];
 }
 
+/// Values of the `outcome` label of `convstore_conversation_changes_total`:
+/// what a post or an append came to (`convstore_core::lifecycle::Applied`).
+pub mod change {
+    pub const CREATED: &str = "created";
+    pub const REPLACED: &str = "replaced";
+    pub const APPENDED: &str = "appended";
+    pub const UNCHANGED: &str = "unchanged";
+    pub const SUPERSEDED: &str = "superseded";
+    pub const DISCARDED: &str = "discarded";
+    pub const ALL: [&str; 6] = [
+        CREATED, REPLACED, APPENDED, UNCHANGED, SUPERSEDED, DISCARDED,
+    ];
+}
+
 /// Values of the `outcome` label of `convstore_retention_runs_total`.
 pub mod retention_run {
     pub const OK: &str = super::outcome::OK;

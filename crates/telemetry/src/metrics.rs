@@ -8,7 +8,7 @@
 //! Hot paths record once per batch where the number is the same for every
 //! item.
 
-use crate::events::{deletion, label, retention_run};
+use crate::events::{change, deletion, label, retention_run};
 
 pub const INGEST_REQUESTS: &str = "convstore_ingest_requests_total";
 pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
@@ -198,16 +198,6 @@ pub const ALL: &[&str] = &[
     TOMBSTONES_DROPPED,
 ];
 
-/// The `outcome` values of [`CONVERSATION_CHANGES`].
-pub const CHANGE_OUTCOMES: &[&str] = &[
-    "created",
-    "replaced",
-    "appended",
-    "unchanged",
-    "superseded",
-    "discarded",
-];
-
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
 pub const ENQUEUE_BUCKETS: &[f64] = &[
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05,
@@ -235,8 +225,8 @@ pub fn init_series() {
     for status in ["embedded", "pending", "failed"] {
         metrics::counter!(CHUNKS_STORED, label::STATUS => status).absolute(0);
     }
-    for outcome in CHANGE_OUTCOMES {
-        metrics::counter!(CONVERSATION_CHANGES, label::OUTCOME => *outcome).absolute(0);
+    for outcome in change::ALL {
+        metrics::counter!(CONVERSATION_CHANGES, label::OUTCOME => outcome).absolute(0);
     }
     metrics::counter!(MESSAGES_APPENDED).absolute(0);
     for table in ["conversations", "conversation_chunks"] {

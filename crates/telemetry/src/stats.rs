@@ -42,9 +42,13 @@ pub enum Count {
     DeletedApi,
     DeletedErase,
     DeletedRetention,
+    Replaced,
+    Appended,
+    MessagesAppended,
+    Discarded,
 }
 
-const COUNTS: usize = 16;
+const COUNTS: usize = 20;
 
 impl Count {
     fn index(self) -> usize {
@@ -360,6 +364,10 @@ impl Stats {
             embed_errors: total(Count::EmbedRequestsFailed),
             embed_inputs: total(Count::EmbedInputs),
             store_retries: total(Count::StoreRetries),
+            replaced: total(Count::Replaced),
+            appended: total(Count::Appended),
+            messages_appended: total(Count::MessagesAppended),
+            discarded: total(Count::Discarded),
         };
 
         let deleted = Deleted {

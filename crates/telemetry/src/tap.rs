@@ -20,7 +20,7 @@ use metrics::{
     SharedString, Unit,
 };
 
-use super::events::{chunk_status, deletion, label as key_of, outcome};
+use super::events::{change, chunk_status, deletion, label as key_of, outcome};
 use super::metrics as m;
 use super::stats::{BackendStats, Count, Stage, Stats, TierStats};
 
@@ -221,6 +221,13 @@ impl<R: Recorder> StatsRecorder<R> {
             m::CACHE_HITS => CounterTap::CacheHits(self.stats.tier(label(key, key_of::TIER)?)),
             m::CACHE_MISSES => CounterTap::CacheMisses(self.stats.tier(label(key, key_of::TIER)?)),
             m::STORE_RETRIES => CounterTap::Count(Count::StoreRetries),
+            m::CONVERSATION_CHANGES => match label(key, key_of::OUTCOME) {
+                Some(change::REPLACED) => CounterTap::Count(Count::Replaced),
+                Some(change::APPENDED) => CounterTap::Count(Count::Appended),
+                Some(change::DISCARDED) => CounterTap::Count(Count::Discarded),
+                _ => return None,
+            },
+            m::MESSAGES_APPENDED => CounterTap::Count(Count::MessagesAppended),
             m::CONVERSATIONS_DELETED => match label(key, key_of::REASON) {
                 Some(deletion::API) => CounterTap::Count(Count::DeletedApi),
                 Some(deletion::ERASE) => CounterTap::Count(Count::DeletedErase),

@@ -324,6 +324,16 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
         int(t.chunks_pending),
         int(t.chunks_failed),
     );
+    if t.replaced + t.appended + t.discarded > 0 {
+        let _ = writeln!(
+            o,
+            "CHANGES    replaced {}   appended {} ({} messages)   discarded {}",
+            int(t.replaced),
+            int(t.appended),
+            int(t.messages_appended),
+            int(t.discarded),
+        );
+    }
     let d = &s.deleted;
     if d.api + d.erase + d.retention > 0 {
         let _ = writeln!(

@@ -485,14 +485,19 @@ pub struct InFlightView {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct StoredView {
     status: &'static str,
+    /// A change of it (an append, a new version) is accepted and not yet
+    /// stored: this is the version before it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    changes_in_flight: bool,
     #[serde(flatten)]
     conversation: convstore_store::StoredConversation,
 }
 
 /// `GET /v1/conversations/{id}`: by row id (UUID) or by the caller's id.
-/// While the conversation is in flight (accepted, not yet committed):
-/// `{"id","row_id","status":"queued"}`; once stored, the row with
-/// `"status":"stored"` and each chunk's `embedding_status`; else 404.
+/// Once stored, the row with `"status":"stored"` and each chunk's
+/// `embedding_status` (with `"changes_in_flight": true` while a newer
+/// change of it is accepted and not yet stored); before, while in flight,
+/// `{"id","row_id","status":"queued"}`; else 404.
 #[utoipa::path(
     get,
     path = "/v1/conversations/{id}",
@@ -513,32 +518,35 @@ pub async fn get_conversation(State(state): AppState, Path(id): Path<String>) ->
     {
         return ApiError::from(e).into_response();
     }
-    // In flight first: a conversation leaves the registry only after its
-    // commit, so it is always found in one place or the other.
-    // By client id, or for a UUID, by the row id of a conversation sent
-    // without one.
+    // A conversation leaves the in-flight registry only after its commit,
+    // so it is always found in one place or the other. By client id, or
+    // for a UUID, by the row id of a conversation sent without one.
     let in_flight = std::iter::once(row_id(&id))
         .chain(uuid::Uuid::parse_str(&id).ok())
         .find(|row| state.in_flight.contains(*row));
-    if let Some(row) = in_flight {
-        let view = InFlightView {
-            id,
-            row_id: row,
-            status: "queued",
-        };
-        return (StatusCode::OK, axum::Json(view)).into_response();
-    }
     let found = find_stored(&state.store, &id).await;
-    match found {
-        Ok(Some(conversation)) => {
+    match (found, in_flight) {
+        (Ok(Some(conversation)), in_flight) => {
             let view = StoredView {
                 status: "stored",
+                changes_in_flight: in_flight.is_some(),
                 conversation,
             };
             (StatusCode::OK, axum::Json(view)).into_response()
         }
-        Ok(None) => ApiError::NotFound(format!("no conversation with id `{id}`")).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        // Not stored yet (or the database cannot say): the queued view.
+        (Ok(None) | Err(_), Some(row)) => {
+            let view = InFlightView {
+                id,
+                row_id: row,
+                status: "queued",
+            };
+            (StatusCode::OK, axum::Json(view)).into_response()
+        }
+        (Ok(None), None) => {
+            ApiError::NotFound(format!("no conversation with id `{id}`")).into_response()
+        }
+        (Err(e), None) => ApiError::from(e).into_response(),
     }
 }
 

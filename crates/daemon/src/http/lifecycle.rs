@@ -96,11 +96,27 @@ async fn accept_append(
     let deadline = tokio::time::Instant::now() + wait.timeout;
     let messages = parse_append(&bytes, limits.validation)?;
     drop(bytes);
-    let Some((row, user_id)) = conversation_of(state, id).await? else {
+    let Some(found) = conversation_of(state, id).await? else {
         return Err(ApiError::NotFound(format!(
             "no conversation with id `{id}` was accepted (or it was deleted); post it first"
         )));
     };
+    // A conversation grows by appends no further than a post could make it:
+    // every append re-chunks and rewrites it, so unbounded growth would be
+    // unbounded work. (Checked against the stored version: changes still
+    // in flight are not counted.)
+    let max = limits.validation.max_messages;
+    if found.stored_messages + messages.len() > max {
+        return Err(ApiError::from(convstore_core::InputError::invalid_field(
+            "messages",
+            format!(
+                "the conversation holds {} messages; {} more would pass server.max_messages ({max})",
+                found.stored_messages,
+                messages.len()
+            ),
+        )));
+    }
+    let (row, user_id) = (found.row, found.user_id);
     let change = Change::Append(Append {
         id: row,
         client_id: id.to_string(),
@@ -118,18 +134,34 @@ async fn accept_append(
     ))
 }
 
-/// The row id and user of the conversation `id` names: one in flight here
-/// (posted and not yet stored), else the stored one.
-async fn conversation_of(
-    state: &IngressState,
-    id: &str,
-) -> Result<Option<(Uuid, String)>, ApiError> {
-    for row in candidate_rows(id) {
-        if let Some(user) = state.in_flight.user_of(row) {
-            return Ok(Some((row, user)));
-        }
-    }
-    Ok(state.store.stored_owner(id).await?)
+/// The conversation an append is for.
+struct Found {
+    row: Uuid,
+    user_id: String,
+    /// Messages of its stored version (0 when not stored yet).
+    stored_messages: usize,
+}
+
+/// The conversation `id` names: one in flight here (posted and not yet
+/// stored), else the stored one; with the stored version's message count.
+async fn conversation_of(state: &IngressState, id: &str) -> Result<Option<Found>, ApiError> {
+    let in_flight = candidate_rows(id)
+        .find_map(|row| state.in_flight.user_of(row).map(|user_id| (row, user_id)));
+    let stored = match state.store.stored_owner(id).await {
+        Ok(stored) => stored,
+        // In flight here: the append can be accepted without the count.
+        Err(_) if in_flight.is_some() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let stored_messages = stored.as_ref().map_or(0, |(.., n)| *n);
+    Ok(match (in_flight, stored) {
+        (Some((row, user_id)), _) | (None, Some((row, user_id, _))) => Some(Found {
+            row,
+            user_id,
+            stored_messages,
+        }),
+        (None, None) => None,
+    })
 }
 
 /// The row ids a conversation with key `id` may have: the hash of a
@@ -165,9 +197,13 @@ pub struct Deleted {
     )
 )]
 pub async fn delete_conversation(State(state): AppState, Path(id): Path<String>) -> Response {
-    match delete_one(&state, &id).await {
-        Ok(deleted) => (StatusCode::OK, axum::Json(deleted)).into_response(),
-        Err(e) => e.into_response(),
+    // On its own task: a client that hangs up does not stop a deletion
+    // half-way (the withdrawal of queued changes follows the commit).
+    let deleted = tokio::spawn(async move { delete_one(&state, &id).await }).await;
+    match deleted {
+        Ok(Ok(deleted)) => (StatusCode::OK, axum::Json(deleted)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::Internal(format!("the deletion failed: {e}")).into_response(),
     }
 }
 
@@ -236,9 +272,13 @@ pub struct Erased {
     )
 )]
 pub async fn erase_user(State(state): AppState, Path(user_id): Path<String>) -> Response {
-    match erase(&state, &user_id).await {
-        Ok(erased) => (StatusCode::OK, axum::Json(erased)).into_response(),
-        Err(e) => e.into_response(),
+    // On its own task: an erasure of many conversations takes a while, and
+    // a client that hangs up must not leave it half done.
+    let erased = tokio::spawn(async move { erase(&state, &user_id).await }).await;
+    match erased {
+        Ok(Ok(erased)) => (StatusCode::OK, axum::Json(erased)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::Internal(format!("the erasure failed: {e}")).into_response(),
     }
 }
 

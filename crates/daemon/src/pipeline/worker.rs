@@ -20,7 +20,7 @@ use crate::ticket::Outcome;
 use convstore_core::backoff::Backoff;
 use convstore_core::chunker::{Chunker, fit_exactly};
 use convstore_core::model::ChunkVector;
-use convstore_telemetry::events::label;
+use convstore_telemetry::events::{change, label};
 
 pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Receiver<Batch>>>) {
     loop {
@@ -249,23 +249,23 @@ fn record_changes(
             e2e.record(change.change.received_instant().elapsed().as_secs_f64());
         }
         let name = match applied {
-            Some(Applied::Created) => "created",
-            Some(Applied::Replaced) => "replaced",
+            Some(Applied::Created) => change::CREATED,
+            Some(Applied::Replaced) => change::REPLACED,
             Some(Applied::Appended(n)) => {
                 appended += *n as u64;
-                "appended"
+                change::APPENDED
             }
-            Some(Applied::Unchanged) => "unchanged",
-            Some(Applied::Superseded) => "superseded",
-            Some(Applied::Discarded(_)) => "discarded",
+            Some(Applied::Unchanged) => change::UNCHANGED,
+            Some(Applied::Superseded) => change::SUPERSEDED,
+            Some(Applied::Discarded(_)) => change::DISCARDED,
             None => continue,
         };
         *counts.entry(name).or_default() += 1;
     }
     // Retries and replays of what is stored: the duplicates the store's
     // idempotency used to count (they no longer reach it).
-    let duplicates = counts.get("unchanged").copied().unwrap_or(0)
-        + counts.get("superseded").copied().unwrap_or(0);
+    let duplicates = counts.get(change::UNCHANGED).copied().unwrap_or(0)
+        + counts.get(change::SUPERSEDED).copied().unwrap_or(0);
     metrics::counter!(m::CONVERSATIONS_DUPLICATE).increment(duplicates);
     for (name, n) in counts {
         metrics::counter!(m::CONVERSATION_CHANGES, label::OUTCOME => name).increment(n);
