@@ -17,7 +17,9 @@
 //!
 //! `cargo bench --bench lifecycle`. Knobs (environment):
 //! `BENCH_CONVERSATIONS` (200), `BENCH_CONCURRENCY` (8), `BENCH_DIMS`
-//! (384), `BENCH_OLD` conversations for retention (5000).
+//! (384), `BENCH_OLD` conversations for retention (5000),
+//! `BENCH_MAX_TOKENS` (`chunking.max_tokens`; 0 = the context's, 512 for
+//! the stand-in: most sample conversations are then one chunk).
 // Test code: a panic on what the bench set up itself is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -72,10 +74,8 @@ async fn inputs(standin: &Standin) -> u64 {
     standin.stats().await["inputs"].as_u64().unwrap()
 }
 
-/// One conversation grown turn by turn: (append latencies in seconds,
-/// chunk rows of each version after an append).
-async fn grow(http: reqwest::Client, base: String, conversation: Value) -> (Vec<f64>, Vec<usize>) {
-    let id = conversation["id"].as_str().unwrap().to_string();
+/// A conversation's first version: its first two messages.
+async fn post_first(http: reqwest::Client, base: String, conversation: Value) {
     let messages = conversation["messages"]
         .as_array()
         .cloned()
@@ -94,6 +94,16 @@ async fn grow(http: reqwest::Client, base: String, conversation: Value) -> (Vec<
         "{}",
         resp.text().await.unwrap_or_default()
     );
+}
+
+/// One conversation grown turn by turn from its first version: (append
+/// latencies in seconds, chunk rows of each version after an append).
+async fn grow(http: reqwest::Client, base: String, conversation: Value) -> (Vec<f64>, Vec<usize>) {
+    let id = conversation["id"].as_str().unwrap().to_string();
+    let messages = conversation["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let mut latencies = Vec::new();
     let mut versions = Vec::new();
     for m in &messages[2..] {
@@ -138,6 +148,10 @@ async fn run() {
     let concurrency = env_usize("BENCH_CONCURRENCY", 8);
     let dims = env_usize("BENCH_DIMS", 384);
     let old = env_usize("BENCH_OLD", 5000);
+    let max_tokens = std::env::var("BENCH_MAX_TOKENS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
     let source = if convstore_dataset::sample_path().is_some() {
         "the shared sample"
     } else {
@@ -159,13 +173,25 @@ async fn run() {
 
     let standin = Standin::start(MODEL, dims, 512, &[]);
     let ws = Workspace::new();
-    let addr = ws.write_config(&standin.url(), MODEL, dims, "");
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        dims,
+        &format!("[chunking]\nmax_tokens = {max_tokens}\n"),
+    );
     let mut daemon = Daemon::start(&ws, &addr).await;
     let base = daemon.base_url();
     let http = reqwest::Client::new();
     let db = connect_db(&ws.database_url()).await;
 
     // 1. grow
+    futures::stream::iter(data.clone())
+        .map(|c| post_first(http.clone(), base.clone(), c))
+        .buffer_unordered(concurrency)
+        .collect::<Vec<()>>()
+        .await;
+    let posts = data.len();
+    let first_rows = chunk_rows_written(&http, &base).await;
     let rows_before = chunk_rows_written(&http, &base).await;
     let inputs_before = inputs(&standin).await;
     let started = Instant::now();
@@ -184,13 +210,17 @@ async fn run() {
     let version_chunks: usize = results.iter().flat_map(|(_, v)| v.iter()).sum();
     let rows = chunk_rows_written(&http, &base).await - rows_before;
     let backend = inputs(&standin).await - inputs_before;
-    let posts = data.len();
     let first_chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_chunks")
         .fetch_one(&db)
         .await
         .unwrap();
     println!(
-        "\n## grow: {posts} posts of 2 messages, then {appends} appends of 1 message (?wait=stored)"
+        "\n## grow: {posts} posts of 2 messages ({first_rows} chunk rows), then {appends} appends of 1 message (?wait=stored), chunks of at most {} tokens",
+        if max_tokens == 0 {
+            "the context's".to_string()
+        } else {
+            max_tokens.to_string()
+        }
     );
     println!(
         "wall {elapsed:.1} s; {:.1} appends/s",
@@ -203,16 +233,20 @@ async fn run() {
         percentile(&latencies, 0.99) * 1e3
     );
     println!(
-        "backend inputs: {backend} in all ({:.2} per append, posts included)",
-        backend as f64 / appends.max(1) as f64
-    );
-    println!(
-        "chunk rows written: {rows} in all ({:.2} per append, posts included); rewriting each version whole would have written {} ({:.2} per append)",
-        rows as u64,
-        version_chunks,
+        "backend inputs: {backend} ({:.2} per append); embedding each version whole would have sent {version_chunks} ({:.2} per append)",
+        backend as f64 / appends.max(1) as f64,
         version_chunks as f64 / appends.max(1) as f64
     );
-    println!("chunk rows stored at the end: {first_chunks}");
+    println!(
+        "chunk rows written: {} ({:.2} per append); rewriting each version whole would have written {version_chunks} ({:.2} per append)",
+        rows as u64,
+        rows / appends.max(1) as f64,
+        version_chunks as f64 / appends.max(1) as f64
+    );
+    println!(
+        "chunk rows stored at the end: {first_chunks} ({:.1} per conversation)",
+        first_chunks as f64 / posts.max(1) as f64
+    );
 
     // 2. delete half
     let half: Vec<String> = (0..posts / 2).map(|i| format!("grow-{i}")).collect();
