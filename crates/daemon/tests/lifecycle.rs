@@ -597,3 +597,58 @@ async fn daemon_in_flight(http: &reqwest::Client, base: &str) -> u64 {
     stats["queue"]["depth"].as_u64().unwrap_or(0)
         + stats["queue"]["in_flight"].as_u64().unwrap_or(0)
 }
+
+/// `convstore delete` and `convstore erase-user` over the Unix socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_delete_and_erase_user() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let http = reqwest::Client::new();
+    for (id, user) in [
+        ("cli/one two", "cli-u1"),
+        ("cli-2", "cli-u2"),
+        ("cli-3", "cli-u2"),
+    ] {
+        let resp = http
+            .post(format!("{base}/v1/conversations?wait=stored"))
+            .json(&json!({"id": id, "user_id": user, "channel": "web",
+                          "messages": [{"role": "user", "content": format!("hello from {id}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(support::daemon::BIN)
+            .arg("--config")
+            .arg(ws.config_path())
+            .args(args)
+            .output()
+            .expect("run convstore");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // An id with a slash and a space names exactly that conversation.
+    let (ok, stdout, stderr) = cli(&["delete", "cli/one two"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("deleted conversation cli/one two"),
+        "{stdout}"
+    );
+    assert_eq!(get(&http, &base, "cli%2Fone%20two").await.0, 404);
+    let (ok, _, stderr) = cli(&["delete", "cli/one two"]);
+    assert!(!ok);
+    assert!(stderr.contains("404"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&["erase-user", "cli-u2", "--json"]);
+    assert!(ok, "{stdout}{stderr}");
+    let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(answer["conversations"], 2, "{answer}");
+    assert_eq!(get(&http, &base, "cli-2").await.0, 404);
+    assert_eq!(get(&http, &base, "cli-3").await.0, 404);
+}
