@@ -74,20 +74,16 @@ async fn inputs(standin: &Standin) -> u64 {
     standin.stats().await["inputs"].as_u64().unwrap()
 }
 
-/// A conversation's first version: its first two messages.
-async fn post_first(http: reqwest::Client, base: String, conversation: Value) {
-    let messages = conversation["messages"]
+fn messages_of(conversation: &Value) -> Vec<Value> {
+    conversation["messages"]
         .as_array()
         .cloned()
-        .unwrap_or_default();
-    let mut first = conversation.clone();
-    first["messages"] = json!(messages[..2]);
-    let resp = http
-        .post(format!("{base}/v1/conversations?wait=stored"))
-        .json(&first)
-        .send()
-        .await
-        .unwrap();
+        .unwrap_or_default()
+}
+
+/// POSTs `body` to `path` and insists on `201 stored`.
+async fn store(http: &reqwest::Client, url: String, body: &Value) {
+    let resp = http.post(url).json(body).send().await.unwrap();
     assert_eq!(
         resp.status(),
         201,
@@ -96,30 +92,32 @@ async fn post_first(http: reqwest::Client, base: String, conversation: Value) {
     );
 }
 
+/// A conversation's first version: its first two messages.
+async fn post_first(http: reqwest::Client, base: String, conversation: Value) {
+    let mut first = conversation.clone();
+    first["messages"] = json!(messages_of(&conversation)[..2]);
+    store(
+        &http,
+        format!("{base}/v1/conversations?wait=stored"),
+        &first,
+    )
+    .await;
+}
+
 /// One conversation grown turn by turn from its first version: (append
 /// latencies in seconds, chunk rows of each version after an append).
 async fn grow(http: reqwest::Client, base: String, conversation: Value) -> (Vec<f64>, Vec<usize>) {
     let id = conversation["id"].as_str().unwrap().to_string();
-    let messages = conversation["messages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     let mut latencies = Vec::new();
     let mut versions = Vec::new();
-    for m in &messages[2..] {
+    for m in &messages_of(&conversation)[2..] {
         let started = Instant::now();
-        let resp = http
-            .post(format!("{base}/v1/conversations/{id}/messages?wait=stored"))
-            .json(&json!({"messages": [m]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.status(),
-            201,
-            "{}",
-            resp.text().await.unwrap_or_default()
-        );
+        store(
+            &http,
+            format!("{base}/v1/conversations/{id}/messages?wait=stored"),
+            &json!({"messages": [m]}),
+        )
+        .await;
         latencies.push(started.elapsed().as_secs_f64());
         let view: Value = http
             .get(format!("{base}/v1/conversations/{id}"))

@@ -44,6 +44,35 @@ fn turn(n: usize, topic: &str) -> Value {
            "content": format!("Turn {n} about {topic}: the kettle order {n}{n} has not shipped yet")})
 }
 
+/// A daemon on its own managed PostgreSQL, the stand-in its backend.
+struct Setup {
+    standin: Standin,
+    ws: Workspace,
+    addr: String,
+    daemon: Daemon,
+    base: String,
+    db: PgPool,
+    http: reqwest::Client,
+}
+
+async fn setup(extra: &str, env: &[(&str, &str)]) -> Setup {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, extra);
+    let daemon = Daemon::start_with_env(&ws, &addr, env).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    Setup {
+        standin,
+        ws,
+        addr,
+        daemon,
+        base,
+        db,
+        http: reqwest::Client::new(),
+    }
+}
+
 async fn inputs(standin: &Standin) -> u64 {
     standin.stats().await["inputs"]
         .as_u64()
@@ -108,18 +137,19 @@ async fn chunk_rows(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_while_queued_apply_in_order() {
-    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
-    let ws = Workspace::new();
-    let addr = ws.write_config(
-        &standin.url(),
-        MODEL,
-        DIMS,
+    let Setup {
+        standin,
+        base,
+        db,
+        http,
+        daemon: _daemon,
+        ws: _ws,
+        addr: _addr,
+    } = setup(
         &format!("{ONE_TURN_PER_CHUNK}\n[batch]\nmax_size = 1\nmax_wait_ms = 5\n\n[pipeline]\nworkers = 2\n"),
-    );
-    let daemon = Daemon::start_with_env(&ws, &addr, PATIENT).await;
-    let base = daemon.base_url();
-    let db = connect_db(&ws.database_url()).await;
-    let http = reqwest::Client::new();
+        PATIENT,
+    )
+    .await;
 
     // The stand-in answers each request after 1.5 s: the first version
     // is still in flight while both appends are acknowledged.
@@ -203,13 +233,15 @@ async fn appends_while_queued_apply_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_with_one_edited_turn() {
-    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
-    let ws = Workspace::new();
-    let addr = ws.write_config(&standin.url(), MODEL, DIMS, ONE_TURN_PER_CHUNK);
-    let daemon = Daemon::start(&ws, &addr).await;
-    let base = daemon.base_url();
-    let db = connect_db(&ws.database_url()).await;
-    let http = reqwest::Client::new();
+    let Setup {
+        standin,
+        base,
+        db,
+        http,
+        daemon: _daemon,
+        ws: _ws,
+        addr: _addr,
+    } = setup(ONE_TURN_PER_CHUNK, &[]).await;
 
     let mut messages: Vec<Value> = (0..4).map(|n| turn(n, "refunds")).collect();
     let body = |messages: &Vec<Value>| {
@@ -288,13 +320,15 @@ async fn replace_with_one_edited_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_ids_and_unknown_ids() {
-    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
-    let ws = Workspace::new();
-    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
-    let daemon =
-        Daemon::start_with_env(&ws, &addr, &[("CONVSTORE_SERVER__MAX_MESSAGES", "4")]).await;
-    let base = daemon.base_url();
-    let http = reqwest::Client::new();
+    let Setup {
+        base,
+        http,
+        daemon: _daemon,
+        standin: _standin,
+        ws: _ws,
+        addr: _addr,
+        db: _db,
+    } = setup("", &[("CONVSTORE_SERVER__MAX_MESSAGES", "4")]).await;
 
     let resp = http
         .post(format!("{base}/v1/conversations/never-posted/messages"))
@@ -438,18 +472,19 @@ async fn message_ids_and_unknown_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erase_with_journal_and_kill9() {
-    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
-    let ws = Workspace::new();
-    let addr = ws.write_config(
-        &standin.url(),
-        MODEL,
-        DIMS,
+    let Setup {
+        standin,
+        ws,
+        addr,
+        mut daemon,
+        base,
+        db,
+        http,
+    } = setup(
         "[journal]\nenabled = true\n\n[batch]\nmax_size = 8\nmax_wait_ms = 5\n",
-    );
-    let mut daemon = Daemon::start_with_env(&ws, &addr, PATIENT).await;
-    let base = daemon.base_url();
-    let db = connect_db(&ws.database_url()).await;
-    let http = reqwest::Client::new();
+        PATIENT,
+    )
+    .await;
     let secret =
         |i: usize| format!("My home address is 12 Quiet Lane, flat {i}, and my card ends 4242");
     let post = |id: String, user: &str, text: String, wait: &str| {
@@ -601,12 +636,15 @@ async fn daemon_in_flight(http: &reqwest::Client, base: &str) -> u64 {
 /// `convstore delete` and `convstore erase-user` over the Unix socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_delete_and_erase_user() {
-    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
-    let ws = Workspace::new();
-    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
-    let daemon = Daemon::start(&ws, &addr).await;
-    let base = daemon.base_url();
-    let http = reqwest::Client::new();
+    let Setup {
+        ws,
+        base,
+        http,
+        daemon: _daemon,
+        standin: _standin,
+        addr: _addr,
+        db: _db,
+    } = setup("", &[]).await;
     for (id, user) in [
         ("cli/one two", "cli-u1"),
         ("cli-2", "cli-u2"),

@@ -197,11 +197,18 @@ pub struct Deleted {
     )
 )]
 pub async fn delete_conversation(State(state): AppState, Path(id): Path<String>) -> Response {
-    // On its own task: a client that hangs up does not stop a deletion
-    // half-way (the withdrawal of queued changes follows the commit).
-    let deleted = tokio::spawn(async move { delete_one(&state, &id).await }).await;
-    match deleted {
-        Ok(Ok(deleted)) => (StatusCode::OK, axum::Json(deleted)).into_response(),
+    to_completion(async move { delete_one(&state, &id).await }).await
+}
+
+/// Runs a deletion on its own task and answers 200 with its result: a
+/// client that hangs up does not stop it half-way (an erasure of many
+/// conversations takes a while; the withdrawal of queued changes follows
+/// the commit).
+async fn to_completion<T: Serialize + Send + 'static>(
+    deletion: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Response {
+    match tokio::spawn(deletion).await {
+        Ok(Ok(done)) => (StatusCode::OK, axum::Json(done)).into_response(),
         Ok(Err(e)) => e.into_response(),
         Err(e) => ApiError::Internal(format!("the deletion failed: {e}")).into_response(),
     }
@@ -272,14 +279,7 @@ pub struct Erased {
     )
 )]
 pub async fn erase_user(State(state): AppState, Path(user_id): Path<String>) -> Response {
-    // On its own task: an erasure of many conversations takes a while, and
-    // a client that hangs up must not leave it half done.
-    let erased = tokio::spawn(async move { erase(&state, &user_id).await }).await;
-    match erased {
-        Ok(Ok(erased)) => (StatusCode::OK, axum::Json(erased)).into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => ApiError::Internal(format!("the erasure failed: {e}")).into_response(),
-    }
+    to_completion(async move { erase(&state, &user_id).await }).await
 }
 
 async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> {
