@@ -14,6 +14,11 @@
 //!   stored, part queued, journal on; erase, `kill -9`, restart: no row of
 //!   that user, search finds none of their text, and an append for them
 //!   after the erasure is refused; another user's data is untouched.
+//! - `an_erasure_on_one_instance_holds_on_another`: two instances on one
+//!   database; what B acknowledged before A erased the user is discarded
+//!   when B's backend comes back, what B accepts after is kept.
+//! - `cli_delete_and_erase_user`: the same over `convstore delete` and
+//!   `convstore erase-user`.
 // Test code: a panic on what the test set up itself is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -451,15 +456,7 @@ async fn message_ids_and_unknown_ids() {
         .unwrap();
     assert_eq!(resp.status(), 404);
 
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let scrape = support::exposition::Scrape::parse(&metrics).unwrap();
+    let scrape = scrape(&http, &base).await;
     assert_eq!(
         scrape.value(
             "convstore_conversations_deleted_total",
@@ -573,8 +570,20 @@ async fn erase_with_journal_and_kill9() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ...and nothing of the erased user came back.
+    // Every replayed change has come to something (stored, or discarded
+    // by the tombstone) before the rows are counted.
     let settle = Instant::now();
-    while daemon_in_flight(&http, &base).await > 0 && settle.elapsed() < Duration::from_secs(30) {
+    loop {
+        let scrape = scrape(&http, &base).await;
+        let replayed = scrape.value("convstore_journal_replayed_total", &[("outcome", "queued")]);
+        let done = scrape.sum("convstore_conversation_changes_total", &[]);
+        if replayed > 0.0 && done >= replayed {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(60),
+            "{done} of {replayed} replayed changes applied"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rows: i64 =
@@ -620,17 +629,16 @@ async fn erase_with_journal_and_kill9() {
     daemon.kill9();
 }
 
-async fn daemon_in_flight(http: &reqwest::Client, base: &str) -> u64 {
-    let stats: Value = http
-        .get(format!("{base}/v1/stats"))
+async fn scrape(http: &reqwest::Client, base: &str) -> support::exposition::Scrape {
+    let text = http
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
-        .json()
+        .text()
         .await
         .unwrap();
-    stats["queue"]["depth"].as_u64().unwrap_or(0)
-        + stats["queue"]["in_flight"].as_u64().unwrap_or(0)
+    support::exposition::Scrape::parse(&text).unwrap()
 }
 
 /// `convstore delete` and `convstore erase-user` over the Unix socket.
@@ -689,4 +697,101 @@ async fn cli_delete_and_erase_user() {
     assert_eq!(answer["conversations"], 2, "{answer}");
     assert_eq!(get(&http, &base, "cli-2").await.0, 404);
     assert_eq!(get(&http, &base, "cli-3").await.0, 404);
+}
+
+/// Two instances on one database: changes instance B acknowledged before
+/// instance A erased their user never reach the database, even though B
+/// knew nothing of the erasure; what B accepts after it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_on_one_instance_holds_on_another() {
+    let Setup {
+        base: base_a,
+        db,
+        http,
+        daemon: _a,
+        standin: _standin_a,
+        ws: ws_a,
+        addr: _addr_a,
+    } = setup("[journal]\nenabled = true\n", &[]).await;
+    // B: its own state, queue and journal; A's PostgreSQL; a backend that
+    // is down, so what B accepts stays in flight there.
+    let standin_b = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws_b = Workspace::new();
+    let addr_b = ws_b.write_config(&standin_b.url(), MODEL, DIMS, "[journal]\nenabled = true\n");
+    let database = ws_a.database_url();
+    let mut env: Vec<(&str, &str)> = PATIENT.to_vec();
+    env.push(("CONVSTORE_DATABASE__URL", &database));
+    let b = Daemon::start_with_env(&ws_b, &addr_b, &env).await;
+    let base_b = b.base_url();
+    standin_b.set_faults(json!({"down": true})).await;
+
+    let post = |base: &str, id: &str, wait: &str| {
+        let http = http.clone();
+        let url = format!("{base}/v1/conversations?wait={wait}");
+        let body = json!({"id": id, "user_id": "multi-user", "channel": "web",
+                          "messages": [{"role": "user", "content": format!("private text of {id}")}]});
+        async move {
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(post(&base_a, "multi-1", "stored").await, 201);
+    assert_eq!(post(&base_b, "multi-2", "durable").await, 202);
+    let resp = http
+        .post(format!(
+            "{base_b}/v1/conversations/multi-1/messages?wait=durable"
+        ))
+        .json(&json!({"messages": [{"role": "user", "content": "appended through B"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "B finds multi-1 in the shared database");
+
+    let resp = http
+        .delete(format!("{base_a}/v1/users/multi-user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // After the erasure, B accepts a new conversation of that user.
+    assert_eq!(post(&base_b, "multi-3", "durable").await, 202);
+
+    standin_b.set_faults(json!({"down": false})).await;
+    // B stores what came after the erasure and discards the two changes
+    // acknowledged before it.
+    wait_stored(&http, &base_b, "multi-3", |_| true).await;
+    let started = Instant::now();
+    loop {
+        let scrape = scrape(&http, &base_b).await;
+        let discarded = scrape.value(
+            "convstore_conversation_changes_total",
+            &[("outcome", "discarded")],
+        );
+        if discarded >= 2.0 {
+            assert_eq!(discarded, 2.0);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "B discarded {discarded}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<(String, String)> = sqlx::query_as(
+        "SELECT client_id, transcript FROM conversations WHERE user_id = 'multi-user' ORDER BY client_id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        left.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["multi-3"],
+        "{left:?}"
+    );
+    assert!(!left[0].1.contains("appended through B"));
 }
