@@ -63,12 +63,6 @@ async fn process(ctx: &PipelineContext, batch: Batch) {
     }
 }
 
-/// How many times a conversation whose stored version changed under its
-/// write (another instance, a delete, an erasure) is folded and written
-/// again before its changes are given up for this run (the journal keeps
-/// them).
-const MAX_REFOLDS: u32 = 10;
-
 /// The changes of one conversation in a batch, in acknowledgement order.
 struct Group {
     /// Client id (or row id, for a conversation stored without one).
@@ -105,24 +99,12 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
     let mut applied: Vec<Option<Applied>> = vec![None; changes.len()];
     let mut open: Vec<usize> = (0..groups.len()).collect();
     let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
-    for round in 0..=MAX_REFOLDS {
-        if open.is_empty() {
-            break;
-        }
-        if round == MAX_REFOLDS {
-            for g in &open {
-                for i in &groups[*g].changes {
-                    outcomes[*i] = Some(Outcome::NotStored(
-                        "its conversation kept changing under the write".into(),
-                    ));
-                }
-            }
-            tracing::error!(
-                conversations = open.len(),
-                "Conversations kept changing under their writes; their changes were not applied in this run"
-            );
-            break;
-        }
+    // A conversation whose stored version changed under its write (another
+    // instance, a delete, an erasure) is folded and written again, with
+    // backoff, until it goes through: as with an unavailable database,
+    // only the shutdown deadline ends the attempts (the journal keeps what
+    // is left).
+    while !open.is_empty() {
         let base = match read_base(ctx, &groups, &open, changes).await {
             Ok(base) => base,
             Err(reason) => {
@@ -206,6 +188,21 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
             }
         }
         open = next;
+        if !open.is_empty() && ctx.drain.deadline_passed() {
+            for g in &open {
+                for i in &groups[*g].changes {
+                    outcomes[*i] = Some(Outcome::NotStored(
+                        "its conversation kept changing under the write until the shutdown deadline"
+                            .into(),
+                    ));
+                }
+            }
+            tracing::error!(
+                conversations = open.len(),
+                "Conversations kept changing under their writes until the shutdown deadline; their changes were NOT applied"
+            );
+            break;
+        }
         if !open.is_empty() {
             tracing::debug!(
                 conversations = open.len(),
