@@ -15,7 +15,8 @@
 //! 4. **retention**: old conversations loaded, then `[retention]` turned
 //!    on by a reload (SIGHUP): conversations reaped per second.
 //!
-//! `cargo bench --bench lifecycle`. Knobs (environment):
+//! `cargo bench --bench lifecycle` (under `cargo test --all-targets`, a
+//! smoke run at a twentieth of the size). Knobs (environment):
 //! `BENCH_CONVERSATIONS` (200), `BENCH_CONCURRENCY` (8), `BENCH_DIMS`
 //! (384), `BENCH_OLD` conversations for retention (5000),
 //! `BENCH_MAX_TOKENS` (`chunking.max_tokens`; 0 = the context's, 512 for
@@ -142,10 +143,15 @@ fn main() {
 }
 
 async fn run() {
-    let n = env_usize("BENCH_CONVERSATIONS", 200);
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it: then a small smoke run keeps the bench working
+    // without taking a minute.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let scale = |full: usize| if measuring { full } else { (full / 20).max(2) };
+    let n = env_usize("BENCH_CONVERSATIONS", scale(200));
     let concurrency = env_usize("BENCH_CONCURRENCY", 8);
     let dims = env_usize("BENCH_DIMS", 384);
-    let old = env_usize("BENCH_OLD", 5000);
+    let old = env_usize("BENCH_OLD", scale(5000));
     let max_tokens = std::env::var("BENCH_MAX_TOKENS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
