@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use support::daemon::{Daemon, Standin, Workspace, connect_db};
-use support::exposition::Scrape;
+use support::exposition::scrape;
 
 const MODEL: &str = "lifecycle-bench";
 
@@ -50,18 +50,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-async fn scrape(http: &reqwest::Client, base: &str) -> Scrape {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    Scrape::parse(&text).unwrap()
 }
 
 async fn chunk_rows_written(http: &reqwest::Client, base: &str) -> f64 {

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::daemon::{Daemon, Standin, Workspace, connect_db};
+use support::exposition::scrape;
 
 const MODEL: &str = "lifecycle-embed";
 const DIMS: usize = 32;
@@ -631,18 +632,6 @@ async fn erase_with_journal_and_kill9() {
         .unwrap();
     assert_eq!(resp.status(), 404);
     daemon.kill9();
-}
-
-async fn scrape(http: &reqwest::Client, base: &str) -> support::exposition::Scrape {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    support::exposition::Scrape::parse(&text).unwrap()
 }
 
 /// `convstore delete` and `convstore erase-user` over the Unix socket.

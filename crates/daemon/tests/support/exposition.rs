@@ -325,3 +325,16 @@ fn check_histogram(f: &Family) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `GET {base}/metrics`, parsed strictly.
+pub async fn scrape(http: &reqwest::Client, base: &str) -> Scrape {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    Scrape::parse(&text).unwrap_or_else(|e| panic!("{base}/metrics: {e}"))
+}
