@@ -170,6 +170,31 @@ async fn write_tombstone(
     Ok(())
 }
 
+/// Deletes these conversation rows and their chunk rows; returns how many
+/// conversations went and the content hash of every chunk that went (the
+/// chunks are deleted first, explicitly, rather than by the cascade, so
+/// their hashes come back).
+pub(crate) async fn delete_rows(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<(u64, Vec<ContentHash>), StoreError> {
+    let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
+        "DELETE FROM conversation_chunks WHERE conversation_id = ANY($1) RETURNING content_hash",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let rows = sqlx::query("DELETE FROM conversations WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    let hashes = hashes
+        .into_iter()
+        .filter_map(|h| <ContentHash>::try_from(h.as_slice()).ok())
+        .collect();
+    Ok((rows.rows_affected(), hashes))
+}
+
 /// What deleting one conversation removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeletedConversation {
@@ -179,12 +204,15 @@ pub struct DeletedConversation {
 }
 
 /// What erasing a user removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErasedUser {
     pub conversations: u64,
     pub chunks: u64,
     /// `embedding_cache` rows of the erased chunks' texts.
     pub cache_entries: u64,
+    /// The erased chunks' content hashes, distinct: what the in-memory
+    /// cache evicts.
+    pub chunk_hashes: Vec<ContentHash>,
 }
 
 /// The stored versions and tombstones a batch's changes fold onto.
@@ -274,20 +302,10 @@ impl Store {
         .await?;
         let mut deleted = DeletedConversation::default();
         if let Some(id) = id {
-            let chunks: i64 = sqlx::query_scalar(
-                "WITH gone AS (DELETE FROM conversation_chunks WHERE conversation_id = $1 RETURNING 1) \
-                 SELECT count(*) FROM gone",
-            )
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM conversations WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            let (_, hashes) = delete_rows(&mut tx, &[id]).await?;
             deleted = DeletedConversation {
                 row: true,
-                chunks: u64::try_from(chunks).unwrap_or(0),
+                chunks: hashes.len() as u64,
             };
         } else if !known {
             return Ok(None);
@@ -328,50 +346,25 @@ impl Store {
             if ids.is_empty() {
                 break;
             }
-            let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
-                "DELETE FROM conversation_chunks WHERE conversation_id = ANY($1) RETURNING content_hash",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
+            let (rows, mut hashes) = delete_rows(&mut tx, &ids).await?;
+            erased.conversations += rows;
             erased.chunks += hashes.len() as u64;
-            let mut distinct = hashes;
-            distinct.sort_unstable();
-            distinct.dedup();
+            hashes.sort_unstable();
+            hashes.dedup();
             // Every model's entry for these texts: the cache is keyed by
             // model and hash, and the text is the personal data.
+            let distinct: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
             let cache = sqlx::query("DELETE FROM embedding_cache WHERE content_hash = ANY($1)")
                 .bind(&distinct)
                 .execute(&mut *tx)
                 .await?;
             erased.cache_entries += cache.rows_affected();
-            let rows = sqlx::query("DELETE FROM conversations WHERE id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-            erased.conversations += rows.rows_affected();
             tx.commit().await?;
+            erased.chunk_hashes.extend(hashes);
         }
+        erased.chunk_hashes.sort_unstable();
+        erased.chunk_hashes.dedup();
         Ok(erased)
-    }
-
-    /// The content hashes of every chunk stored for `user_id` (for the L1
-    /// cache: an erasure evicts them before the rows go).
-    pub async fn chunk_hashes_of_user(
-        &self,
-        user_id: &str,
-    ) -> Result<Vec<ContentHash>, StoreError> {
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-            "SELECT DISTINCT ch.content_hash FROM conversations c \
-             JOIN conversation_chunks ch ON ch.conversation_id = c.id WHERE c.user_id = $1",
-        )
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|h| <ContentHash>::try_from(h.as_slice()).ok())
-            .collect())
     }
 }
 

@@ -50,7 +50,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::copy::{CopyEncodeError, CopyEncoder, VECTOR_MAX_DIMENSIONS};
-use super::lifecycle::{KeyKind, lock_key, lock_keys, read_tombstones};
+use super::lifecycle::{KeyKind, delete_rows, lock_key, lock_keys, read_tombstones};
 use super::{Store, StoreError};
 use crate::settings::WriteMethod;
 use convstore_core::lifecycle::{Tombstones, content_sha};
@@ -187,19 +187,9 @@ impl Store {
         outcome.duplicates += plan.duplicates;
         outcome.stale = plan.stale;
         if !plan.removals.is_empty() {
-            let chunks: i64 = sqlx::query_scalar(
-                "WITH gone AS (DELETE FROM conversation_chunks WHERE conversation_id = ANY($1) RETURNING 1) \
-                 SELECT count(*) FROM gone",
-            )
-            .bind(&plan.removals)
-            .fetch_one(&mut *tx)
-            .await?;
-            let rows = sqlx::query("DELETE FROM conversations WHERE id = ANY($1)")
-                .bind(&plan.removals)
-                .execute(&mut *tx)
-                .await?;
-            outcome.removed = usize::try_from(rows.rows_affected()).unwrap_or(usize::MAX);
-            outcome.chunks_deleted += usize::try_from(chunks).unwrap_or(0);
+            let (rows, chunks) = delete_rows(&mut tx, &plan.removals).await?;
+            outcome.removed = usize::try_from(rows).unwrap_or(usize::MAX);
+            outcome.chunks_deleted += chunks.len();
         }
         let keyed: Vec<(Uuid, &ReadyConversation)> = plan
             .inserts
@@ -524,10 +514,7 @@ fn is_retry(ready: &ReadyConversation, row: &CurrentRow) -> bool {
     let Some(stored) = row.content_sha.as_deref() else {
         return true;
     };
-    let sha = ready
-        .version
-        .content_sha
-        .unwrap_or_else(|| content_sha(&ready.conversation));
+    let (sha, _) = version_shas(ready);
     stored == sha.as_slice() || row.posted_sha.as_deref() == Some(sha.as_slice())
 }
 

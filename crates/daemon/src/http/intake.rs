@@ -153,12 +153,12 @@ impl AdmissionOrder {
         }
     }
 
-    fn lock(&self, row_id: uuid::Uuid) -> Option<std::sync::MutexGuard<'_, ()>> {
-        let stripe = (row_id.as_u128() % Self::STRIPES as u128) as usize;
+    fn lock(&self, row_id: uuid::Uuid) -> std::sync::MutexGuard<'_, ()> {
+        // The remainder is below STRIPES, the length of `stripes`.
+        #[allow(clippy::indexing_slicing)]
+        let stripe = &self.stripes[(row_id.as_u128() % Self::STRIPES as u128) as usize];
         // The sections hold no data: poison is harmless.
-        self.stripes
-            .get(stripe)
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+        stripe.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -182,10 +182,7 @@ pub async fn admit(
     change: Change,
     level: WaitLevel,
 ) -> Result<Admitted, ApiError> {
-    let id = match change.client_id() {
-        Some(cid) => cid.to_string(),
-        None => change.row_id().to_string(),
-    };
+    let id = change.key();
     let row_id = change.row_id();
     let bytes = change.approx_bytes();
     let limits = state.limits();

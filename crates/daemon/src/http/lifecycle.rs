@@ -170,6 +170,13 @@ fn candidate_rows(id: &str) -> impl Iterator<Item = Uuid> {
     std::iter::once(row_id(id)).chain(Uuid::parse_str(id).ok())
 }
 
+/// The row a delete names when the conversation is not in flight here: a
+/// UUID names a row stored without a client id (before ids were assigned
+/// as keys); the store looks the client id up first either way.
+fn unkeyed_row(id: &str) -> Uuid {
+    Uuid::parse_str(id).unwrap_or_else(|_| row_id(id))
+}
+
 /// The answer to a delete.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Deleted {
@@ -217,9 +224,7 @@ async fn to_completion<T: Serialize + Send + 'static>(
 async fn delete_one(state: &IngressState, id: &str) -> Result<Deleted, ApiError> {
     check_label("id", id, state.limits().validation.max_id_bytes)?;
     let in_flight = candidate_rows(id).find(|row| state.in_flight.contains(*row));
-    let row = in_flight
-        .or_else(|| Uuid::parse_str(id).ok())
-        .unwrap_or_else(|| row_id(id));
+    let row = in_flight.unwrap_or_else(|| unkeyed_row(id));
     let stamp = crate::stamp::next();
     let Some(deleted) = state
         .store
@@ -289,9 +294,6 @@ async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> 
         state.limits().validation.max_label_bytes,
     )?;
     let stamp = crate::stamp::next();
-    // The texts' hashes before their rows go: the in-memory cache is
-    // evicted by them.
-    let hashes = state.store.chunk_hashes_of_user(user_id).await?;
     let mut erased = state.store.erase_user(user_id, stamp).await?;
     // Conversations whose last queued change was this user's are theirs,
     // whoever posted the stored version: they go whole, with a tombstone.
@@ -299,10 +301,9 @@ async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> 
         .queue
         .inspect(|queued| erased_conversations(queued.map(|q| &q.change), user_id, stamp));
     for key in &theirs {
-        let row = candidate_rows(key).next().unwrap_or_else(|| row_id(key));
         if let Some(d) = state
             .store
-            .delete_conversation(key, row, stamp, true)
+            .delete_conversation(key, unkeyed_row(key), stamp, true)
             .await?
         {
             erased.chunks += d.chunks;
@@ -312,7 +313,7 @@ async fn erase(state: &IngressState, user_id: &str) -> Result<Erased, ApiError> 
     let withdrawn = withdraw(state, stamp, |change| theirs.contains(&change.key()));
     let evicted = state
         .cache()
-        .map_or(0, |cache| cache.remove_hashes(&hashes));
+        .map_or(0, |cache| cache.remove_hashes(&erased.chunk_hashes));
     events::conversations_deleted(events::deletion::ERASE, erased.conversations);
     tracing::info!(
         conversations = erased.conversations,

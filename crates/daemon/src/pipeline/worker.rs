@@ -70,10 +70,6 @@ struct Group {
     changes: Vec<usize>,
 }
 
-fn key_of(change: &StampedChange) -> String {
-    change.change.key()
-}
-
 /// Applies a batch of changes: folds each conversation's changes onto its
 /// stored version (`convstore_core::lifecycle::fold`), embeds and writes
 /// the versions that changed in one transaction, and folds again whatever
@@ -83,7 +79,7 @@ async fn apply(ctx: &PipelineContext, changes: &[StampedChange]) -> Vec<Outcome>
     let mut groups: Vec<Group> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for (i, change) in changes.iter().enumerate() {
-        let key = key_of(change);
+        let key = change.change.key();
         match by_key.get(&key) {
             Some(g) => groups[*g].changes.push(i),
             None => {
@@ -286,26 +282,50 @@ async fn read_base(
         .collect();
     users.sort_unstable();
     users.dedup();
+    match with_database_retry(ctx, "Reading stored versions", || {
+        ctx.store.fold_base(&client_ids, &users)
+    })
+    .await
+    {
+        Ok(base) => Ok(base),
+        Err(e) if e.is_retryable() => {
+            metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "database_unavailable")
+                .increment(open.len() as u64);
+            tracing::error!(error = %e, conversations = open.len(), "Database unavailable until the shutdown deadline; these accepted changes were NOT stored");
+            Err(format!("database unavailable: {e}"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot read the stored versions of a batch; its changes were NOT stored");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Runs a database call until it answers, retrying with backoff while the
+/// database is unavailable, until the shutdown deadline; the last error
+/// otherwise.
+async fn with_database_retry<T, F, Fut>(
+    ctx: &PipelineContext,
+    what: &str,
+    mut call: F,
+) -> Result<T, convstore_store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, convstore_store::StoreError>>,
+{
     let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
     loop {
-        match ctx.store.fold_base(&client_ids, &users).await {
-            Ok(base) => return Ok(base),
+        match call().await {
             Err(e) if e.is_retryable() => {
-                metrics::counter!(m::STORE_RETRIES).increment(1);
                 let delay = backoff.next_delay(None);
                 if ctx.drain.deadline_passed() || ctx.drain.would_pass(delay) {
-                    metrics::counter!(m::CONVERSATIONS_FAILED, label::REASON => "database_unavailable")
-                        .increment(open.len() as u64);
-                    tracing::error!(error = %e, conversations = open.len(), "Database unavailable until the shutdown deadline; these accepted changes were NOT stored");
-                    return Err(format!("database unavailable: {e}"));
+                    return Err(e);
                 }
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Reading stored versions failed; retrying");
+                metrics::counter!(m::STORE_RETRIES).increment(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
                 tokio::time::sleep(delay).await;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot read the stored versions of a batch; its changes were NOT stored");
-                return Err(e.to_string());
-            }
+            answer => return answer,
         }
     }
 }
@@ -317,27 +337,24 @@ async fn remove_with_retry(
     removals: &[Removal],
     stale: &mut HashSet<String>,
 ) -> Outcome {
-    let mut backoff = Backoff::new(ctx.retry_initial, ctx.retry_max);
-    loop {
-        match ctx.store.write_versions(&[], removals).await {
-            Ok(outcome) => {
-                if outcome.removed > 0 {
-                    tracing::info!(
-                        removed = outcome.removed,
-                        "Removed stored versions that a delete or erasure made moot"
-                    );
-                }
-                stale.extend(outcome.stale);
-                return Outcome::Stored;
+    match with_database_retry(ctx, "Removing moot stored versions", || {
+        ctx.store.write_versions(&[], removals)
+    })
+    .await
+    {
+        Ok(outcome) => {
+            if outcome.removed > 0 {
+                tracing::info!(
+                    removed = outcome.removed,
+                    "Removed stored versions that a delete or erasure made moot"
+                );
             }
-            Err(e) if e.is_retryable() && !ctx.drain.deadline_passed() => {
-                metrics::counter!(m::STORE_RETRIES).increment(1);
-                tokio::time::sleep(backoff.next_delay(None)).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot remove stored versions a delete or erasure made moot; the journal keeps their changes");
-                return Outcome::NotStored(e.to_string());
-            }
+            stale.extend(outcome.stale);
+            Outcome::Stored
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot remove stored versions a delete or erasure made moot; the journal keeps their changes");
+            Outcome::NotStored(e.to_string())
         }
     }
 }
