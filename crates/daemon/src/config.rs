@@ -5,6 +5,7 @@
 //! example `CONVSTORE_QUEUE__CAPACITY=500`). Unknown keys are errors, so a typo
 //! never silently falls back to a default.
 
+use convstore_nats::settings::NatsSettings;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub search: SearchSettings,
     pub retention: RetentionSettings,
+    /// The shared intake (docs/SCALING.md); off by default.
+    pub nats: NatsSettings,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             metrics: MetricsSettings::default(),
             search: SearchSettings::default(),
             retention: RetentionSettings::default(),
+            nats: NatsSettings::default(),
         }
     }
 }
@@ -633,6 +637,7 @@ impl Settings {
             }
         }
         self.validate_intake()?;
+        self.validate_shared_intake()?;
         self.retention
             .policy()
             .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
@@ -756,6 +761,32 @@ impl Settings {
 
 impl Settings {
     /// `[journal]`, `[ack]`, `[limits]`, `[auth]`: relations serde cannot check.
+    /// `[nats]`: every instance on one stream must write to one database,
+    /// and a managed cluster is private to the instance that runs it.
+    fn validate_shared_intake(&self) -> Result<(), ConfigError> {
+        if !self.nats.enabled() {
+            return Ok(());
+        }
+        self.nats.resolve().map_err(|reason| {
+            let key = reason
+                .split([' ', ':'])
+                .next()
+                .filter(|k| k.starts_with("nats."))
+                .unwrap_or("nats")
+                .to_string();
+            ConfigError::invalid(key, reason)
+        })?;
+        if self.database.url.is_empty() {
+            return Err(ConfigError::invalid(
+                "nats.url",
+                "a shared intake needs every instance on the same PostgreSQL, and the managed \
+                 cluster (database.url = \"\") is private to one instance: set database.url to \
+                 the PostgreSQL all instances share, or nats.url = \"\" for the local queue",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_intake(&self) -> Result<(), ConfigError> {
         if self.server.max_buffered_body_bytes < self.server.max_body_bytes {
             return Err(ConfigError::invalid(

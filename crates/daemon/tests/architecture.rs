@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "convstore-dataset",
     "convstore-journal",
     "convstore-store",
+    "convstore-nats",
     "convstore-embed",
     "convstore-embed-builtin",
     "convstore",
@@ -38,6 +39,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         ("convstore-dataset", BTreeSet::from(leaves)),
         ("convstore-journal", BTreeSet::from(leaves)),
         ("convstore-store", BTreeSet::from(leaves)),
+        ("convstore-nats", BTreeSet::from(leaves)),
         ("convstore-embed", BTreeSet::from(leaves)),
         (
             "convstore-embed-builtin",
@@ -52,6 +54,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
                 "convstore-dataset",
                 "convstore-journal",
                 "convstore-store",
+                "convstore-nats",
                 "convstore-embed",
                 "convstore-embed-builtin",
             ]),

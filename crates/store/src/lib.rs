@@ -12,6 +12,7 @@
 //! vector dimension and builds the HNSW index, also under a lock).
 pub mod backfill;
 pub mod copy;
+pub mod dead_letters;
 pub mod embedding_cache;
 pub mod lifecycle;
 pub mod managed;

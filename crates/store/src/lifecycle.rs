@@ -328,6 +328,11 @@ impl Store {
             let mut tx = self.pool.begin().await?;
             lock_keys(&mut tx, vec![user_lock], false).await?;
             write_tombstone(&mut tx, KeyKind::User, user_id, stamp).await?;
+            // The shared intake's dead letters hold the user's text too.
+            sqlx::query("DELETE FROM dead_letters WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         }
         let mut erased = ErasedUser::default();

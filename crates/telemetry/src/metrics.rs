@@ -116,6 +116,30 @@ pub const CONVERSATIONS_DELETED: &str = "convstore_conversations_deleted_total";
 pub const RETENTION_RUNS: &str = "convstore_retention_runs_total";
 /// Tombstones dropped by the reaper past `retention.tombstone_max_age`.
 pub const TOMBSTONES_DROPPED: &str = "convstore_tombstones_dropped_total";
+// The shared intake on NATS JetStream (issue 17; docs/SCALING.md), per
+// instance; the crate `convstore-nats` and the daemon's `pipeline::shared`.
+/// Changes published to the stream, by outcome (ok, duplicate, full, error).
+pub const NATS_PUBLISHED: &str = "convstore_nats_published_total";
+/// From sending a change to the stream's acknowledgement.
+pub const NATS_PUBLISH_SECONDS: &str = "convstore_nats_publish_duration_seconds";
+/// Changes this instance pulled from the shared consumer.
+pub const NATS_PULLED: &str = "convstore_nats_messages_pulled_total";
+/// Of those, deliveries after the first (an instance died or was slow).
+pub const NATS_REDELIVERED: &str = "convstore_nats_messages_redelivered_total";
+/// Acknowledged after their commit (or found moot).
+pub const NATS_ACKED: &str = "convstore_nats_messages_acked_total";
+/// Acknowledgements not confirmed in time (each becomes a redelivery).
+pub const NATS_ACK_FAILURES: &str = "convstore_nats_ack_failures_total";
+/// Handed back for later: an earlier change of the conversation was still
+/// elsewhere, or this instance was stopping.
+pub const NATS_DEFERRED: &str = "convstore_nats_messages_deferred_total";
+/// Terminated (never delivered again) and recorded in `dead_letters`.
+pub const NATS_TERMINATED: &str = "convstore_nats_messages_terminated_total";
+/// The shared consumer's state as JetStream reports it (sampled).
+pub const NATS_CONSUMER_PENDING: &str = "convstore_nats_consumer_pending";
+pub const NATS_CONSUMER_ACK_PENDING: &str = "convstore_nats_consumer_ack_pending";
+/// 1 while connected to NATS and the stream answers.
+pub const NATS_UP: &str = "convstore_nats_up";
 
 /// Every metric name above, in declaration order. A unit test checks that
 /// it lists every `convstore_` constant of this file and that
@@ -196,6 +220,17 @@ pub const ALL: &[&str] = &[
     CONVERSATIONS_DELETED,
     RETENTION_RUNS,
     TOMBSTONES_DROPPED,
+    NATS_PUBLISHED,
+    NATS_PUBLISH_SECONDS,
+    NATS_PULLED,
+    NATS_REDELIVERED,
+    NATS_ACKED,
+    NATS_ACK_FAILURES,
+    NATS_DEFERRED,
+    NATS_TERMINATED,
+    NATS_CONSUMER_PENDING,
+    NATS_CONSUMER_ACK_PENDING,
+    NATS_UP,
 ];
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
@@ -207,6 +242,12 @@ pub const ENQUEUE_BUCKETS: &[f64] = &[
 /// bounds, so `histogram_quantile` is exact where it matters.
 pub const STAGE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Tens of microseconds to seconds: a publish waits for the stream's
+/// acknowledgement (and its fsync, with `sync_interval: always`).
+pub const PUBLISH_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 5.0,
 ];
 /// Counts per batch.
 pub const BATCH_BUCKETS: &[f64] = &[
@@ -301,6 +342,51 @@ pub fn describe() {
     describe_counter!(
         TOMBSTONES_DROPPED,
         "Tombstones dropped by the retention reaper, past retention.tombstone_max_age."
+    );
+    describe_counter!(
+        NATS_PUBLISHED,
+        "Shared intake: changes published to the JetStream stream, by outcome (ok; duplicate: a publisher retry the broker dropped; full: the stream is at its limits, 429; error)."
+    );
+    describe_histogram!(
+        NATS_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Shared intake: from sending a change to the stream's acknowledgement (what ?wait=queued and durable wait for)."
+    );
+    describe_counter!(
+        NATS_PULLED,
+        "Shared intake: changes this instance pulled from the shared consumer."
+    );
+    describe_counter!(
+        NATS_REDELIVERED,
+        "Shared intake: pulled changes on their second or later delivery."
+    );
+    describe_counter!(
+        NATS_ACKED,
+        "Shared intake: changes acknowledged after the commit that applied them."
+    );
+    describe_counter!(
+        NATS_ACK_FAILURES,
+        "Shared intake: acknowledgements not confirmed in time (each is a redelivery the store absorbs)."
+    );
+    describe_counter!(
+        NATS_DEFERRED,
+        "Shared intake: changes handed back for later (an earlier change of the conversation was still elsewhere, or the instance was stopping)."
+    );
+    describe_counter!(
+        NATS_TERMINATED,
+        "Shared intake: changes terminated and recorded in dead_letters (refused by the database, or not a change)."
+    );
+    describe_gauge!(
+        NATS_CONSUMER_PENDING,
+        "Shared intake: changes in the stream no instance has pulled yet (sampled from JetStream)."
+    );
+    describe_gauge!(
+        NATS_CONSUMER_ACK_PENDING,
+        "Shared intake: changes pulled by some instance and not yet acknowledged (sampled from JetStream)."
+    );
+    describe_gauge!(
+        NATS_UP,
+        "Shared intake: 1 while connected to NATS and the stream answers."
     );
     describe_counter!(
         INGEST_REQUESTS,

@@ -37,6 +37,12 @@ pub fn prometheus_recorder() -> PrometheusRecorder {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(m::ENQUEUE_SECONDS.into()), m::ENQUEUE_BUCKETS)
         .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(m::NATS_PUBLISH_SECONDS.into()),
+                m::PUBLISH_BUCKETS,
+            )
+        })
+        .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::STAGE_BUCKETS)
         })
         .and_then(|b| {

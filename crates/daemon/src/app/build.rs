@@ -95,9 +95,40 @@ impl App {
         )
         .await?;
 
+        // The shared intake replaces the journal: the stream is durable,
+        // and every instance's workers pull from it.
+        let shared = if settings.nats.enabled() {
+            supervisor.starting("connecting to the shared intake (NATS JetStream)");
+            let intake = settings
+                .nats
+                .resolve()
+                .map_err(|e| anyhow::anyhow!("invalid [nats] settings: {e}"))?;
+            let instance = uuid::Uuid::new_v4();
+            let shared = convstore_nats::SharedIntake::connect(intake, instance)
+                .await
+                .context("cannot start the shared intake (nats.url)")?;
+            if settings.journal.enabled {
+                tracing::info!(
+                    "nats.url is set: the JetStream stream is the journal; the local journal is not used"
+                );
+            }
+            tracing::info!(
+                stream = %settings.nats.stream,
+                consumer = %settings.nats.consumer,
+                %instance,
+                "Shared intake: publishing to and pulling from JetStream"
+            );
+            Some(Arc::new(shared))
+        } else {
+            None
+        };
         // Before the pipeline: a journal that cannot be opened stops
         // start-up before anything is accepted.
-        let journal = crate::journal_startup::open_from_settings(settings)?;
+        let journal = if shared.is_some() {
+            None
+        } else {
+            crate::journal_startup::open_from_settings(settings)?
+        };
         let queue = Arc::new(BoundedQueue::<Queued>::new(
             settings.queue.capacity.get(),
             settings.queue.max_bytes.get(),
@@ -189,8 +220,23 @@ impl App {
                 .with_journal(journal.as_ref().map(|(j, _)| j.clone()))
                 .with_router(embedder.clone())
                 .with_search(Arc::new(search))
-                .with_cache(ctx.cache.clone()),
+                .with_cache(ctx.cache.clone())
+                .with_shared_intake(shared.clone()),
         );
+        if let Some(shared) = &shared {
+            background.spawn(crate::pipeline::shared::run(
+                shared.clone(),
+                queue.clone(),
+                ingress.in_flight.clone(),
+                store.clone(),
+                batch_limits.clone(),
+                stop_backfill.clone(),
+            ));
+            background.spawn(crate::pipeline::shared::sample(
+                shared.clone(),
+                stop_background.clone(),
+            ));
+        }
         // What an earlier run journaled and did not store goes back on the
         // queue before anything new is accepted.
         if let Some((journal, recovery)) = journal {

@@ -106,7 +106,8 @@ pub(super) fn wait_of(state: &IngressState, query: Option<&str>) -> Result<Wait,
         query,
         limits.ack_timeout,
         limits.max_ack_timeout,
-        state.journal().is_some(),
+        // The stream's acknowledgement is this mode's fsynced journal.
+        state.journal().is_some() || state.shared_intake().is_some(),
     )
 }
 
@@ -649,6 +650,28 @@ pub async fn readyz(State(state): AppState) -> Response {
         }
         json!({"ready": ready, "total": router.backend_count()})
     });
+    let shared_intake = match state.shared_intake() {
+        None => None,
+        Some(shared) => {
+            let answer =
+                tokio::time::timeout(Duration::from_secs(2), shared.consumer_state()).await;
+            let up = matches!(answer, Ok(Ok(_)));
+            metrics::gauge!(m::NATS_UP).set(if up { 1.0 } else { 0.0 });
+            Some(match answer {
+                Ok(Ok(consumer)) => {
+                    json!({"status": "ok", "pending": consumer.pending, "ack_pending": consumer.ack_pending})
+                }
+                Ok(Err(e)) => {
+                    reasons.push(format!("shared intake: {e}"));
+                    json!({"status": "unreachable"})
+                }
+                Err(_) => {
+                    reasons.push("shared intake: the stream did not answer within 2 s".into());
+                    json!({"status": "timeout"})
+                }
+            })
+        }
+    };
     let ready = reasons.is_empty();
     metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     let status = if ready {
@@ -663,6 +686,7 @@ pub async fn readyz(State(state): AppState) -> Response {
         "database": database,
         "journal": journal,
         "backends": backends,
+        "shared_intake": shared_intake,
     });
     (status, axum::Json(body)).into_response()
 }

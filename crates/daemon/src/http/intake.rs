@@ -140,6 +140,9 @@ pub struct Admitted {
 /// synchronous (microseconds) and never held across an await.
 pub struct AdmissionOrder {
     stripes: Vec<std::sync::Mutex<()>>,
+    /// The shared intake's: held across sending a change to the stream
+    /// (an await), never across waiting for the stream's answer.
+    shared_stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl AdmissionOrder {
@@ -150,7 +153,17 @@ impl AdmissionOrder {
             stripes: (0..Self::STRIPES)
                 .map(|_| std::sync::Mutex::new(()))
                 .collect(),
+            shared_stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    async fn lock_shared(&self, row_id: uuid::Uuid) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let stripe = self
+            .shared_stripes
+            .get((row_id.as_u128() % Self::STRIPES as u128) as usize)?;
+        Some(stripe.lock().await)
     }
 
     fn lock(&self, row_id: uuid::Uuid) -> std::sync::MutexGuard<'_, ()> {
@@ -182,6 +195,9 @@ pub async fn admit(
     change: Change,
     level: WaitLevel,
 ) -> Result<Admitted, ApiError> {
+    if let Some(shared) = state.shared_intake() {
+        return admit_shared(state, shared, change, level).await;
+    }
     let id = change.key();
     let row_id = change.row_id();
     let bytes = change.approx_bytes();
@@ -225,6 +241,84 @@ pub async fn admit(
                 state.queue.wait_for_room(bytes, deadline).await;
             }
         }
+    }
+}
+
+/// The shared intake's admission: stamps `change` and publishes it to the
+/// stream; answered once the stream acknowledged it (so `queued` and
+/// `durable` both mean the stream has it). A conversation's changes are
+/// sent in stamp order from this instance (the row's section is held
+/// across the send, not the acknowledgement). With `stored`, the worker
+/// that commits it, on whichever instance, sends the outcome back.
+async fn admit_shared(
+    state: &IngressState,
+    shared: &std::sync::Arc<convstore_nats::SharedIntake>,
+    change: Change,
+    level: WaitLevel,
+) -> Result<Admitted, ApiError> {
+    let id = change.key();
+    let expected = (level == WaitLevel::Stored).then(|| shared.replies().expect());
+    let reply = expected.as_ref().map(|(subject, _)| subject.as_str());
+    let sent = {
+        let _order = state.admission_order.lock_shared(change.row_id()).await;
+        let stamped = StampedChange {
+            stamp: crate::stamp::next(),
+            change,
+        };
+        shared.send(&stamped, reply).await
+    };
+    let published = match sent {
+        Ok(pending) => pending.acknowledged().await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| shared_refused(state, e))?;
+    tracing::trace!(
+        id,
+        sequence = published.sequence,
+        "Published to the shared intake"
+    );
+    let outcome = expected.map(|(_, expected)| {
+        let (tx, rx) = oneshot::channel();
+        // Outlives the longest wait a request may ask for, so a request
+        // times out (504) before its outcome's channel closes.
+        let give_up = state.limits().max_ack_timeout + Duration::from_secs(1);
+        tokio::spawn(async move {
+            if let Ok(Some(remote)) = tokio::time::timeout(give_up, expected.outcome()).await {
+                let _ = tx.send(outcome_of_remote(remote));
+            }
+        });
+        rx
+    });
+    Ok(Admitted {
+        id,
+        lsn: None,
+        outcome,
+    })
+}
+
+fn outcome_of_remote(remote: convstore_nats::replies::RemoteOutcome) -> Outcome {
+    use convstore_core::lifecycle::Discard;
+    use convstore_nats::replies::RemoteOutcome;
+    match remote {
+        RemoteOutcome::Stored => Outcome::Stored,
+        RemoteOutcome::Discarded { why } if why == Discard::NoConversation.as_str() => {
+            Outcome::Discarded(Discard::NoConversation)
+        }
+        RemoteOutcome::Discarded { .. } => Outcome::Discarded(Discard::Deleted),
+        RemoteOutcome::Rejected { reason } => Outcome::Rejected(reason),
+    }
+}
+
+fn shared_refused(state: &IngressState, e: convstore_nats::PublishError) -> ApiError {
+    use convstore_nats::PublishError;
+    match e {
+        PublishError::Full(_) => ApiError::QueueFull {
+            retry_after_secs: state.limits().retry_after_secs,
+        },
+        PublishError::TooLarge(reason) => ApiError::PayloadTooLarge(reason),
+        PublishError::Unavailable(reason) => ApiError::Unavailable(format!(
+            "the shared intake (NATS JetStream) did not take the change: {reason}; it may or may not be there: send it again (the store finds a repeat unchanged)"
+        )),
     }
 }
 
@@ -367,6 +461,8 @@ pub async fn wait_for(
     let started = Instant::now();
     let result = match level {
         WaitLevel::Queued => return Ok(Reached::Queued),
+        // The stream acknowledged it before the admission returned.
+        WaitLevel::Durable if state.shared_intake().is_some() => return Ok(Reached::Durable),
         WaitLevel::Durable => match (state.journal(), admitted.lsn) {
             (Some(journal), Some(lsn)) => {
                 match timeout_at(deadline, journal.wait_durable(lsn)).await {

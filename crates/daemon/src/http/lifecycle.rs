@@ -145,8 +145,16 @@ struct Found {
 /// The conversation `id` names: one in flight here (posted and not yet
 /// stored), else the stored one; with the stored version's message count.
 async fn conversation_of(state: &IngressState, id: &str) -> Result<Option<Found>, ApiError> {
-    let in_flight = candidate_rows(id)
+    let mut in_flight = candidate_rows(id)
         .find_map(|row| state.in_flight.user_of(row).map(|user_id| (row, user_id)));
+    // With the shared intake, "in flight" is also "in the stream", posted
+    // through any instance; its stamp orders this append after it.
+    if in_flight.is_none()
+        && let Some(head) = stream_head(state, id).await?
+    {
+        crate::stamp::observe(head.stamp);
+        in_flight = Some((head.row, head.user_id));
+    }
     let stored = match state.store.stored_owner(id).await {
         Ok(stored) => stored,
         // In flight here: the append can be accepted without the count.
@@ -162,6 +170,21 @@ async fn conversation_of(state: &IngressState, id: &str) -> Result<Option<Found>
         }),
         (None, None) => None,
     })
+}
+
+/// The newest change of `id` still in the shared intake's stream, when
+/// there is one (always `None` without a shared intake).
+async fn stream_head(
+    state: &IngressState,
+    id: &str,
+) -> Result<Option<convstore_nats::StreamHead>, ApiError> {
+    let Some(shared) = state.shared_intake() else {
+        return Ok(None);
+    };
+    shared
+        .head(id)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the shared intake cannot be read: {e}")))
 }
 
 /// The row ids a conversation with key `id` may have: the hash of a
@@ -223,7 +246,14 @@ async fn to_completion<T: Serialize + Send + 'static>(
 
 async fn delete_one(state: &IngressState, id: &str) -> Result<Deleted, ApiError> {
     check_label("id", id, state.limits().validation.max_id_bytes)?;
-    let in_flight = candidate_rows(id).find(|row| state.in_flight.contains(*row));
+    let mut in_flight = candidate_rows(id).find(|row| state.in_flight.contains(*row));
+    if in_flight.is_none() {
+        in_flight = stream_head(state, id).await?.map(|head| {
+            // The delete is later than the change it found.
+            crate::stamp::observe(head.stamp);
+            head.row
+        });
+    }
     let row = in_flight.unwrap_or_else(|| unkeyed_row(id));
     let stamp = crate::stamp::next();
     let Some(deleted) = state

@@ -111,6 +111,9 @@ pub struct IngressState {
     search: Option<Arc<search::SearchService>>,
     /// The L1 embedding cache: an erasure evicts the user's texts.
     cache: Option<Arc<convstore_embed::cache::EmbeddingCache>>,
+    /// The shared intake, when `nats.url` is set: accepted changes go to
+    /// the stream instead of the journal and the local queue.
+    shared: Option<Arc<convstore_nats::SharedIntake>>,
 }
 
 impl IngressState {
@@ -134,7 +137,18 @@ impl IngressState {
             embedding: None,
             search: None,
             cache: None,
+            shared: None,
         }
+    }
+
+    /// Publishes accepted changes to the shared intake (docs/SCALING.md).
+    pub fn with_shared_intake(mut self, shared: Option<Arc<convstore_nats::SharedIntake>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    pub fn shared_intake(&self) -> Option<&Arc<convstore_nats::SharedIntake>> {
+        self.shared.as_ref()
     }
 
     /// Journals every accepted conversation before acknowledging it.

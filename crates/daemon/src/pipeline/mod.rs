@@ -10,6 +10,7 @@
 pub mod backfill;
 pub mod batcher;
 pub mod embedding;
+pub mod shared;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -4,3 +4,4 @@
 pub mod cluster;
 pub mod daemon;
 pub mod exposition;
+pub mod nats;
