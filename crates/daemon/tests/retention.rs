@@ -40,7 +40,8 @@ async fn fresh_store(cluster: &TestCluster, name: &str) -> Store {
         .replacen("/convstore?", &format!("/{name}?"), 1);
     let store = Store::connect(&url, 4, Duration::from_secs(30))
         .await
-        .expect("connect");
+        .expect("connect")
+        .with_partitions(support::cluster::test_partitions());
     store.migrate().await.expect("migrate");
     store
 }
@@ -72,8 +73,8 @@ async fn insert(
     .await
     .expect("insert conversation");
     sqlx::query(
-        "INSERT INTO conversation_chunks (conversation_id, seq, content, content_hash, model, embedding_status)
-         VALUES ($1, 0, 'user: hello', $2, 'm', 'pending')",
+        "INSERT INTO conversation_chunks (user_id, conversation_id, seq, content, content_hash, model, embedding_status)
+         VALUES ('u', $1, 0, 'user: hello', $2, 'm', 'pending')",
     )
     .bind(id)
     .bind(vec![7u8; 32])

@@ -131,7 +131,8 @@ fn prepare(n: usize) -> (Vec<ReadyConversation>, Vec<Known>) {
 async fn loaded_store(cluster: &TestCluster, ready: &[ReadyConversation]) -> Store {
     let store = Store::connect(&cluster.url(), 4, Duration::from_secs(60))
         .await
-        .expect("connect");
+        .expect("connect")
+        .with_partitions(support::cluster::test_partitions());
     store.migrate().await.expect("migrate");
     for batch in ready.chunks(250) {
         store.write_batch(batch).await.expect("write batch");
