@@ -31,8 +31,11 @@
 //!    scan restricted by the filter finishes the job.
 //!
 //! Every index round runs in one read transaction with `hnsw.ef_search`
-//! set by `set_config(…, true)` (the `SET LOCAL` form that takes a bind
-//! parameter), so a pooled connection never keeps a search's settings.
+//! set by `SET LOCAL`, so a pooled connection never keeps a search's
+//! settings. `SET LOCAL` statements rather than `set_config(…, true)`:
+//! Citus passes a transaction's `SET LOCAL` on to the shards (with
+//! `citus.propagate_set_commands = 'local'`), not a function call
+//! (docs/STORAGE.md). The value is a checked integer, formatted in.
 //!
 //! Exact scans order by `(conversation_id, distance)` (`DISTINCT ON`), an
 //! order the HNSW index cannot produce, so they never touch it: they are
@@ -353,7 +356,7 @@ impl Searcher {
         let mut tx = self.store.pool().begin().await?;
         // A search is short; JIT compiling its plan (PostgreSQL ≥ 11 with
         // LLVM) would cost more than running it.
-        sqlx::query("SELECT set_config('jit', 'off', true)")
+        sqlx::query("SET LOCAL jit = off")
             .execute(&mut *tx)
             .await?;
 
@@ -382,7 +385,7 @@ impl Searcher {
 
         let iterative = filtered && caps.iterative_scan;
         if iterative {
-            sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+            sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 .execute(&mut *tx)
                 .await?;
         }
@@ -551,10 +554,7 @@ async fn hnsw_round(
     ef_search: u32,
     filter_in_scan: bool,
 ) -> Result<Round, StoreError> {
-    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true)")
-        .bind(ef_search.to_string())
-        .execute(&mut *conn)
-        .await?;
+    set_ef_search(conn, ef_search).await?;
     let mut qb = hnsw_query("", vector, k, filter, limit, filter_in_scan);
     let rows = qb.build().fetch_all(&mut *conn).await?;
     let mut scanned = 0;
@@ -622,6 +622,18 @@ fn hnsw_query(
     qb
 }
 
+/// `SET LOCAL hnsw.ef_search`: a setting takes no bind parameter, and the
+/// value is an integer clamped to pgvector's range, so it is formatted in.
+async fn set_ef_search(conn: &mut PgConnection, ef_search: u32) -> Result<(), StoreError> {
+    let ef = ef_search.clamp(1, MAX_EF_SEARCH);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL hnsw.ef_search = {ef}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// `EXPLAIN` of the first index round of an unfiltered search, for tests
 /// and operators who want to see that the HNSW index is used.
 pub async fn explain_index_round(
@@ -632,10 +644,7 @@ pub async fn explain_index_round(
 ) -> Result<String, StoreError> {
     let vector = Vector::from(vector.to_vec());
     let mut tx = store.pool().begin().await?;
-    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true)")
-        .bind(ef_search.to_string())
-        .execute(&mut *tx)
-        .await?;
+    set_ef_search(&mut tx, ef_search).await?;
     let limit = k.saturating_mul(CHUNKS_PER_RESULT).max(ef_search as usize);
     let filter = SearchFilter::default();
     let rows = hnsw_query("EXPLAIN ", &vector, k, &filter, limit, false)
