@@ -745,7 +745,10 @@ async fn partitioned_layout_keeps_each_user_in_one_partition() {
         .expect("delete")
         .expect("known");
     assert_eq!((deleted.row, deleted.chunks), (true, 3));
-    let erased = store.erase_user("user-6", i64::MAX / 2).await.expect("erase");
+    let erased = store
+        .erase_user("user-6", i64::MAX / 2)
+        .await
+        .expect("erase");
     assert_eq!((erased.conversations, erased.chunks), (2, 6));
     assert_eq!(
         store.counts().await.expect("counts").conversations,
@@ -930,11 +933,12 @@ async fn a_database_at_0003_migrates_to_0004_keeping_rows_and_vectors() {
     .await
     .expect("join");
     assert_eq!(joined, 180);
-    let index: bool =
-        sqlx::query_scalar("SELECT to_regclass('conversation_chunks_embedding_hnsw_idx') IS NOT NULL")
-            .fetch_one(store.pool())
-            .await
-            .expect("index");
+    let index: bool = sqlx::query_scalar(
+        "SELECT to_regclass('conversation_chunks_embedding_hnsw_idx') IS NOT NULL",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("index");
     assert!(index, "the HNSW index is built again at start-up");
 
     // The migrated rows serve reads, searches and new writes.

@@ -356,8 +356,10 @@ impl Store {
             if ids.is_empty() {
                 break;
             }
-            let keys: Vec<(String, Uuid)> =
-                ids.into_iter().map(|id| (user_id.to_string(), id)).collect();
+            let keys: Vec<(String, Uuid)> = ids
+                .into_iter()
+                .map(|id| (user_id.to_string(), id))
+                .collect();
             let (rows, mut hashes) = delete_rows(&mut tx, &keys).await?;
             erased.conversations += rows;
             erased.chunks += hashes.len() as u64;

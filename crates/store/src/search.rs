@@ -356,9 +356,7 @@ impl Searcher {
         let mut tx = self.store.pool().begin().await?;
         // A search is short; JIT compiling its plan (PostgreSQL ≥ 11 with
         // LLVM) would cost more than running it.
-        sqlx::query("SET LOCAL jit = off")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
 
         if q.mode == SearchMode::Exact {
             let hits = exact(&mut tx, &vector, q.k, q.filter).await?;

@@ -14,9 +14,14 @@
 //! are (no index work), the rest are deleted and the new ones written.
 //!
 //! Idempotency: conversation rows are inserted with `ON CONFLICT DO
-//! NOTHING ... RETURNING id`, and both the id and the client id are unique,
-//! so a retried batch, a journal replay or a second instance writing the
-//! same client id stores one row; a new conversation whose client id is
+//! NOTHING ... RETURNING id`. The database's keys are `(user_id, id)` and
+//! `(user_id, client_id)` (Citus-shaped, migration 0004); that a client id
+//! is one conversation and a row id one row across users is kept here,
+//! under the client id's exclusive lock: its stored row is read whatever
+//! its user, a row id is checked against every user's rows before an
+//! insert, and a version of another user moves the row (delete, insert,
+//! same id) instead of updating `user_id`. So a retried batch, a journal
+//! replay or a second instance writing the same client id stores one row; a new conversation whose client id is
 //! stored meanwhile with the same content is a duplicate. Chunk rows are
 //! written only for rows the batch inserted or replaced, at positions it
 //! changed, so they never conflict and need no `ON CONFLICT` (which is what
