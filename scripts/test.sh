@@ -32,6 +32,13 @@ echo "== cargo test"
 # as tests) refuse libtest's flags.
 RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" cargo test --workspace --locked --all-targets
 
+echo "== cargo test: storage and search on hash-partitioned tables (database.partitions = 8)"
+# The same storage, search, lifecycle and retention tests with
+# conversations and conversation_chunks PARTITION BY HASH (user_id), the
+# key rules Citus enforces (docs/STORAGE.md); about two minutes.
+CONVSTORE_TEST_PARTITIONS=8 RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" \
+    cargo test --locked -p convstore --test store_write --test search --test lifecycle --test retention
+
 echo "== debian package"
 # Packages the binary the tests just built (target/debug/convstore) and
 # checks its contents. --no-build: a plain `cargo build` here would compile

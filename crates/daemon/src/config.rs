@@ -641,6 +641,9 @@ impl Settings {
         self.retention
             .policy()
             .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
+        self.database
+            .validate()
+            .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
         let url = &self.database.url;
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::invalid(

@@ -7,6 +7,7 @@
 #[path = "support/cluster.rs"]
 mod cluster;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use convstore_core::model::{
     content_hash,
 };
 use convstore_store::copy::CopyEncoder;
+use convstore_store::layout::Layout;
+use convstore_store::search::{SearchFilter, SearchMode, SearchQuery, Searcher, explain_exact};
 use convstore_store::{Store, StoreError};
 use sqlx::Row;
 use uuid::Uuid;
@@ -44,7 +47,8 @@ async fn fresh_store(cluster: &TestCluster, name: &str, method: WriteMethod) -> 
     let store = Store::connect(&database_url(cluster, name), 4, Duration::from_secs(30))
         .await
         .expect("connect")
-        .with_write_method(method);
+        .with_write_method(method)
+        .with_partitions(cluster::test_partitions());
     store.migrate().await.expect("migrate");
     store
         .ensure_vector_column(DIMS)
@@ -453,7 +457,8 @@ async fn dimension_check_errors_clearly() {
         Duration::from_secs(30),
     )
     .await
-    .expect("connect");
+    .expect("connect")
+    .with_partitions(cluster::test_partitions());
     legacy.migrate().await.expect("migrate");
     legacy.migrate().await.expect("migrate is idempotent");
     sqlx::query(
@@ -464,8 +469,8 @@ async fn dimension_check_errors_clearly() {
     .await
     .expect("conversation");
     sqlx::query(
-        "INSERT INTO conversation_chunks (conversation_id, seq, content, content_hash, model, \
-         embedding, embedding_status) VALUES ('00000000-0000-0000-0000-000000000001', 0, 't', \
+        "INSERT INTO conversation_chunks (user_id, conversation_id, seq, content, content_hash, \
+         model, embedding, embedding_status) VALUES ('u', '00000000-0000-0000-0000-000000000001', 0, 't', \
          sha256('t'), 'old-model', '[1,2,3,4]', 'embedded')",
     )
     .execute(legacy.pool())
@@ -573,4 +578,392 @@ async fn unavailable_database_is_retryable() {
     .await
     .expect_err("no server");
     assert!(missing.is_retryable(), "{missing:?}");
+}
+
+/// A fresh database `name`, migrated with `database.partitions =
+/// partitions` (whatever `CONVSTORE_TEST_PARTITIONS` says), with
+/// `vector(DIMS)`.
+async fn store_with_partitions(cluster: &TestCluster, name: &str, partitions: u32) -> Store {
+    let admin = Store::connect(&cluster.url(), 1, Duration::from_secs(30))
+        .await
+        .expect("connect");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(admin.pool())
+        .await
+        .expect("create database");
+    admin.close().await;
+    let store = Store::connect(&database_url(cluster, name), 4, Duration::from_secs(30))
+        .await
+        .expect("connect")
+        .with_partitions(partitions);
+    store.migrate().await.expect("migrate");
+    store
+        .ensure_vector_column(DIMS)
+        .await
+        .expect("vector column");
+    store
+}
+
+/// The partition numbers of `table` (`<table>_p<N>`) an `EXPLAIN` names.
+fn partitions_in(plan: &str, table: &str) -> BTreeSet<u32> {
+    let prefix = format!("{table}_p");
+    plan.match_indices(&prefix)
+        .filter_map(|(at, _)| {
+            let digits: String = plan[at + prefix.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// `database.partitions = 8`: both tables hash-partitioned by user, an
+/// HNSW index on every chunk partition, each user's rows (and chunks) in
+/// one partition, and a search filtered by user reads one partition of
+/// each table.
+#[tokio::test]
+async fn partitioned_layout_keeps_each_user_in_one_partition() {
+    let cluster = TestCluster::start().await;
+    let store = store_with_partitions(&cluster, "parts", 8).await;
+    assert_eq!(
+        store.layout().await.expect("layout"),
+        Layout::Partitioned { partitions: 8 }
+    );
+    for table in ["conversations", "conversation_chunks"] {
+        let (strategy, parts): (String, i64) = sqlx::query_as(
+            "SELECT p.partstrat::text, \
+                    (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = p.partrelid) \
+             FROM pg_partitioned_table p WHERE p.partrelid = $1::regclass",
+        )
+        .bind(table)
+        .fetch_one(store.pool())
+        .await
+        .expect("pg_partitioned_table");
+        assert_eq!((strategy.as_str(), parts), ("h", 8), "{table}");
+    }
+    let hnsw: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'conversation_chunks_embedding_hnsw_idx'::regclass",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("hnsw partitions");
+    assert_eq!(hnsw, 8, "an HNSW index on every partition");
+    let column: String = sqlx::query_scalar(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'conversation_chunks_p3'::regclass AND attname = 'embedding'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("column type");
+    assert_eq!(column, format!("vector({DIMS})"));
+
+    // 24 users, two conversations each, by both write methods.
+    let ready: Vec<ReadyConversation> = (0..48u128)
+        .map(|n| {
+            let mut r = batch(1_000 + n * 10, 1).remove(0);
+            r.conversation.user_id = format!("user-{}", n % 24);
+            r
+        })
+        .collect();
+    let first = store.write_batch(&ready[..24]).await.expect("copy");
+    let second = store
+        .clone()
+        .with_write_method(WriteMethod::Unnest)
+        .write_batch(&ready[24..])
+        .await
+        .expect("unnest");
+    assert_eq!(
+        first.conversations_inserted + second.conversations_inserted,
+        48
+    );
+    let placement: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
+        "SELECT c.user_id, count(DISTINCT c.tableoid), count(DISTINCT k.tableoid), \
+                min(c.tableoid::regclass::text), min(k.tableoid::regclass::text) \
+         FROM conversations c \
+         JOIN conversation_chunks k ON k.user_id = c.user_id AND k.conversation_id = c.id \
+         GROUP BY c.user_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("placement");
+    assert_eq!(placement.len(), 24);
+    let mut used = BTreeSet::new();
+    for (user, conversation_parts, chunk_parts, conversations, chunks) in &placement {
+        assert_eq!((*conversation_parts, *chunk_parts), (1, 1), "{user}");
+        // Same hash, same remainder: partition N of both tables.
+        assert_eq!(
+            conversations.trim_start_matches("conversations_"),
+            chunks.trim_start_matches("conversation_chunks_"),
+            "{user}"
+        );
+        used.insert(conversations.clone());
+    }
+    assert!(used.len() > 1, "24 users all in one partition: {used:?}");
+
+    // A search filtered by user reads one partition of each table.
+    let query = vector_for("where do I fly");
+    let filter = SearchFilter {
+        user_id: Some("user-5".into()),
+        ..SearchFilter::default()
+    };
+    let plan = explain_exact(&store, &query, 5, &filter)
+        .await
+        .expect("explain");
+    assert_eq!(
+        partitions_in(&plan, "conversation_chunks").len(),
+        1,
+        "{plan}"
+    );
+    assert_eq!(partitions_in(&plan, "conversations").len(), 1, "{plan}");
+    let everyone = explain_exact(&store, &query, 5, &SearchFilter::default())
+        .await
+        .expect("explain");
+    assert_eq!(
+        partitions_in(&everyone, "conversation_chunks").len(),
+        8,
+        "{everyone}"
+    );
+    let found = Searcher::new(store.clone(), 1_000)
+        .search(SearchQuery {
+            vector: &query,
+            k: 5,
+            filter: &filter,
+            ef_search: 40,
+            mode: SearchMode::Auto,
+        })
+        .await
+        .expect("search");
+    assert_eq!(found.hits.len(), 2);
+    assert!(found.hits.iter().all(|h| h.user_id == "user-5"));
+
+    // A delete and an erasure find their rows in the partitions.
+    let victim = ready[5].conversation.client_id.clone().expect("client id");
+    let deleted = store
+        .delete_conversation(&victim, ready[5].conversation.id, i64::MAX / 2, false)
+        .await
+        .expect("delete")
+        .expect("known");
+    assert_eq!((deleted.row, deleted.chunks), (true, 3));
+    let erased = store
+        .erase_user("user-6", i64::MAX / 2)
+        .await
+        .expect("erase");
+    assert_eq!((erased.conversations, erased.chunks), (2, 6));
+    assert_eq!(
+        store.counts().await.expect("counts").conversations,
+        48 - 1 - 2
+    );
+
+    // The count is fixed once made; 0 takes whatever is found.
+    let err = store
+        .clone()
+        .with_partitions(4)
+        .migrate()
+        .await
+        .expect_err("another count");
+    assert!(err.to_string().contains("8 hash partitions"), "{err}");
+    assert_eq!(
+        store.clone().with_partitions(0).migrate().await.expect("0"),
+        Layout::Partitioned { partitions: 8 }
+    );
+}
+
+/// What the migrations make and what `sql/partitioned.sql` makes are the
+/// same tables: columns, defaults, constraints and indexes.
+#[tokio::test]
+async fn partitioned_layout_matches_the_migrations() {
+    /// (PostgreSQL's own clones of a foreign key onto each referenced
+    /// partition, `conparentid <> 0`, are left out.)
+    async fn shape(store: &Store) -> Vec<String> {
+        let mut lines: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name || '.' || column_name || ' ' || udt_name || ' ' || is_nullable \
+                    || ' ' || coalesce(column_default, '') \
+             FROM information_schema.columns \
+             WHERE table_name IN ('conversations', 'conversation_chunks') \
+             ORDER BY table_name, ordinal_position",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("columns");
+        lines.extend(
+            sqlx::query_scalar::<_, String>(
+                "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
+                 FROM pg_constraint \
+                 WHERE conrelid IN ('conversations'::regclass, 'conversation_chunks'::regclass) \
+                   AND conparentid = 0 \
+                 ORDER BY 1",
+            )
+            .fetch_all(store.pool())
+            .await
+            .expect("constraints"),
+        );
+        lines.extend(
+            sqlx::query_scalar::<_, String>(
+                "SELECT replace(indexdef, ' ON ONLY ', ' ON ') FROM pg_indexes \
+                 WHERE tablename IN ('conversations', 'conversation_chunks') ORDER BY indexname",
+            )
+            .fetch_all(store.pool())
+            .await
+            .expect("indexes"),
+        );
+        lines
+    }
+    let cluster = TestCluster::start().await;
+    let plain = store_with_partitions(&cluster, "shape_plain", 0).await;
+    let parted = store_with_partitions(&cluster, "shape_parted", 8).await;
+    assert_eq!(plain.layout().await.expect("layout"), Layout::Plain);
+    let (plain, parted) = (shape(&plain).await, shape(&parted).await);
+    assert!(plain.len() > 30, "{plain:#?}");
+    assert_eq!(plain, parted);
+}
+
+/// A database written at migration 0003 (the keys without `user_id`)
+/// migrates to 0004 without losing a row or a vector; a non-empty plain
+/// database is refused partitions.
+#[tokio::test]
+async fn a_database_at_0003_migrates_to_0004_keeping_rows_and_vectors() {
+    let cluster = TestCluster::start().await;
+    let admin = Store::connect(&cluster.url(), 1, Duration::from_secs(30))
+        .await
+        .expect("connect");
+    sqlx::query("CREATE DATABASE upgrade")
+        .execute(admin.pool())
+        .await
+        .expect("create database");
+    admin.close().await;
+    let store = Store::connect(
+        &database_url(&cluster, "upgrade"),
+        4,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("connect");
+    let at_0003 = sqlx::migrate::Migrator::with_migrations(
+        convstore_store::MIGRATOR
+            .migrations
+            .iter()
+            .filter(|m| m.version <= 3)
+            .cloned()
+            .collect(),
+    );
+    at_0003.run(store.pool()).await.expect("migrations 1 to 3");
+    store.ensure_vector_column(DIMS).await.expect("vector(16)");
+    sqlx::raw_sql(
+        "INSERT INTO conversations (id, client_id, user_id, channel, transcript, received_at, \
+                                    embedding_status, version_stamp) \
+         SELECT ('00000000-0000-0000-0000-' || lpad(i::text, 12, '0'))::uuid, 'c-' || i, \
+                'u' || (i % 7), 'web', 'text ' || i, now(), \
+                CASE WHEN i % 5 = 0 THEN 'pending' ELSE 'embedded' END, i \
+         FROM generate_series(1, 60) AS i;
+         INSERT INTO conversation_chunks (conversation_id, seq, content, content_hash, model, \
+                                          embedding, embedding_status) \
+         SELECT c.id, s, c.transcript || ' ' || s, sha256(convert_to(c.transcript || s, 'UTF8')), 'm', \
+                CASE WHEN c.embedding_status = 'embedded' THEN \
+                  ('[' || array_to_string(ARRAY(SELECT ((c.version_stamp * 16 + s * 3 + d) % 11 + 1)::float4 / 11 \
+                                                FROM generate_series(1, 16) AS d), ',') || ']')::vector \
+                END, \
+                c.embedding_status \
+         FROM conversations c, generate_series(0, 2) AS s;
+         INSERT INTO embedding_cache (model, content_hash, embedding) \
+         VALUES ('m', sha256('x'), '[1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1]');
+         INSERT INTO tombstones (kind, key_sha, stamp) VALUES ('user', sha256('gone'), 1);",
+    )
+    .execute(store.pool())
+    .await
+    .expect("rows at 0003");
+
+    async fn snapshot(store: &Store) -> (Vec<String>, Vec<String>, i64, i64) {
+        let conversations = sqlx::query_scalar(
+            "SELECT id::text || ' ' || client_id || ' ' || user_id || ' ' || md5(transcript) \
+                    || ' ' || embedding_status FROM conversations ORDER BY id",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("conversations");
+        let chunks = sqlx::query_scalar(
+            "SELECT conversation_id::text || ' ' || seq || ' ' || content || ' ' \
+                    || coalesce(embedding::text, '-') || ' ' || embedding_status \
+             FROM conversation_chunks ORDER BY conversation_id, seq",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("chunks");
+        let cache = sqlx::query_scalar("SELECT count(*) FROM embedding_cache")
+            .fetch_one(store.pool())
+            .await
+            .expect("cache");
+        let tombstones = sqlx::query_scalar("SELECT count(*) FROM tombstones")
+            .fetch_one(store.pool())
+            .await
+            .expect("tombstones");
+        (conversations, chunks, cache, tombstones)
+    }
+    let before = snapshot(&store).await;
+    assert_eq!((before.0.len(), before.1.len()), (60, 180));
+
+    // Partitions are not made of a database that holds conversations.
+    let err = store
+        .clone()
+        .with_partitions(8)
+        .migrate()
+        .await
+        .expect_err("non-empty plain database");
+    assert!(
+        err.to_string().contains("database.partitions is 8"),
+        "{err}"
+    );
+    // The migrations ran before the layout check refused: 0004 is applied.
+    assert_eq!(store.migrate().await.expect("migrate"), Layout::Plain);
+    store.ensure_vector_column(DIMS).await.expect("index again");
+    let after = snapshot(&store).await;
+    assert_eq!(before, after);
+
+    let version: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(store.pool())
+        .await
+        .expect("version");
+    assert!(version >= 4);
+    // Every chunk carries its conversation's user, through the new key.
+    let joined: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_chunks k \
+         JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("join");
+    assert_eq!(joined, 180);
+    let index: bool = sqlx::query_scalar(
+        "SELECT to_regclass('conversation_chunks_embedding_hnsw_idx') IS NOT NULL",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("index");
+    assert!(index, "the HNSW index is built again at start-up");
+
+    // The migrated rows serve reads, searches and new writes.
+    let stored = store
+        .get_conversation_by_client_id("c-4")
+        .await
+        .expect("read")
+        .expect("c-4");
+    assert_eq!((stored.user_id.as_str(), stored.chunks.len()), ("u4", 3));
+    let filter = SearchFilter {
+        user_id: Some("u3".into()),
+        ..SearchFilter::default()
+    };
+    let found = Searcher::new(store.clone(), 1_000)
+        .search(SearchQuery {
+            vector: &vector_for("anything"),
+            k: 3,
+            filter: &filter,
+            ef_search: 40,
+            mode: SearchMode::Auto,
+        })
+        .await
+        .expect("search");
+    assert_eq!(found.hits.len(), 3);
+    assert!(found.hits.iter().all(|h| h.user_id == "u3"));
+    let outcome = store.write_batch(&batch(9_000, 4)).await.expect("write");
+    assert_eq!(outcome.conversations_inserted, 4);
 }

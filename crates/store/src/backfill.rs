@@ -39,6 +39,8 @@ use convstore_core::model::ContentHash;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingChunk {
     pub conversation_id: Uuid,
+    /// The conversation's user (part of the chunk's key).
+    pub user_id: String,
     pub seq: i32,
     pub content: String,
     pub content_hash: ContentHash,
@@ -85,7 +87,7 @@ pub struct EmbeddingBacklog {
 }
 
 const CLAIM: &str = "\
-SELECT conversation_id, seq, content, content_hash, embed_attempts
+SELECT conversation_id, user_id, seq, content, content_hash, embed_attempts
 FROM conversation_chunks
 WHERE embedding_status = 'pending' AND model = $1
   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
@@ -97,14 +99,16 @@ const SET_EMBEDDED: &str = "\
 UPDATE conversation_chunks c
 SET embedding = u.e, embedding_status = 'embedded', embedded_at = now(),
     error = NULL, next_attempt_at = NULL
-FROM UNNEST($1::uuid[], $2::int4[], $3::vector[]) AS u(id, seq, e)
-WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+FROM UNNEST($1::uuid[], $2::int4[], $3::vector[], $4::text[]) AS u(id, seq, e, user_id)
+WHERE c.user_id = u.user_id AND c.conversation_id = u.id AND c.seq = u.seq
+  AND c.embedding_status = 'pending'";
 
 const SET_FAILED: &str = "\
 UPDATE conversation_chunks c
 SET embedding_status = 'failed', error = u.reason, next_attempt_at = NULL
-FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS u(id, seq, reason)
-WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[]) AS u(id, seq, reason, user_id)
+WHERE c.user_id = u.user_id AND c.conversation_id = u.id AND c.seq = u.seq
+  AND c.embedding_status = 'pending'";
 
 /// The delay doubles per attempt (the exponent is capped so the float
 /// stays finite) and never passes the ceiling.
@@ -113,22 +117,28 @@ UPDATE conversation_chunks c
 SET embed_attempts = c.embed_attempts + 1,
     next_attempt_at = now() + least($3::float8 * power(2, least(c.embed_attempts, 40)), $4::float8)
                               * interval '1 second'
-FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, seq)
-WHERE c.conversation_id = u.id AND c.seq = u.seq AND c.embedding_status = 'pending'";
+FROM UNNEST($1::uuid[], $2::int4[], $5::text[]) AS u(id, seq, user_id)
+WHERE c.user_id = u.user_id AND c.conversation_id = u.id AND c.seq = u.seq
+  AND c.embedding_status = 'pending'";
 
-const LOCK_CONVERSATIONS: &str =
-    "SELECT id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE";
+const LOCK_CONVERSATIONS: &str = "\
+SELECT c.id FROM conversations c JOIN UNNEST($1::text[], $2::uuid[]) AS u(user_id, id)
+  ON c.user_id = u.user_id AND c.id = u.id
+ORDER BY c.id FOR UPDATE OF c";
 
 /// The worst of the chunks' statuses, as at insert time.
 const RECOMPUTE_STATUS: &str = "\
 UPDATE conversations c
 SET embedding_status = CASE
     WHEN EXISTS (SELECT 1 FROM conversation_chunks k
-                 WHERE k.conversation_id = c.id AND k.embedding_status = 'pending') THEN 'pending'
+                 WHERE k.user_id = c.user_id AND k.conversation_id = c.id
+                   AND k.embedding_status = 'pending') THEN 'pending'
     WHEN EXISTS (SELECT 1 FROM conversation_chunks k
-                 WHERE k.conversation_id = c.id AND k.embedding_status = 'failed') THEN 'failed'
+                 WHERE k.user_id = c.user_id AND k.conversation_id = c.id
+                   AND k.embedding_status = 'failed') THEN 'failed'
     ELSE 'embedded' END
-WHERE c.id = ANY($1::uuid[])";
+FROM UNNEST($1::text[], $2::uuid[]) AS u(user_id, id)
+WHERE c.user_id = u.user_id AND c.id = u.id";
 
 const BACKLOG: &str = "\
 SELECT
@@ -170,6 +180,7 @@ impl Store {
             };
             chunks.push(PendingChunk {
                 conversation_id: row.try_get("conversation_id")?,
+                user_id: row.try_get("user_id")?,
                 seq: row.try_get("seq")?,
                 content: row.try_get("content")?,
                 content_hash,
@@ -184,7 +195,10 @@ impl Store {
             tx.commit().await?;
             return Ok(outcome);
         }
-        let keys: Vec<(Uuid, i32)> = chunks.iter().map(|c| (c.conversation_id, c.seq)).collect();
+        let keys: Vec<(Uuid, i32, String)> = chunks
+            .iter()
+            .map(|c| (c.conversation_id, c.seq, c.user_id.clone()))
+            .collect();
         let results = embed(chunks).await;
         if results.len() != keys.len() {
             tx.rollback().await?;
@@ -196,17 +210,19 @@ impl Store {
         }
 
         let dims = self.dimensions();
-        let mut embedded = (Vec::new(), Vec::new(), Vec::new());
-        let mut failed = (Vec::new(), Vec::new(), Vec::new());
-        let mut deferred = (Vec::new(), Vec::new());
+        let mut embedded = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut deferred = (Vec::new(), Vec::new(), Vec::new());
+        // (row id, user): in row id order, the order rows are locked in.
         let mut touched = BTreeSet::new();
-        for ((id, seq), result) in keys.into_iter().zip(results) {
+        for ((id, seq, user), result) in keys.into_iter().zip(results) {
             match result {
                 BackfillResult::Embedded(v) if dims.is_none_or(|d| d == v.len()) => {
                     embedded.0.push(id);
                     embedded.1.push(seq);
                     embedded.2.push(Vector::from(v.to_vec()));
-                    touched.insert(id);
+                    embedded.3.push(user.clone());
+                    touched.insert((id, user));
                 }
                 BackfillResult::Embedded(v) => {
                     failed.0.push(id);
@@ -216,17 +232,20 @@ impl Store {
                         v.len(),
                         dims.unwrap_or(0)
                     ));
-                    touched.insert(id);
+                    failed.3.push(user.clone());
+                    touched.insert((id, user));
                 }
                 BackfillResult::Failed(reason) => {
                     failed.0.push(id);
                     failed.1.push(seq);
                     failed.2.push(reason.replace('\0', ""));
-                    touched.insert(id);
+                    failed.3.push(user.clone());
+                    touched.insert((id, user));
                 }
                 BackfillResult::Deferred => {
                     deferred.0.push(id);
                     deferred.1.push(seq);
+                    deferred.2.push(user);
                 }
             }
         }
@@ -235,6 +254,7 @@ impl Store {
                 .bind(&embedded.0)
                 .bind(&embedded.1)
                 .bind(&embedded.2)
+                .bind(&embedded.3)
                 .execute(&mut *tx)
                 .await?;
             outcome.embedded = usize::try_from(done.rows_affected()).unwrap_or(0);
@@ -244,6 +264,7 @@ impl Store {
                 .bind(&failed.0)
                 .bind(&failed.1)
                 .bind(&failed.2)
+                .bind(&failed.3)
                 .execute(&mut *tx)
                 .await?;
             outcome.failed = usize::try_from(done.rows_affected()).unwrap_or(0);
@@ -254,17 +275,20 @@ impl Store {
                 .bind(&deferred.1)
                 .bind(defer.base.as_secs_f64())
                 .bind(defer.max.as_secs_f64())
+                .bind(&deferred.2)
                 .execute(&mut *tx)
                 .await?;
             outcome.deferred = usize::try_from(done.rows_affected()).unwrap_or(0);
         }
         if !touched.is_empty() {
-            let ids: Vec<Uuid> = touched.into_iter().collect();
+            let (ids, users): (Vec<Uuid>, Vec<String>) = touched.into_iter().unzip();
             sqlx::query(LOCK_CONVERSATIONS)
+                .bind(&users)
                 .bind(&ids)
                 .fetch_all(&mut *tx)
                 .await?;
             let done = sqlx::query(RECOMPUTE_STATUS)
+                .bind(&users)
                 .bind(&ids)
                 .execute(&mut *tx)
                 .await?;

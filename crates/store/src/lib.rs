@@ -8,12 +8,15 @@
 //!
 //! Start-up order: [`Store::connect`] → [`Store::migrate`] (embedded
 //! migrations from `migrations/`, under sqlx's advisory lock, so several
-//! instances may start at once) → [`Store::ensure_vector_column`] (fixes the
+//! instances may start at once; then [`layout::ensure_layout`], the plain
+//! or hash-partitioned tables of `database.partitions`) →
+//! [`Store::ensure_vector_column`] (fixes the
 //! vector dimension and builds the HNSW index, also under a lock).
 pub mod backfill;
 pub mod copy;
 pub mod dead_letters;
 pub mod embedding_cache;
+pub mod layout;
 pub mod lifecycle;
 pub mod managed;
 pub mod managed_watch;
@@ -153,6 +156,9 @@ pub struct Store {
     /// [`Store::ensure_vector_column`] ran (0 before); batches are checked
     /// against it before the database sees them. Shared by clones.
     dimensions: Arc<AtomicUsize>,
+    /// `database.partitions`: the layout [`Store::migrate`] makes on an
+    /// empty database (0 = plain tables, or whatever is found).
+    partitions: u32,
 }
 
 impl Store {
@@ -178,6 +184,7 @@ impl Store {
             pool,
             write_method: WriteMethod::Copy,
             dimensions: Arc::default(),
+            partitions: 0,
         })
     }
 
@@ -187,7 +194,9 @@ impl Store {
     pub async fn connect_with(url: &str, settings: &DatabaseSettings) -> Result<Store, StoreError> {
         let timeout = Duration::from_millis(settings.connect_timeout_ms.get());
         let store = Self::connect(url, settings.pool_size.get(), timeout).await?;
-        Ok(store.with_write_method(settings.write_method))
+        Ok(store
+            .with_write_method(settings.write_method)
+            .with_partitions(settings.partitions))
     }
 
     /// Wraps an existing pool (tests, tools).
@@ -196,12 +205,20 @@ impl Store {
             pool,
             write_method: WriteMethod::Copy,
             dimensions: Arc::default(),
+            partitions: 0,
         }
     }
 
     /// Chooses how chunk rows are written (see [`write`]).
     pub fn with_write_method(mut self, method: WriteMethod) -> Self {
         self.write_method = method;
+        self
+    }
+
+    /// Chooses the layout [`Store::migrate`] makes: `database.partitions`
+    /// (see [`layout`]).
+    pub fn with_partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
         self
     }
 
@@ -218,11 +235,20 @@ impl Store {
         &self.pool
     }
 
-    /// Applies the embedded migrations that are not applied yet. Safe to run
-    /// from several instances at once (sqlx holds an advisory lock).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    /// Applies the embedded migrations that are not applied yet, then makes
+    /// (or checks) the table layout of `database.partitions`
+    /// ([`layout::ensure_layout`]) and returns it. Safe to run from several
+    /// instances at once (sqlx holds an advisory lock, the layout step the
+    /// schema lock).
+    pub async fn migrate(&self) -> Result<layout::Layout, StoreError> {
         MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        layout::ensure_layout(&self.pool, self.partitions).await
+    }
+
+    /// The layout of the tables now (plain or hash-partitioned).
+    pub async fn layout(&self) -> Result<layout::Layout, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        layout::current_layout(&mut conn).await
     }
 
     /// Fixes `conversation_chunks.embedding` to `vector(dims)` and creates

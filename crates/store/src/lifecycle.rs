@@ -170,24 +170,33 @@ async fn write_tombstone(
     Ok(())
 }
 
-/// Deletes these conversation rows and their chunk rows; returns how many
-/// conversations went and the content hash of every chunk that went (the
-/// chunks are deleted first, explicitly, rather than by the cascade, so
-/// their hashes come back).
+/// Deletes these conversation rows, given by their key `(user_id, id)`,
+/// and their chunk rows; returns how many conversations went and the
+/// content hash of every chunk that went (the chunks are deleted first,
+/// explicitly, rather than by the cascade, so their hashes come back).
 pub(crate) async fn delete_rows(
     conn: &mut PgConnection,
-    ids: &[Uuid],
+    keys: &[(String, Uuid)],
 ) -> Result<(u64, Vec<ContentHash>), StoreError> {
+    let users: Vec<&str> = keys.iter().map(|(u, _)| u.as_str()).collect();
+    let ids: Vec<Uuid> = keys.iter().map(|(_, id)| *id).collect();
     let hashes: Vec<Vec<u8>> = sqlx::query_scalar(
-        "DELETE FROM conversation_chunks WHERE conversation_id = ANY($1) RETURNING content_hash",
+        "DELETE FROM conversation_chunks AS k \
+         USING UNNEST($1::text[], $2::uuid[]) AS d(user_id, id) \
+         WHERE k.user_id = d.user_id AND k.conversation_id = d.id RETURNING k.content_hash",
     )
-    .bind(ids)
+    .bind(&users)
+    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let rows = sqlx::query("DELETE FROM conversations WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?;
+    let rows = sqlx::query(
+        "DELETE FROM conversations AS c USING UNNEST($1::text[], $2::uuid[]) AS d(user_id, id) \
+         WHERE c.user_id = d.user_id AND c.id = d.id",
+    )
+    .bind(&users)
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
     let hashes = hashes
         .into_iter()
         .filter_map(|h| <ContentHash>::try_from(h.as_slice()).ok())
@@ -292,17 +301,18 @@ impl Store {
             false,
         )
         .await?;
-        let id: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM conversations WHERE client_id = $1 \
-             UNION ALL SELECT id FROM conversations WHERE id = $2 AND client_id IS NULL LIMIT 1",
+        let key: Option<(String, Uuid)> = sqlx::query_as(
+            "SELECT user_id, id FROM conversations WHERE client_id = $1 \
+             UNION ALL SELECT user_id, id FROM conversations WHERE id = $2 AND client_id IS NULL \
+             LIMIT 1",
         )
         .bind(client_id)
         .bind(row_id)
         .fetch_optional(&mut *tx)
         .await?;
         let mut deleted = DeletedConversation::default();
-        if let Some(id) = id {
-            let (_, hashes) = delete_rows(&mut tx, &[id]).await?;
+        if let Some(key) = key {
+            let (_, hashes) = delete_rows(&mut tx, &[key]).await?;
             deleted = DeletedConversation {
                 row: true,
                 chunks: hashes.len() as u64,
@@ -351,7 +361,11 @@ impl Store {
             if ids.is_empty() {
                 break;
             }
-            let (rows, mut hashes) = delete_rows(&mut tx, &ids).await?;
+            let keys: Vec<(String, Uuid)> = ids
+                .into_iter()
+                .map(|id| (user_id.to_string(), id))
+                .collect();
+            let (rows, mut hashes) = delete_rows(&mut tx, &keys).await?;
             erased.conversations += rows;
             erased.chunks += hashes.len() as u64;
             hashes.sort_unstable();

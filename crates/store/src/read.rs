@@ -202,8 +202,9 @@ impl Store {
         let mut conversation = conversation_from_row(&row)?;
         let rows = sqlx::query(
             "SELECT seq, content, model, embedding_status, error, embedded_at \
-             FROM conversation_chunks WHERE conversation_id = $1 ORDER BY seq",
+             FROM conversation_chunks WHERE user_id = $1 AND conversation_id = $2 ORDER BY seq",
         )
+        .bind(&conversation.user_id)
         .bind(conversation.id)
         .fetch_all(&self.pool)
         .await?;

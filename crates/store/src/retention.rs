@@ -110,24 +110,34 @@ pub enum BatchOutcome {
 pub const REAPER_LOCK: i64 = 0x636f_6e76_7265_6170;
 
 /// Conversations of channel `$1` older than `$2`, oldest first, `$3` at
-/// most. `= ANY(ARRAY(...))` makes the pick an init plan and the delete a
-/// primary-key lookup, whatever the planner guesses of the pick's size.
+/// most. The pick is a `MATERIALIZED` CTE (at most `$3` rows, locked as
+/// picked); `= ANY(ARRAY(...))` makes its ids and users init plans and the
+/// delete a lookup by key `(user_id, id)`, whatever the planner guesses of
+/// the pick's size (a join on the CTE was planned as a scan of the whole
+/// table). A row id is one row (`write`), so the two lists select exactly
+/// the picked rows; naming `user_id` lets partitions (shards) be pruned.
 pub const REAP_CHANNEL_SQL: &str = "\
-DELETE FROM conversations WHERE id = ANY(ARRAY(
-    SELECT id FROM conversations
+WITH picked AS MATERIALIZED (
+    SELECT user_id, id FROM conversations
     WHERE channel = $1 AND coalesce(created_at, received_at) < $2
     ORDER BY coalesce(created_at, received_at)
     LIMIT $3
-    FOR UPDATE SKIP LOCKED))";
+    FOR UPDATE SKIP LOCKED)
+DELETE FROM conversations
+WHERE id = ANY(ARRAY(SELECT id FROM picked))
+  AND user_id = ANY(ARRAY(SELECT user_id FROM picked))";
 
 /// Conversations of every channel but those in `$1` older than `$2`.
 pub const REAP_OTHER_CHANNELS_SQL: &str = "\
-DELETE FROM conversations WHERE id = ANY(ARRAY(
-    SELECT id FROM conversations
+WITH picked AS MATERIALIZED (
+    SELECT user_id, id FROM conversations
     WHERE channel <> ALL($1::text[]) AND coalesce(created_at, received_at) < $2
     ORDER BY coalesce(created_at, received_at)
     LIMIT $3
-    FOR UPDATE SKIP LOCKED))";
+    FOR UPDATE SKIP LOCKED)
+DELETE FROM conversations
+WHERE id = ANY(ARRAY(SELECT id FROM picked))
+  AND user_id = ANY(ARRAY(SELECT user_id FROM picked))";
 
 /// Tombstones created before `$1`. By `ctid`: the key is two columns, and
 /// the rows are locked by the same statement, so their `ctid` holds.

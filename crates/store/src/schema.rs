@@ -30,7 +30,7 @@ pub const HNSW_MAX_DIMENSIONS: usize = 2000;
 /// Serialises [`ensure_vector_column`] between instances sharing a database
 /// (an arbitrary constant: "convstor" in ASCII; sqlx's migrator uses a key
 /// derived from the database name, so they do not collide).
-const SCHEMA_LOCK_KEY: i64 = 0x636f_6e76_7374_6f72;
+pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x636f_6e76_7374_6f72;
 
 /// Makes `conversation_chunks.embedding` a `vector(dims)` column with a
 /// cosine HNSW index (m 16, ef_construction 64).

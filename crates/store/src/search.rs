@@ -31,8 +31,11 @@
 //!    scan restricted by the filter finishes the job.
 //!
 //! Every index round runs in one read transaction with `hnsw.ef_search`
-//! set by `set_config(…, true)` (the `SET LOCAL` form that takes a bind
-//! parameter), so a pooled connection never keeps a search's settings.
+//! set by `SET LOCAL`, so a pooled connection never keeps a search's
+//! settings. `SET LOCAL` statements rather than `set_config(…, true)`:
+//! Citus passes a transaction's `SET LOCAL` on to the shards (with
+//! `citus.propagate_set_commands = 'local'`), not a function call
+//! (docs/STORAGE.md). The value is a checked integer, formatted in.
 //!
 //! Exact scans order by `(conversation_id, distance)` (`DISTINCT ON`), an
 //! order the HNSW index cannot produce, so they never touch it: they are
@@ -86,6 +89,26 @@ impl SearchFilter {
             && self.since.is_none()
             && self.until.is_none()
             && self.metadata.is_none()
+    }
+
+    /// ` AND k.user_id = …` on the alias `k` of `conversation_chunks` when
+    /// the filter names a user: `user_id` is the partition key (the
+    /// distribution column under Citus), so the chunk scan is pruned to
+    /// the user's one partition (shard) instead of reaching it only
+    /// through the join.
+    fn push_chunk_user(&self, qb: &mut QueryBuilder<Postgres>) {
+        if let Some(user) = &self.user_id {
+            qb.push(" AND k.user_id = ").push_bind(user.clone());
+        }
+    }
+
+    /// The same on both `c` and `k`: for the outer joins of a query, so
+    /// the planner prunes them at plan time, not only while running.
+    fn push_users(&self, qb: &mut QueryBuilder<Postgres>) {
+        if let Some(user) = &self.user_id {
+            qb.push(" AND c.user_id = ").push_bind(user.clone());
+        }
+        self.push_chunk_user(qb);
     }
 
     /// Appends ` AND …` for every condition, on the alias `c` of
@@ -333,9 +356,7 @@ impl Searcher {
         let mut tx = self.store.pool().begin().await?;
         // A search is short; JIT compiling its plan (PostgreSQL ≥ 11 with
         // LLVM) would cost more than running it.
-        sqlx::query("SELECT set_config('jit', 'off', true)")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
 
         if q.mode == SearchMode::Exact {
             let hits = exact(&mut tx, &vector, q.k, q.filter).await?;
@@ -362,7 +383,7 @@ impl Searcher {
 
         let iterative = filtered && caps.iterative_scan;
         if iterative {
-            sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+            sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 .execute(&mut *tx)
                 .await?;
         }
@@ -477,26 +498,40 @@ async fn exact(
     k: usize,
     filter: &SearchFilter,
 ) -> Result<Vec<SearchHit>, StoreError> {
-    let mut qb = QueryBuilder::<Postgres>::new(
-        "WITH best AS (SELECT DISTINCT ON (k.conversation_id) k.conversation_id, k.seq, \
-         k.embedding <=> ",
-    );
+    let mut qb = exact_query("", vector, k, filter);
+    let rows = qb.build().fetch_all(&mut *conn).await?;
+    rows.iter().map(hit_from_row).collect()
+}
+
+/// The SQL of an exact scan (`prefix`: `""`, or `"EXPLAIN "`).
+fn exact_query(
+    prefix: &str,
+    vector: &Vector,
+    k: usize,
+    filter: &SearchFilter,
+) -> QueryBuilder<Postgres> {
+    let mut qb = QueryBuilder::<Postgres>::new(format!(
+        "{prefix}WITH best AS (SELECT DISTINCT ON (k.conversation_id) k.conversation_id, k.user_id, \
+         k.seq, k.embedding <=> "
+    ));
     qb.push_bind(vector.clone()).push(
         " AS distance FROM conversation_chunks k \
-             JOIN conversations c ON c.id = k.conversation_id \
+             JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
              WHERE k.embedding IS NOT NULL",
     );
+    filter.push_chunk_user(&mut qb);
     filter.push_conditions(&mut qb);
     qb.push(" ORDER BY k.conversation_id, distance, k.seq) SELECT ")
         .push(HIT_COLUMNS)
         .push(
-            " FROM best b JOIN conversations c ON c.id = b.conversation_id \
-             JOIN conversation_chunks k ON k.conversation_id = b.conversation_id AND k.seq = b.seq \
-             ORDER BY b.distance, c.id LIMIT ",
-        )
+            " FROM best b JOIN conversations c ON c.user_id = b.user_id AND c.id = b.conversation_id \
+             JOIN conversation_chunks k ON k.user_id = b.user_id \
+             AND k.conversation_id = b.conversation_id AND k.seq = b.seq WHERE TRUE",
+        );
+    filter.push_users(&mut qb);
+    qb.push(" ORDER BY b.distance, c.id LIMIT ")
         .push_bind(i64::try_from(k).unwrap_or(i64::MAX));
-    let rows = qb.build().fetch_all(&mut *conn).await?;
-    rows.iter().map(hit_from_row).collect()
+    qb
 }
 
 struct Round {
@@ -517,10 +552,7 @@ async fn hnsw_round(
     ef_search: u32,
     filter_in_scan: bool,
 ) -> Result<Round, StoreError> {
-    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true)")
-        .bind(ef_search.to_string())
-        .execute(&mut *conn)
-        .await?;
+    set_ef_search(conn, ef_search).await?;
     let mut qb = hnsw_query("", vector, k, filter, limit, filter_in_scan);
     let rows = qb.build().fetch_all(&mut *conn).await?;
     let mut scanned = 0;
@@ -552,12 +584,16 @@ fn hnsw_query(
 ) -> QueryBuilder<Postgres> {
     let mut qb = QueryBuilder::<Postgres>::new(format!(
         "{prefix}WITH candidates AS MATERIALIZED \
-         (SELECT k.conversation_id, k.seq, k.embedding <=> "
+         (SELECT k.conversation_id, k.user_id, k.seq, k.embedding <=> "
     ));
     qb.push_bind(vector.clone())
         .push(" AS distance FROM conversation_chunks k");
     if filter_in_scan {
-        qb.push(" JOIN conversations c ON c.id = k.conversation_id WHERE TRUE");
+        qb.push(
+            " JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
+             WHERE TRUE",
+        );
+        filter.push_chunk_user(&mut qb);
         filter.push_conditions(&mut qb);
     }
     qb.push(" ORDER BY k.embedding <=> ")
@@ -565,22 +601,35 @@ fn hnsw_query(
         .push(" LIMIT ")
         .push_bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .push(
-            "), best AS (SELECT DISTINCT ON (conversation_id) conversation_id, seq, distance \
+            "), best AS (SELECT DISTINCT ON (conversation_id) conversation_id, user_id, seq, distance \
              FROM candidates ORDER BY conversation_id, distance, seq) \
              SELECT s.scanned, r.* FROM (SELECT count(*) AS scanned FROM candidates) s \
              LEFT JOIN LATERAL (SELECT ",
         )
         .push(HIT_COLUMNS)
         .push(
-            " FROM best b JOIN conversations c ON c.id = b.conversation_id \
-             JOIN conversation_chunks k ON k.conversation_id = b.conversation_id \
-             AND k.seq = b.seq WHERE TRUE",
+            " FROM best b JOIN conversations c ON c.user_id = b.user_id AND c.id = b.conversation_id \
+             JOIN conversation_chunks k ON k.user_id = b.user_id \
+             AND k.conversation_id = b.conversation_id AND k.seq = b.seq WHERE TRUE",
         );
     filter.push_conditions(&mut qb);
+    filter.push_chunk_user(&mut qb);
     qb.push(" ORDER BY b.distance, c.id LIMIT ")
         .push_bind(i64::try_from(k).unwrap_or(i64::MAX))
         .push(") r ON TRUE ORDER BY r.distance, r.id");
     qb
+}
+
+/// `SET LOCAL hnsw.ef_search`: a setting takes no bind parameter, and the
+/// value is an integer clamped to pgvector's range, so it is formatted in.
+async fn set_ef_search(conn: &mut PgConnection, ef_search: u32) -> Result<(), StoreError> {
+    let ef = ef_search.clamp(1, MAX_EF_SEARCH);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL hnsw.ef_search = {ef}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// `EXPLAIN` of the first index round of an unfiltered search, for tests
@@ -593,10 +642,7 @@ pub async fn explain_index_round(
 ) -> Result<String, StoreError> {
     let vector = Vector::from(vector.to_vec());
     let mut tx = store.pool().begin().await?;
-    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true)")
-        .bind(ef_search.to_string())
-        .execute(&mut *tx)
-        .await?;
+    set_ef_search(&mut tx, ef_search).await?;
     let limit = k.saturating_mul(CHUNKS_PER_RESULT).max(ef_search as usize);
     let filter = SearchFilter::default();
     let rows = hnsw_query("EXPLAIN ", &vector, k, &filter, limit, false)
@@ -604,6 +650,29 @@ pub async fn explain_index_round(
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;
+    let mut plan = String::new();
+    for row in rows {
+        let line: String = row.try_get(0)?;
+        plan.push_str(&line);
+        plan.push('\n');
+    }
+    Ok(plan)
+}
+
+/// `EXPLAIN` of the exact scan for `filter`: with a `user_id` filter on
+/// hash-partitioned tables it names one partition of each table (partition
+/// pruning), which the partitioned-layout test checks.
+pub async fn explain_exact(
+    store: &Store,
+    vector: &[f32],
+    k: usize,
+    filter: &SearchFilter,
+) -> Result<String, StoreError> {
+    let vector = Vector::from(vector.to_vec());
+    let rows = exact_query("EXPLAIN ", &vector, k, filter)
+        .build()
+        .fetch_all(store.pool())
+        .await?;
     let mut plan = String::new();
     for row in rows {
         let line: String = row.try_get(0)?;
@@ -690,7 +759,7 @@ mod tests {
             .as_str()
             .to_string();
         let scan = post.split("), best AS").next().unwrap_or_default();
-        assert!(!scan.contains("user_id"), "{post}");
+        assert!(!scan.contains("user_id ="), "{post}");
         assert!(post.contains("MATERIALIZED"), "{post}");
         let inside = hnsw_query("", &vector, 10, &filter, 40, true)
             .sql()
@@ -698,5 +767,8 @@ mod tests {
             .to_string();
         let scan = inside.split("), best AS").next().unwrap_or_default();
         assert!(scan.contains("c.user_id ="), "{inside}");
+        // The partition key on the chunks too: the scan is pruned to one
+        // partition (shard).
+        assert!(scan.contains("k.user_id ="), "{inside}");
     }
 }

@@ -29,6 +29,30 @@ pub struct DatabaseSettings {
     pub managed_shared_buffers: String,
     /// How long start-up waits for the database before giving up.
     pub connect_timeout_ms: NonZeroU64,
+    /// `0`: plain tables. `N` (2 to 1,024): `conversations` and
+    /// `conversation_chunks` are created `PARTITION BY HASH (user_id)` with
+    /// `N` partitions each, on an empty database (docs/STORAGE.md).
+    pub partitions: u32,
+}
+
+/// The most hash partitions `database.partitions` may ask for.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+impl DatabaseSettings {
+    /// What cannot be used in `[database]` on its own terms (the URL's
+    /// form is checked by the daemon's config).
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.partitions == 1 || self.partitions > MAX_PARTITIONS {
+            return Err(InvalidSetting {
+                key: "database.partitions".into(),
+                reason: format!(
+                    "{} partitions; use 0 (plain tables) or 2 to {MAX_PARTITIONS}",
+                    self.partitions
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -41,6 +65,7 @@ impl Default for DatabaseSettings {
             managed_user: String::new(),
             managed_shared_buffers: "256MB".into(),
             connect_timeout_ms: const { nz_u64(30_000) },
+            partitions: 0,
         }
     }
 }
@@ -132,5 +157,25 @@ impl RetentionSettings {
             )?,
             interval,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_zero_or_two_to_the_maximum() {
+        let with = |partitions| DatabaseSettings {
+            partitions,
+            ..DatabaseSettings::default()
+        };
+        for ok in [0, 2, 8, MAX_PARTITIONS] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok}");
+        }
+        for bad in [1, MAX_PARTITIONS + 1, u32::MAX] {
+            let err = with(bad).validate().expect_err("refused");
+            assert_eq!(err.key, "database.partitions");
+        }
     }
 }

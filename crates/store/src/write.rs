@@ -14,9 +14,14 @@
 //! are (no index work), the rest are deleted and the new ones written.
 //!
 //! Idempotency: conversation rows are inserted with `ON CONFLICT DO
-//! NOTHING ... RETURNING id`, and both the id and the client id are unique,
-//! so a retried batch, a journal replay or a second instance writing the
-//! same client id stores one row; a new conversation whose client id is
+//! NOTHING ... RETURNING id`. The database's keys are `(user_id, id)` and
+//! `(user_id, client_id)` (Citus-shaped, migration 0004); that a client id
+//! is one conversation and a row id one row across users is kept here,
+//! under the client id's exclusive lock: its stored row is read whatever
+//! its user, a row id is checked against every user's rows before an
+//! insert, and a version of another user moves the row (delete, insert,
+//! same id) instead of updating `user_id`. So a retried batch, a journal
+//! replay or a second instance writing the same client id stores one row; a new conversation whose client id is
 //! stored meanwhile with the same content is a duplicate. Chunk rows are
 //! written only for rows the batch inserted or replaced, at positions it
 //! changed, so they never conflict and need no `ON CONFLICT` (which is what
@@ -91,10 +96,10 @@ pub struct WriteOutcome {
 macro_rules! chunk_columns {
     () => {
         "conversation_id, seq, content, content_hash, model, \
-         embedding, embedding_status, error, embedded_at"
+         embedding, embedding_status, error, embedded_at, user_id"
     };
 }
-const CHUNK_FIELDS: usize = 9;
+const CHUNK_FIELDS: usize = 10;
 
 const COPY_CHUNKS: &str = concat!(
     "COPY conversation_chunks (",
@@ -106,7 +111,7 @@ const UNNEST_CHUNKS: &str = concat!(
     "INSERT INTO conversation_chunks (",
     chunk_columns!(),
     ") SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::bytea[], $5::text[], \
-     $6::vector[], $7::text[], $8::text[], $9::timestamptz[])"
+     $6::vector[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])"
 );
 
 /// Flush the COPY buffer to the server at this size, so encoding overlaps
@@ -125,7 +130,9 @@ SELECT * FROM UNNEST(
 ON CONFLICT DO NOTHING
 RETURNING id";
 
-/// A replaced version keeps its row, its id and its arrival time.
+/// A replaced version keeps its row, its id and its arrival time. By
+/// `(user_id, id)`, the key: a version of another user is a move
+/// ([`WritePlan::moves`]), never an update of the distribution column.
 const UPDATE_CONVERSATIONS: &str = "\
 UPDATE conversations AS c SET
     user_id = u.user_id, channel = u.channel, summary = u.summary,
@@ -140,7 +147,7 @@ FROM UNNEST(
     AS u(id, client_id, user_id, channel, summary, transcript, messages, metadata,
          created_at, received_at, embedding_status,
          version_stamp, versions, content_sha, posted_sha)
-WHERE c.id = u.id";
+WHERE c.user_id = u.user_id AND c.id = u.id";
 
 impl Store {
     /// Writes a batch in one transaction and reports what was new.
@@ -191,12 +198,55 @@ impl Store {
             outcome.removed = usize::try_from(rows).unwrap_or(usize::MAX);
             outcome.chunks_deleted += chunks.len();
         }
-        let keyed: Vec<(Uuid, &ReadyConversation)> = plan
-            .inserts
-            .iter()
-            .map(|r| (r.conversation.id, *r))
-            .collect();
+        let mut updates = plan.updates;
+        if !plan.moves.is_empty() {
+            // A version of another user: the row and its chunks go from
+            // the old user's partition (shard) and come back, same row id,
+            // under the new user; the update below then stamps it as any
+            // replaced version. Its chunks are all written again.
+            let old: Vec<(String, Uuid)> = plan
+                .moves
+                .iter()
+                .map(|(old_user, id, _)| (old_user.clone(), *id))
+                .collect();
+            let (_, chunks) = delete_rows(&mut tx, &old).await?;
+            outcome.chunks_deleted += chunks.len();
+            let moved: Vec<(Uuid, &ReadyConversation)> =
+                plan.moves.iter().map(|(_, id, r)| (*id, *r)).collect();
+            insert_conversations(&mut tx, &moved).await?;
+            updates.extend(moved);
+        }
+        // A row id is one row, whoever's: a new conversation whose row id
+        // another client id holds (in any user's rows) is stored under a
+        // fresh one; one without a client id whose row id is stored is a
+        // retry.
+        let held = stored_row_ids(&mut tx, &plan.inserts).await?;
+        let mut relocating = HashSet::new();
+        let mut keyed: Vec<(Uuid, &ReadyConversation)> = Vec::with_capacity(plan.inserts.len());
+        for ready in &plan.inserts {
+            let id = ready.conversation.id;
+            match (held.contains(&id), ready.conversation.client_id.is_some()) {
+                (false, _) => keyed.push((id, *ready)),
+                (true, true) => {
+                    let fresh = Uuid::now_v7();
+                    relocating.insert(fresh);
+                    keyed.push((fresh, *ready));
+                }
+                (true, false) => {}
+            }
+        }
         let inserted = insert_conversations(&mut tx, &keyed).await?;
+        for (row_id, ready) in &keyed {
+            if relocating.contains(row_id) && inserted.contains(row_id) {
+                tracing::warn!(
+                    client_id = ready.conversation.client_id.as_deref().unwrap_or_default(),
+                    taken = %ready.conversation.id,
+                    stored_as = %row_id,
+                    "A conversation's row id belonged to another client id; stored it under a fresh row id"
+                );
+                outcome.relocated += 1;
+            }
+        }
         let (mut new, skipped): (Vec<_>, Vec<_>) = keyed
             .into_iter()
             .partition(|(row_id, _)| inserted.contains(row_id));
@@ -222,17 +272,17 @@ impl Store {
         }
         outcome.duplicates += plan.inserts.len() - new.len();
         outcome.conversations_inserted = new.len();
-        let kept = if plan.updates.is_empty() {
+        let kept = if updates.is_empty() {
             HashSet::new()
         } else {
-            update_conversations(&mut tx, &plan.updates).await?;
-            outcome.replaced = plan.updates.len();
-            let diff = diff_chunks(&mut tx, &plan.updates).await?;
+            update_conversations(&mut tx, &updates).await?;
+            outcome.replaced = updates.len();
+            let diff = diff_chunks(&mut tx, &updates).await?;
             outcome.chunks_kept = diff.kept.len();
-            outcome.chunks_deleted = diff.deleted;
+            outcome.chunks_deleted += diff.deleted;
             diff.kept
         };
-        new.extend(plan.updates.iter().copied());
+        new.extend(updates.iter().copied());
 
         let now = Utc::now();
         let rows: Vec<ChunkRow<'_>> = new
@@ -388,10 +438,15 @@ pub struct Removal {
 /// locks.
 struct WritePlan<'a> {
     inserts: Vec<&'a ReadyConversation>,
-    /// Row ids of stored versions to remove.
-    removals: Vec<Uuid>,
-    /// (stored row id, the new version).
+    /// (user, row id) of stored versions to remove.
+    removals: Vec<(String, Uuid)>,
+    /// (stored row id, the new version), same user.
     updates: Vec<(Uuid, &'a ReadyConversation)>,
+    /// (stored user, stored row id, the new version) of versions that
+    /// belong to another user than the stored one: `user_id` is the
+    /// distribution column, so the row moves (delete, insert) rather than
+    /// being updated in place.
+    moves: Vec<(String, Uuid, &'a ReadyConversation)>,
     duplicates: usize,
     stale: Vec<String>,
 }
@@ -399,6 +454,7 @@ struct WritePlan<'a> {
 /// The stored row of a client id, as far as the write needs it.
 struct CurrentRow {
     id: Uuid,
+    user_id: String,
     stamp: i64,
     content_sha: Option<Vec<u8>>,
     posted_sha: Option<Vec<u8>>,
@@ -442,8 +498,8 @@ async fn plan_writes<'a>(
     let mut current: HashMap<String, CurrentRow> = HashMap::new();
     if !client_ids.is_empty() {
         let rows = sqlx::query(
-            "SELECT id, client_id, version_stamp, content_sha, posted_sha FROM conversations \
-             WHERE client_id = ANY($1) FOR UPDATE",
+            "SELECT id, client_id, user_id, version_stamp, content_sha, posted_sha \
+             FROM conversations WHERE client_id = ANY($1) FOR UPDATE",
         )
         .bind(&client_ids)
         .fetch_all(&mut *conn)
@@ -455,6 +511,7 @@ async fn plan_writes<'a>(
                 client_id,
                 CurrentRow {
                     id: row.try_get("id")?,
+                    user_id: row.try_get("user_id")?,
                     stamp: row.try_get("version_stamp")?,
                     content_sha: row.try_get("content_sha")?,
                     posted_sha: row.try_get("posted_sha")?,
@@ -467,6 +524,7 @@ async fn plan_writes<'a>(
         inserts: Vec::new(),
         removals: Vec::new(),
         updates: Vec::new(),
+        moves: Vec::new(),
         duplicates: 0,
         stale: Vec::new(),
     };
@@ -491,14 +549,21 @@ async fn plan_writes<'a>(
         match (current.get(client_id), v.replaces) {
             _ if buried => plan.stale.push(client_id.to_string()),
             (None, None) => plan.inserts.push(ready),
-            (Some(row), Some(stamp)) if row.stamp == stamp => plan.updates.push((row.id, ready)),
+            (Some(row), Some(stamp)) if row.stamp == stamp && row.user_id == c.user_id => {
+                plan.updates.push((row.id, ready))
+            }
+            (Some(row), Some(stamp)) if row.stamp == stamp => {
+                plan.moves.push((row.user_id.clone(), row.id, ready))
+            }
             (Some(row), None) if is_retry(ready, row) => plan.duplicates += 1,
             _ => plan.stale.push(client_id.to_string()),
         }
     }
     for removal in removals {
         match current.get(&removal.client_id) {
-            Some(row) if row.stamp == removal.replaces => plan.removals.push(row.id),
+            Some(row) if row.stamp == removal.replaces => {
+                plan.removals.push((row.user_id.clone(), row.id))
+            }
             // Already gone (the delete or erasure took it): done.
             None => {}
             Some(_) => plan.stale.push(removal.client_id.clone()),
@@ -541,6 +606,10 @@ async fn diff_chunks(
     updates: &[(Uuid, &ReadyConversation)],
 ) -> Result<ChunkDiff, StoreError> {
     use sqlx::Row;
+    let users: Vec<&str> = updates
+        .iter()
+        .map(|(_, r)| r.conversation.user_id.as_str())
+        .collect();
     let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
     let mut wanted: HashMap<(Uuid, i32), (&[u8], &str, &str)> = HashMap::new();
     for (id, ready) in updates {
@@ -556,34 +625,40 @@ async fn diff_chunks(
         }
     }
     let rows = sqlx::query(
-        "SELECT conversation_id, seq, content_hash, model, embedding_status \
-         FROM conversation_chunks WHERE conversation_id = ANY($1)",
+        "SELECT k.conversation_id, k.seq, k.user_id, k.content_hash, k.model, k.embedding_status \
+         FROM conversation_chunks AS k JOIN UNNEST($1::text[], $2::uuid[]) AS d(user_id, id) \
+           ON k.user_id = d.user_id AND k.conversation_id = d.id",
     )
+    .bind(&users)
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
     let mut kept = HashSet::new();
-    let (mut gone_ids, mut gone_seqs) = (Vec::new(), Vec::new());
+    let (mut gone_users, mut gone_ids, mut gone_seqs) = (Vec::new(), Vec::new(), Vec::new());
     for row in rows {
         let key: (Uuid, i32) = (row.try_get("conversation_id")?, row.try_get("seq")?);
         let hash: Vec<u8> = row.try_get("content_hash")?;
         let model: String = row.try_get("model")?;
         let status: String = row.try_get("embedding_status")?;
+        let user: String = row.try_get("user_id")?;
         let same = wanted
             .get(&key)
             .is_some_and(|(h, m, s)| *h == hash.as_slice() && *m == model && *s == status);
         if same {
             kept.insert(key);
         } else {
+            gone_users.push(user);
             gone_ids.push(key.0);
             gone_seqs.push(key.1);
         }
     }
     if !gone_ids.is_empty() {
         sqlx::query(
-            "DELETE FROM conversation_chunks AS c USING UNNEST($1::uuid[], $2::int4[]) AS d(id, seq) \
-             WHERE c.conversation_id = d.id AND c.seq = d.seq",
+            "DELETE FROM conversation_chunks AS c \
+             USING UNNEST($1::text[], $2::uuid[], $3::int4[]) AS d(user_id, id, seq) \
+             WHERE c.user_id = d.user_id AND c.conversation_id = d.id AND c.seq = d.seq",
         )
+        .bind(&gone_users)
         .bind(&gone_ids)
         .bind(&gone_seqs)
         .execute(&mut *conn)
@@ -593,6 +668,24 @@ async fn diff_chunks(
         kept,
         deleted: gone_ids.len(),
     })
+}
+
+/// Which of these conversations' row ids are stored, in any user's rows
+/// (the key is `(user_id, id)`; a row id is kept one row by the writer).
+async fn stored_row_ids(
+    conn: &mut PgConnection,
+    inserts: &[&ReadyConversation],
+) -> Result<HashSet<Uuid>, StoreError> {
+    if inserts.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = inserts.iter().map(|r| r.conversation.id).collect();
+    let held: Vec<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT id FROM conversations WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(held.into_iter().collect())
 }
 
 /// Of the conversations the insert skipped, those whose client id is not
@@ -735,6 +828,8 @@ fn bind_conversations<'q, Q: BindColumns<'q>>(
 /// One `conversation_chunks` row, borrowed from the batch.
 struct ChunkRow<'a> {
     conversation_id: Uuid,
+    /// The conversation's user: the distribution column, in every key.
+    user_id: &'a str,
     seq: i32,
     content: &'a str,
     content_hash: &'a [u8],
@@ -752,6 +847,7 @@ fn chunk_rows(
 ) -> impl Iterator<Item = ChunkRow<'_>> {
     ready.chunks.iter().map(move |c| ChunkRow {
         conversation_id: row_id,
+        user_id: &ready.conversation.user_id,
         seq: c.chunk.seq,
         content: &c.chunk.content,
         content_hash: &c.chunk.content_hash,
@@ -815,6 +911,7 @@ fn encode_chunk_row(enc: &mut CopyEncoder, row: &ChunkRow<'_>) -> Result<(), Cop
         Some(t) => enc.timestamptz(t)?,
         None => enc.null(),
     }
+    enc.text(row.user_id)?;
     Ok(())
 }
 
@@ -833,6 +930,7 @@ async fn unnest_chunks(
     let mut statuses = Vec::with_capacity(n);
     let mut errors = Vec::with_capacity(n);
     let mut embedded_at = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
     for row in rows {
         ids.push(row.conversation_id);
         seqs.push(row.seq);
@@ -843,6 +941,7 @@ async fn unnest_chunks(
         statuses.push(row.status.as_str());
         errors.push(row.error);
         embedded_at.push(row.embedded_at);
+        users.push(row.user_id);
     }
     let result = sqlx::query(UNNEST_CHUNKS)
         .bind(&ids)
@@ -854,6 +953,7 @@ async fn unnest_chunks(
         .bind(&statuses)
         .bind(&errors)
         .bind(&embedded_at)
+        .bind(&users)
         .execute(&mut *conn)
         .await?;
     Ok(usize::try_from(result.rows_affected()).unwrap_or(usize::MAX))
@@ -951,7 +1051,7 @@ mod tests {
     }
 
     #[test]
-    fn chunk_row_encodes_nine_fields() {
+    fn chunk_row_encodes_ten_fields() {
         let r = ready(7, None, vec![chunk(0, ChunkVector::Pending)]);
         let mut enc = CopyEncoder::new();
         for row in chunk_rows(&r, r.conversation.id, Utc::now()) {

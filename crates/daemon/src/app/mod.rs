@@ -129,7 +129,8 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
             2,
             Duration::from_millis(settings.database.connect_timeout_ms.get()),
         )
-        .await?;
+        .await?
+        .with_partitions(settings.database.partitions);
         store.migrate().await?;
         store
             .ensure_vector_column(settings.embedding.dimensions.get())

@@ -69,6 +69,22 @@ pub fn traversable_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// `CONVSTORE_TEST_PARTITIONS=N` runs the storage and search tests on
+/// tables hash-partitioned by `user_id` into N partitions
+/// (`database.partitions`; `scripts/test.sh` runs them again with 8).
+/// Unset or 0: plain tables. Stores the tests open themselves take it
+/// through `Store::with_partitions`, daemons through
+/// `CONVSTORE_DATABASE__PARTITIONS` ([`super::daemon::Daemon::spawn`]).
+pub fn test_partitions() -> u32 {
+    match std::env::var("CONVSTORE_TEST_PARTITIONS") {
+        Ok(text) if !text.trim().is_empty() => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("CONVSTORE_TEST_PARTITIONS={text}: {e}")),
+        _ => 0,
+    }
+}
+
 /// Settings for a small test cluster under `state_dir`.
 pub fn test_settings(state_dir: &Path) -> Settings {
     let mut settings = Settings {
@@ -79,6 +95,7 @@ pub fn test_settings(state_dir: &Path) -> Settings {
     settings.database.managed_shared_buffers = "16MB".into();
     settings.database.pool_size = std::num::NonZeroU32::new(4).expect("non-zero");
     settings.database.connect_timeout_ms = std::num::NonZeroU64::new(60_000).expect("non-zero");
+    settings.database.partitions = test_partitions();
     settings
 }
 

@@ -304,6 +304,10 @@ impl Daemon {
         let log_file = std::fs::File::create(&log).expect("log file");
         let listener = ws.http_listener(http_addr);
         let mut cmd = activated_serve(&ws.config_path());
+        let partitions = super::cluster::test_partitions();
+        if partitions > 0 {
+            cmd.env("CONVSTORE_DATABASE__PARTITIONS", partitions.to_string());
+        }
         cmd.env("RUST_LOG", "info,convstore=debug,sqlx=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
