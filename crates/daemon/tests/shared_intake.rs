@@ -207,10 +207,12 @@ async fn three_instances_with_one_killed_store_every_acknowledged_conversation_o
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(
-        rows as usize,
-        all.len(),
-        "nothing but what was acknowledged"
+    // A post B published just before its kill may have reached the stream
+    // without its answer reaching the client: stored once, unacknowledged.
+    assert!(
+        rows as usize >= all.len() && rows as usize <= all.len() + 6,
+        "{rows} rows for {} acknowledged (at most the 6 posts in flight at the kill more)",
+        all.len()
     );
     let _ = b.terminate(Duration::from_secs(30));
 }
@@ -587,4 +589,93 @@ fn the_managed_database_is_refused_with_a_shared_intake() {
         err.contains("nats.url") && err.contains("database.url"),
         "{err}"
     );
+}
+
+/// The scaling benchmark (docs/PERFORMANCE.md, "Shared intake"): stored
+/// conversations per second with 1, 2 and 4 instances on one stream, with
+/// the stand-in at an Ollama-like latency (embedding-bound) and at none
+/// (database-bound), and the publish acknowledgement's p50/p99 at
+/// `durable`. A benchmark, not a test: it asserts only that everything
+/// acknowledged was stored. Run it on a quiet machine:
+///
+/// ```text
+/// cargo test --release -p convstore --test shared_intake -- --ignored --nocapture bench_
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --ignored on a quiet machine"]
+async fn bench_stored_per_second_by_instances() {
+    let total: usize = std::env::var("CONVSTORE_BENCH_CONVERSATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    println!("| backend latency | instances | stored/s | publish ack p50 | p99 | redelivered |");
+    println!("|---|---|---|---|---|---|");
+    for latency in ["50", "0"] {
+        for instances in [1usize, 2, 4] {
+            let pg = TestCluster::start().await;
+            let nats = NatsServer::start();
+            let standin = Standin::start(MODEL, DIMS, CONTEXT, &["--latency-ms", latency]);
+            let mut running = Vec::new();
+            for _ in 0..instances {
+                running.push(instance(&standin, &pg.url(), &nats.url(), "").await);
+            }
+            let bases: Vec<String> = running.iter().map(|(_, d)| d.base_url()).collect();
+            let http = reqwest::Client::new();
+            let started = Instant::now();
+            let mut latencies = Vec::with_capacity(total);
+            let mut tasks = tokio::task::JoinSet::new();
+            let queue = Arc::new(std::sync::Mutex::new(0..total));
+            for worker in 0..16 {
+                let (http, queue, bases) = (http.clone(), queue.clone(), bases.clone());
+                tasks.spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let Some(i) = queue.lock().unwrap().next() else {
+                            break;
+                        };
+                        let t = Instant::now();
+                        let resp = http
+                            .post(format!(
+                                "{}/v1/conversations?wait=durable",
+                                bases[(i + worker) % bases.len()]
+                            ))
+                            .json(&conversation(i))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 202);
+                        mine.push(t.elapsed());
+                    }
+                    mine
+                });
+            }
+            while let Some(mine) = tasks.join_next().await {
+                latencies.extend(mine.unwrap());
+            }
+            let pool = connect_db(&pg.url()).await;
+            let stored = wait_for_count(
+                &pool,
+                "SELECT count(*) FROM conversations",
+                total as i64,
+                Duration::from_secs(600),
+            )
+            .await;
+            let elapsed = started.elapsed().as_secs_f64();
+            assert_eq!(stored as usize, total);
+            latencies.sort();
+            let p = |q: f64| {
+                latencies[((latencies.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1000.0
+            };
+            let mut redelivered = 0.0;
+            for base in &bases {
+                redelivered += metric_sum(base, "convstore_nats_messages_redelivered_total").await;
+            }
+            println!(
+                "| {latency} ms | {instances} | {:.0} | {:.2} ms | {:.2} ms | {redelivered} |",
+                total as f64 / elapsed,
+                p(0.5),
+                p(0.99)
+            );
+        }
+    }
 }
