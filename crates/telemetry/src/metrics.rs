@@ -370,7 +370,7 @@ pub fn describe() {
     );
     describe_counter!(
         NATS_DEFERRED,
-        "Shared intake: changes handed back for later (an earlier change of the conversation was still elsewhere, or the instance was stopping)."
+        "Shared intake: changes held back (an append waiting for an earlier change of its conversation held elsewhere) or handed back to the stream (the instance stopping, its queue full)."
     );
     describe_counter!(
         NATS_TERMINATED,

@@ -16,23 +16,26 @@
 //! conversation applied first. The stream has one subject per
 //! conversation, so before an append goes on the queue the feed asks the
 //! stream for that conversation's earlier changes still waiting; if one is
-//! held by another instance (or not pulled yet), the append is handed back
-//! for later (`nak` with a delay) instead of being applied out of order.
+//! held by another instance (or not pulled yet), the append waits here
+//! (asking again, with progress acks) instead of being applied out of
+//! order; it is not handed back, as each hand-back would count toward
+//! `nats.max_deliver`.
 //! Earlier changes this instance holds are ordered by the tickets, as
 //! local ones are.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use convstore_core::lifecycle::Change;
+use convstore_core::lifecycle::{Change, StampedChange};
 use convstore_nats::replies::RemoteOutcome;
 use convstore_nats::{Pulled, SharedIntake};
 use convstore_store::Store;
 use convstore_store::dead_letters::DeadLetter;
+use convstore_telemetry::metrics as m;
 
 use super::batcher::BatchLimits;
 use crate::queue::{BoundedQueue, PushError};
@@ -41,8 +44,10 @@ use crate::ticket::{InFlight, Outcome, Queued, Ticket};
 /// How long a pull request stays open when nothing arrives (messages are
 /// taken as they come; this only bounds an idle request).
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// When an append's earlier change is elsewhere: ask again after this.
-const ORDER_RETRY: Duration = Duration::from_millis(100);
+/// When an append's earlier change is elsewhere: ask again after this,
+/// doubling up to the second.
+const ORDER_RETRY: Duration = Duration::from_millis(50);
+const MAX_ORDER_RETRY: Duration = Duration::from_secs(1);
 /// When this instance cannot take a change now (queue full, stopping).
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// Earlier changes of one conversation looked up before an append; more
@@ -92,6 +97,8 @@ struct Feed {
     registry: Arc<InFlight>,
     store: Arc<Store>,
     held: Held,
+    /// Makes holding, registering and queueing one step (`enqueue`).
+    order: Mutex<()>,
 }
 
 /// Pulls until `stop` (shutdown begins); what it pulled and did not
@@ -111,6 +118,7 @@ pub async fn run(
         registry,
         store,
         held: Held::default(),
+        order: Mutex::new(()),
     });
     let mut failures = 0u32;
     while !stop.is_cancelled() {
@@ -174,32 +182,94 @@ async fn take(feed: &Arc<Feed>, pulled: Pulled) {
     // later than what this instance has seen (a hybrid logical clock).
     crate::stamp::observe(change.stamp);
     let key = change.change.key();
-    if matches!(change.change, Change::Append(_)) {
-        match feed.intake.earlier(&key, sequence, MAX_EARLIER).await {
-            Ok(earlier) if feed.held.holds_all(&key, &earlier) => {}
-            Ok(_) => {
-                pulled.defer(ORDER_RETRY).await;
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot check an append's earlier changes; it comes back later");
-                pulled.defer(BUSY_RETRY).await;
-                return;
-            }
-        }
-    }
-    feed.held.hold(&key, sequence);
-    let bytes = change.change.approx_bytes();
-    let mut ticket = Ticket::for_change(&change, feed.registry.clone());
-    let outcome = ticket.subscribe();
-    if let Err(refused) = feed.queue.try_push(Queued::new(change, ticket), bytes) {
-        let (PushError::Full(item) | PushError::TooLarge(item) | PushError::Closed(item)) = refused;
-        item.ticket.cancel();
-        feed.held.release(&key, sequence);
-        pulled.defer(BUSY_RETRY).await;
+    if matches!(change.change, Change::Append(_)) && !its_turn(feed, &key, sequence).await {
+        // Held here (with progress) until its turn, never handed back:
+        // each hand-back would count toward `nats.max_deliver`.
+        metrics::counter!(m::NATS_DEFERRED).increment(1);
+        tokio::spawn(wait_for_turn(feed.clone(), pulled, change, key, sequence));
         return;
     }
-    tokio::spawn(settle(feed.clone(), pulled, key, sequence, outcome));
+    enqueue(feed, pulled, change, key, sequence).await;
+}
+
+/// Whether every earlier change of `key` still in the stream is one this
+/// instance holds (and so orders by its tickets).
+async fn its_turn(feed: &Feed, key: &str, sequence: u64) -> bool {
+    match feed.intake.earlier(key, sequence, MAX_EARLIER).await {
+        Ok(earlier) => feed.held.holds_all(key, &earlier),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot look up an append's earlier changes; asking again");
+            false
+        }
+    }
+}
+
+/// An append whose conversation has an earlier change elsewhere: asks
+/// again, backing off to once a second, until that change is applied and
+/// acknowledged by whoever holds it; hands it back only when this instance
+/// is stopping.
+async fn wait_for_turn(
+    feed: Arc<Feed>,
+    pulled: Pulled,
+    change: StampedChange,
+    key: String,
+    sequence: u64,
+) {
+    let progress_every = feed.intake.settings().ack_wait / 2;
+    let mut last_progress = Instant::now();
+    let mut delay = ORDER_RETRY;
+    loop {
+        tokio::time::sleep(delay).await;
+        if feed.queue.is_closed() {
+            pulled.defer(BUSY_RETRY).await;
+            return;
+        }
+        if its_turn(&feed, &key, sequence).await {
+            break;
+        }
+        delay = (delay * 2).min(MAX_ORDER_RETRY);
+        if last_progress.elapsed() >= progress_every {
+            pulled.progress().await;
+            last_progress = Instant::now();
+        }
+    }
+    enqueue(&feed, pulled, change, key, sequence).await;
+}
+
+/// Onto the queue, with the task that settles it. Holding the sequence,
+/// registering the ticket and queueing happen as one step, so a later
+/// change of the conversation that sees this one held also finds it
+/// registered before itself.
+async fn enqueue(
+    feed: &Arc<Feed>,
+    pulled: Pulled,
+    change: StampedChange,
+    key: String,
+    sequence: u64,
+) {
+    let bytes = change.change.approx_bytes();
+    let queued = {
+        let _order = feed.order.lock().unwrap_or_else(|p| p.into_inner());
+        feed.held.hold(&key, sequence);
+        let mut ticket = Ticket::for_change(&change, feed.registry.clone());
+        let outcome = ticket.subscribe();
+        match feed.queue.try_push(Queued::new(change, ticket), bytes) {
+            Ok(()) => Some(outcome),
+            Err(refused) => {
+                let (PushError::Full(item) | PushError::TooLarge(item) | PushError::Closed(item)) =
+                    refused;
+                item.ticket.cancel();
+                feed.held.release(&key, sequence);
+                None
+            }
+        }
+    };
+    match queued {
+        Some(outcome) => {
+            tokio::spawn(settle(feed.clone(), pulled, key, sequence, outcome));
+        }
+        None => pulled.defer(BUSY_RETRY).await,
+    }
 }
 
 /// Waits for the change's outcome (telling JetStream the work goes on
@@ -275,7 +345,6 @@ async fn dead_letter(feed: &Feed, pulled: &Pulled, user_id: &str, key: Option<&s
 /// Samples the shared consumer's state into the gauges every few seconds
 /// (`convstore_nats_consumer_pending`, `_ack_pending`, `convstore_nats_up`).
 pub async fn sample(intake: Arc<SharedIntake>, stop: CancellationToken) {
-    use convstore_telemetry::metrics as m;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
