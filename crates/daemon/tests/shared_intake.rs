@@ -608,8 +608,10 @@ async fn bench_stored_per_second_by_instances() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    println!("| backend latency | instances | stored/s | publish ack p50 | p99 | redelivered |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| backend latency | backends | instances | stored/s | publish ack p50 | p99 | redelivered |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     // Backend latency per request (ms): the first embedding-bound (each
     // instance keeps 2 requests of 32 texts in flight to the backend), the
     // second database- and CPU-bound.
@@ -622,10 +624,18 @@ async fn bench_stored_per_second_by_instances() {
         for instances in [1usize, 2, 4] {
             let pg = TestCluster::start().await;
             let nats = NatsServer::start();
-            let standin = Standin::start(MODEL, DIMS, CONTEXT, &["--latency-ms", latency]);
+            // The stand-in computes one request at a time, as an Ollama
+            // with OLLAMA_NUM_PARALLEL=1: embedding-bound, each instance has
+            // its own (a machine with its own model server); database-
+            // bound, they share one.
+            let own_backends = latency != "0";
+            let backends: Vec<Standin> = (0..if own_backends { instances } else { 1 })
+                .map(|_| Standin::start(MODEL, DIMS, CONTEXT, &["--latency-ms", latency]))
+                .collect();
             let mut running = Vec::new();
-            for _ in 0..instances {
-                running.push(instance(&standin, &pg.url(), &nats.url(), "").await);
+            for i in 0..instances {
+                let standin = &backends[i % backends.len()];
+                running.push(instance(standin, &pg.url(), &nats.url(), "").await);
             }
             let bases: Vec<String> = running.iter().map(|(_, d)| d.base_url()).collect();
             let http = reqwest::Client::new();
@@ -679,7 +689,8 @@ async fn bench_stored_per_second_by_instances() {
                 redelivered += metric_sum(base, "convstore_nats_messages_redelivered_total").await;
             }
             println!(
-                "| {latency} ms | {instances} | {:.0} | {:.2} ms | {:.2} ms | {redelivered} |",
+                "| {latency} ms | {} | {instances} | {:.0} | {:.2} ms | {:.2} ms | {redelivered} |",
+                backends.len(),
                 total as f64 / elapsed,
                 p(0.5),
                 p(0.99)
