@@ -487,6 +487,35 @@ async fn instances_share_waits_appends_deletes_dead_letters_and_limits() {
         .unwrap();
     assert_eq!(dead, 0);
 
+    // A batch through the shared intake: every item sent, then every
+    // acknowledgement awaited together; `stored` once all are committed.
+    let mut batch: Vec<Value> = (3000..3100).map(conversation).collect();
+    batch.push(json!({"user_id": "u", "channel": "web"}));
+    let resp = http
+        .post(format!(
+            "{}/v1/conversations/batch?wait=stored",
+            b.base_url()
+        ))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(100), Some(1)),
+        "{status} {body}"
+    );
+    assert_eq!(body["results"][0]["status"], "stored", "{body}");
+    assert_eq!(body["results"][100]["status"], "rejected", "{body}");
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversations WHERE client_id LIKE 'conv-3___'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(n, 100);
+
     // /readyz and the metrics say the stream is there.
     let ready: Value = http
         .get(format!("{}/readyz", a.base_url()))

@@ -327,26 +327,18 @@ async fn accept_batch(
     let deadline = tokio::time::Instant::now() + wait.timeout;
     let limits = state.limits();
     let items = split_items(&bytes, ndjson, limits.max_batch_items)?;
-    let mut results = Vec::with_capacity(items.len());
+    let outcomes = match state.shared_intake() {
+        Some(shared) => admit_items_shared(state, shared, items, wait.level).await,
+        None => admit_items(state, items, wait.level).await,
+    };
+    let mut results = Vec::with_capacity(outcomes.len());
     let mut admitted = Vec::new();
     let mut first_error = None;
     let (mut accepted, mut rejected) = (0, 0);
-    // A full queue rejects the rest of the batch without trying each item,
-    // keeping the order of what was accepted a prefix of what was sent.
-    let mut queue_full: Option<ApiError> = None;
-    for (index, item) in items.into_iter().enumerate() {
-        let started = Instant::now();
-        let outcome = match (item, &queue_full) {
-            (_, Some(full)) => Err(full.clone()),
-            (Err(e), None) => Err(e.into()),
-            (Ok(value), None) => match conversation_from_value(value, limits.validation) {
-                Ok(conversation) => admit(state, Change::Post(conversation), wait.level).await,
-                Err(e) => Err(e.into()),
-            },
-        };
+    for (index, (outcome, took)) in outcomes.into_iter().enumerate() {
         match outcome {
             Ok(item) => {
-                metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::ENQUEUE_SECONDS).record(took.as_secs_f64());
                 accepted += 1;
                 results.push(ItemResult {
                     index,
@@ -358,15 +350,6 @@ async fn accept_batch(
             }
             Err(e) => {
                 rejected += 1;
-                if matches!(
-                    e,
-                    ApiError::QueueFull { .. }
-                        | ApiError::JournalFull { .. }
-                        | ApiError::JournalUnwritable { .. }
-                        | ApiError::Unavailable(_)
-                ) {
-                    queue_full = Some(e.clone());
-                }
                 results.push(ItemResult {
                     index,
                     id: None,
@@ -388,6 +371,83 @@ async fn accept_batch(
         wait_failure,
         reached,
     })
+}
+
+/// Each item's admission and how long it took, in order.
+type ItemOutcomes = Vec<(
+    Result<super::intake::Admitted, ApiError>,
+    std::time::Duration,
+)>;
+
+/// Admits a batch's items one after the other. A full queue rejects the
+/// rest of the batch without trying each item, keeping the order of what
+/// was accepted a prefix of what was sent.
+async fn admit_items(
+    state: &IngressState,
+    items: Vec<Result<serde_json::Value, convstore_core::InputError>>,
+    level: WaitLevel,
+) -> ItemOutcomes {
+    let limits = state.limits();
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut queue_full: Option<ApiError> = None;
+    for item in items {
+        let started = Instant::now();
+        let outcome = match (item, &queue_full) {
+            (_, Some(full)) => Err(full.clone()),
+            (Err(e), None) => Err(e.into()),
+            (Ok(value), None) => match conversation_from_value(value, limits.validation) {
+                Ok(conversation) => admit(state, Change::Post(conversation), level).await,
+                Err(e) => Err(e.into()),
+            },
+        };
+        if let Err(
+            e @ (ApiError::QueueFull { .. }
+            | ApiError::JournalFull { .. }
+            | ApiError::JournalUnwritable { .. }
+            | ApiError::Unavailable(_)),
+        ) = &outcome
+        {
+            queue_full = Some(e.clone());
+        }
+        outcomes.push((outcome, started.elapsed()));
+    }
+    outcomes
+}
+
+/// Admits a batch's items through the shared intake: every item is sent
+/// to the stream in order, then all the acknowledgements are awaited
+/// together (one round trip for the batch, not one per item). Each item
+/// gets the stream's own answer: with a full stream, an item may be
+/// refused while a later one, sent after room was made, is accepted.
+async fn admit_items_shared(
+    state: &IngressState,
+    shared: &std::sync::Arc<convstore_nats::SharedIntake>,
+    items: Vec<Result<serde_json::Value, convstore_core::InputError>>,
+    level: WaitLevel,
+) -> ItemOutcomes {
+    let limits = state.limits();
+    let started = Instant::now();
+    let mut sent = Vec::with_capacity(items.len());
+    for item in items {
+        sent.push(match item {
+            Err(e) => Err(e.into()),
+            Ok(value) => match conversation_from_value(value, limits.validation) {
+                Ok(conversation) => {
+                    super::intake::send_shared(state, shared, Change::Post(conversation), level)
+                        .await
+                }
+                Err(e) => Err(e.into()),
+            },
+        });
+    }
+    futures::future::join_all(sent.into_iter().map(|sent| async move {
+        let outcome = match sent {
+            Ok(sent) => sent.acknowledged(state).await,
+            Err(e) => Err(e),
+        };
+        (outcome, started.elapsed())
+    }))
+    .await
 }
 
 /// Waits for every accepted item of a batch to reach the level asked for,

@@ -246,54 +246,92 @@ pub async fn admit(
 
 /// The shared intake's admission: stamps `change` and publishes it to the
 /// stream; answered once the stream acknowledged it (so `queued` and
-/// `durable` both mean the stream has it). A conversation's changes are
-/// sent in stamp order from this instance (the row's section is held
-/// across the send, not the acknowledgement). With `stored`, the worker
-/// that commits it, on whichever instance, sends the outcome back.
+/// `durable` both mean the stream has it).
 async fn admit_shared(
     state: &IngressState,
     shared: &std::sync::Arc<convstore_nats::SharedIntake>,
     change: Change,
     level: WaitLevel,
 ) -> Result<Admitted, ApiError> {
+    send_shared(state, shared, change, level)
+        .await?
+        .acknowledged(state)
+        .await
+}
+
+/// A change sent to the shared intake, its acknowledgement to come: a
+/// batch sends every item first and then waits for all the answers.
+pub struct SentShared {
+    id: String,
+    pending: convstore_nats::PendingPublish,
+    expected: Option<convstore_nats::replies::Expected>,
+}
+
+/// Stamps `change` and sends it to the stream. A conversation's changes
+/// are sent in stamp order from this instance (the row's section is held
+/// across the send, not the acknowledgement). With `stored`, the worker
+/// that commits it, on whichever instance, sends the outcome back.
+pub async fn send_shared(
+    state: &IngressState,
+    shared: &std::sync::Arc<convstore_nats::SharedIntake>,
+    change: Change,
+    level: WaitLevel,
+) -> Result<SentShared, ApiError> {
     let id = change.key();
-    let expected = (level == WaitLevel::Stored).then(|| shared.replies().expect());
-    let reply = expected.as_ref().map(|(subject, _)| subject.as_str());
-    let sent = {
-        let _order = state.admission_order.lock_shared(change.row_id()).await;
-        let stamped = StampedChange {
-            stamp: crate::stamp::next(),
-            change,
-        };
-        shared.send(&stamped, reply).await
+    let (reply, expected) = match level {
+        WaitLevel::Stored => {
+            let (subject, expected) = shared.replies().expect();
+            (Some(subject), Some(expected))
+        }
+        _ => (None, None),
     };
-    let published = match sent {
-        Ok(pending) => pending.acknowledged().await,
-        Err(e) => Err(e),
-    }
-    .map_err(|e| shared_refused(state, e))?;
-    tracing::trace!(
+    let _order = state.admission_order.lock_shared(change.row_id()).await;
+    let stamped = StampedChange {
+        stamp: crate::stamp::next(),
+        change,
+    };
+    let pending = shared
+        .send(&stamped, reply.as_deref())
+        .await
+        .map_err(|e| shared_refused(state, e))?;
+    Ok(SentShared {
         id,
-        sequence = published.sequence,
-        "Published to the shared intake"
-    );
-    let outcome = expected.map(|(_, expected)| {
-        let (tx, rx) = oneshot::channel();
-        // Outlives the longest wait a request may ask for, so a request
-        // times out (504) before its outcome's channel closes.
-        let give_up = state.limits().max_ack_timeout + Duration::from_secs(1);
-        tokio::spawn(async move {
-            if let Ok(Some(remote)) = tokio::time::timeout(give_up, expected.outcome()).await {
-                let _ = tx.send(outcome_of_remote(remote));
-            }
-        });
-        rx
-    });
-    Ok(Admitted {
-        id,
-        lsn: None,
-        outcome,
+        pending,
+        expected,
     })
+}
+
+impl SentShared {
+    /// Waits for the stream's acknowledgement.
+    pub async fn acknowledged(self, state: &IngressState) -> Result<Admitted, ApiError> {
+        let published = self
+            .pending
+            .acknowledged()
+            .await
+            .map_err(|e| shared_refused(state, e))?;
+        tracing::trace!(
+            id = self.id,
+            sequence = published.sequence,
+            "Published to the shared intake"
+        );
+        let outcome = self.expected.map(|expected| {
+            let (tx, rx) = oneshot::channel();
+            // Outlives the longest wait a request may ask for, so a
+            // request times out (504) before its outcome's channel closes.
+            let give_up = state.limits().max_ack_timeout + Duration::from_secs(1);
+            tokio::spawn(async move {
+                if let Ok(Some(remote)) = tokio::time::timeout(give_up, expected.outcome()).await {
+                    let _ = tx.send(outcome_of_remote(remote));
+                }
+            });
+            rx
+        });
+        Ok(Admitted {
+            id: self.id,
+            lsn: None,
+            outcome,
+        })
+    }
 }
 
 fn outcome_of_remote(remote: convstore_nats::replies::RemoteOutcome) -> Outcome {
