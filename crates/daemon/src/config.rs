@@ -651,6 +651,16 @@ impl Settings {
                 "must start with postgres:// or postgresql:// (empty = managed cluster)",
             ));
         }
+        let read_url = &self.database.read_url;
+        if !(read_url.is_empty()
+            || read_url.starts_with("postgres://")
+            || read_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::invalid(
+                "database.read_url",
+                "must start with postgres:// or postgresql:// (empty = searches go to the primary)",
+            ));
+        }
         if self.embedding.model.trim().is_empty() {
             return Err(ConfigError::invalid("embedding.model", "must not be empty"));
         }

@@ -33,6 +33,10 @@ pub struct DatabaseSettings {
     /// `conversation_chunks` are created `PARTITION BY HASH (user_id)` with
     /// `N` partitions each, on an empty database (docs/STORAGE.md).
     pub partitions: u32,
+    /// A streaming replica searches are sent to (`""` = the primary).
+    /// Everything else, a read after a `stored` acknowledgement included,
+    /// goes to the primary: a replica may lag.
+    pub read_url: String,
 }
 
 /// The most hash partitions `database.partitions` may ask for.
@@ -66,6 +70,7 @@ impl Default for DatabaseSettings {
             managed_shared_buffers: "256MB".into(),
             connect_timeout_ms: const { nz_u64(30_000) },
             partitions: 0,
+            read_url: String::new(),
         }
     }
 }

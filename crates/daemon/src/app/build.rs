@@ -202,6 +202,17 @@ impl App {
             stop_background.clone(),
         ));
 
+        // Searches may go to a streaming replica; everything else (a read
+        // after a `stored` acknowledgement included) stays on the primary.
+        let search_store = if settings.database.read_url.is_empty() {
+            (*store).clone()
+        } else {
+            let replica = Store::connect_with(&settings.database.read_url, &settings.database)
+                .await
+                .context("cannot connect to the read replica (database.read_url)")?;
+            tracing::info!("Searches go to the read replica (database.read_url)");
+            replica
+        };
         let search = SearchService::new(
             convstore_embed::query::QueryEmbedder::new(
                 Arc::new(search_embedder),
@@ -210,7 +221,7 @@ impl App {
                 ctx.dimensions,
             ),
             convstore_store::search::Searcher::new(
-                (*store).clone(),
+                search_store,
                 settings.search.exact_threshold.get(),
             ),
             &settings.search,
