@@ -470,6 +470,14 @@ async fn instances_share_waits_appends_deletes_dead_letters_and_limits() {
     let terminated = metric_sum(&a.base_url(), "convstore_nats_messages_terminated_total").await
         + metric_sum(&b.base_url(), "convstore_nats_messages_terminated_total").await;
     assert_eq!(terminated, 1.0);
+    let started = Instant::now();
+    while metric_sum(&a.base_url(), "convstore_dead_letters").await != 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "convstore_dead_letters never showed the dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // An erasure takes the user's dead letters too.
     sqlx::query("UPDATE dead_letters SET user_id = 'user-3'")
         .execute(&pool)

@@ -140,6 +140,8 @@ pub const NATS_CONSUMER_PENDING: &str = "convstore_nats_consumer_pending";
 pub const NATS_CONSUMER_ACK_PENDING: &str = "convstore_nats_consumer_ack_pending";
 /// 1 while connected to NATS and the stream answers.
 pub const NATS_UP: &str = "convstore_nats_up";
+/// Rows in `dead_letters` (sampled from the database).
+pub const DEAD_LETTERS: &str = "convstore_dead_letters";
 
 /// Every metric name above, in declaration order. A unit test checks that
 /// it lists every `convstore_` constant of this file and that
@@ -231,6 +233,7 @@ pub const ALL: &[&str] = &[
     NATS_CONSUMER_PENDING,
     NATS_CONSUMER_ACK_PENDING,
     NATS_UP,
+    DEAD_LETTERS,
 ];
 
 /// Microseconds to tens of milliseconds: enqueue is meant to take µs.
@@ -383,6 +386,10 @@ pub fn describe() {
     describe_gauge!(
         NATS_CONSUMER_ACK_PENDING,
         "Shared intake: changes pulled by some instance and not yet acknowledged (sampled from JetStream)."
+    );
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Shared intake: changes kept in the dead_letters table (sampled from the database)."
     );
     describe_gauge!(
         NATS_UP,

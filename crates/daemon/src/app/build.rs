@@ -245,6 +245,7 @@ impl App {
             ));
             background.spawn(crate::pipeline::shared::sample(
                 shared.clone(),
+                store.clone(),
                 stop_background.clone(),
             ));
         }

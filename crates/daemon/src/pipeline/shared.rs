@@ -342,9 +342,10 @@ async fn dead_letter(feed: &Feed, pulled: &Pulled, user_id: &str, key: Option<&s
     }
 }
 
-/// Samples the shared consumer's state into the gauges every few seconds
-/// (`convstore_nats_consumer_pending`, `_ack_pending`, `convstore_nats_up`).
-pub async fn sample(intake: Arc<SharedIntake>, stop: CancellationToken) {
+/// Samples the shared consumer's state and the dead letters into the
+/// gauges every few seconds (`convstore_nats_consumer_pending`,
+/// `_ack_pending`, `convstore_nats_up`, `convstore_dead_letters`).
+pub async fn sample(intake: Arc<SharedIntake>, store: Arc<Store>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -358,6 +359,9 @@ pub async fn sample(intake: Arc<SharedIntake>, stop: CancellationToken) {
                 metrics::gauge!(m::NATS_UP).set(1.0);
             }
             _ => metrics::gauge!(m::NATS_UP).set(0.0),
+        }
+        if let Ok(n) = store.dead_letter_count().await {
+            metrics::gauge!(m::DEAD_LETTERS).set(n as f64);
         }
     }
 }
