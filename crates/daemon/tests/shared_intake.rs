@@ -214,7 +214,53 @@ async fn three_instances_with_one_killed_store_every_acknowledged_conversation_o
         "{rows} rows for {} acknowledged (at most the 6 posts in flight at the kill more)",
         all.len()
     );
-    let _ = b.terminate(Duration::from_secs(30));
+    // A graceful stop acknowledges what its drain stored before it exits:
+    // nothing is left unacknowledged to be delivered again after ack_wait.
+    let redelivered_before = metric_sum(&a.base_url(), "convstore_nats_messages_redelivered_total")
+        .await
+        + metric_sum(&c.base_url(), "convstore_nats_messages_redelivered_total").await;
+    let late: Vec<usize> = (total + 100..total + 300).collect();
+    let http = reqwest::Client::new();
+    for i in &late {
+        let resp = http
+            .post(format!("{}/v1/conversations", b.base_url()))
+            .json(&conversation(*i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    assert!(b.terminate(Duration::from_secs(30)).success());
+    all.extend(late);
+    assert_stored_exactly_once(&pool, &all, Duration::from_secs(60)).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("CONVSTORE").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("convstore").await.unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "left in the stream: {} pending, {} unacknowledged",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past ack_wait (3 s): nothing B stored came again to A or C.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let redelivered_after = metric_sum(&a.base_url(), "convstore_nats_messages_redelivered_total")
+        .await
+        + metric_sum(&c.base_url(), "convstore_nats_messages_redelivered_total").await;
+    assert_eq!(
+        redelivered_after, redelivered_before,
+        "changes B stored while stopping were delivered again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,10 +24,11 @@
 //! local ones are.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use convstore_core::lifecycle::{Change, StampedChange};
@@ -99,6 +100,29 @@ struct Feed {
     held: Held,
     /// Makes holding, registering and queueing one step (`enqueue`).
     order: Mutex<()>,
+    /// Pulled changes not yet acknowledged, terminated or handed back:
+    /// at shutdown the feed waits for them, so the acks of what the drain
+    /// stored go out before the process exits.
+    unsettled: AtomicUsize,
+    all_settled: Notify,
+}
+
+/// Counts one pulled change as unsettled until dropped.
+struct Unsettled(Arc<Feed>);
+
+impl Unsettled {
+    fn new(feed: &Arc<Feed>) -> Self {
+        feed.unsettled.fetch_add(1, Ordering::AcqRel);
+        Self(feed.clone())
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if self.0.unsettled.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_settled.notify_waiters();
+        }
+    }
 }
 
 /// Pulls until `stop` (shutdown begins); what it pulled and did not
@@ -119,6 +143,8 @@ pub async fn run(
         store,
         held: Held::default(),
         order: Mutex::new(()),
+        unsettled: AtomicUsize::new(0),
+        all_settled: Notify::new(),
     });
     let mut failures = 0u32;
     while !stop.is_cancelled() {
@@ -160,6 +186,17 @@ pub async fn run(
             take(&feed, message).await;
         }
     }
+    // The drain stores what this instance holds; the settle tasks then
+    // acknowledge it (or hand it back). The app bounds this wait.
+    loop {
+        let settled = feed.all_settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        if feed.unsettled.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        settled.await;
+    }
     tracing::debug!("Shared intake feed stopped");
 }
 
@@ -186,7 +223,11 @@ async fn take(feed: &Arc<Feed>, pulled: Pulled) {
         // Held here (with progress) until its turn, never handed back:
         // each hand-back would count toward `nats.max_deliver`.
         metrics::counter!(m::NATS_DEFERRED).increment(1);
-        tokio::spawn(wait_for_turn(feed.clone(), pulled, change, key, sequence));
+        let unsettled = Unsettled::new(feed);
+        tokio::spawn(async move {
+            wait_for_turn(unsettled.0.clone(), pulled, change, key, sequence).await;
+            drop(unsettled);
+        });
         return;
     }
     enqueue(feed, pulled, change, key, sequence).await;
@@ -266,7 +307,11 @@ async fn enqueue(
     };
     match queued {
         Some(outcome) => {
-            tokio::spawn(settle(feed.clone(), pulled, key, sequence, outcome));
+            let unsettled = Unsettled::new(feed);
+            tokio::spawn(async move {
+                settle(unsettled.0.clone(), pulled, key, sequence, outcome).await;
+                drop(unsettled);
+            });
         }
         None => pulled.defer(BUSY_RETRY).await,
     }
