@@ -570,6 +570,50 @@ async fn instances_share_waits_appends_deletes_dead_letters_and_limits() {
             .unwrap();
     assert_eq!(n, 100);
 
+    // A change PostgreSQL refuses for good (a NUL byte, which validation
+    // would have refused at the door: this one was published by someone
+    // else): terminated and kept whole in dead_letters, under its user.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let refused = json!({
+        "v": 2, "kind": "post", "stamp": stamp as i64,
+        "id": "7f0c1d2e-3b4a-5c6d-8e9f-0a1b2c3d4e5f", "client_id": "nul-1",
+        "user_id": "user-nul", "channel": "web",
+        "messages": [{"role": "user", "content": "a NUL \u{0} byte"}],
+        "metadata": {}, "received_at": "2026-12-06T00:00:00Z"
+    });
+    js.publish(
+        "convstore.conversations.refused",
+        serde_json::to_vec(&refused).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let dead = wait_for_count(
+        &pool,
+        "SELECT count(*) FROM dead_letters WHERE user_id = 'user-nul'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(dead, 1);
+    let (key, reason): (Option<String>, String) = sqlx::query_as(
+        "SELECT conversation_key, reason FROM dead_letters WHERE user_id = 'user-nul'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(key.as_deref(), Some("nul-1"));
+    assert!(!reason.is_empty());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM conversations WHERE client_id = 'nul-1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
     // /readyz and the metrics say the stream is there.
     let ready: Value = http
         .get(format!("{}/readyz", a.base_url()))
