@@ -118,6 +118,9 @@ pub struct QueueView {
     pub in_flight: Option<u64>,
     pub workers: Option<u64>,
     pub accepting: bool,
+    /// Since the oldest queued conversation was accepted (`None`: empty).
+    #[serde(default)]
+    pub oldest_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +217,13 @@ pub struct PendingView {
     pub age_seconds: f64,
     /// More than a minute ago.
     pub growing: bool,
+    /// Since the oldest conversation waiting for a vector was stored (or
+    /// last changed); `None` when nothing waits.
+    #[serde(default)]
+    pub oldest_age_seconds: Option<f64>,
+    /// Embedded chunks / all stored chunks.
+    #[serde(default)]
+    pub coverage: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

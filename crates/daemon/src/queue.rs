@@ -240,6 +240,11 @@ impl<T> BoundedQueue<T> {
         self.lock().items.is_empty()
     }
 
+    /// `f` of the item queued the longest (the next out), if any.
+    pub fn oldest<R>(&self, f: impl FnOnce(&T) -> R) -> Option<R> {
+        self.lock().items.front().map(|(item, _)| f(item))
+    }
+
     pub fn bytes(&self) -> usize {
         self.lock().bytes
     }

@@ -8,8 +8,10 @@
 //!   the next scrape, and a daemon nobody scrapes would grow forever);
 //! - samples pipeline in-flight.
 //!
-//! Every [`PENDING_EVERY`], counts the rows still waiting for a vector
-//! (one indexed query: both tables have a partial index on that status).
+//! Every [`PENDING_EVERY`], asks the database how far embedding is behind:
+//! the rows still waiting for a vector (partial indexes on that status),
+//! since when, and the share of chunks embedded (one count of the chunk
+//! table).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use convstore_store::Store;
 use convstore_telemetry::metrics as m;
-use convstore_telemetry::stats::{PipelineProbe, Stats, TICK};
+use convstore_telemetry::stats::{PendingCounts, PipelineProbe, Stats, TICK};
 
 /// How often the database is asked how much waits for an embedding.
 pub const PENDING_EVERY: Duration = Duration::from_secs(10);
@@ -61,16 +63,27 @@ pub async fn run(
 }
 
 async fn sample_pending(stats: &Stats, store: &Store) {
-    let query = store.pending_counts();
+    let query = store.embedding_freshness();
     match tokio::time::timeout(Duration::from_secs(5), query).await {
-        Ok(Ok((conversations, chunks))) => {
-            metrics::gauge!(m::CONVERSATIONS_PENDING_EMBEDDING).set(conversations as f64);
-            metrics::gauge!(m::CHUNKS_PENDING_EMBEDDING).set(chunks as f64);
-            stats.set_pending(conversations, chunks, Instant::now());
+        Ok(Ok(f)) => {
+            metrics::gauge!(m::CONVERSATIONS_PENDING_EMBEDDING).set(f.conversations as f64);
+            metrics::gauge!(m::CHUNKS_PENDING_EMBEDDING).set(f.chunks as f64);
+            metrics::gauge!(m::PENDING_OLDEST_AGE_SECONDS)
+                .set(f.oldest_pending_age_seconds.unwrap_or(0.0));
+            metrics::gauge!(m::EMBEDDING_COVERAGE).set(f.coverage());
+            stats.set_pending(
+                PendingCounts {
+                    conversations: f.conversations,
+                    chunks: f.chunks,
+                    oldest_age_seconds: f.oldest_pending_age_seconds,
+                    coverage: Some(f.coverage()),
+                },
+                Instant::now(),
+            );
         }
         // The database being away is reported by /readyz and the store's
-        // own retries; the gauge keeps its last value.
-        Ok(Err(e)) => tracing::debug!(error = %e, "Cannot count pending embeddings"),
-        Err(_) => tracing::debug!("Counting pending embeddings took over 5 s"),
+        // own retries; the gauges keep their last value.
+        Ok(Err(e)) => tracing::debug!(error = %e, "Cannot sample the embedding backlog"),
+        Err(_) => tracing::debug!("Sampling the embedding backlog took over 5 s"),
     }
 }

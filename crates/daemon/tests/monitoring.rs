@@ -625,6 +625,89 @@ async fn bottleneck_is_the_slow_embedder() {
     );
 }
 
+/// Freshness during a backend outage: conversations stored without
+/// vectors show in the pending age and the coverage (metrics and
+/// `/v1/stats`), and both recover once the backend is back and the
+/// backfill has embedded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_shows_a_backend_outage_and_its_recovery() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[backfill]\ninterval_ms = 500\nmax_defer_ms = 1000\n",
+    );
+    let daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let metrics_url = format!("{base}/metrics");
+    let http = reqwest::Client::new();
+    // Some embedded before the outage.
+    for conv in unique_conversations(10, "fresh-before") {
+        let resp = http
+            .post(format!("{base}/v1/conversations?wait=stored"))
+            .json(&conv)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    standin.set_faults(json!({"down": true})).await;
+    for conv in unique_conversations(10, "fresh-outage") {
+        let resp = http
+            .post(format!("{base}/v1/conversations?wait=stored"))
+            .json(&conv)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "stored without a vector");
+    }
+    // Sampled from the database every 10 s.
+    let during = wait_for_metrics(&metrics_url, Duration::from_secs(40), |s| {
+        s.value("convstore_pending_embedding_oldest_age_seconds", &[]) > 0.0
+            && s.value("convstore_embedding_coverage_ratio", &[]) < 1.0
+    })
+    .await;
+    let coverage = during.value("convstore_embedding_coverage_ratio", &[]);
+    let age = during.value("convstore_pending_embedding_oldest_age_seconds", &[]);
+    let pool = connect_db(&ws.database_url()).await;
+    let (embedded, total): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE embedding_status = 'embedded'), count(*) FROM conversation_chunks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        total > embedded && embedded > 0,
+        "{embedded} of {total} embedded"
+    );
+    assert!(coverage > 0.0 && coverage < 1.0, "coverage {coverage}");
+    let st = stats(&daemon).await;
+    let pending = st.pending_embedding.clone().expect("pending sampled");
+    assert!(
+        pending.oldest_age_seconds.is_some_and(|a| a > 0.0),
+        "{pending:?}"
+    );
+    assert!(pending.coverage.is_some_and(|c| c < 1.0), "{pending:?}");
+    assert_eq!(st.queue.oldest_age_seconds, None, "the queue is empty");
+    println!(
+        "during the outage: coverage {coverage:.3} ({embedded} of {total} chunks), oldest pending {age:.1} s"
+    );
+
+    standin.set_faults(json!({"down": false})).await;
+    let after = wait_for_metrics(&metrics_url, Duration::from_secs(60), |s| {
+        s.value("convstore_embedding_coverage_ratio", &[]) == 1.0
+            && s.value("convstore_pending_embedding_oldest_age_seconds", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(after.value("convstore_queue_oldest_age_seconds", &[]), 0.0);
+    let st = stats(&daemon).await;
+    let pending = st.pending_embedding.expect("pending sampled");
+    assert_eq!(pending.coverage, Some(1.0));
+    assert_eq!(pending.oldest_age_seconds, None);
+}
+
 /// With every insert into `conversations` sleeping in a trigger, the
 /// database is the slow part and `/v1/stats` names the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,18 +93,34 @@ macro_rules! select_conversation {
 }
 
 impl Store {
-    /// Conversations and chunks still waiting for a vector: one indexed
-    /// query (both tables have a partial index on that status).
-    pub async fn pending_counts(&self) -> Result<(u64, u64), StoreError> {
-        let (conversations, chunks): (i64, i64) = sqlx::query_as(
-            "SELECT \
-               (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'), \
-               (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending')",
-        )
-        .fetch_one(self.pool())
-        .await
-        .map_err(StoreError::from)?;
-        Ok((conversations.max(0) as u64, chunks.max(0) as u64))
+    /// How far embedding is behind: what waits for a vector, since when,
+    /// and the share of chunks that have one. The pending counts use the
+    /// partial indexes on the status; the coverage counts every chunk (one
+    /// scan of the chunk table, every `PENDING_EVERY` of the daemon).
+    pub async fn embedding_freshness(&self) -> Result<EmbeddingFreshness, StoreError> {
+        let (conversations, chunks, total, embedded, oldest): (i64, i64, i64, i64, Option<f64>) =
+            sqlx::query_as(
+                "SELECT \
+                   (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'), \
+                   (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending'), \
+                   c.total, c.embedded, \
+                   (SELECT extract(epoch FROM now() - min(coalesce(updated_at, stored_at)))::float8 \
+                      FROM conversations WHERE embedding_status = 'pending') \
+                 FROM (SELECT count(*) AS total, \
+                              count(*) FILTER (WHERE embedding_status = 'embedded') AS embedded \
+                       FROM conversation_chunks) c",
+            )
+            .fetch_one(self.pool())
+            .await
+            .map_err(StoreError::from)?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(EmbeddingFreshness {
+            conversations: count(conversations),
+            chunks: count(chunks),
+            total_chunks: count(total),
+            embedded_chunks: count(embedded),
+            oldest_pending_age_seconds: oldest.map(|s| s.max(0.0)),
+        })
     }
 
     /// Which of these conversations, given as (row id, client id), are
@@ -256,5 +272,30 @@ fn parse_status(text: &str) -> Result<EmbeddingStatus, StoreError> {
         other => Err(StoreError::Schema(format!(
             "unknown embedding_status `{other}` in the database (written by a newer convstore?)"
         ))),
+    }
+}
+
+/// What [`Store::embedding_freshness`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmbeddingFreshness {
+    /// Conversations with a chunk waiting for a vector.
+    pub conversations: u64,
+    /// Chunks waiting for a vector.
+    pub chunks: u64,
+    pub total_chunks: u64,
+    pub embedded_chunks: u64,
+    /// Since the oldest waiting conversation was stored (or last changed);
+    /// `None` when nothing waits.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+impl EmbeddingFreshness {
+    /// Embedded chunks / all chunks (1 with none stored).
+    pub fn coverage(&self) -> f64 {
+        if self.total_chunks == 0 {
+            1.0
+        } else {
+            self.embedded_chunks as f64 / self.total_chunks as f64
+        }
     }
 }

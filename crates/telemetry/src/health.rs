@@ -374,6 +374,7 @@ mod tests {
             in_flight: None,
             workers: None,
             accepting: true,
+            oldest_age_seconds: None,
         }
     }
 
@@ -510,6 +511,8 @@ mod tests {
                 chunks: 7,
                 age_seconds: 1.0,
                 growing: true,
+                oldest_age_seconds: Some(30.0),
+                coverage: Some(0.9),
             }),
             counts: WindowCounts {
                 stored: 80,

@@ -47,6 +47,13 @@ pub const READY: &str = "convstore_ready";
 /// database by the daemon's `telemetry_task`.
 pub const CONVERSATIONS_PENDING_EMBEDDING: &str = "convstore_conversations_pending_embedding";
 pub const CHUNKS_PENDING_EMBEDDING: &str = "convstore_chunks_pending_embedding";
+/// Freshness (issue 18): since the oldest stored conversation waiting for
+/// a vector was stored, and the share of chunks with one (sampled from the
+/// database with the pending counts); since the oldest queued conversation
+/// was accepted (sampled from the queue).
+pub const PENDING_OLDEST_AGE_SECONDS: &str = "convstore_pending_embedding_oldest_age_seconds";
+pub const EMBEDDING_COVERAGE: &str = "convstore_embedding_coverage_ratio";
+pub const QUEUE_OLDEST_AGE_SECONDS: &str = "convstore_queue_oldest_age_seconds";
 /// Embedding requests a backend is serving now (recorded by the router).
 pub const BACKEND_IN_FLIGHT: &str = "convstore_backend_in_flight";
 pub const PIPELINE_IN_FLIGHT: &str = "convstore_pipeline_in_flight_conversations";
@@ -181,6 +188,9 @@ pub const ALL: &[&str] = &[
     READY,
     CONVERSATIONS_PENDING_EMBEDDING,
     CHUNKS_PENDING_EMBEDDING,
+    PENDING_OLDEST_AGE_SECONDS,
+    EMBEDDING_COVERAGE,
+    QUEUE_OLDEST_AGE_SECONDS,
     BACKEND_IN_FLIGHT,
     PIPELINE_IN_FLIGHT,
     PIPELINE_WORKERS,
@@ -498,6 +508,20 @@ pub fn describe() {
     describe_gauge!(
         CHUNKS_PENDING_EMBEDDING,
         "Stored chunks still waiting for their vector (sampled from the database)."
+    );
+    describe_gauge!(
+        PENDING_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Since the oldest stored conversation still waiting for a vector was stored or last changed; 0 when none waits (sampled from the database)."
+    );
+    describe_gauge!(
+        EMBEDDING_COVERAGE,
+        "Embedded chunks / all stored chunks, 0 to 1 (sampled from the database)."
+    );
+    describe_gauge!(
+        QUEUE_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Since the oldest conversation on the queue was accepted; 0 when the queue is empty."
     );
     describe_gauge!(
         BACKEND_IN_FLIGHT,

@@ -136,6 +136,9 @@ pub struct LiveQueue {
     /// Whether the journal can write: `None` without a journal, `false`
     /// while it refuses conversations (disk full, or a failed fsync).
     pub journal_writable: Option<bool>,
+    /// Since the oldest queued conversation was accepted; `None` when the
+    /// queue is empty.
+    pub oldest_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +146,19 @@ struct PendingSample {
     at: Instant,
     conversations: u64,
     chunks: u64,
+    oldest_age_seconds: Option<f64>,
+    coverage: Option<f64>,
+}
+
+/// What the database said about embedding, sampled by the daemon.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PendingCounts {
+    pub conversations: u64,
+    pub chunks: u64,
+    /// Since the oldest conversation waiting for a vector was stored.
+    pub oldest_age_seconds: Option<f64>,
+    /// Embedded chunks / all chunks.
+    pub coverage: Option<f64>,
 }
 
 /// How long pending-embedding samples are kept to tell whether the count
@@ -232,12 +248,14 @@ impl Stats {
     }
 
     /// Records a count of rows waiting for an embedding (from the database).
-    pub fn set_pending(&self, conversations: u64, chunks: u64, now: Instant) {
+    pub fn set_pending(&self, counts: PendingCounts, now: Instant) {
         let mut history = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         history.push_back(PendingSample {
             at: now,
-            conversations,
-            chunks,
+            conversations: counts.conversations,
+            chunks: counts.chunks,
+            oldest_age_seconds: counts.oldest_age_seconds,
+            coverage: counts.coverage,
         });
         while history
             .front()
@@ -299,6 +317,7 @@ impl Stats {
             in_flight: probe.map(|p| p.in_flight.load(Ordering::Relaxed) as u64),
             workers: probe.map(|p| p.workers as u64),
             accepting: queue.accepting,
+            oldest_age_seconds: queue.oldest_age_seconds,
         };
 
         let batches = self.batch_size.summary(&slots);
@@ -486,6 +505,8 @@ impl Stats {
             chunks: last.chunks,
             age_seconds: now.saturating_duration_since(last.at).as_secs_f64(),
             growing: last.conversations > first.conversations,
+            oldest_age_seconds: last.oldest_age_seconds,
+            coverage: last.coverage,
         })
     }
 }
@@ -533,6 +554,7 @@ mod tests {
             max_bytes: 10_000,
             accepting: true,
             journal_writable: None,
+            oldest_age_seconds: Some(0.5),
         }
     }
 
@@ -593,12 +615,24 @@ mod tests {
     fn snapshot_round_trips_through_json() {
         let stats = Stats::new(Instant::now());
         stats.backend("a").set_up(1.0);
-        stats.set_pending(3, 9, Instant::now());
+        stats.set_pending(
+            PendingCounts {
+                conversations: 3,
+                chunks: 9,
+                oldest_age_seconds: Some(12.5),
+                coverage: Some(0.75),
+            },
+            Instant::now(),
+        );
         let snap = stats.snapshot(queue());
         let json = serde_json::to_string(&snap).unwrap();
         let back: StatsSnapshot = serde_json::from_str(&json).unwrap();
         assert_eq!(back, snap);
         assert_eq!(back.backends[0].up, Some(true));
-        assert_eq!(back.pending_embedding.unwrap().chunks, 9);
+        let pending = back.pending_embedding.unwrap();
+        assert_eq!(pending.chunks, 9);
+        assert_eq!(pending.oldest_age_seconds, Some(12.5));
+        assert_eq!(pending.coverage, Some(0.75));
+        assert_eq!(back.queue.oldest_age_seconds, Some(0.5));
     }
 }

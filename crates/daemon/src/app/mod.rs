@@ -34,7 +34,7 @@ use anyhow::Context;
 
 pub use build::App;
 pub use database::Database;
-pub use run::{Control, ExitStatus};
+pub use run::{Control, ExitStatus, oldest_queued_age};
 
 use crate::config::Settings;
 use crate::http;

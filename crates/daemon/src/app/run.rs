@@ -300,7 +300,14 @@ pub(super) async fn sample_queue(queue: Arc<BoundedQueue<Queued>>, stop: Cancell
             _ = tick.tick() => {
                 metrics::gauge!(m::QUEUE_DEPTH).set(queue.len() as f64);
                 metrics::gauge!(m::QUEUE_BYTES).set(queue.bytes() as f64);
+                metrics::gauge!(m::QUEUE_OLDEST_AGE_SECONDS)
+                    .set(oldest_queued_age(&queue).unwrap_or(0.0));
             }
         }
     }
+}
+
+/// Seconds since the oldest queued conversation was accepted.
+pub fn oldest_queued_age(queue: &BoundedQueue<Queued>) -> Option<f64> {
+    queue.oldest(|q| q.change.change.received_instant().elapsed().as_secs_f64())
 }

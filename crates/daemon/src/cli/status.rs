@@ -463,6 +463,7 @@ mod tests {
             max_bytes: 1 << 20,
             accepting: true,
             journal_writable: None,
+            oldest_age_seconds: None,
         });
         let text = render(&snap, "unix:/run/convstore/convstore.sock", false);
         for needle in [

@@ -32,6 +32,7 @@ pub async fn get_stats(State(state): State<Arc<IngressState>>) -> Response {
         journal_writable: state
             .journal()
             .map(|j| j.failure().is_none() && j.unwritable().is_none()),
+        oldest_age_seconds: crate::app::oldest_queued_age(&state.queue),
     };
     let snapshot = stats::global().snapshot(queue);
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(snapshot)).into_response()
