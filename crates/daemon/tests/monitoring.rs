@@ -625,6 +625,94 @@ async fn bottleneck_is_the_slow_embedder() {
     );
 }
 
+/// A chunk the backend refused is stored `failed`, visible in GET and the
+/// metrics; `convstore redrive` puts it back to `pending`, and the
+/// backfill embeds it once the backend takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_chunks_are_visible_and_redriven() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &["--poison", POISON]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[backfill]\ninterval_ms = 300\n",
+    );
+    let daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/v1/conversations?wait=stored"))
+        .json(&json!({"id": "poisoned", "user_id": "u", "channel": "web",
+                      "messages": [{"role": "user", "content": format!("please {POISON} me")}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let statuses = |body: &Value| -> Vec<String> {
+        body["chunks"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter_map(|c| c["embedding_status"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let got: Value = http
+        .get(format!("{base}/v1/conversations/poisoned"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(statuses(&got), ["failed"], "{got}");
+    assert_eq!(got["embedding_status"], "failed", "{got}");
+
+    // The backend takes it now; a redrive puts it back for the backfill.
+    standin.set_faults(json!({"poison": []})).await;
+    let redrive = |expect: &'static str| {
+        let out = Command::new(BIN)
+            .args(["redrive", "--url", &base])
+            .arg("--config")
+            .arg(ws.config_path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.contains(expect), "{text}");
+    };
+    redrive("re-drove 1 failed chunks of 1 conversations");
+    let started = Instant::now();
+    loop {
+        let got: Value = http
+            .get(format!("{base}/v1/conversations/poisoned"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if statuses(&got) == ["embedded"] && got["embedding_status"] == "embedded" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not embedded after the redrive: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing left to re-drive: safe to repeat.
+    redrive("re-drove 0 failed chunks of 0 conversations");
+    let s = scrape(&format!("{base}/metrics")).await;
+    assert_eq!(s.value("convstore_chunks_redriven_total", &[]), 1.0);
+}
+
 /// Freshness during a backend outage: conversations stored without
 /// vectors show in the pending age and the coverage (metrics and
 /// `/v1/stats`), and both recover once the backend is back and the

@@ -77,6 +77,15 @@ pub struct BackfillOutcome {
     pub conversations: usize,
 }
 
+/// What [`Store::redrive_failed`] put back to `pending`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Redriven {
+    /// Chunks put back to `pending`.
+    pub chunks: u64,
+    /// Their conversations.
+    pub conversations: u64,
+}
+
 /// Dead letters and waiting work, for the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EmbeddingBacklog {
@@ -296,6 +305,34 @@ impl Store {
         }
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Puts every chunk marked `failed` back to `pending`, its attempts
+    /// and error cleared, and its conversation with it: the backfill embeds
+    /// them again (`convstore redrive`, `POST /v1/admin/redrive`). One
+    /// statement, so a chunk is re-driven once whoever else runs it.
+    pub async fn redrive_failed(&self) -> Result<Redriven, StoreError> {
+        let (chunks, conversations): (i64, i64) = sqlx::query_as(
+            "WITH c AS ( \
+               UPDATE conversation_chunks \
+                  SET embedding_status = 'pending', error = NULL, \
+                      embed_attempts = 0, next_attempt_at = NULL \
+                WHERE embedding_status = 'failed' \
+                RETURNING user_id, conversation_id), \
+             u AS ( \
+               UPDATE conversations v SET embedding_status = 'pending' \
+                 FROM (SELECT DISTINCT user_id, conversation_id FROM c) d \
+                WHERE v.user_id = d.user_id AND v.id = d.conversation_id \
+                RETURNING 1) \
+             SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM u)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let n = |x: i64| u64::try_from(x).unwrap_or(0);
+        Ok(Redriven {
+            chunks: n(chunks),
+            conversations: n(conversations),
+        })
     }
 
     /// Chunks and conversations waiting for a vector or dead-lettered.

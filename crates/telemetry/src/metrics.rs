@@ -76,6 +76,8 @@ pub const EMBED_FAILOVERS: &str = "convstore_embed_failovers_total";
 pub const EMBED_RETRIES: &str = "convstore_embed_retries_total";
 pub const BACKFILL_CHUNKS: &str = "convstore_backfill_chunks_total";
 pub const CHUNKS_FAILED_EMBEDDING: &str = "convstore_chunks_failed_embedding";
+/// Failed chunks put back to pending by `POST /v1/admin/redrive`.
+pub const CHUNKS_REDRIVEN: &str = "convstore_chunks_redriven_total";
 pub const CONVERSATIONS_FAILED_EMBEDDING: &str = "convstore_conversations_failed_embedding";
 // Search (issue 9; docs/SEARCH.md). Recorded by the daemon's `http::search`.
 /// Searches by transport and outcome (`ok`, or the error code).
@@ -209,6 +211,7 @@ pub const ALL: &[&str] = &[
     EMBED_RETRIES,
     BACKFILL_CHUNKS,
     CHUNKS_FAILED_EMBEDDING,
+    CHUNKS_REDRIVEN,
     CONVERSATIONS_FAILED_EMBEDDING,
     SEARCH_REQUESTS,
     SEARCH_SECONDS,
@@ -556,6 +559,10 @@ pub fn describe() {
     describe_counter!(
         BACKFILL_CHUNKS,
         "Pending chunks the backfill handled, by outcome (embedded, failed, deferred)."
+    );
+    describe_counter!(
+        CHUNKS_REDRIVEN,
+        "Failed chunks put back to pending by POST /v1/admin/redrive (convstore redrive)."
     );
     describe_gauge!(
         CHUNKS_FAILED_EMBEDDING,

@@ -3,6 +3,8 @@
 //! everything of one user (`DELETE /v1/users/{user_id}`), and say what
 //! went. Exit status 0 when deleted, 1 when the daemon refused (404: not
 //! known; 503: the database is unreachable and nothing was deleted).
+//! `convstore redrive` asks it to put failed chunks back to pending
+//! (`POST /v1/admin/redrive`), the same way.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +40,12 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct RedriveArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct EraseUserArgs {
     /// The user whose conversations, chunks, vectors and queued changes go.
     pub user_id: String,
@@ -47,7 +55,7 @@ pub struct EraseUserArgs {
 
 pub async fn delete(args: DeleteArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let path = format!("/v1/conversations/{}", path_segment(&args.id));
-    let answer = call(&args.target, settings, &path).await?;
+    let answer = call(&args.target, settings, Method::DELETE, &path).await?;
     Ok(report(&args.target, &answer, |v| {
         format!(
             "deleted conversation {}: {} chunks, {} queued changes withdrawn",
@@ -60,7 +68,7 @@ pub async fn delete(args: DeleteArgs, settings: &Settings) -> anyhow::Result<Exi
 
 pub async fn erase_user(args: EraseUserArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let path = format!("/v1/users/{}", path_segment(&args.user_id));
-    let answer = call(&args.target, settings, &path).await?;
+    let answer = call(&args.target, settings, Method::DELETE, &path).await?;
     Ok(report(&args.target, &answer, |v| {
         format!(
             "erased user {}: {} conversations, {} chunks, {} cache entries, {} queued changes withdrawn",
@@ -73,19 +81,34 @@ pub async fn erase_user(args: EraseUserArgs, settings: &Settings) -> anyhow::Res
     }))
 }
 
+/// `convstore redrive`: every chunk marked `failed` back to `pending`
+/// (`POST /v1/admin/redrive`); the daemon's backfill embeds them again.
+pub async fn redrive(args: RedriveArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let answer = call(&args.target, settings, Method::POST, "/v1/admin/redrive").await?;
+    Ok(report(&args.target, &answer, |v| {
+        format!(
+            "re-drove {} failed chunks of {} conversations: pending again, the backfill embeds them",
+            v["chunks"], v["conversations"]
+        )
+    }))
+}
+
 /// The daemon's status and JSON answer.
-struct Answer {
+pub(super) struct Answer {
     ok: bool,
     status: u16,
     body: Value,
 }
 
-async fn call(target: &Target, settings: &Settings, path: &str) -> anyhow::Result<Answer> {
+pub(super) async fn call(
+    target: &Target,
+    settings: &Settings,
+    method: Method,
+    path: &str,
+) -> anyhow::Result<Answer> {
     let endpoint = Endpoint::choose(target.url.as_deref(), target.socket.clone(), settings)?;
     let mut client = Client::new(endpoint);
-    let response = client
-        .request(Method::DELETE, path, None, Bytes::new())
-        .await?;
+    let response = client.request(method, path, None, Bytes::new()).await?;
     let body: Value = serde_json::from_slice(&response.body).with_context(|| {
         format!(
             "the daemon answered HTTP {} with something that is not JSON: {}",
@@ -100,7 +123,11 @@ async fn call(target: &Target, settings: &Settings, path: &str) -> anyhow::Resul
     })
 }
 
-fn report(target: &Target, answer: &Answer, done: impl Fn(&Value) -> String) -> ExitCode {
+pub(super) fn report(
+    target: &Target,
+    answer: &Answer,
+    done: impl Fn(&Value) -> String,
+) -> ExitCode {
     if target.json {
         println!("{}", answer.body);
     } else if answer.ok {

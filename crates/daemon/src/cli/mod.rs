@@ -52,6 +52,8 @@ pub enum Command {
     Delete(forget::DeleteArgs),
     /// Erase everything of one user: conversations, chunks, vectors, cached vectors, queued changes (DELETE /v1/users/{user_id}).
     EraseUser(forget::EraseUserArgs),
+    /// Put every chunk marked failed back to pending, for the backfill to embed again (POST /v1/admin/redrive).
+    Redrive(forget::RedriveArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +142,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::EraseUser(args) => {
             let settings = load(cli.config.as_deref())?;
             forget::erase_user(args, &settings).await
+        }
+        Command::Redrive(args) => {
+            let settings = load(cli.config.as_deref())?;
+            forget::redrive(args, &settings).await
         }
         Command::Bench(args) => {
             let settings = load(cli.config.as_deref())?;

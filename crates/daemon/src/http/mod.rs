@@ -1,6 +1,7 @@
 //! Ingress: one axum router, served on TCP and on a Unix socket. It
 //! validates, enqueues and answers; it never waits for embedding or storage.
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -227,6 +228,7 @@ pub fn router(state: Arc<IngressState>, transport: Transport) -> Router {
         )
         .route("/v1/users/{user_id}", delete(lifecycle::erase_user))
         .route("/v1/search", post(search::post_search))
+        .route("/v1/admin/redrive", post(admin::redrive))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))

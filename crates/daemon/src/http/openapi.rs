@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{handlers, lifecycle, search};
+use super::{admin, handlers, lifecycle, search};
 
 pub use super::error::ErrorBody as ErrorObject;
 pub use super::error::ErrorEnvelope as ErrorResponse;
@@ -38,6 +38,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         lifecycle::append_messages,
         lifecycle::delete_conversation,
         lifecycle::erase_user,
+        admin::redrive,
         search::post_search,
         stats_doc,
         handlers::healthz,
@@ -52,6 +53,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         handlers::ConversationView,
         lifecycle::Deleted,
         lifecycle::Erased,
+        admin::Redriven,
         ErrorResponse,
         ErrorObject,
     )),
@@ -62,6 +64,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         (name = "read", description = "Read them back"),
         (name = "lifecycle", description = "Delete conversations, erase users"),
         (name = "search", description = "Recall stored conversations by meaning"),
+        (name = "admin", description = "Operator actions (the `admin` scope)"),
         (name = "monitoring", description = "What the daemon is doing"),
         (name = "health", description = "Liveness and readiness"),
     )
