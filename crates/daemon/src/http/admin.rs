@@ -31,7 +31,6 @@ pub struct Redriven {
     responses(
         (status = 200, description = "Failed chunks put back to pending", body = Redriven),
         (status = 401, description = "Bearer token missing or unknown", body = super::error::ErrorEnvelope),
-        (status = 403, description = "The token lacks the `admin` scope", body = super::error::ErrorEnvelope),
         (status = 503, description = "The database is unreachable: nothing changed", body = super::error::ErrorEnvelope),
     )
 )]
