@@ -16,6 +16,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod model;
 pub mod nonzero;
+pub mod setting;
 pub mod strict_json;
 pub mod validate;
 

@@ -780,15 +780,9 @@ impl Settings {
         if !self.nats.enabled() {
             return Ok(());
         }
-        self.nats.resolve().map_err(|reason| {
-            let key = reason
-                .split([' ', ':'])
-                .next()
-                .filter(|k| k.starts_with("nats."))
-                .unwrap_or("nats")
-                .to_string();
-            ConfigError::invalid(key, reason)
-        })?;
+        self.nats
+            .resolve()
+            .map_err(|e| ConfigError::invalid(e.key, e.reason))?;
         if self.database.url.is_empty() {
             return Err(ConfigError::invalid(
                 "nats.url",

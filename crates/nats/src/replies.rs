@@ -97,11 +97,6 @@ impl ReplyInbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<RemoteOutcome>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// Requests still waiting (a gauge for tests and leaks).
-    pub fn waiting(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// A request's claim on one outcome; dropping it forgets the wait (a

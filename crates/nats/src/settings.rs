@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use convstore_core::duration::parse_duration;
+use convstore_core::setting::InvalidSetting;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,49 +81,51 @@ impl NatsSettings {
         !self.url.trim().is_empty()
     }
 
-    /// The checked settings, or the first problem as `nats.<key>: why`.
-    pub fn resolve(&self) -> Result<Intake, String> {
+    /// The checked settings, or the first key that cannot be used.
+    pub fn resolve(&self) -> Result<Intake, InvalidSetting> {
+        let invalid =
+            |key: &str, reason: String| InvalidSetting::new(format!("nats.{key}"), reason);
         let duration = |key: &str, value: &str| {
             parse_duration(value)
-                .map_err(|e| format!("nats.{key}: {e}"))
+                .map_err(|e| invalid(key, e))
                 .and_then(|d| {
                     Some(d)
                         .filter(|d| !d.is_zero())
-                        .ok_or_else(|| format!("nats.{key} must be a positive duration"))
+                        .ok_or_else(|| invalid(key, "must be a positive duration".into()))
                 })
         };
-        if !valid_name(&self.stream) {
-            return Err(format!(
-                "nats.stream `{}` must be 1-64 letters, digits, `-` or `_`",
-                self.stream
-            ));
-        }
-        if !valid_name(&self.consumer) {
-            return Err(format!(
-                "nats.consumer `{}` must be 1-64 letters, digits, `-` or `_`",
-                self.consumer
-            ));
+        for (key, name) in [("stream", &self.stream), ("consumer", &self.consumer)] {
+            if !valid_token(name) {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` must be 1-64 letters, digits, `-` or `_`"),
+                ));
+            }
         }
         if !valid_subject(&self.subject) {
-            return Err(format!(
-                "nats.subject `{}` must be dot-separated tokens of letters, digits, `-` or `_` (no wildcards)",
-                self.subject
+            return Err(invalid(
+                "subject",
+                format!(
+                    "`{}` must be dot-separated tokens of letters, digits, `-` or `_` (no wildcards)",
+                    self.subject
+                ),
             ));
         }
         let ack_wait = duration("ack_wait", &self.ack_wait)?;
         if ack_wait < Duration::from_secs(1) {
-            return Err("nats.ack_wait must be at least 1s".into());
+            return Err(invalid("ack_wait", "must be at least 1s".into()));
         }
         if self.max_deliver < 1 {
-            return Err("nats.max_deliver must be at least 1".into());
+            return Err(invalid("max_deliver", "must be at least 1".into()));
         }
         if !matches!(self.replicas, 1..=5) {
-            return Err("nats.replicas must be 1 to 5".into());
+            return Err(invalid("replicas", "must be 1 to 5".into()));
         }
-        if self.max_messages < 1 || self.max_bytes < 1024 {
-            return Err(
-                "nats.max_messages must be positive and nats.max_bytes at least 1024".into(),
-            );
+        if self.max_messages < 1 {
+            return Err(invalid("max_messages", "must be positive".into()));
+        }
+        if self.max_bytes < 1024 {
+            return Err(invalid("max_bytes", "must be at least 1024".into()));
         }
         Ok(Intake {
             urls: self.url.trim().to_string(),
@@ -147,10 +150,6 @@ fn valid_token(t: &str) -> bool {
         && t.len() <= 64
         && t.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-fn valid_name(name: &str) -> bool {
-    valid_token(name)
 }
 
 fn valid_subject(subject: &str) -> bool {
@@ -209,7 +208,7 @@ mod tests {
             ),
         ] {
             let e = bad.resolve().unwrap_err();
-            assert!(e.contains(key), "{e}");
+            assert_eq!(e.key, key, "{e:?}");
         }
     }
 }

@@ -87,7 +87,6 @@ pub struct ConsumerState {
     pub pending: u64,
     /// Pulled and not yet acknowledged, across every instance.
     pub ack_pending: u64,
-    pub redelivered: u64,
 }
 
 pub struct SharedIntake {
@@ -129,9 +128,9 @@ impl SharedIntake {
                 url: settings.urls.clone(),
                 reason: e.to_string(),
             })?;
-        let mut builder = async_nats::jetstream::context::ContextBuilder::new();
-        builder = builder.timeout(settings.publish_timeout);
-        let jetstream = builder.build(client.clone());
+        let jetstream = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(settings.publish_timeout)
+            .build(client.clone());
         let stream = ensure_stream(&jetstream, &settings).await?;
         let consumer = ensure_consumer(&stream, &settings).await?;
         let replies = ReplyInbox::start(&client, instance)
@@ -153,15 +152,6 @@ impl SharedIntake {
 
     pub fn replies(&self) -> &Arc<ReplyInbox> {
         &self.replies
-    }
-
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
-    /// The connection is up (a reconnect in progress is not).
-    pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// Sends `change` to the stream and returns the stream's answer, to be
@@ -278,20 +268,12 @@ impl SharedIntake {
         Ok(ConsumerState {
             pending: info.num_pending,
             ack_pending: info.num_ack_pending as u64,
-            redelivered: info.num_redelivered as u64,
         })
     }
 
     /// Sends `outcome` to the instance waiting for it (see `replies`).
     pub async fn reply(&self, reply: &str, outcome: &RemoteOutcome) {
         crate::replies::send(&self.client, reply, outcome).await;
-    }
-
-    /// Sends what is buffered on the connection (at shutdown).
-    pub async fn flush(&self) {
-        if let Err(e) = self.client.flush().await {
-            tracing::debug!(error = %e, "Could not flush the NATS connection");
-        }
     }
 }
 

@@ -122,12 +122,7 @@ impl Default for RetentionSettings {
     }
 }
 
-/// A setting that cannot be used: its full key and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidSetting {
-    pub key: String,
-    pub reason: String,
-}
+pub use convstore_core::setting::InvalidSetting;
 
 impl RetentionSettings {
     /// The settings as a policy, or the first key whose value is not a

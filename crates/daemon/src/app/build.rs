@@ -102,7 +102,7 @@ impl App {
             let intake = settings
                 .nats
                 .resolve()
-                .map_err(|e| anyhow::anyhow!("invalid [nats] settings: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("invalid value for `{}`: {}", e.key, e.reason))?;
             let instance = uuid::Uuid::new_v4();
             let shared = convstore_nats::SharedIntake::connect(intake, instance)
                 .await

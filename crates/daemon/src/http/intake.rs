@@ -159,11 +159,11 @@ impl AdmissionOrder {
         }
     }
 
-    async fn lock_shared(&self, row_id: uuid::Uuid) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        let stripe = self
-            .shared_stripes
-            .get((row_id.as_u128() % Self::STRIPES as u128) as usize)?;
-        Some(stripe.lock().await)
+    async fn lock_shared(&self, row_id: uuid::Uuid) -> tokio::sync::MutexGuard<'_, ()> {
+        // The remainder is below STRIPES, the length of `shared_stripes`.
+        #[allow(clippy::indexing_slicing)]
+        let stripe = &self.shared_stripes[(row_id.as_u128() % Self::STRIPES as u128) as usize];
+        stripe.lock().await
     }
 
     fn lock(&self, row_id: uuid::Uuid) -> std::sync::MutexGuard<'_, ()> {
