@@ -718,6 +718,37 @@ fn the_managed_database_is_refused_with_a_shared_intake() {
     );
 }
 
+/// JetStream reserves a stream's whole `max_bytes` at creation: a stream
+/// the server cannot hold stops the start-up with both numbers named, not
+/// a bare "insufficient storage". The test server offers 16 GiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_larger_than_the_brokers_storage_is_refused_with_what_to_change() {
+    let pg = TestCluster::start().await;
+    let nats = NatsServer::start();
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let too_big: i64 = 64 << 30;
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        &format!(
+            "[database]\nurl = \"{}\"\n\n[nats]\nurl = \"{}\"\nstream = \"HUGE\"\nsubject = \"huge.conversations\"\nmax_bytes = {too_big}\n",
+            pg.url(),
+            nats.url()
+        ),
+    );
+    let mut daemon = Daemon::spawn(&ws, &addr, &[]);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("insufficient storage")
+            && log.contains(&format!("nats.max_bytes = {too_big}")),
+        "{log}"
+    );
+}
+
 /// The scaling benchmark (docs/PERFORMANCE.md, "Shared intake"): stored
 /// conversations per second with 1, 2 and 4 instances on one stream, with
 /// the stand-in at an Ollama-like latency (embedding-bound) and at none

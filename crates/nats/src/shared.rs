@@ -363,8 +363,23 @@ async fn ensure_stream(jetstream: &Context, settings: &Intake) -> Result<Stream,
         Err(_) => jetstream
             .get_or_create_stream(config)
             .await
-            .map_err(|e| stream_error(e.to_string())),
+            .map_err(|e| stream_error(with_storage_hint(e.to_string(), settings.max_bytes))),
     }
+}
+
+/// JetStream reserves a stream's whole `max_bytes` when it is created and
+/// refuses it (10047, or 10005 in a cluster) when its storage limit, by
+/// default 75 % of the disk's free space, cannot hold that: say which two
+/// numbers meet, or the operator is left with "insufficient storage".
+fn with_storage_hint(reason: String, max_bytes: i64) -> String {
+    if !reason.contains("insufficient storage") {
+        return reason;
+    }
+    format!(
+        "{reason}; the stream reserves nats.max_bytes = {max_bytes} bytes on every replica: \
+         lower nats.max_bytes, or give the server more (jetstream {{ max_file_store }}, \
+         which defaults to 75 % of the free disk)"
+    )
 }
 
 async fn ensure_consumer(stream: &Stream, settings: &Intake) -> Result<PullConsumer, IntakeError> {

@@ -380,6 +380,27 @@ impl Daemon {
         Client::new(Endpoint::Unix(self.socket.clone()))
     }
 
+    /// Waits for a daemon expected to give up on its own (a refused
+    /// start-up); panics with the log if it is still running after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "daemon still running after {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");

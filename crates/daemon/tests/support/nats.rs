@@ -104,12 +104,16 @@ fn wait_listening(port: u16, log: &Path) {
 }
 
 /// One node (`cluster` = None) or a member of a cluster, configured in a
-/// file: JetStream with an explicit fsync policy (docs/SCALING.md).
+/// file: JetStream with an explicit fsync policy (docs/SCALING.md) and an
+/// explicit storage limit. Left to its default, JetStream offers 75 % of the
+/// disk's free space and refuses a stream reserving more (`nats.max_bytes`,
+/// 1 GiB): a test machine with little free disk would fail for a reason
+/// that has nothing to do with convstore. The streams here hold kilobytes.
 fn node(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> NatsNode {
     let store = dir.join(format!("{name}-js"));
     std::fs::create_dir_all(&store).expect("nats storage dir");
     let mut config = format!(
-        "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  max_file_store: 16G\n  sync_interval: always\n}}\n",
         store.display()
     );
     if let Some((cluster_port, routes)) = cluster {
