@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 # fuzz tools).
 scripts/setup.sh --tests
 
+# A CI build happens once: incremental compilation's caches would only take
+# disk (gigabytes for this workspace) and time.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
