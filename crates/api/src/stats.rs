@@ -224,6 +224,10 @@ pub struct PendingView {
     /// Embedded chunks / all stored chunks.
     #[serde(default)]
     pub coverage: Option<f64>,
+    /// Chunks stored `failed` (dead letters, visible in `GET
+    /// /v1/conversations/{id}`; `convstore redrive` puts them back).
+    #[serde(default)]
+    pub failed_chunks: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,7 +9,9 @@
 //! backends are asked with truncation off so an estimate that came out too
 //! low fails loudly instead of losing text.
 
-use crate::model::{Chunk, Conversation, content_hash};
+use std::collections::HashSet;
+
+use crate::model::{Chunk, ContentHash, Conversation, content_hash};
 
 /// Counts tokens exactly as one model reads them. The chunker needs only
 /// this of a model; embedding backends that hold the model's tokenizer
@@ -135,15 +137,7 @@ impl Chunker {
             // byte is dropped.
             last.push_str(&current);
         }
-        chunks
-            .into_iter()
-            .enumerate()
-            .map(|(i, content)| Chunk {
-                seq: i32::try_from(i).unwrap_or(i32::MAX),
-                content_hash: content_hash(&content),
-                content,
-            })
-            .collect()
+        numbered(chunks)
     }
 }
 
@@ -167,7 +161,72 @@ pub fn fit_exactly(chunks: Vec<Chunk>, counter: &dyn TokenCounter) -> Vec<Chunk>
     for chunk in &chunks {
         split_exactly(&chunk.content, counter, limit, &mut pieces);
     }
-    pieces
+    numbered(pieces)
+}
+
+/// Pushes `text` whole when the model reads it whole, else its halves (by
+/// estimate, on natural boundaries), recursively. A single character is
+/// pushed as it is: nothing smaller exists.
+fn split_exactly(text: &str, counter: &dyn TokenCounter, limit: usize, out: &mut Vec<String>) {
+    if counter.count_tokens(text) <= limit {
+        out.push(text.to_string());
+        return;
+    }
+    match halves(text) {
+        Some(pieces) => {
+            for piece in pieces {
+                split_exactly(piece, counter, limit, out);
+            }
+        }
+        None => out.push(text.to_string()),
+    }
+}
+
+/// `text` cut in about half by estimated tokens, on a sentence end, else
+/// whitespace, else a character boundary (two or three consecutive pieces
+/// holding every byte); `None` for a single character, which nothing can
+/// cut.
+pub fn halves(text: &str) -> Option<Vec<&str>> {
+    // A single character: nothing to cut.
+    text.chars().nth(1)?;
+    let pieces = split_to_budget(text, (estimate_tokens(text) / 2).max(1));
+    if pieces.len() >= 2 {
+        return Some(pieces);
+    }
+    // The estimate saw nothing to halve (e.g. control characters it counts
+    // as free): cut at the middle character instead.
+    let middle = text
+        .char_indices()
+        .nth(text.chars().count() / 2)
+        .map_or(text.len(), |(i, _)| i);
+    Some(vec![&text[..middle], &text[middle..]])
+}
+
+/// Replaces every chunk whose content hash is in `refused` (a backend said
+/// it is longer than the model reads) by its [`halves`], in place: same
+/// bytes, same order, the chunks renumbered. A refused single character is
+/// kept as it is (the embedding stage marks it failed). Used until no
+/// backend refuses a piece, so each round halves only what was refused.
+pub fn split_refused(chunks: Vec<Chunk>, refused: &HashSet<ContentHash>) -> Vec<Chunk> {
+    if !chunks.iter().any(|c| refused.contains(&c.content_hash)) {
+        return chunks;
+    }
+    let mut contents = Vec::with_capacity(chunks.len() + 1);
+    for chunk in chunks {
+        if refused.contains(&chunk.content_hash)
+            && let Some(pieces) = halves(&chunk.content)
+        {
+            contents.extend(pieces.into_iter().map(str::to_string));
+        } else {
+            contents.push(chunk.content);
+        }
+    }
+    numbered(contents)
+}
+
+/// Chunks of `contents`, numbered from 0.
+fn numbered(contents: Vec<String>) -> Vec<Chunk> {
+    contents
         .into_iter()
         .enumerate()
         .map(|(i, content)| Chunk {
@@ -176,29 +235,6 @@ pub fn fit_exactly(chunks: Vec<Chunk>, counter: &dyn TokenCounter) -> Vec<Chunk>
             content,
         })
         .collect()
-}
-
-/// Pushes `text` whole when the model reads it whole, else its halves (by
-/// estimate, on natural boundaries), recursively. A single character is
-/// pushed as it is: nothing smaller exists.
-fn split_exactly(text: &str, counter: &dyn TokenCounter, limit: usize, out: &mut Vec<String>) {
-    if text.chars().nth(1).is_none() || counter.count_tokens(text) <= limit {
-        out.push(text.to_string());
-        return;
-    }
-    let mut pieces = split_to_budget(text, (estimate_tokens(text) / 2).max(1));
-    if pieces.len() < 2 {
-        // The estimate saw nothing to halve (e.g. control characters it
-        // counts as free): cut at the middle character instead.
-        let middle = text
-            .char_indices()
-            .nth(text.chars().count() / 2)
-            .map_or(text.len(), |(i, _)| i);
-        pieces = vec![&text[..middle], &text[middle..]];
-    }
-    for piece in pieces {
-        split_exactly(piece, counter, limit, out);
-    }
 }
 
 /// Splits `text` into consecutive pieces of at most `room` estimated tokens,
@@ -439,6 +475,50 @@ mod tests {
             for chunk in &chunks {
                 prop_assert!(
                     counter.count_tokens(&chunk.content) <= limit || chunk.content.chars().count() == 1,
+                    "{:?}", chunk.content
+                );
+            }
+        }
+
+        /// What a backend refusing every input over `limit` bytes makes of
+        /// a conversation: rounds of `split_refused` end with every piece
+        /// accepted (or a lone character), every byte kept in order, the
+        /// pieces numbered from 0, and each round touching only what was
+        /// refused.
+        #[test]
+        fn split_refused_rounds_end_with_every_piece_accepted(
+            text in "[a-z0-9 .\n日😀\u{1}]{0,600}",
+            limit in 4usize..80,
+        ) {
+            let c = Conversation { transcript: Some(text.clone()), ..conversation(&[]) };
+            let mut chunks = Chunker::new(512, 0).chunk(&c);
+            for _round in 0..64 {
+                let refused: HashSet<ContentHash> = chunks
+                    .iter()
+                    .filter(|c| c.content.len() > limit)
+                    .map(|c| c.content_hash)
+                    .collect();
+                let kept: Vec<String> = chunks
+                    .iter()
+                    .filter(|c| !refused.contains(&c.content_hash))
+                    .map(|c| c.content.clone())
+                    .collect();
+                let next = split_refused(chunks.clone(), &refused);
+                for k in &kept {
+                    prop_assert!(next.iter().any(|c| &c.content == k));
+                }
+                if next == chunks {
+                    break;
+                }
+                chunks = next;
+            }
+            let joined: String = chunks.iter().map(|c| c.content.as_str()).collect();
+            prop_assert_eq!(joined, text);
+            for (i, chunk) in chunks.iter().enumerate() {
+                prop_assert_eq!(chunk.seq, i as i32);
+                prop_assert_eq!(chunk.content_hash, content_hash(&chunk.content));
+                prop_assert!(
+                    chunk.content.len() <= limit || chunk.content.chars().count() == 1,
                     "{:?}", chunk.content
                 );
             }

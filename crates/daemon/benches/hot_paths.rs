@@ -325,12 +325,56 @@ fn chunker(c: &mut Criterion<Clock>, d: &Data) {
     group.finish();
 }
 
+/// A caller's `traceparent` (W3C trace context, sampled).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// What traces add to the ack path per conversation: the request's span
+/// (continuing its `traceparent`) and the `queue.wait` span, opened and
+/// then closed as the batch closes it; around the same parse + validate.
+fn traced_admission(body: &[u8]) {
+    // What `post_conversation` does with the header (off: `Span::none`).
+    let span =
+        convstore_telemetry::traces::request_span("conversation.post", Some(TRACEPARENT), None);
+    let carried = span.in_scope(|| {
+        let conversation = parse_conversation(black_box(body), LIMITS).expect("valid");
+        black_box(conversation);
+        convstore_telemetry::traces::Carried::enqueued()
+    });
+    if let Some(mut carried) = carried {
+        black_box(carried.dequeued());
+    }
+}
+
+/// Traces off (the default) and on, on the same admission work: off must
+/// cost nothing measurable. Runs last: "on" installs the exporter (to a
+/// port nothing listens on; the spans are exported from a thread of its
+/// own, which is not this thread's CPU time).
+fn traces(c: &mut Criterion<Clock>, d: &Data) {
+    let mut group = c.benchmark_group("traces");
+    let body = &d.bodies[d.typical];
+    group.bench_function("admission_traces_off", |b| {
+        b.iter(|| traced_admission(body))
+    });
+    let log = convstore_telemetry::settings::LogSettings {
+        level: "warn".into(),
+        ..Default::default()
+    };
+    let telemetry = convstore_telemetry::traces::TelemetrySettings {
+        otlp_endpoint: "http://127.0.0.1:9".into(),
+        ..Default::default()
+    };
+    convstore_telemetry::logging::init_with_traces(&log, &telemetry).expect("traces");
+    group.bench_function("admission_traces_on", |b| b.iter(|| traced_admission(body)));
+    group.finish();
+}
+
 fn hot_paths(c: &mut Criterion<Clock>) {
     let d = data();
     ingest(c, &d);
     copy_encode(c, &d);
     cache(c, &d);
     chunker(c, &d);
+    traces(c, &d);
 }
 
 criterion_group! {

@@ -20,6 +20,10 @@ pub use convstore_store::settings::{
     DatabaseSettings, ManagedClusterSettings, RetentionSettings, WriteMethod,
 };
 pub use convstore_telemetry::settings::{LogFormat, LogSettings};
+pub use convstore_telemetry::traces::TelemetrySettings;
+
+/// The least `max_batch_tokens` may be: a request must hold a chunk.
+const MIN_BATCH_TOKENS: usize = 64;
 
 /// Everything convstore can be told. Key names are a contract (DESIGN.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +32,8 @@ pub struct Settings {
     /// Managed cluster, journal and models live here.
     pub state_dir: PathBuf,
     pub log: LogSettings,
+    /// Traces (OTLP/HTTP); off by default.
+    pub telemetry: TelemetrySettings,
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub queue: QueueSettings,
@@ -54,6 +60,7 @@ impl Default for Settings {
         Self {
             state_dir: default_state_dir(),
             log: LogSettings::default(),
+            telemetry: TelemetrySettings::default(),
             server: ServerSettings::default(),
             database: DatabaseSettings::default(),
             queue: QueueSettings::default(),
@@ -580,6 +587,9 @@ impl Settings {
                 ),
             ));
         }
+        if let Err((key, reason)) = self.telemetry.validate() {
+            return Err(ConfigError::invalid(format!("telemetry.{key}"), reason));
+        }
         if self.server.http_addr.is_empty() && self.server.unix_socket.is_empty() {
             return Err(ConfigError::invalid(
                 "server.http_addr",
@@ -734,6 +744,29 @@ impl Settings {
                         ),
                     ));
                 }
+            }
+            if !backend.tokenizer.is_empty() {
+                if backend.kind == BackendKind::Builtin {
+                    return Err(ConfigError::invalid(
+                        key("tokenizer"),
+                        "a kind = \"builtin\" backend counts with its model's own tokenizer",
+                    ));
+                }
+                if !Path::new(&backend.tokenizer).is_absolute() {
+                    return Err(ConfigError::invalid(
+                        key("tokenizer"),
+                        format!("`{}` must be an absolute path", backend.tokenizer),
+                    ));
+                }
+            }
+            if backend.max_batch_tokens != 0 && backend.max_batch_tokens < MIN_BATCH_TOKENS {
+                return Err(ConfigError::invalid(
+                    key("max_batch_tokens"),
+                    format!(
+                        "{} is below {MIN_BATCH_TOKENS}, less than one chunk; 0 means no limit",
+                        backend.max_batch_tokens
+                    ),
+                ));
             }
             if !backend.model_dir.is_empty() {
                 if backend.kind != BackendKind::Builtin {

@@ -77,6 +77,7 @@ async fn sample_pending(stats: &Stats, store: &Store) {
                     chunks: f.chunks,
                     oldest_age_seconds: f.oldest_pending_age_seconds,
                     coverage: Some(f.coverage()),
+                    failed_chunks: Some(f.failed_chunks),
                 },
                 Instant::now(),
             );

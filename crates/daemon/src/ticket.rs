@@ -28,6 +28,7 @@ use uuid::Uuid;
 use convstore_core::lifecycle::{Discard, StampedChange};
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
+use convstore_telemetry::traces::{Carried, Link};
 
 /// How a conversation's trip through the pipeline ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The `outcome` of the change's `ack` span.
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Discarded(_) => "discarded",
+            Self::Rejected(_) => "rejected",
+            Self::NotStored(_) => "not_stored",
+            Self::Lost => "lost",
+        }
+    }
+
     /// Whether the journal record can go: nothing a replay could fix.
     fn releases_journal(&self) -> bool {
         matches!(self, Self::Stored | Self::Discarded(_) | Self::Rejected(_))
@@ -171,6 +183,8 @@ pub struct Ticket {
     waiter: Option<oneshot::Sender<Outcome>>,
     release: Option<Release>,
     done: bool,
+    /// The change's trace, when traced (`convstore_telemetry::traces`).
+    trace: Option<Carried>,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -198,6 +212,7 @@ impl Ticket {
             waiter: None,
             release: None,
             done: false,
+            trace: Carried::enqueued(),
         }
     }
 
@@ -239,6 +254,19 @@ impl Ticket {
         self.id
     }
 
+    /// A batch took the change: its queue wait ends; the trace context a
+    /// batch links to, when it is traced.
+    pub fn dequeued(&mut self) -> Option<Link> {
+        self.trace.as_mut().map(Carried::dequeued)
+    }
+
+    /// The batch that carries it, for the ack's link.
+    pub fn carried_by(&mut self, batch: &tracing::Span) {
+        if let Some(trace) = &mut self.trace {
+            trace.carried_by(batch);
+        }
+    }
+
     pub fn is_journaled(&self) -> bool {
         self.release.is_some()
     }
@@ -274,6 +302,9 @@ impl Ticket {
             && let Some(release) = self.release.take()
         {
             release();
+        }
+        if let Some(trace) = self.trace.take() {
+            trace.acked(outcome.as_str());
         }
         if let Some(waiter) = self.waiter.take() {
             // The waiter may have given up (timeout): fine.

@@ -142,7 +142,7 @@ async fn input_over_the_limit_is_rejected_not_truncated() {
     assert_eq!(backend.count_tokens(&at_limit), MAX_TOKENS);
 
     match backend.embed(&["short".to_string(), over.clone()]).await {
-        Err(EmbedError::Rejected { message, .. }) => {
+        Err(EmbedError::TooLong { message, .. }) => {
             assert!(message.contains("257 tokens"), "{message}");
         }
         other => panic!("expected a rejection, got {other:?}"),

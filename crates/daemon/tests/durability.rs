@@ -1279,13 +1279,7 @@ async fn assert_stored_once(db: &PgPool, ids: &[String], limit: Duration) -> Dur
 }
 
 async fn scrape(base: &str) -> Scrape {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    Scrape::parse(&text).expect("exposition")
+    support::exposition::scrape(&reqwest::Client::new(), base).await
 }
 
 /// Posts ~3 KB conversations `tag-N` (every fifth `?wait=durable`) until

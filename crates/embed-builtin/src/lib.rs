@@ -12,7 +12,7 @@
 //! `tests/builtin.rs` against `tests/fixtures/builtin_parity/`), so they can
 //! be mixed with Ollama's `all-minilm` in one router. Nothing is truncated:
 //! an input over the model's `max_seq_length` is
-//! [`EmbedError::Rejected`], and the chunker avoids sending one by asking
+//! [`EmbedError::TooLong`], and the chunker avoids sending one by asking
 //! [`Embedder::token_counter`].
 
 pub mod batching;

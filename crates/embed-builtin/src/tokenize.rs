@@ -38,26 +38,15 @@ impl ModelTokenizer {
     /// (all-MiniLM-L6-v2's cuts at 128 and pads to 128) are switched off:
     /// batches are padded by the model code, and truncation never happens.
     pub fn load(path: &Path, max_tokens: usize) -> Result<Self, EmbedError> {
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| {
-            EmbedError::ModelUnavailable(format!(
-                "builtin model: cannot load the tokenizer {}: {e}",
-                path.display()
-            ))
-        })?;
-        tokenizer.with_padding(None);
-        tokenizer.with_truncation(None).map_err(|e| {
-            EmbedError::ModelUnavailable(format!(
-                "builtin model: cannot switch off truncation in {}: {e}",
-                path.display()
-            ))
-        })?;
+        let tokenizer = convstore_embed::tokenizer::load(path)
+            .map_err(|e| EmbedError::ModelUnavailable(format!("builtin model: {e}")))?;
         Ok(Self {
             tokenizer,
             max_tokens,
         })
     }
 
-    /// Tokenizes `text` with the special tokens; `Rejected` when it is
+    /// Tokenizes `text` with the special tokens; `TooLong` when it is
     /// longer than the model reads (sentence-transformers would silently
     /// drop the end).
     pub fn encode(&self, text: &str) -> Result<Encoded, EmbedError> {
@@ -69,7 +58,7 @@ impl ModelTokenizer {
                     message: format!("the builtin model's tokenizer refused the input: {e}"),
                 })?;
         if encoding.len() > self.max_tokens {
-            return Err(EmbedError::Rejected {
+            return Err(EmbedError::TooLong {
                 status: 413,
                 message: format!(
                     "input is {} tokens, the model reads at most {}; it would be truncated",

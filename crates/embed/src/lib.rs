@@ -12,6 +12,7 @@ pub mod query;
 pub mod response;
 pub mod router;
 pub mod settings;
+pub mod tokenizer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,14 @@ pub enum EmbedError {
     /// the inputs is at fault.
     #[error("backend rejected the input: HTTP {status}: {message}")]
     Rejected { status: u16, message: String },
+    /// The backend refused an input as longer than its model reads
+    /// (Ollama's 400 "the input length exceeds the context length", an
+    /// OpenAI-compatible server's "maximum context length", TEI's 413/422
+    /// "must have less than N tokens"): the input is at fault, and a
+    /// shorter one would be taken. The pipeline splits it
+    /// (convstore_core::chunker::split_refused); it is never retried as is.
+    #[error("backend refused an input as too long: HTTP {status}: {message}")]
+    TooLong { status: u16, message: String },
     /// The model is missing or cannot embed (404, no embedding capability):
     /// an operator must act.
     #[error("model unavailable: {0}")]
@@ -87,6 +96,35 @@ pub enum EmbedError {
 }
 
 impl EmbedError {
+    /// The error for a refused input (400, 413, 422): [`Self::TooLong`] when
+    /// the backend says the input is over its length, else
+    /// [`Self::Rejected`]. Backends word it differently (see
+    /// `../shared/reference/embedding-apis.md`): Ollama's texts changed
+    /// across versions but all say "context length"; OpenAI and vLLM say
+    /// "maximum context length"; TEI says "must have less than N tokens".
+    pub fn refused(status: u16, message: String) -> Self {
+        let lower = message.to_ascii_lowercase();
+        let too_long = lower.contains("context length")
+            || lower.contains("context_length")
+            || (lower.contains("tokens")
+                && (lower.contains("less than")
+                    || lower.contains("too long")
+                    || lower.contains("maximum")
+                    || lower.contains("exceed")))
+            || lower.contains("input is too long");
+        if too_long {
+            Self::TooLong { status, message }
+        } else {
+            Self::Rejected { status, message }
+        }
+    }
+
+    /// The input, not the backend, is at fault: another backend or a retry
+    /// would refuse it too.
+    pub fn is_input_refusal(&self) -> bool {
+        matches!(self, Self::Rejected { .. } | Self::TooLong { .. })
+    }
+
     /// Whether the same request may succeed later unchanged.
     pub fn is_retryable(&self) -> bool {
         matches!(

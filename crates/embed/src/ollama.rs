@@ -163,10 +163,7 @@ impl OllamaBackend {
         let message = error_message(body);
         let code = status.as_u16();
         match code {
-            400 | 413 | 422 => EmbedError::Rejected {
-                status: code,
-                message,
-            },
+            400 | 413 | 422 => EmbedError::refused(code, message),
             404 => EmbedError::ModelUnavailable(format!(
                 "backend `{}` has no model `{}` ({message}); run `ollama pull {}` on it",
                 self.name, self.model, self.model
@@ -632,7 +629,7 @@ mod tests {
             ]))
             .await
         {
-            Err(EmbedError::Rejected {
+            Err(EmbedError::TooLong {
                 status: 400,
                 message,
             }) => {

@@ -172,10 +172,7 @@ impl OpenAiBackend {
         let message = error_message(body);
         let code = status.as_u16();
         match code {
-            400 | 413 | 422 => EmbedError::Rejected {
-                status: code,
-                message,
-            },
+            400 | 413 | 422 => EmbedError::refused(code, message),
             401 | 403 => EmbedError::ModelUnavailable(format!(
                 "backend `{}` refused the key with HTTP {code} ({message}); check api_key_env and the key",
                 self.name
@@ -525,7 +522,7 @@ mod tests {
         ));
         assert!(matches!(
             call("long").await,
-            Err(EmbedError::Rejected { status: 400, message }) if message.contains("context length")
+            Err(EmbedError::TooLong { status: 400, message }) if message.contains("context length")
         ));
         assert!(matches!(
             call("busy").await,

@@ -163,6 +163,10 @@ pub fn search_specs(
             weight,
             max_in_flight: in_flight.max(1),
             timeout,
+            // One query per call, and few of them: not paced (ingest and
+            // the backfill are, by the backend's own limits).
+            max_batch_tokens: 0,
+            pace: crate::router::pace::PaceConfig::default(),
         })
         .collect()
 }

@@ -111,6 +111,18 @@ pub struct BackendSettings {
     /// ollama, openai: the most of one answer read into memory; a longer
     /// answer is a failure of this backend (`crate::response`).
     pub max_response_bytes: NonZeroU64,
+    /// ollama, openai: the model's `tokenizer.json` (absolute path). Empty
+    /// = none: chunks are cut by the estimate, and a chunk the backend
+    /// refuses as too long is split (`crate::tokenizer`).
+    pub tokenizer: String,
+    /// Most tokens (all inputs summed) in one request; 0 = no limit
+    /// (`router::pack`).
+    pub max_batch_tokens: usize,
+    /// Requests per minute this backend may be sent; 0 = no limit
+    /// (`router::pace`).
+    pub requests_per_minute: u32,
+    /// Tokens per minute this backend may be sent; 0 = no limit.
+    pub tokens_per_minute: u64,
 }
 
 impl Default for BackendSettings {
@@ -127,6 +139,10 @@ impl Default for BackendSettings {
             model_dir: String::new(),
             encoding_format: EncodingFormat::Base64,
             max_response_bytes: const { nz_u64(crate::response::DEFAULT_MAX_RESPONSE_BYTES) },
+            tokenizer: String::new(),
+            max_batch_tokens: 0,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
         }
     }
 }

@@ -33,7 +33,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use convstore_core::model::ContentHash;
+use convstore_core::model::{ContentHash, EmbeddedChunk};
+
+use crate::write::{ChunkRow, unnest_chunks};
 
 /// A chunk waiting for its vector, as claimed by a round.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +58,11 @@ pub enum BackfillResult {
     Failed(String),
     /// Not embedded this time; try again later.
     Deferred,
+    /// A backend refused it as too long: it becomes these consecutive
+    /// pieces (every byte of it, in order; `seq` numbers them from 0),
+    /// each with what became of it, and the conversation's later chunks
+    /// move up to make room.
+    Split(Vec<EmbeddedChunk>),
 }
 
 /// When a deferred chunk is tried again: `base · 2^attempts`, at most
@@ -73,6 +80,8 @@ pub struct BackfillOutcome {
     pub embedded: usize,
     pub failed: usize,
     pub deferred: usize,
+    /// Chunks stored as pieces because a backend refused them as too long.
+    pub split: usize,
     /// Conversations whose status was recomputed.
     pub conversations: usize,
 }
@@ -130,6 +139,24 @@ FROM UNNEST($1::uuid[], $2::int4[], $5::text[]) AS u(id, seq, user_id)
 WHERE c.user_id = u.user_id AND c.conversation_id = u.id AND c.seq = u.seq
   AND c.embedding_status = 'pending'";
 
+/// Seq numbers no chunk reaches (a conversation holds at most
+/// `server.max_body_bytes` of text): the later chunks of a split pass
+/// through this range so no statement ever meets two rows with one key
+/// (the primary key is checked row by row, not deferred).
+const SEQ_PARKING: i32 = 1 << 30;
+
+const PARK_LATER_CHUNKS: &str = "\
+UPDATE conversation_chunks SET seq = seq + $4
+WHERE user_id = $1 AND conversation_id = $2 AND seq > $3";
+
+const UNPARK_LATER_CHUNKS: &str = "\
+UPDATE conversation_chunks SET seq = seq - $3 + $4
+WHERE user_id = $1 AND conversation_id = $2 AND seq >= $3";
+
+const DELETE_SPLIT_CHUNK: &str = "\
+DELETE FROM conversation_chunks
+WHERE user_id = $1 AND conversation_id = $2 AND seq = $3 AND embedding_status = 'pending'";
+
 const LOCK_CONVERSATIONS: &str = "\
 SELECT c.id FROM conversations c JOIN UNNEST($1::text[], $2::uuid[]) AS u(user_id, id)
   ON c.user_id = u.user_id AND c.id = u.id
@@ -155,6 +182,71 @@ SELECT
   (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'failed'),
   (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'),
   (SELECT count(*) FROM conversations WHERE embedding_status = 'failed')";
+
+/// Replaces the pending chunk `seq` of a conversation by `pieces`, moving
+/// its later chunks up by `pieces.len() - 1`. False (and nothing changed)
+/// when the chunk is no longer pending (a newer version replaced it).
+async fn split_chunk(
+    tx: &mut sqlx::PgConnection,
+    model: &str,
+    id: Uuid,
+    user: &str,
+    seq: i32,
+    pieces: &[EmbeddedChunk],
+) -> Result<bool, StoreError> {
+    let Some(extra) = pieces
+        .len()
+        .checked_sub(1)
+        .and_then(|n| i32::try_from(n).ok())
+        .filter(|n| seq.checked_add(*n).is_some_and(|last| last < SEQ_PARKING))
+    else {
+        return Ok(false);
+    };
+    let deleted = sqlx::query(DELETE_SPLIT_CHUNK)
+        .bind(user)
+        .bind(id)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Ok(false);
+    }
+    if extra > 0 {
+        sqlx::query(PARK_LATER_CHUNKS)
+            .bind(user)
+            .bind(id)
+            .bind(seq)
+            .bind(SEQ_PARKING)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(UNPARK_LATER_CHUNKS)
+            .bind(user)
+            .bind(id)
+            .bind(SEQ_PARKING)
+            .bind(extra)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let now = chrono::Utc::now();
+    let rows: Vec<ChunkRow<'_>> = pieces
+        .iter()
+        .zip(seq..)
+        .map(|(p, seq)| ChunkRow {
+            conversation_id: id,
+            user_id: user,
+            seq,
+            content: &p.chunk.content,
+            content_hash: &p.chunk.content_hash,
+            model,
+            embedding: p.vector.vector(),
+            status: p.vector.status(),
+            error: p.vector.error(),
+            embedded_at: p.vector.vector().is_some().then_some(now),
+        })
+        .collect();
+    unnest_chunks(&mut *tx, &rows).await?;
+    Ok(true)
+}
 
 impl Store {
     /// One backfill round: claims up to `limit` pending chunks of `model`
@@ -222,6 +314,7 @@ impl Store {
         let mut embedded = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut failed = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut deferred = (Vec::new(), Vec::new(), Vec::new());
+        let mut splits = Vec::new();
         // (row id, user): in row id order, the order rows are locked in.
         let mut touched = BTreeSet::new();
         for ((id, seq, user), result) in keys.into_iter().zip(results) {
@@ -256,6 +349,10 @@ impl Store {
                     deferred.1.push(seq);
                     deferred.2.push(user);
                 }
+                BackfillResult::Split(pieces) => {
+                    touched.insert((id, user.clone()));
+                    splits.push((id, user, seq, pieces));
+                }
             }
         }
         if !embedded.0.is_empty() {
@@ -288,6 +385,15 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             outcome.deferred = usize::try_from(done.rows_affected()).unwrap_or(0);
+        }
+        // After the updates above, which address chunks by their seq as
+        // claimed; from a conversation's last split to its first, so
+        // moving later chunks never moves one still to be split.
+        splits.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)).reverse());
+        for (id, user, seq, pieces) in &splits {
+            if split_chunk(&mut tx, model, *id, user, *seq, pieces).await? {
+                outcome.split += 1;
+            }
         }
         if !touched.is_empty() {
             let (ids, users): (Vec<Uuid>, Vec<String>) = touched.into_iter().unzip();

@@ -98,27 +98,36 @@ impl Store {
     /// partial indexes on the status; the coverage counts every chunk (one
     /// scan of the chunk table, every `PENDING_EVERY` of the daemon).
     pub async fn embedding_freshness(&self) -> Result<EmbeddingFreshness, StoreError> {
-        let (conversations, chunks, total, embedded, oldest): (i64, i64, i64, i64, Option<f64>) =
-            sqlx::query_as(
-                "SELECT \
-                   (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'), \
-                   (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending'), \
-                   c.total, c.embedded, \
-                   (SELECT extract(epoch FROM now() - min(coalesce(updated_at, stored_at)))::float8 \
-                      FROM conversations WHERE embedding_status = 'pending') \
-                 FROM (SELECT count(*) AS total, \
-                              count(*) FILTER (WHERE embedding_status = 'embedded') AS embedded \
-                       FROM conversation_chunks) c",
-            )
-            .fetch_one(self.pool())
-            .await
-            .map_err(StoreError::from)?;
+        #[allow(clippy::type_complexity)]
+        let (conversations, chunks, total, embedded, failed, oldest): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<f64>,
+        ) = sqlx::query_as(
+            "SELECT \
+               (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'), \
+               (SELECT count(*) FROM conversation_chunks WHERE embedding_status = 'pending'), \
+               c.total, c.embedded, c.failed, \
+               (SELECT extract(epoch FROM now() - min(coalesce(updated_at, stored_at)))::float8 \
+                  FROM conversations WHERE embedding_status = 'pending') \
+             FROM (SELECT count(*) AS total, \
+                          count(*) FILTER (WHERE embedding_status = 'embedded') AS embedded, \
+                          count(*) FILTER (WHERE embedding_status = 'failed') AS failed \
+                   FROM conversation_chunks) c",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(StoreError::from)?;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
         Ok(EmbeddingFreshness {
             conversations: count(conversations),
             chunks: count(chunks),
             total_chunks: count(total),
             embedded_chunks: count(embedded),
+            failed_chunks: count(failed),
             oldest_pending_age_seconds: oldest.map(|s| s.max(0.0)),
         })
     }
@@ -284,6 +293,9 @@ pub struct EmbeddingFreshness {
     pub chunks: u64,
     pub total_chunks: u64,
     pub embedded_chunks: u64,
+    /// Chunks a backend refused for good (dead letters; `convstore
+    /// redrive` puts them back).
+    pub failed_chunks: u64,
     /// Since the oldest waiting conversation was stored (or last changed);
     /// `None` when nothing waits.
     pub oldest_pending_age_seconds: Option<f64>,

@@ -826,18 +826,18 @@ fn bind_conversations<'q, Q: BindColumns<'q>>(
 }
 
 /// One `conversation_chunks` row, borrowed from the batch.
-struct ChunkRow<'a> {
-    conversation_id: Uuid,
+pub(crate) struct ChunkRow<'a> {
+    pub(crate) conversation_id: Uuid,
     /// The conversation's user: the distribution column, in every key.
-    user_id: &'a str,
-    seq: i32,
-    content: &'a str,
-    content_hash: &'a [u8],
-    model: &'a str,
-    embedding: Option<&'a [f32]>,
-    status: EmbeddingStatus,
-    error: Option<&'a str>,
-    embedded_at: Option<DateTime<Utc>>,
+    pub(crate) user_id: &'a str,
+    pub(crate) seq: i32,
+    pub(crate) content: &'a str,
+    pub(crate) content_hash: &'a [u8],
+    pub(crate) model: &'a str,
+    pub(crate) embedding: Option<&'a [f32]>,
+    pub(crate) status: EmbeddingStatus,
+    pub(crate) error: Option<&'a str>,
+    pub(crate) embedded_at: Option<DateTime<Utc>>,
 }
 
 fn chunk_rows(
@@ -916,7 +916,7 @@ fn encode_chunk_row(enc: &mut CopyEncoder, row: &ChunkRow<'_>) -> Result<(), Cop
 }
 
 /// The chunk rows as one `INSERT ... SELECT FROM UNNEST(arrays)`.
-async fn unnest_chunks(
+pub(crate) async fn unnest_chunks(
     conn: &mut PgConnection,
     rows: &[ChunkRow<'_>],
 ) -> Result<usize, StoreError> {

@@ -513,6 +513,7 @@ mod tests {
                 growing: true,
                 oldest_age_seconds: Some(30.0),
                 coverage: Some(0.9),
+                failed_chunks: Some(0),
             }),
             counts: WindowCounts {
                 stored: 80,

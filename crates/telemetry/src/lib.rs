@@ -1,5 +1,6 @@
-//! Logs and metrics: metric names, the Prometheus recorder, log set-up,
-//! and what operators watch: `/v1/stats` (rolling windows fed by a
+//! Logs, metrics and traces: metric names, the Prometheus recorder, log
+//! set-up, the OTLP trace exporter and its spans (`traces`), and what
+//! operators watch: `/v1/stats` (rolling windows fed by a
 //! recorder layer, health verdict, bottleneck), process metrics, the
 //! status page.
 
@@ -12,5 +13,6 @@ pub mod recorder;
 pub mod settings;
 pub mod stats;
 pub mod tap;
+pub mod traces;
 pub mod ui;
 pub mod window;

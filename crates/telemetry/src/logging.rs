@@ -3,9 +3,12 @@
 
 use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::settings::{LogFormat, LogSettings};
+use crate::traces::TelemetrySettings;
 
 /// Replaces the installed filter; set by the `init` call that installed the
 /// global subscriber.
@@ -33,42 +36,71 @@ fn rust_log() -> Option<String> {
         .filter(|v| !v.trim().is_empty())
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over
-/// `log.level` so an operator can raise verbosity without editing config.
+/// Installs the global subscriber, without traces.
 pub fn init(settings: &LogSettings) {
+    // Without an endpoint there is no exporter to fail.
+    let _ = init_with_traces(settings, &TelemetrySettings::default());
+}
+
+/// Installs the global subscriber: the log (`[log]`, its level reloadable)
+/// and, when `[telemetry] otlp_endpoint` is set, the trace exporter
+/// (`crate::traces`). `RUST_LOG`, when set, wins over `log.level` so an
+/// operator can raise verbosity without editing config. A second call
+/// (tests starting several servers) keeps the first subscriber.
+///
+/// One filter serves every layer: per-layer filters decide per thread,
+/// and under a multi-threaded runtime they disabled spans at random. The
+/// trace spans pass it whatever the log level (`with_trace_spans`).
+pub fn init_with_traces(
+    settings: &LogSettings,
+    telemetry: &TelemetrySettings,
+) -> Result<(), String> {
+    let traces = crate::traces::layer(telemetry)?;
     let filter = rust_log()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&settings.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into journald or files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // The reloadable filter goes last: its handle's type names the
-    // finished subscriber. A second init (tests starting several servers)
-    // is harmless: keep the first.
-    match settings.format {
-        LogFormat::Json => {
-            let builder = builder
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(with_trace_spans(filter));
+    // Colour only for a person at a terminal, never into journald or files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log: Box<dyn Layer<_> + Send + Sync> = match settings.format {
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
                 .json()
-                .with_env_filter(filter)
-                .with_filter_reloading();
-            let handle = builder.reload_handle();
-            if builder.try_init().is_ok() {
-                let _ = SET_FILTER.set(Box::new(move |f| {
-                    handle.reload(f).map_err(|e| e.to_string())
-                }));
-            }
-        }
-        LogFormat::Text => {
-            let builder = builder.with_env_filter(filter).with_filter_reloading();
-            let handle = builder.reload_handle();
-            if builder.try_init().is_ok() {
-                let _ = SET_FILTER.set(Box::new(move |f| {
-                    handle.reload(f).map_err(|e| e.to_string())
-                }));
-            }
-        }
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        ),
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi),
+        ),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(log)
+        .with(traces)
+        .try_init()
+        .is_ok();
+    if installed {
+        let _ = SET_FILTER.set(Box::new(move |f| {
+            handle
+                .reload(with_trace_spans(f))
+                .map_err(|e| e.to_string())
+        }));
+    }
+    Ok(())
+}
+
+/// `filter`, letting the spans that make traces through when traces are
+/// on (they are few per batch; a request's only exist when traced).
+fn with_trace_spans(filter: EnvFilter) -> EnvFilter {
+    if !crate::traces::enabled() {
+        return filter;
+    }
+    match crate::traces::SPAN_DIRECTIVE.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
     }
 }
 

@@ -72,12 +72,16 @@ pub const PROCESS_START_TIME_SECONDS: &str = "convstore_process_start_time_secon
 pub const BACKEND_CIRCUIT_STATE: &str = "convstore_backend_circuit_state";
 pub const BACKEND_CIRCUIT_TRANSITIONS: &str = "convstore_backend_circuit_transitions_total";
 pub const BACKENDS_READY: &str = "convstore_backends_ready";
+pub const CHUNK_BUDGET_TOKENS: &str = "convstore_chunk_budget_tokens";
+pub const BACKEND_CHUNK_BUDGET_TOKENS: &str = "convstore_backend_chunk_budget_tokens";
+pub const EMBED_PACING_WAIT_SECONDS: &str = "convstore_embed_pacing_wait_seconds";
 pub const EMBED_FAILOVERS: &str = "convstore_embed_failovers_total";
 pub const EMBED_RETRIES: &str = "convstore_embed_retries_total";
 pub const BACKFILL_CHUNKS: &str = "convstore_backfill_chunks_total";
 pub const CHUNKS_FAILED_EMBEDDING: &str = "convstore_chunks_failed_embedding";
 /// Failed chunks put back to pending by `POST /v1/admin/redrive`.
 pub const CHUNKS_REDRIVEN: &str = "convstore_chunks_redriven_total";
+pub const CHUNKS_SPLIT_ON_REFUSAL: &str = "convstore_chunks_split_on_refusal_total";
 pub const CONVERSATIONS_FAILED_EMBEDDING: &str = "convstore_conversations_failed_embedding";
 // Search (issue 9; docs/SEARCH.md). Recorded by the daemon's `http::search`.
 /// Searches by transport and outcome (`ok`, or the error code).
@@ -207,11 +211,15 @@ pub const ALL: &[&str] = &[
     BACKEND_CIRCUIT_STATE,
     BACKEND_CIRCUIT_TRANSITIONS,
     BACKENDS_READY,
+    CHUNK_BUDGET_TOKENS,
+    BACKEND_CHUNK_BUDGET_TOKENS,
+    EMBED_PACING_WAIT_SECONDS,
     EMBED_FAILOVERS,
     EMBED_RETRIES,
     BACKFILL_CHUNKS,
     CHUNKS_FAILED_EMBEDDING,
     CHUNKS_REDRIVEN,
+    CHUNKS_SPLIT_ON_REFUSAL,
     CONVERSATIONS_FAILED_EMBEDDING,
     SEARCH_REQUESTS,
     SEARCH_SECONDS,
@@ -548,6 +556,19 @@ pub fn describe() {
         BACKENDS_READY,
         "Backends up (last probe fine, right dimension) with their circuit not open."
     );
+    describe_gauge!(
+        CHUNK_BUDGET_TOKENS,
+        "Estimated tokens a chunk may cost: the smallest context of the usable backends, or less after a backend refused an input as too long."
+    );
+    describe_gauge!(
+        BACKEND_CHUNK_BUDGET_TOKENS,
+        "Estimated tokens a chunk may cost at this backend: its reported context, or less after it refused an input as too long."
+    );
+    describe_histogram!(
+        EMBED_PACING_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a request waited to stay within its backend's requests_per_minute / tokens_per_minute."
+    );
     describe_counter!(
         EMBED_FAILOVERS,
         "Embedding calls a backend failed that were sent on to another backend."
@@ -559,6 +580,10 @@ pub fn describe() {
     describe_counter!(
         BACKFILL_CHUNKS,
         "Pending chunks the backfill handled, by outcome (embedded, failed, deferred)."
+    );
+    describe_counter!(
+        CHUNKS_SPLIT_ON_REFUSAL,
+        "Chunks a backend refused as too long that were stored as smaller pieces instead."
     );
     describe_counter!(
         CHUNKS_REDRIVEN,

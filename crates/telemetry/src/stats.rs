@@ -148,6 +148,7 @@ struct PendingSample {
     chunks: u64,
     oldest_age_seconds: Option<f64>,
     coverage: Option<f64>,
+    failed_chunks: Option<u64>,
 }
 
 /// What the database said about embedding, sampled by the daemon.
@@ -159,6 +160,8 @@ pub struct PendingCounts {
     pub oldest_age_seconds: Option<f64>,
     /// Embedded chunks / all chunks.
     pub coverage: Option<f64>,
+    /// Chunks stored `failed` (dead letters).
+    pub failed_chunks: Option<u64>,
 }
 
 /// How long pending-embedding samples are kept to tell whether the count
@@ -256,6 +259,7 @@ impl Stats {
             chunks: counts.chunks,
             oldest_age_seconds: counts.oldest_age_seconds,
             coverage: counts.coverage,
+            failed_chunks: counts.failed_chunks,
         });
         while history
             .front()
@@ -507,6 +511,7 @@ impl Stats {
             growing: last.conversations > first.conversations,
             oldest_age_seconds: last.oldest_age_seconds,
             coverage: last.coverage,
+            failed_chunks: last.failed_chunks,
         })
     }
 }
@@ -621,6 +626,7 @@ mod tests {
                 chunks: 9,
                 oldest_age_seconds: Some(12.5),
                 coverage: Some(0.75),
+                failed_chunks: Some(2),
             },
             Instant::now(),
         );
@@ -633,6 +639,7 @@ mod tests {
         assert_eq!(pending.chunks, 9);
         assert_eq!(pending.oldest_age_seconds, Some(12.5));
         assert_eq!(pending.coverage, Some(0.75));
+        assert_eq!(pending.failed_chunks, Some(2));
         assert_eq!(back.queue.oldest_age_seconds, Some(0.5));
     }
 }

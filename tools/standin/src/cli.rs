@@ -71,6 +71,10 @@ pub struct StandinArgs {
     /// Seed of the --failure-rate stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Count tokens with this tokenizer.json (a real WordPiece/BPE
+    /// tokenizer) instead of the stand-in's rule.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl StandinArgs {
@@ -101,6 +105,7 @@ impl StandinArgs {
             down: self.down,
             poison: self.poison.clone(),
             seed: self.seed,
+            tokenizer: self.tokenizer.clone(),
         };
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 
 use super::faults::Outcome;
-use super::vectors::{count_tokens, shorten, standin_vector, truncate_to_tokens};
+use super::vectors::{shorten, standin_vector};
 use super::{Shared, lock};
 
 /// Ollama's text for the 503 its scheduler answers when its queue is full
@@ -199,11 +199,18 @@ impl Shared {
             .filter(|&n| n > 0)
             .map_or(self.context_length, |n| n.min(self.context_length))
             .saturating_sub(1);
+        let counts: Vec<usize> = job.inputs.iter().map(|i| self.tokens.count(i)).collect();
+        {
+            let mut stats = lock(&self.stats);
+            let call: u64 = counts.iter().map(|&c| c as u64).sum();
+            stats.max_call_tokens = stats.max_call_tokens.max(call);
+            stats.max_call_inputs = stats.max_call_inputs.max(job.inputs.len() as u64);
+        }
         let mut texts: Vec<&str> = Vec::with_capacity(job.inputs.len());
         let mut tokens = 0u64;
-        for input in &job.inputs {
+        for (input, &count) in job.inputs.iter().zip(&counts) {
             let mut text = input.as_str();
-            let mut count = count_tokens(text);
+            let mut count = count;
             if count > limit {
                 if !job.truncate {
                     return Err(Failure {
@@ -213,8 +220,8 @@ impl Shared {
                         retry_after: None,
                     });
                 }
-                text = truncate_to_tokens(text, limit);
-                count = count_tokens(text);
+                text = self.tokens.truncate(text, limit);
+                count = self.tokens.count(text);
             }
             tokens += count as u64;
             texts.push(text);

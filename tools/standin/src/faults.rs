@@ -101,8 +101,14 @@ pub struct StandinStats {
     pub inputs: u64,
     /// Vectors returned.
     pub embedded: u64,
-    /// Tokens (by the stand-in's rule) in the embedded texts.
+    /// Tokens (by the stand-in's rule or `--tokenizer`) in the embedded
+    /// texts.
     pub tokens: u64,
+    /// Most tokens in one embedding call (all its inputs, before the
+    /// context check): what a client's `max_batch_tokens` must bound.
+    pub max_call_tokens: u64,
+    /// Most inputs in one embedding call.
+    pub max_call_inputs: u64,
     pub outcomes: Outcomes,
     /// Most embedding calls in the stand-in at once (waiting for the
     /// compute slot or computing). Above 1 means clients sent in parallel;

@@ -31,6 +31,7 @@ mod engine;
 pub mod faults;
 pub mod ollama_api;
 pub mod openai_api;
+mod tokens;
 pub mod vectors;
 
 use std::future::Future;
@@ -49,6 +50,7 @@ pub use faults::{CallCounts, FaultsUpdate, FaultsView, Outcomes, StandinStats};
 pub use vectors::{count_tokens, standin_vector};
 
 use faults::{FaultState, Faults};
+use tokens::TokenRule;
 
 /// The version `/api/version` reports: the one whose error texts the
 /// reference documents and this stand-in reproduces.
@@ -98,6 +100,9 @@ pub struct StandinConfig {
     pub poison: Vec<String>,
     /// Seed of the `failure_rate` stream.
     pub seed: u64,
+    /// Count tokens with this `tokenizer.json` instead of the stand-in's
+    /// rule (`--tokenizer`).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for StandinConfig {
@@ -119,6 +124,7 @@ impl Default for StandinConfig {
             down: false,
             poison: Vec::new(),
             seed: 0,
+            tokenizer: None,
         }
     }
 }
@@ -134,6 +140,9 @@ impl StandinConfig {
         }
         if self.context_length < 2 {
             return Err("context_length must be at least 2 (one token is kept for BOS/EOS)".into());
+        }
+        if let Some(path) = &self.tokenizer {
+            TokenRule::load(path)?;
         }
         self.faults().validate()
     }
@@ -162,6 +171,7 @@ pub(crate) struct Shared {
     dimensions: usize,
     context_length: usize,
     capabilities: Option<Vec<String>>,
+    tokens: TokenRule,
     faults: Mutex<FaultState>,
     stats: Mutex<StandinStats>,
     /// Held while "computing": one request at a time, like an Ollama runner
@@ -192,6 +202,13 @@ impl Standin {
             faults.failure_status = 503;
         }
         faults.poison.retain(|p| !p.is_empty());
+        let tokens = match &config.tokenizer {
+            None => TokenRule::Standin,
+            Some(path) => TokenRule::load(path).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "Counting tokens by the stand-in's rule instead");
+                TokenRule::Standin
+            }),
+        };
         Self {
             shared: Arc::new(Shared {
                 model: config.model,
@@ -199,6 +216,7 @@ impl Standin {
                 dimensions: config.dimensions.max(1),
                 context_length: config.context_length.max(2),
                 capabilities: config.capabilities,
+                tokens,
                 faults: Mutex::new(FaultState::new(faults)),
                 stats: Mutex::new(StandinStats::default()),
                 compute: tokio::sync::Mutex::new(()),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use convstore_embed::ollama::OllamaBackend;
 use convstore_embed::openai::OpenAiBackend;
 use convstore_embed::router::{BackendSpec, Router, RouterConfig};
+use convstore_embed::tokenizer::{FileTokenCounter, WithTokenizer};
 use convstore_embed::{ClientConfig, Embedder};
 #[cfg(feature = "builtin")]
 use convstore_embed_builtin::BuiltinBackend;
@@ -27,6 +28,7 @@ pub(super) fn build_embedder(settings: &Settings) -> anyhow::Result<(Router, Rou
     let mut search_clients = Vec::with_capacity(settings.embedding.backends.len());
     for (i, backend) in settings.embedding.backends.iter().enumerate() {
         let (client, search_client) = build_backend(settings, i, backend)?;
+        let (client, search_client) = with_tokenizer(i, backend, client, search_client)?;
         search_clients.push((search_client, backend));
         specs.push(BackendSpec::from_settings(client, backend));
     }
@@ -41,6 +43,27 @@ pub(super) fn build_embedder(settings: &Settings) -> anyhow::Result<(Router, Rou
             settings.search.backend_in_flight.get(),
             search_clients,
         ),
+    ))
+}
+
+/// The clients of backend `i` with its `tokenizer` file as their token
+/// counter, when one is configured.
+fn with_tokenizer(
+    i: usize,
+    backend: &crate::config::BackendSettings,
+    client: Arc<dyn Embedder>,
+    search_client: Arc<dyn Embedder>,
+) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
+    if backend.tokenizer.is_empty() {
+        return Ok((client, search_client));
+    }
+    let counter = FileTokenCounter::load(std::path::Path::new(&backend.tokenizer))
+        .map_err(|e| anyhow::anyhow!("embedding.backends[{i}].tokenizer: {e}"))?;
+    let counter = Arc::new(counter);
+    tracing::info!(backend = %backend.name, tokenizer = %backend.tokenizer, "Chunks for this backend are counted with its tokenizer");
+    Ok((
+        Arc::new(WithTokenizer::new(client, counter.clone())),
+        Arc::new(WithTokenizer::new(search_client, counter)),
     ))
 }
 

@@ -104,11 +104,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let settings = load(cli.config.as_deref())?;
-            convstore_telemetry::logging::init(&settings.log);
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), "Starting convstore");
+            convstore_telemetry::logging::init_with_traces(&settings.log, &settings.telemetry)
+                .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), traces = convstore_telemetry::traces::enabled(), "Starting convstore");
             let status =
                 crate::app::serve(settings, cli.config.clone(), crate::app::shutdown_signal())
-                    .await?;
+                    .await;
+            // The last spans go out before the process does (a blocking
+            // flush, bounded by the exporter's timeout).
+            tokio::task::spawn_blocking(convstore_telemetry::traces::shutdown)
+                .await
+                .ok();
+            let status = status?;
             Ok(match status {
                 crate::app::ExitStatus::Clean => ExitCode::SUCCESS,
                 crate::app::ExitStatus::DrainIncomplete => ExitCode::FAILURE,

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use axum::Extension;
 use axum::body::Body;
@@ -71,7 +72,10 @@ pub async fn post_conversation(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = accept_one(&state, transport, query.as_deref(), &headers, body).await;
+    let span = request_span("conversation.post", &headers);
+    let result = accept_one(&state, transport, query.as_deref(), &headers, body)
+        .instrument(span)
+        .await;
     let outcome = match &result {
         Ok(_) => events::outcome::ACCEPTED,
         Err(e) => e.code(),
@@ -83,6 +87,16 @@ pub async fn post_conversation(
         Ok((reached, accepted)) => (reached.status(), axum::Json(accepted)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// The span of a request, continuing its `traceparent`; none when traces
+/// are off (`convstore_telemetry::traces`).
+pub(super) fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
+    if !convstore_telemetry::traces::enabled() {
+        return tracing::Span::none();
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    convstore_telemetry::traces::request_span(name, header("traceparent"), header("tracestate"))
 }
 
 /// `?wait=` and `?timeout_ms=` (documentation only: parsed by [`parse_wait`]).
@@ -259,7 +273,10 @@ pub async fn post_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = accept_batch(&state, query.as_deref(), &headers, body).await;
+    let span = request_span("conversations.batch", &headers);
+    let result = accept_batch(&state, query.as_deref(), &headers, body)
+        .instrument(span)
+        .await;
     let (response, accepted, rejected, outcome) = match result {
         Ok(batch) => {
             let BatchOutcome {

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument as _;
 
 use axum::Extension;
 use axum::body::Body;
@@ -64,7 +65,10 @@ pub async fn append_messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = accept_append(&state, &id, query.as_deref(), &headers, body).await;
+    let span = super::handlers::request_span("messages.append", &headers);
+    let result = accept_append(&state, &id, query.as_deref(), &headers, body)
+        .instrument(span)
+        .await;
     let outcome = match &result {
         Ok(_) => events::outcome::ACCEPTED,
         Err(e) => e.code(),

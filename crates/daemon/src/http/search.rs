@@ -176,6 +176,10 @@ fn embed_error(e: EmbedError) -> ApiError {
             "query",
             format!("the embedding backend refused the query: {message}"),
         ),
+        EmbedError::TooLong { message, .. } => ApiError::invalid_field(
+            "query",
+            format!("longer than the embedding model reads; shorten it ({message})"),
+        ),
         other => ApiError::Unavailable(format!(
             "cannot embed the query: {other}; see /readyz and /v1/stats for the backends"
         )),

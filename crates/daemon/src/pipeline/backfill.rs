@@ -28,7 +28,7 @@ use convstore_store::backfill::{BackfillOutcome, BackfillResult, DeferPolicy, Pe
 use convstore_telemetry::metrics as m;
 
 use super::PipelineContext;
-use super::embedding::embed_texts;
+use super::embedding::{Resolved, embed_texts};
 use convstore_core::model::ChunkVector;
 use convstore_telemetry::events::label;
 
@@ -64,7 +64,7 @@ pub async fn run(
     config: BackfillConfig,
     stop: CancellationToken,
 ) {
-    for outcome in ["embedded", "failed", "deferred"] {
+    for outcome in ["embedded", "failed", "deferred", "split"] {
         metrics::counter!(m::BACKFILL_CHUNKS, label::OUTCOME => outcome).absolute(0);
     }
     let mut sampled: Option<Instant> = None;
@@ -116,9 +116,12 @@ async fn embed_claimed(ctx: &PipelineContext, chunks: Vec<PendingChunk>) -> Vec<
     chunks
         .iter()
         .map(|c| match outcomes.get(&c.content_hash) {
-            Some(ChunkVector::Embedded(v)) => BackfillResult::Embedded(v.clone()),
-            Some(ChunkVector::Failed(reason)) => BackfillResult::Failed(reason.clone()),
-            Some(ChunkVector::Pending) | None => BackfillResult::Deferred,
+            Some(Resolved::Whole(ChunkVector::Embedded(v))) => BackfillResult::Embedded(v.clone()),
+            Some(Resolved::Whole(ChunkVector::Failed(reason))) => {
+                BackfillResult::Failed(reason.clone())
+            }
+            Some(Resolved::Split(pieces)) => BackfillResult::Split(pieces.clone()),
+            Some(Resolved::Whole(ChunkVector::Pending)) | None => BackfillResult::Deferred,
         })
         .collect()
 }
@@ -131,6 +134,7 @@ fn record(outcome: &BackfillOutcome, total: &mut BackfillOutcome) {
         ("embedded", outcome.embedded),
         ("failed", outcome.failed),
         ("deferred", outcome.deferred),
+        ("split", outcome.split),
     ] {
         metrics::counter!(m::BACKFILL_CHUNKS, label::OUTCOME => label).increment(n as u64);
     }
@@ -139,12 +143,14 @@ fn record(outcome: &BackfillOutcome, total: &mut BackfillOutcome) {
         embedded = outcome.embedded,
         failed = outcome.failed,
         deferred = outcome.deferred,
+        split = outcome.split,
         "Backfill round done"
     );
     total.claimed += outcome.claimed;
     total.embedded += outcome.embedded;
     total.failed += outcome.failed;
     total.deferred += outcome.deferred;
+    total.split += outcome.split;
     total.conversations += outcome.conversations;
 }
 

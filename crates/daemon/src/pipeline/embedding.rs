@@ -16,14 +16,24 @@
 //!   backfill, so a dead embedder never costs text or blocks the queue;
 //! - a rejection (400) means one input is bad: the group is split in halves
 //!   until the bad input stands alone and is marked `Failed` with the
-//!   backend's reason, while the rest are embedded ("poison isolation").
+//!   backend's reason, while the rest are embedded ("poison isolation");
+//! - a refusal for length (the backend counts more tokens than the
+//!   chunker's estimate: ids, code, another tokenizer) is never a failure:
+//!   the text is cut in halves on sentence, then word boundaries
+//!   ([`convstore_core::chunker::halves`]) and the halves embedded, again
+//!   until each is taken; the text comes back [`Resolved::Split`] and is
+//!   stored as those pieces. Only a single character a backend still
+//!   refuses is marked `Failed`. The router meanwhile lowers that
+//!   backend's chunk budget, so later chunks fit the first time.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use convstore_core::model::{Chunk, ChunkVector, ContentHash};
+use tracing::Instrument as _;
+
+use convstore_core::model::{Chunk, ChunkVector, ContentHash, EmbeddedChunk, content_hash};
 use convstore_embed::EmbedError;
 use convstore_embed::cache::CacheKey;
 use convstore_telemetry::events::{self, Tier};
@@ -31,12 +41,30 @@ use convstore_telemetry::metrics as m;
 
 use super::{DrainDeadline, PipelineContext};
 
-/// Resolves every distinct chunk text of a batch to a vector, a pending
-/// mark or a failure.
+/// What the embedding stage made of one distinct text.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// The text as it is: a vector, a pending mark or a failure.
+    Whole(ChunkVector),
+    /// A backend refused the text as too long: it is stored as these
+    /// consecutive pieces instead (every byte, in order; `seq` numbers
+    /// them from 0), each with its own vector.
+    Split(Vec<EmbeddedChunk>),
+}
+
+/// How one embedding attempt of a text ended.
+#[derive(Debug, Clone)]
+enum Attempt {
+    Done(ChunkVector),
+    /// Refused for its length; the backend's words.
+    TooLong(String),
+}
+
+/// Resolves every distinct chunk text of a batch.
 pub async fn embed_chunks<'a>(
     ctx: &PipelineContext,
     chunks: impl IntoIterator<Item = &'a Chunk>,
-) -> HashMap<ContentHash, ChunkVector> {
+) -> HashMap<ContentHash, Resolved> {
     let texts: Vec<(ContentHash, &str)> = chunks
         .into_iter()
         .map(|c| (c.content_hash, c.content.as_str()))
@@ -44,12 +72,152 @@ pub async fn embed_chunks<'a>(
     embed_texts(ctx, &texts).await
 }
 
-/// Resolves texts, keyed by content hash, to vectors (caches first, then
-/// the embedder), pending marks or failures.
+/// Resolves texts, keyed by content hash: to vectors (caches first, then
+/// the embedder), pending marks or failures, or, for a text a backend
+/// refuses as too long, to pieces that each resolve so.
 pub async fn embed_texts(
     ctx: &PipelineContext,
     texts: &[(ContentHash, &str)],
-) -> HashMap<ContentHash, ChunkVector> {
+) -> HashMap<ContentHash, Resolved> {
+    let attempts = attempt_texts(ctx, texts).await;
+    let mut resolved = HashMap::with_capacity(attempts.len());
+    let mut too_long = Vec::new();
+    for (hash, attempt) in attempts {
+        match attempt {
+            Attempt::Done(vector) => {
+                resolved.insert(hash, Resolved::Whole(vector));
+            }
+            Attempt::TooLong(reason) => too_long.push((hash, reason)),
+        }
+    }
+    if too_long.is_empty() {
+        return resolved;
+    }
+    let by_hash: HashMap<ContentHash, &str> = texts.iter().copied().collect();
+    let refused: Vec<(ContentHash, &str, String)> = too_long
+        .into_iter()
+        .filter_map(|(hash, reason)| by_hash.get(&hash).map(|text| (hash, *text, reason)))
+        .collect();
+    resolved.extend(split_until_taken(ctx, refused).await);
+    resolved
+}
+
+/// The most halving rounds a refused text goes through: each round at
+/// least halves every refused piece, so 64 rounds reach single characters
+/// of any text that fits in memory.
+const MAX_SPLIT_ROUNDS: usize = 64;
+
+/// One piece of a refused text, on its way to a vector.
+struct Piece {
+    content: String,
+    hash: ContentHash,
+    /// `None` while it waits for its first attempt.
+    state: Option<Attempt>,
+}
+
+/// Cuts each refused text in halves, embeds the halves (all refused texts
+/// of the batch together), cuts again what is refused again, until every
+/// piece is taken; a lone character still refused is `Failed`.
+async fn split_until_taken(
+    ctx: &PipelineContext,
+    refused: Vec<(ContentHash, &str, String)>,
+) -> Vec<(ContentHash, Resolved)> {
+    let mut texts: Vec<(ContentHash, Vec<Piece>)> = refused
+        .into_iter()
+        .map(|(hash, text, reason)| {
+            tracing::debug!(
+                content_hash = hex::encode(hash),
+                chars = text.chars().count(),
+                reason = %reason,
+                "Backend refused a chunk as too long; embedding it in pieces"
+            );
+            let piece = Piece {
+                content: text.to_string(),
+                hash,
+                state: Some(Attempt::TooLong(reason)),
+            };
+            (hash, vec![piece])
+        })
+        .collect();
+    for _round in 0..MAX_SPLIT_ROUNDS {
+        let mut cut_any = false;
+        for (_, pieces) in &mut texts {
+            let mut next = Vec::with_capacity(pieces.len() + 1);
+            for piece in pieces.drain(..) {
+                let Some(Attempt::TooLong(reason)) = &piece.state else {
+                    next.push(piece);
+                    continue;
+                };
+                match convstore_core::chunker::halves(&piece.content) {
+                    Some(halves) => {
+                        cut_any = true;
+                        next.extend(halves.into_iter().map(|h| Piece {
+                            hash: content_hash(h),
+                            content: h.to_string(),
+                            state: None,
+                        }));
+                    }
+                    None => {
+                        let reason = format!("a single character refused as too long: {reason}");
+                        next.push(Piece {
+                            state: Some(Attempt::Done(ChunkVector::Failed(reason))),
+                            ..piece
+                        });
+                    }
+                }
+            }
+            *pieces = next;
+        }
+        if !cut_any {
+            break;
+        }
+        // Embed every fresh piece.
+        let fresh: Vec<(ContentHash, &str)> = texts
+            .iter()
+            .flat_map(|(_, pieces)| pieces.iter())
+            .filter(|p| p.state.is_none())
+            .map(|p| (p.hash, p.content.as_str()))
+            .collect();
+        let attempts = attempt_texts(ctx, &fresh).await;
+        for (_, pieces) in &mut texts {
+            for piece in pieces.iter_mut() {
+                if piece.state.is_none() {
+                    piece.state = attempts.get(&piece.hash).cloned();
+                }
+            }
+        }
+    }
+    metrics::counter!(m::CHUNKS_SPLIT_ON_REFUSAL).increment(texts.len() as u64);
+    texts
+        .into_iter()
+        .map(|(hash, pieces)| {
+            let pieces = pieces
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| EmbeddedChunk {
+                    chunk: Chunk {
+                        seq: i32::try_from(i).unwrap_or(i32::MAX),
+                        content: p.content,
+                        content_hash: p.hash,
+                    },
+                    vector: match p.state {
+                        Some(Attempt::Done(vector)) => vector,
+                        // Rounds ran out (unreachable for real text):
+                        // stored for the backfill, which splits again.
+                        Some(Attempt::TooLong(_)) | None => ChunkVector::Pending,
+                    },
+                })
+                .collect();
+            (hash, Resolved::Split(pieces))
+        })
+        .collect()
+}
+
+/// One pass over distinct texts: L1, L2, then the embedder.
+async fn attempt_texts(
+    ctx: &PipelineContext,
+    texts: &[(ContentHash, &str)],
+) -> HashMap<ContentHash, Attempt> {
     let mut seen = HashSet::new();
     let distinct: Vec<(ContentHash, &str)> = texts
         .iter()
@@ -64,10 +232,12 @@ pub async fn embed_texts(
         .map(|(hash, _)| cache_key(ctx, *hash))
         .collect();
     let mut misses = Vec::new();
-    for (text, hit) in distinct.iter().zip(ctx.cache.get_many(keys.iter())) {
+    let l1 = tracing::info_span!(target: "convstore::trace", "cache.lookup", tier = "l1", texts = keys.len());
+    let hits = l1.in_scope(|| ctx.cache.get_many(keys.iter()));
+    for (text, hit) in distinct.iter().zip(hits) {
         match hit {
             Some(vector) => {
-                outcomes.insert(text.0, ChunkVector::Embedded(vector));
+                outcomes.insert(text.0, Attempt::Done(ChunkVector::Embedded(vector)));
             }
             None => misses.push(*text),
         }
@@ -76,7 +246,12 @@ pub async fn embed_texts(
 
     // L2.
     if ctx.shared_cache && !misses.is_empty() {
-        misses = lookup_l2(ctx, misses, &mut outcomes).await;
+        let texts = misses.len();
+        misses = lookup_l2(ctx, misses, &mut outcomes)
+            .instrument(
+                tracing::info_span!(target: "convstore::trace", "cache.lookup", tier = "l2", texts),
+            )
+            .await;
     }
 
     // The embedder, every group at once.
@@ -86,7 +261,7 @@ pub async fn embed_texts(
     let mut fresh: Vec<(ContentHash, Arc<[f32]>)> = Vec::new();
     for (group, results) in groups.zip(results) {
         for ((hash, _), outcome) in group.iter().zip(results) {
-            if let ChunkVector::Embedded(v) = &outcome {
+            if let Attempt::Done(ChunkVector::Embedded(v)) = &outcome {
                 fresh.push((*hash, v.clone()));
             }
             outcomes.insert(*hash, outcome);
@@ -119,7 +294,7 @@ fn cache_key(ctx: &PipelineContext, hash: ContentHash) -> CacheKey {
 async fn lookup_l2<'a>(
     ctx: &PipelineContext,
     misses: Vec<(ContentHash, &'a str)>,
-    outcomes: &mut HashMap<ContentHash, ChunkVector>,
+    outcomes: &mut HashMap<ContentHash, Attempt>,
 ) -> Vec<(ContentHash, &'a str)> {
     let hashes: Vec<ContentHash> = misses.iter().map(|(h, _)| *h).collect();
     let found = match ctx.store.cache_lookup(&ctx.model, &hashes).await {
@@ -138,7 +313,7 @@ async fn lookup_l2<'a>(
             Some(v) if v.len() == ctx.dimensions => {
                 let v: Arc<[f32]> = Arc::from(v.as_slice());
                 hits.push((cache_key(ctx, hash), v.clone()));
-                outcomes.insert(hash, ChunkVector::Embedded(v));
+                outcomes.insert(hash, Attempt::Done(ChunkVector::Embedded(v)));
             }
             _ => still.push((hash, text)),
         }
@@ -155,9 +330,11 @@ async fn fill_l2(ctx: &PipelineContext, fresh: &[(ContentHash, Arc<[f32]>)]) {
     }
 }
 
-/// Embeds one group of texts, isolating rejected inputs by halving.
-async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Vec<ChunkVector> {
-    let mut outcomes: Vec<Option<ChunkVector>> = vec![None; group.len()];
+/// Embeds one group of texts, isolating rejected and too long inputs by
+/// halving the group.
+async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Vec<Attempt> {
+    let mut outcomes: Vec<Option<Attempt>> = vec![None; group.len()];
+    let done = |v: ChunkVector| Some(Attempt::Done(v));
     // Ranges still to embed; a rejected range is replaced by its halves.
     let mut work = vec![(0, group.len())];
     while let Some((start, end)) = work.pop() {
@@ -173,7 +350,7 @@ async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Ve
         match result {
             Some(Ok(vectors)) if vectors.len() == texts.len() => {
                 for (slot, v) in outcomes[start..end].iter_mut().zip(vectors) {
-                    *slot = Some(ChunkVector::Embedded(Arc::from(v)));
+                    *slot = done(ChunkVector::Embedded(Arc::from(v)));
                 }
             }
             Some(Ok(vectors)) => {
@@ -185,7 +362,7 @@ async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Ve
                     got = vectors.len(),
                     "Embedder answered the wrong number of vectors; storing the texts as pending"
                 );
-                outcomes[start..end].fill(Some(ChunkVector::Pending));
+                outcomes[start..end].fill(done(ChunkVector::Pending));
             }
             Some(Err(EmbedError::Rejected { status, message })) if end - start == 1 => {
                 let reason = format!("HTTP {status}: {message}");
@@ -194,9 +371,12 @@ async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Ve
                     reason = %reason,
                     "Backend rejected a chunk; storing it as failed"
                 );
-                outcomes[start] = Some(ChunkVector::Failed(reason));
+                outcomes[start] = done(ChunkVector::Failed(reason));
             }
-            Some(Err(EmbedError::Rejected { .. })) => {
+            Some(Err(EmbedError::TooLong { status, message })) if end - start == 1 => {
+                outcomes[start] = Some(Attempt::TooLong(format!("HTTP {status}: {message}")));
+            }
+            Some(Err(EmbedError::Rejected { .. } | EmbedError::TooLong { .. })) => {
                 let mid = start + (end - start) / 2;
                 work.push((mid, end));
                 work.push((start, mid));
@@ -207,20 +387,20 @@ async fn embed_group(ctx: &PipelineContext, group: &[(ContentHash, &str)]) -> Ve
                     texts = end - start,
                     "No embedding backend answered in time; storing the texts as pending for the backfill"
                 );
-                outcomes[start..end].fill(Some(ChunkVector::Pending));
+                outcomes[start..end].fill(done(ChunkVector::Pending));
             }
             None => {
                 tracing::warn!(
                     texts = end - start,
                     "Shutdown drain deadline reached while embedding; storing the texts as pending"
                 );
-                outcomes[start..end].fill(Some(ChunkVector::Pending));
+                outcomes[start..end].fill(done(ChunkVector::Pending));
             }
         }
     }
     outcomes
         .into_iter()
-        .map(|o| o.unwrap_or(ChunkVector::Pending))
+        .map(|o| o.unwrap_or(Attempt::Done(ChunkVector::Pending)))
         .collect()
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::{Mutex, mpsc};
+use tracing::Instrument as _;
 
 use convstore_core::lifecycle::{Applied, StampedChange, fold};
 use convstore_core::model::{Conversation, EmbeddedChunk, ReadyConversation, RowVersion};
@@ -14,7 +15,7 @@ use convstore_store::Removal;
 use convstore_store::lifecycle::FoldBase;
 use convstore_telemetry::metrics as m;
 
-use super::embedding::embed_chunks;
+use super::embedding::{Resolved, embed_chunks};
 use super::{Batch, PipelineContext};
 use crate::ticket::Outcome;
 use convstore_core::backoff::Backoff;
@@ -37,7 +38,23 @@ pub async fn run(id: usize, ctx: Arc<PipelineContext>, rx: Arc<Mutex<mpsc::Recei
     tracing::debug!(worker = id, "Worker done");
 }
 
-async fn process(ctx: &PipelineContext, batch: Batch) {
+async fn process(ctx: &PipelineContext, mut batch: Batch) {
+    // The queue wait of every traced change ends here; the batch's span
+    // continues the first and links to all (convstore_telemetry::traces).
+    let traced: Vec<_> = batch
+        .iter_mut()
+        .filter_map(|q| q.ticket.dequeued())
+        .collect();
+    let span = convstore_telemetry::traces::batch_span(batch.len(), &traced);
+    if !traced.is_empty() {
+        for item in &mut batch {
+            item.ticket.carried_by(&span);
+        }
+    }
+    process_in(ctx, batch).instrument(span).await;
+}
+
+async fn process_in(ctx: &PipelineContext, batch: Batch) {
     // A change waits for the change of its conversation accepted before
     // it, when that one travels in an earlier batch: changes apply in the
     // order they were acknowledged. (Within this batch the fold orders
@@ -56,6 +73,11 @@ async fn process(ctx: &PipelineContext, batch: Batch) {
         .map(crate::ticket::Queued::into_parts)
         .unzip();
     let outcomes = apply(ctx, &changes).await;
+    tracing::debug!(
+        conversations = outcomes.len(),
+        stored = outcomes.iter().filter(|o| **o == Outcome::Stored).count(),
+        "Batch done"
+    );
     // Aligned with the batch; a ticket without an outcome (cannot happen)
     // reports itself lost when dropped.
     for (ticket, outcome) in tickets.into_iter().zip(outcomes) {
@@ -379,45 +401,73 @@ async fn embed_and_store(
     // the estimate's chunks exactly, so none is refused as too long.
     let counter = ctx.embedder.token_counter();
     let mut chunked = Vec::with_capacity(batch.len());
-    for (c, version) in batch {
-        let mut chunks = chunker.chunk(&c);
-        if let Some(counter) = counter.as_deref() {
-            chunks = fit_exactly(chunks, counter);
-        }
-        chunked.push((c, version, chunks));
-    }
+    tracing::info_span!(target: "convstore::trace", "chunk", conversations = batch.len()).in_scope(
+        || {
+            for (c, version) in batch {
+                let mut chunks = chunker.chunk(&c);
+                if let Some(counter) = counter.as_deref() {
+                    chunks = fit_exactly(chunks, counter);
+                }
+                chunked.push((c, version, chunks));
+            }
+        },
+    );
     let chunk_count: usize = chunked.iter().map(|(.., ch)| ch.len()).sum();
     metrics::histogram!(m::BATCH_CHUNKS).record(chunk_count as f64);
 
     let embedding = Instant::now();
-    let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(.., ch)| ch.iter())).await;
+    let outcomes = embed_chunks(ctx, chunked.iter().flat_map(|(.., ch)| ch.iter()))
+        .instrument(tracing::info_span!(target: "convstore::trace", "embed", chunks = chunk_count))
+        .await;
     metrics::histogram!(m::EMBED_BATCH_SECONDS).record(embedding.elapsed().as_secs_f64());
     let ready: Vec<ReadyConversation> = chunked
         .into_iter()
         .map(|(conversation, version, chunks)| ReadyConversation {
-            chunks: chunks
-                .into_iter()
-                .map(|chunk| attach(chunk, &outcomes))
-                .collect(),
+            chunks: attach(chunks, &outcomes),
             conversation,
             model: ctx.model.to_string(),
             version,
         })
         .collect();
     let mut stale = HashSet::new();
-    let outcomes = store_with_retry(ctx, ready, &mut stale).await;
+    let span = tracing::info_span!(target: "convstore::trace", "store.transaction", conversations = ready.len());
+    let outcomes = store_with_retry(ctx, ready, &mut stale)
+        .instrument(span)
+        .await;
     (outcomes, stale)
 }
 
+/// A conversation's chunks with what the embedding stage made of them; a
+/// chunk a backend refused as too long becomes its pieces, and the chunks
+/// are numbered again.
 fn attach(
-    chunk: convstore_core::model::Chunk,
-    outcomes: &HashMap<convstore_core::model::ContentHash, ChunkVector>,
-) -> EmbeddedChunk {
-    let vector = outcomes
-        .get(&chunk.content_hash)
-        .cloned()
-        .unwrap_or(ChunkVector::Pending);
-    EmbeddedChunk { chunk, vector }
+    chunks: Vec<convstore_core::model::Chunk>,
+    outcomes: &HashMap<convstore_core::model::ContentHash, Resolved>,
+) -> Vec<EmbeddedChunk> {
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut split = false;
+    for chunk in chunks {
+        match outcomes.get(&chunk.content_hash) {
+            Some(Resolved::Whole(vector)) => out.push(EmbeddedChunk {
+                chunk,
+                vector: vector.clone(),
+            }),
+            Some(Resolved::Split(pieces)) => {
+                split = true;
+                out.extend(pieces.iter().cloned());
+            }
+            None => out.push(EmbeddedChunk {
+                chunk,
+                vector: ChunkVector::Pending,
+            }),
+        }
+    }
+    if split {
+        for (i, c) in out.iter_mut().enumerate() {
+            c.chunk.seq = i32::try_from(i).unwrap_or(i32::MAX);
+        }
+    }
+    out
 }
 
 /// Writes the batch in one transaction, retrying while the database is

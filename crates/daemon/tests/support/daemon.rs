@@ -492,3 +492,11 @@ fn now_millis() -> u128 {
         .map(|d| d.as_millis())
         .unwrap_or(0)
 }
+
+/// A pgvector value as `embedding::text` prints it (`[1,2.5,...]`).
+pub fn parse_vector(text: &str) -> Vec<f32> {
+    text.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|x| x.parse().expect("vector element"))
+        .collect()
+}

@@ -14,14 +14,17 @@
 //!   waiting would only add latency). When every candidate has failed, the
 //!   call fails with the last error and the retry layer above backs off.
 //! - A rejection (400) is returned at once: the input is at fault, and
-//!   another backend would refuse it too.
+//!   another backend would refuse it too. A refusal for length also
+//!   teaches that backend a smaller chunk budget
+//!   (`Backend::learn_from_length_refusal`), published to the chunker at
+//!   once.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::Backend;
 use super::strategy::{Candidate, Strategy};
+use super::{Backend, ChunkBudget};
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
@@ -30,14 +33,21 @@ pub struct Balancer {
     model: String,
     backends: Arc<[Arc<Backend>]>,
     strategy: Box<dyn Strategy>,
+    budget: Arc<ChunkBudget>,
 }
 
 impl Balancer {
-    pub fn new(model: String, backends: Arc<[Arc<Backend>]>, strategy: Box<dyn Strategy>) -> Self {
+    pub(crate) fn new(
+        model: String,
+        backends: Arc<[Arc<Backend>]>,
+        strategy: Box<dyn Strategy>,
+        budget: Arc<ChunkBudget>,
+    ) -> Self {
         Self {
             model,
             backends,
             strategy,
+            budget,
         }
     }
 
@@ -114,6 +124,11 @@ impl Embedder for Balancer {
             let backend = &self.backends[chosen.index];
             match backend.stack.embed(inputs).await {
                 Ok(vectors) => return Ok(vectors),
+                Err(e @ EmbedError::TooLong { .. }) => {
+                    backend.learn_from_length_refusal(inputs);
+                    self.budget.publish(&self.backends);
+                    return Err(e);
+                }
                 Err(e @ EmbedError::Rejected { .. }) => return Err(e),
                 Err(e) => {
                     tracing::debug!(backend = %backend.name, error = %e, "Embedding call failed; trying another backend");

@@ -19,8 +19,10 @@
 //!
 //! `Retry-After` is honoured here too: a backend that answers 429/503 with
 //! `Retry-After: N` is not called again for N seconds (capped at
-//! `max_open_for`), whatever the state, without that alone opening the
-//! circuit.
+//! `max_open_for`), whatever the state. A 429 (rate limited) never counts
+//! towards opening the circuit, with or without `Retry-After` (without,
+//! the backend is held back for a second): a hosted API at its rate limit
+//! is working, and the pacing layer keeps a configured one below it.
 //!
 //! The breaker is the outermost per-backend layer, so it sees every outcome
 //! (timeouts, bad answers) and refuses before a call waits for an in-flight
@@ -35,6 +37,10 @@ use tokio::time::Instant;
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
+
+/// How long a backend that answered 429 without `Retry-After` is held
+/// back.
+const RATE_LIMITED_HOLD: Duration = Duration::from_secs(1);
 
 /// Where a circuit stands (the gauge's value in parentheses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -195,15 +201,31 @@ impl Breaker {
     fn record(&self, admission: Admission, outcome: &Result<(), &EmbedError>) {
         let mut inner = self.lock();
         let failed = match outcome {
-            Ok(()) | Err(EmbedError::Rejected { .. }) => false,
+            // An answer about the input, or "slow down" (429): the backend
+            // works. A 429 holds it back (below) without counting towards
+            // opening the circuit: a rate limit is not an outage.
+            Ok(())
+            | Err(
+                EmbedError::Rejected { .. }
+                | EmbedError::TooLong { .. }
+                | EmbedError::Transient { status: 429, .. },
+            ) => false,
             Err(_) => true,
         };
-        if let Err(EmbedError::Transient {
-            retry_after: Some(after),
-            ..
-        }) = outcome
-        {
-            let hold = (*after).min(self.config.max_open_for);
+        let hold = match outcome {
+            Err(EmbedError::Transient {
+                retry_after: Some(after),
+                ..
+            }) => Some(*after),
+            Err(EmbedError::Transient {
+                status: 429,
+                retry_after: None,
+                ..
+            }) => Some(RATE_LIMITED_HOLD),
+            _ => None,
+        };
+        if let Some(hold) = hold {
+            let hold = hold.min(self.config.max_open_for);
             inner.hold_until = Some(Instant::now() + hold);
         }
         match (admission, failed) {

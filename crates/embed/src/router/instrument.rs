@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tracing::Instrument as _;
 
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
 
@@ -50,6 +51,7 @@ pub fn outcome_label<T>(result: &Result<T, EmbedError>) -> &'static str {
         Err(EmbedError::Timeout(_)) => "timeout",
         Err(EmbedError::Transient { .. }) => "transient",
         Err(EmbedError::Rejected { .. }) => "rejected",
+        Err(EmbedError::TooLong { .. }) => "too_long",
         Err(EmbedError::ModelUnavailable(_)) => "model_unavailable",
         Err(EmbedError::Protocol(_)) => "protocol_error",
         Err(EmbedError::DimensionMismatch { .. }) => "dimension_mismatch",
@@ -87,13 +89,19 @@ impl Embedder for InstrumentLayer {
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let started = Instant::now();
-        let result = self.inner.embed(inputs).await;
+        let span = tracing::info_span!(
+            target: "convstore::trace",
+            "embed.request",
+            backend = self.inner.name(),
+            inputs = inputs.len()
+        );
+        let result = self.inner.embed(inputs).instrument(span).await;
         let elapsed = started.elapsed();
         let backend = self.inner.name().to_string();
         let outcome = outcome_label(&result);
         // A rejection is an answer about the input, fast or slow: it says
         // nothing about the backend's speed.
-        if !matches!(result, Err(EmbedError::Rejected { .. })) {
+        if !result.as_ref().is_err_and(EmbedError::is_input_refusal) {
             self.latency.observe(elapsed, result.is_err());
         }
         convstore_telemetry::events::embed_request(

@@ -11,11 +11,13 @@
 //!  └─ retry    (backoff with full jitter, until embedding.max_wait_ms)   retry.rs
 //!      └─ balance  (strategy pick among callable backends; fail-over)    balance.rs, strategy.rs
 //!          └─ per backend:
-//!              breaker    (closed → open → half-open trial → closed)      breaker.rs
-//!              └─ limit       (max_in_flight; outstanding count)          limit.rs
-//!                  └─ instrument  (metrics; latency EWMA)                 instrument.rs
-//!                      └─ timeout     (timeout_ms)                        timeout.rs
-//!                          └─ client  (ollama / openai / builtin)
+//!              pack       (requests within max_batch_tokens)             pack.rs
+//!              └─ breaker     (closed → open → half-open trial → closed)  breaker.rs
+//!                  └─ pace        (requests/tokens per minute)            pace.rs
+//!                      └─ limit       (max_in_flight; outstanding count)  limit.rs
+//!                          └─ instrument  (metrics; latency EWMA)         instrument.rs
+//!                              └─ timeout     (timeout_ms)                timeout.rs
+//!                                  └─ client  (ollama / openai / builtin)
 //! ```
 //!
 //! The clients return only vectors that passed [`crate::answer::check_vectors`]
@@ -31,6 +33,8 @@ pub mod breaker;
 pub mod health;
 pub mod instrument;
 pub mod limit;
+pub mod pace;
+pub mod pack;
 pub mod retry;
 pub mod strategy;
 pub mod timeout;
@@ -49,6 +53,8 @@ use self::breaker::{Breaker, BreakerConfig, BreakerLayer, CircuitState};
 use self::health::BackendCheck;
 use self::instrument::{Ewma, InstrumentLayer};
 use self::limit::{LimitLayer, Load};
+use self::pace::{PaceConfig, PaceLayer};
+use self::pack::PackLayer;
 use self::retry::{RetryConfig, RetryLayer};
 use self::timeout::TimeoutLayer;
 use super::{EmbedError, Embedder, ModelInfo, TokenCounter};
@@ -90,6 +96,9 @@ pub struct BackendSpec {
     pub weight: u32,
     pub max_in_flight: usize,
     pub timeout: Duration,
+    /// Most tokens in one request (0 = no limit).
+    pub max_batch_tokens: usize,
+    pub pace: PaceConfig,
 }
 
 impl BackendSpec {
@@ -99,6 +108,11 @@ impl BackendSpec {
             weight: settings.weight.get(),
             max_in_flight: settings.max_in_flight.get(),
             timeout: Duration::from_millis(settings.timeout_ms.get()),
+            max_batch_tokens: settings.max_batch_tokens,
+            pace: PaceConfig {
+                requests_per_minute: settings.requests_per_minute,
+                tokens_per_minute: settings.tokens_per_minute,
+            },
         }
     }
 }
@@ -170,13 +184,22 @@ pub struct Backend {
     pub weight: u32,
     /// The bare client behind a timeout: for probes.
     client: Arc<dyn Embedder>,
-    /// breaker → limit → instrument → timeout → client.
+    /// pack → breaker → pace → limit → instrument → timeout → client.
     stack: Arc<dyn Embedder>,
     breaker: Arc<Breaker>,
     load: Arc<Load>,
     latency: Arc<Ewma>,
     health: Health,
+    /// What its length refusals taught (estimated tokens an input may
+    /// cost), `usize::MAX` until it refuses one ([`Self::learn_from_length_refusal`]).
+    learned_context: AtomicUsize,
 }
+
+/// The least a length refusal can shrink a backend's budget to, as a share
+/// of its context (one strange input, say a long id run that costs 5× its
+/// estimate, must not make every later chunk tiny), and in tokens.
+const LEARNED_FLOOR_DIVISOR: usize = 8;
+const LEARNED_FLOOR_TOKENS: usize = 32;
 
 impl Backend {
     fn new(spec: BackendSpec, breaker: BreakerConfig) -> Self {
@@ -190,7 +213,13 @@ impl Backend {
         let instrumented: Arc<dyn Embedder> =
             Arc::new(InstrumentLayer::new(timed, latency.clone()));
         let limited: Arc<dyn Embedder> = Arc::new(LimitLayer::new(instrumented, load.clone()));
-        let stack: Arc<dyn Embedder> = Arc::new(BreakerLayer::new(limited, breaker.clone()));
+        let paced: Arc<dyn Embedder> = if spec.pace.is_off() {
+            limited
+        } else {
+            Arc::new(PaceLayer::new(limited, spec.pace))
+        };
+        let guarded: Arc<dyn Embedder> = Arc::new(BreakerLayer::new(paced, breaker.clone()));
+        let stack: Arc<dyn Embedder> = Arc::new(PackLayer::new(guarded, spec.max_batch_tokens));
         Self {
             client: Arc::new(TimeoutLayer::new(spec.client, spec.timeout)),
             name,
@@ -201,6 +230,61 @@ impl Backend {
             load,
             latency,
             health: Health::default(),
+            learned_context: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// A length refusal of `inputs` says inputs estimated as long as the
+    /// longest of them do not fit here: later chunks are cut to nine
+    /// tenths of that (never below the floor), so they fit the first time.
+    /// The estimate is what the chunker cuts by, so the budget is kept in
+    /// its units, whatever the backend's tokenizer.
+    fn learn_from_length_refusal(&self, inputs: &[String]) {
+        let longest = inputs
+            .iter()
+            .map(|i| convstore_core::chunker::estimate_tokens(i))
+            .max()
+            .unwrap_or(0);
+        let context = self.context_length();
+        let floor = context.map_or(LEARNED_FLOOR_TOKENS, |c| {
+            (c / LEARNED_FLOOR_DIVISOR).max(LEARNED_FLOOR_TOKENS)
+        });
+        let learned = (longest * 9 / 10).max(floor);
+        let before = self.learned_context.fetch_min(learned, Ordering::Relaxed);
+        if learned < before {
+            tracing::info!(
+                backend = %self.name,
+                refused_estimate = longest,
+                context_tokens = ?context,
+                budget = learned,
+                "Backend refused an input as too long; cutting later chunks smaller for it"
+            );
+        }
+    }
+
+    /// The context its last probe reported.
+    fn context_length(&self) -> Option<usize> {
+        self.health
+            .lock()
+            .info
+            .as_ref()
+            .and_then(|i| i.context_length)
+    }
+
+    /// What a chunk may cost when it goes to this backend: the smaller of
+    /// its reported context and what its refusals taught; `None` when it
+    /// knows neither, or it is refused (another dimension).
+    fn chunk_budget(&self) -> Option<usize> {
+        let detail = self.health.lock();
+        if detail.refused.is_some() {
+            return None;
+        }
+        let reported = detail.info.as_ref().and_then(|i| i.context_length);
+        let learned =
+            Some(self.learned_context.load(Ordering::Relaxed)).filter(|&l| l != usize::MAX);
+        match (reported, learned) {
+            (Some(r), Some(l)) => Some(r.min(l)),
+            (r, l) => r.or(l),
         }
     }
 
@@ -247,6 +331,8 @@ impl Backend {
             latency_ms: self.latency.get().map(|s| s * 1000.0),
             dimensions: detail.info.as_ref().map(|i| i.dimensions),
             context_length: detail.info.as_ref().and_then(|i| i.context_length),
+            learned_context: Some(self.learned_context.load(Ordering::Relaxed))
+                .filter(|&l| l != usize::MAX),
             last_error: detail.last_error.clone(),
         }
     }
@@ -278,6 +364,10 @@ pub struct BackendStatus {
     pub dimensions: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_length: Option<usize>,
+    /// What its length refusals taught: the estimated tokens chunks are
+    /// cut to for it, when below `context_length`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned_context: Option<usize>,
     /// The last failed probe's error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -292,9 +382,46 @@ pub struct Router {
     dimensions: usize,
     backends: Arc<[Arc<Backend>]>,
     service: RetryLayer,
-    /// Where the smallest usable context length is published for the
-    /// chunker.
-    context_sink: Option<Arc<AtomicUsize>>,
+    /// Where the chunk budget is published for the chunker.
+    budget: Arc<ChunkBudget>,
+}
+
+/// The tokens (by the chunker's estimate) a chunk may cost: the smallest
+/// [`Backend::chunk_budget`] of the usable backends, published into the
+/// chunker's cell after every health check and every length refusal.
+#[derive(Default)]
+pub(crate) struct ChunkBudget {
+    sink: std::sync::OnceLock<Arc<AtomicUsize>>,
+}
+
+impl ChunkBudget {
+    /// The smallest budget of the usable backends, if any knows one.
+    fn of(backends: &[Arc<Backend>]) -> Option<usize> {
+        backends.iter().filter_map(|b| b.chunk_budget()).min()
+    }
+
+    pub(crate) fn publish(&self, backends: &[Arc<Backend>]) {
+        for b in backends {
+            if let Some(budget) = b.chunk_budget() {
+                metrics::gauge!(
+                    convstore_telemetry::metrics::BACKEND_CHUNK_BUDGET_TOKENS,
+                    convstore_telemetry::events::label::BACKEND => b.name.clone()
+                )
+                .set(budget as f64);
+            }
+        }
+        let (Some(sink), Some(budget)) = (self.sink.get(), Self::of(backends)) else {
+            return;
+        };
+        let old = sink.swap(budget, Ordering::Relaxed);
+        metrics::gauge!(convstore_telemetry::metrics::CHUNK_BUDGET_TOKENS).set(budget as f64);
+        if old != budget {
+            tracing::info!(
+                context_tokens = budget,
+                "Chunks are cut to the smallest budget of the usable backends"
+            );
+        }
+    }
 }
 
 impl Router {
@@ -304,10 +431,12 @@ impl Router {
             .map(|spec| Arc::new(Backend::new(spec, config.breaker)))
             .collect();
         let strategy = strategy::from_config(config.strategy, backends.len());
+        let budget = Arc::new(ChunkBudget::default());
         let balancer = Arc::new(Balancer::new(
             config.model.clone(),
             backends.clone(),
             strategy,
+            budget.clone(),
         ));
         let watched = backends.clone();
         let hopeless: retry::Hopeless = Arc::new(move || {
@@ -320,14 +449,16 @@ impl Router {
             dimensions: config.dimensions,
             backends,
             service: RetryLayer::new(balancer, config.retry).give_up_when(hopeless),
-            context_sink: None,
+            budget,
         }
     }
 
-    /// Publishes the smallest context length of the usable backends into
-    /// `sink` after every health check (the chunker reads it).
-    pub fn with_context_sink(mut self, sink: Arc<AtomicUsize>) -> Self {
-        self.context_sink = Some(sink);
+    /// Publishes the chunk budget ([`ChunkBudget`]) into `sink` (the
+    /// chunker reads it). A router's sink is set once.
+    pub fn with_context_sink(self, sink: Arc<AtomicUsize>) -> Self {
+        if self.budget.sink.set(sink).is_err() {
+            tracing::warn!("The router's context sink was already set; keeping the first");
+        }
         self
     }
 
@@ -342,15 +473,7 @@ impl Router {
         .await;
         metrics::gauge!(convstore_telemetry::metrics::BACKENDS_READY)
             .set(self.ready_backends() as f64);
-        if let (Some(sink), Some(context)) = (&self.context_sink, self.context_length()) {
-            let old = sink.swap(context, Ordering::Relaxed);
-            if old != context {
-                tracing::info!(
-                    context_tokens = context,
-                    "Chunks are cut to the smallest context of the usable backends"
-                );
-            }
-        }
+        self.budget.publish(&self.backends);
         checks
     }
 
@@ -519,6 +642,8 @@ mod tests {
             weight: 1,
             max_in_flight: 2,
             timeout: Duration::from_secs(5),
+            max_batch_tokens: 0,
+            pace: PaceConfig::default(),
         }
     }
 
@@ -531,6 +656,48 @@ mod tests {
             down: Some(true),
             ..Default::default()
         }
+    }
+
+    /// A backend at its rate limit answers 429: it is held back for its
+    /// `Retry-After` (the call waits instead of hammering it) and its
+    /// circuit stays closed, however many 429s it answers.
+    #[tokio::test]
+    async fn a_429_holds_the_backend_back_without_opening_its_circuit() {
+        let limited = standin(StandinConfig {
+            failure_every: 1,
+            failure_status: 429,
+            retry_after_secs: Some(1),
+            ..StandinConfig::default()
+        })
+        .await;
+        let mut cfg = config(StrategyName::RoundRobin);
+        cfg.retry.max_wait = Duration::from_millis(2_500);
+        // A hold is capped at the longest open period.
+        cfg.breaker.max_open_for = Duration::from_secs(5);
+        let router = Router::new(cfg, vec![spec("limited", &limited.url())]);
+        // Gives up at max_wait: on the 429 or on the hold.
+        let result = router.embed(&texts(1)).await;
+        assert!(result.is_err(), "{result:?}");
+        let calls = limited.standin.stats().calls.embed;
+        // Held a second after each 429 for 2.5 s: three calls. Without the
+        // hold the 5-50 ms backoff would have made dozens.
+        assert!((2..=4).contains(&calls), "{calls} calls");
+        assert_eq!(router.snapshot()[0].circuit, CircuitState::Closed);
+
+        // Once the limit lifts, the same backend takes the call.
+        limited
+            .standin
+            .set_faults(FaultsUpdate {
+                failure_every: Some(0),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let vectors = router
+            .embed(&texts(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vectors.len(), 1);
     }
 
     #[tokio::test]

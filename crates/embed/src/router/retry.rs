@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::{EmbedError, Embedder, ModelInfo, TokenCounter};
 use convstore_core::backoff::Backoff;
@@ -91,9 +92,16 @@ impl Embedder for RetryLayer {
         let deadline = Instant::now() + self.config.max_wait;
         let mut backoff = Backoff::new(self.config.initial, self.config.max);
         loop {
-            let error = match tokio::time::timeout_at(deadline, self.inner.embed(inputs)).await {
+            let attempt = tracing::info_span!(
+                target: "convstore::trace",
+                "embed.attempt",
+                attempt = backoff.attempts() + 1,
+                inputs = inputs.len()
+            );
+            let call = self.inner.embed(inputs).instrument(attempt);
+            let error = match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(vectors)) => return Ok(vectors),
-                Ok(Err(e @ EmbedError::Rejected { .. })) => return Err(e),
+                Ok(Err(e)) if e.is_input_refusal() => return Err(e),
                 Ok(Err(e)) => e,
                 Err(_) => return Err(EmbedError::Timeout(self.config.max_wait)),
             };
