@@ -305,6 +305,10 @@ async fn max_batch_tokens_bounds_every_request() {
     }
     let stats = standin.stats().await;
     let most = stats["max_call_tokens"].as_u64().unwrap();
+    eprintln!(
+        "max_batch_tokens 200: {} calls, at most {most} tokens and {} inputs in one",
+        stats["calls"]["embed"], stats["max_call_inputs"]
+    );
     assert!(most > 0 && most <= 200, "{stats}");
     assert!(
         stats["max_call_inputs"].as_u64().unwrap() >= 2,

@@ -403,25 +403,12 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon already stopped");
+        let child = self.child.as_ref().expect("daemon already stopped");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                panic!(
-                    "daemon did not exit within {limit:?} after SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit(limit)
     }
 }
 
