@@ -303,6 +303,22 @@ async fn max_batch_tokens_bounds_every_request() {
     for c in convstore_dataset::generate(12, 7) {
         post_stored(&base, &c).await;
     }
+    // One conversation of many chunks: its chunks travel as one group of
+    // inputs, about 700 tokens, which must go as several requests.
+    let long: String = (0..40)
+        .map(|i| {
+            format!(
+                "Parcel {i} left depot {} at noon and reached the sorting centre by six. ",
+                i * 7
+            )
+        })
+        .collect();
+    post_stored(
+        &base,
+        &json!({"id": "long-packed", "user_id": "u", "channel": "web",
+                "messages": [{"role": "user", "content": long}]}),
+    )
+    .await;
     let stats = standin.stats().await;
     let most = stats["max_call_tokens"].as_u64().unwrap();
     eprintln!(
@@ -310,6 +326,10 @@ async fn max_batch_tokens_bounds_every_request() {
         stats["calls"]["embed"], stats["max_call_inputs"]
     );
     assert!(most > 0 && most <= 200, "{stats}");
+    assert!(
+        stats["calls"]["embed"].as_u64().unwrap() >= 12 + 3,
+        "the long conversation went as several requests: {stats}"
+    );
     assert!(
         stats["max_call_inputs"].as_u64().unwrap() >= 2,
         "requests were packed: {stats}"
