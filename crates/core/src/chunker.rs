@@ -9,9 +9,7 @@
 //! backends are asked with truncation off so an estimate that came out too
 //! low fails loudly instead of losing text.
 
-use std::collections::HashSet;
-
-use crate::model::{Chunk, ContentHash, Conversation, content_hash};
+use crate::model::{Chunk, Conversation, content_hash};
 
 /// Counts tokens exactly as one model reads them. The chunker needs only
 /// this of a model; embedding backends that hold the model's tokenizer
@@ -183,9 +181,9 @@ fn split_exactly(text: &str, counter: &dyn TokenCounter, limit: usize, out: &mut
 }
 
 /// `text` cut in about half by estimated tokens, on a sentence end, else
-/// whitespace, else a character boundary (two or three consecutive pieces
-/// holding every byte); `None` for a single character, which nothing can
-/// cut.
+/// whitespace, else a character boundary: two or more consecutive pieces
+/// (a natural boundary early in the text can make a third) holding every
+/// byte; `None` for a single character, which nothing can cut.
 pub fn halves(text: &str) -> Option<Vec<&str>> {
     // A single character: nothing to cut.
     text.chars().nth(1)?;
@@ -200,28 +198,6 @@ pub fn halves(text: &str) -> Option<Vec<&str>> {
         .nth(text.chars().count() / 2)
         .map_or(text.len(), |(i, _)| i);
     Some(vec![&text[..middle], &text[middle..]])
-}
-
-/// Replaces every chunk whose content hash is in `refused` (a backend said
-/// it is longer than the model reads) by its [`halves`], in place: same
-/// bytes, same order, the chunks renumbered. A refused single character is
-/// kept as it is (the embedding stage marks it failed). Used until no
-/// backend refuses a piece, so each round halves only what was refused.
-pub fn split_refused(chunks: Vec<Chunk>, refused: &HashSet<ContentHash>) -> Vec<Chunk> {
-    if !chunks.iter().any(|c| refused.contains(&c.content_hash)) {
-        return chunks;
-    }
-    let mut contents = Vec::with_capacity(chunks.len() + 1);
-    for chunk in chunks {
-        if refused.contains(&chunk.content_hash)
-            && let Some(pieces) = halves(&chunk.content)
-        {
-            contents.extend(pieces.into_iter().map(str::to_string));
-        } else {
-            contents.push(chunk.content);
-        }
-    }
-    numbered(contents)
 }
 
 /// Chunks of `contents`, numbered from 0.
@@ -462,6 +438,22 @@ mod tests {
             }
         }
 
+        /// `halves` cuts anything longer than a character into two or more
+        /// non-empty consecutive pieces, each shorter than the text.
+        #[test]
+        fn halves_keep_every_byte_and_shrink(text in "[a-z0-9 .!\n日😀\u{1}]{0,400}") {
+            match halves(&text) {
+                None => prop_assert!(text.chars().count() <= 1),
+                Some(pieces) => {
+                    prop_assert!(pieces.len() >= 2, "{:?}", pieces);
+                    prop_assert_eq!(pieces.concat(), text.clone());
+                    for p in &pieces {
+                        prop_assert!(!p.is_empty() && p.len() < text.len());
+                    }
+                }
+            }
+        }
+
         /// Whatever the tokenizer, `fit_exactly` keeps every byte in order
         /// and leaves no piece the model would truncate (but single
         /// characters, which cannot be split).
@@ -475,50 +467,6 @@ mod tests {
             for chunk in &chunks {
                 prop_assert!(
                     counter.count_tokens(&chunk.content) <= limit || chunk.content.chars().count() == 1,
-                    "{:?}", chunk.content
-                );
-            }
-        }
-
-        /// What a backend refusing every input over `limit` bytes makes of
-        /// a conversation: rounds of `split_refused` end with every piece
-        /// accepted (or a lone character), every byte kept in order, the
-        /// pieces numbered from 0, and each round touching only what was
-        /// refused.
-        #[test]
-        fn split_refused_rounds_end_with_every_piece_accepted(
-            text in "[a-z0-9 .\n日😀\u{1}]{0,600}",
-            limit in 4usize..80,
-        ) {
-            let c = Conversation { transcript: Some(text.clone()), ..conversation(&[]) };
-            let mut chunks = Chunker::new(512, 0).chunk(&c);
-            for _round in 0..64 {
-                let refused: HashSet<ContentHash> = chunks
-                    .iter()
-                    .filter(|c| c.content.len() > limit)
-                    .map(|c| c.content_hash)
-                    .collect();
-                let kept: Vec<String> = chunks
-                    .iter()
-                    .filter(|c| !refused.contains(&c.content_hash))
-                    .map(|c| c.content.clone())
-                    .collect();
-                let next = split_refused(chunks.clone(), &refused);
-                for k in &kept {
-                    prop_assert!(next.iter().any(|c| &c.content == k));
-                }
-                if next == chunks {
-                    break;
-                }
-                chunks = next;
-            }
-            let joined: String = chunks.iter().map(|c| c.content.as_str()).collect();
-            prop_assert_eq!(joined, text);
-            for (i, chunk) in chunks.iter().enumerate() {
-                prop_assert_eq!(chunk.seq, i as i32);
-                prop_assert_eq!(chunk.content_hash, content_hash(&chunk.content));
-                prop_assert!(
-                    chunk.content.len() <= limit || chunk.content.chars().count() == 1,
                     "{:?}", chunk.content
                 );
             }

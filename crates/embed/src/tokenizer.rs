@@ -54,11 +54,13 @@ impl FileTokenCounter {
 
 impl TokenCounter for FileTokenCounter {
     fn count_tokens(&self, text: &str) -> usize {
-        // A text the tokenizer cannot read counts as too long, so the
-        // chunker splits it rather than sending it whole.
-        self.tokenizer
-            .encode_fast(text, true)
-            .map_or(usize::MAX, |e| e.len())
+        // A text this tokenizer cannot read is counted by the estimate:
+        // the backend's own tokenizer may read it, and if it refuses it
+        // for its length the pipeline splits it then.
+        self.tokenizer.encode_fast(text, true).map_or_else(
+            |_| convstore_core::chunker::estimate_tokens(text),
+            |e| e.len(),
+        )
     }
 
     fn max_tokens(&self) -> usize {

@@ -18,7 +18,12 @@
 //!   again;
 //! - no backend answered in time → still `pending`, `embed_attempts + 1`,
 //!   and not claimed again before `next_attempt_at` (exponential, capped):
-//!   a chunk that keeps failing never blocks the others or spins.
+//!   a chunk that keeps failing never blocks the others or spins;
+//! - refused as too long → replaced by its pieces (each embedded, failed
+//!   or pending), the conversation's later chunks moved up. Those later
+//!   chunks are locked first with `SKIP LOCKED`: when another instance's
+//!   round holds one, the split waits for a later round (deferred), so two
+//!   rounds never move the same rows or wait for each other.
 //!
 //! Only chunks of the configured model are claimed: a vector is only ever
 //! stored under the model that produced it.
@@ -33,7 +38,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use convstore_core::model::{ContentHash, EmbeddedChunk};
+use convstore_core::model::{ChunkVector, ContentHash, EmbeddedChunk};
 
 use crate::write::{ChunkRow, unnest_chunks};
 
@@ -153,6 +158,17 @@ const UNPARK_LATER_CHUNKS: &str = "\
 UPDATE conversation_chunks SET seq = seq - $3 + $4
 WHERE user_id = $1 AND conversation_id = $2 AND seq >= $3";
 
+/// Locks the chunks a split would move, skipping those another instance
+/// holds (its own backfill round); how many it got.
+const LOCK_LATER_CHUNKS: &str = "\
+SELECT count(*) FROM (SELECT 1 FROM conversation_chunks
+  WHERE user_id = $1 AND conversation_id = $2 AND seq > $3
+  FOR UPDATE SKIP LOCKED) locked";
+
+const COUNT_LATER_CHUNKS: &str = "\
+SELECT count(*) FROM conversation_chunks
+WHERE user_id = $1 AND conversation_id = $2 AND seq > $3";
+
 const DELETE_SPLIT_CHUNK: &str = "\
 DELETE FROM conversation_chunks
 WHERE user_id = $1 AND conversation_id = $2 AND seq = $3 AND embedding_status = 'pending'";
@@ -183,25 +199,54 @@ SELECT
   (SELECT count(*) FROM conversations WHERE embedding_status = 'pending'),
   (SELECT count(*) FROM conversations WHERE embedding_status = 'failed')";
 
+/// What became of a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Done,
+    /// The chunk is no longer pending (a newer version replaced it).
+    Gone,
+    /// Another instance holds a later chunk of the conversation (its own
+    /// round): moving it would wait for, or race with, that round. Tried
+    /// again later.
+    Busy,
+}
+
 /// Replaces the pending chunk `seq` of a conversation by `pieces`, moving
-/// its later chunks up by `pieces.len() - 1`. False (and nothing changed)
-/// when the chunk is no longer pending (a newer version replaced it).
+/// its later chunks up by `pieces.len() - 1`.
 async fn split_chunk(
     tx: &mut sqlx::PgConnection,
     model: &str,
+    dims: Option<usize>,
     id: Uuid,
     user: &str,
     seq: i32,
     pieces: &[EmbeddedChunk],
-) -> Result<bool, StoreError> {
+) -> Result<Split, StoreError> {
     let Some(extra) = pieces
         .len()
         .checked_sub(1)
         .and_then(|n| i32::try_from(n).ok())
         .filter(|n| seq.checked_add(*n).is_some_and(|last| last < SEQ_PARKING))
     else {
-        return Ok(false);
+        return Ok(Split::Gone);
     };
+    if extra > 0 {
+        let locked: i64 = sqlx::query_scalar(LOCK_LATER_CHUNKS)
+            .bind(user)
+            .bind(id)
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await?;
+        let later: i64 = sqlx::query_scalar(COUNT_LATER_CHUNKS)
+            .bind(user)
+            .bind(id)
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await?;
+        if locked < later {
+            return Ok(Split::Busy);
+        }
+    }
     let deleted = sqlx::query(DELETE_SPLIT_CHUNK)
         .bind(user)
         .bind(id)
@@ -209,7 +254,7 @@ async fn split_chunk(
         .execute(&mut *tx)
         .await?;
     if deleted.rows_affected() == 0 {
-        return Ok(false);
+        return Ok(Split::Gone);
     }
     if extra > 0 {
         sqlx::query(PARK_LATER_CHUNKS)
@@ -227,6 +272,29 @@ async fn split_chunk(
             .execute(&mut *tx)
             .await?;
     }
+    // As for whole chunks: a vector the column cannot hold makes the
+    // piece a dead letter, and a reason loses its NUL bytes, so one piece
+    // can never fail the round (and have it claimed again, for ever).
+    let pieces: Vec<EmbeddedChunk> = pieces
+        .iter()
+        .map(|p| {
+            let vector = match &p.vector {
+                ChunkVector::Embedded(v) if dims.is_some_and(|d| d != v.len()) => {
+                    ChunkVector::Failed(format!(
+                        "vector has {} dimensions, the column holds {}",
+                        v.len(),
+                        dims.unwrap_or(0)
+                    ))
+                }
+                ChunkVector::Failed(reason) => ChunkVector::Failed(reason.replace('\0', "")),
+                other => other.clone(),
+            };
+            EmbeddedChunk {
+                chunk: p.chunk.clone(),
+                vector,
+            }
+        })
+        .collect();
     let now = chrono::Utc::now();
     let rows: Vec<ChunkRow<'_>> = pieces
         .iter()
@@ -245,7 +313,7 @@ async fn split_chunk(
         })
         .collect();
     unnest_chunks(&mut *tx, &rows).await?;
-    Ok(true)
+    Ok(Split::Done)
 }
 
 impl Store {
@@ -390,10 +458,28 @@ impl Store {
         // claimed; from a conversation's last split to its first, so
         // moving later chunks never moves one still to be split.
         splits.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)).reverse());
+        let mut busy = (Vec::new(), Vec::new(), Vec::new());
         for (id, user, seq, pieces) in &splits {
-            if split_chunk(&mut tx, model, *id, user, *seq, pieces).await? {
-                outcome.split += 1;
+            match split_chunk(&mut tx, model, dims, *id, user, *seq, pieces).await? {
+                Split::Done => outcome.split += 1,
+                Split::Gone => {}
+                Split::Busy => {
+                    busy.0.push(*id);
+                    busy.1.push(*seq);
+                    busy.2.push(user.clone());
+                }
             }
+        }
+        if !busy.0.is_empty() {
+            let done = sqlx::query(SET_DEFERRED)
+                .bind(&busy.0)
+                .bind(&busy.1)
+                .bind(defer.base.as_secs_f64())
+                .bind(defer.max.as_secs_f64())
+                .bind(&busy.2)
+                .execute(&mut *tx)
+                .await?;
+            outcome.deferred += usize::try_from(done.rows_affected()).unwrap_or(0);
         }
         if !touched.is_empty() {
             let (ids, users): (Vec<Uuid>, Vec<String>) = touched.into_iter().unzip();

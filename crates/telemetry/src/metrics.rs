@@ -579,7 +579,7 @@ pub fn describe() {
     );
     describe_counter!(
         BACKFILL_CHUNKS,
-        "Pending chunks the backfill handled, by outcome (embedded, failed, deferred)."
+        "Pending chunks the backfill handled, by outcome (embedded, failed, deferred, split)."
     );
     describe_counter!(
         CHUNKS_SPLIT_ON_REFUSAL,

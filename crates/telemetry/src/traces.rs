@@ -243,8 +243,13 @@ impl Carried {
         if !parent.is_valid() {
             return None;
         }
+        // Not a `tracing` child of the request: that would keep the
+        // request's span open until the dequeue. Its OTel parent is the
+        // request all the same.
         let queue_wait =
-            tracing::info_span!(target: "convstore::trace", parent: &current, "queue.wait");
+            tracing::info_span!(target: "convstore::trace", parent: None, "queue.wait");
+        let _ = queue_wait
+            .set_parent(opentelemetry::Context::new().with_remote_span_context(parent.clone()));
         Some(Carried {
             queue_wait,
             parent,

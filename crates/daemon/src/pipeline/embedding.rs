@@ -23,7 +23,9 @@
 //!   ([`convstore_core::chunker::halves`]) and the halves embedded, again
 //!   until each is taken; the text comes back [`Resolved::Split`] and is
 //!   stored as those pieces. Only a single character a backend still
-//!   refuses is marked `Failed`. The router meanwhile lowers that
+//!   refuses is marked `Failed`, and a text whose pieces are still refused
+//!   below 32 bytes fails whole (no model's context is that small: the
+//!   refusal was not about length). The router meanwhile lowers that
 //!   backend's chunk budget, so later chunks fit the first time.
 
 use std::collections::{HashMap, HashSet};
@@ -107,6 +109,10 @@ pub async fn embed_texts(
 /// of any text that fits in memory.
 const MAX_SPLIT_ROUNDS: usize = 64;
 
+/// A refused piece shorter than this is not cut further: the text fails
+/// whole (see [`split_until_taken`]).
+const MIN_REFUSED_PIECE_BYTES: usize = 32;
+
 /// One piece of a refused text, on its way to a vector.
 struct Piece {
     content: String,
@@ -122,7 +128,7 @@ async fn split_until_taken(
     ctx: &PipelineContext,
     refused: Vec<(ContentHash, &str, String)>,
 ) -> Vec<(ContentHash, Resolved)> {
-    let mut texts: Vec<(ContentHash, Vec<Piece>)> = refused
+    let mut texts: Vec<RefusedText> = refused
         .into_iter()
         .map(|(hash, text, reason)| {
             tracing::debug!(
@@ -131,23 +137,36 @@ async fn split_until_taken(
                 reason = %reason,
                 "Backend refused a chunk as too long; embedding it in pieces"
             );
-            let piece = Piece {
-                content: text.to_string(),
+            RefusedText {
                 hash,
-                state: Some(Attempt::TooLong(reason)),
-            };
-            (hash, vec![piece])
+                pieces: vec![Piece {
+                    content: text.to_string(),
+                    hash,
+                    state: Some(Attempt::TooLong(reason)),
+                }],
+                failed_whole: None,
+            }
         })
         .collect();
     for _round in 0..MAX_SPLIT_ROUNDS {
         let mut cut_any = false;
-        for (_, pieces) in &mut texts {
-            let mut next = Vec::with_capacity(pieces.len() + 1);
-            for piece in pieces.drain(..) {
+        for text in texts.iter_mut().filter(|t| t.failed_whole.is_none()) {
+            let mut next = Vec::with_capacity(text.pieces.len() + 1);
+            for piece in text.pieces.drain(..) {
                 let Some(Attempt::TooLong(reason)) = &piece.state else {
                     next.push(piece);
                     continue;
                 };
+                if piece.content.len() < MIN_REFUSED_PIECE_BYTES {
+                    // No model's context is this small: the refusal is not
+                    // about length after all. The chunk fails whole rather
+                    // than as a heap of one-character rows.
+                    text.failed_whole = Some(format!(
+                        "refused as too long even in pieces of {} bytes: {reason}",
+                        piece.content.len()
+                    ));
+                    break;
+                }
                 match convstore_core::chunker::halves(&piece.content) {
                     Some(halves) => {
                         cut_any = true;
@@ -166,7 +185,7 @@ async fn split_until_taken(
                     }
                 }
             }
-            *pieces = next;
+            text.pieces = next;
         }
         if !cut_any {
             break;
@@ -174,24 +193,30 @@ async fn split_until_taken(
         // Embed every fresh piece.
         let fresh: Vec<(ContentHash, &str)> = texts
             .iter()
-            .flat_map(|(_, pieces)| pieces.iter())
+            .filter(|t| t.failed_whole.is_none())
+            .flat_map(|t| t.pieces.iter())
             .filter(|p| p.state.is_none())
             .map(|p| (p.hash, p.content.as_str()))
             .collect();
         let attempts = attempt_texts(ctx, &fresh).await;
-        for (_, pieces) in &mut texts {
-            for piece in pieces.iter_mut() {
+        for text in &mut texts {
+            for piece in text.pieces.iter_mut() {
                 if piece.state.is_none() {
                     piece.state = attempts.get(&piece.hash).cloned();
                 }
             }
         }
     }
-    metrics::counter!(m::CHUNKS_SPLIT_ON_REFUSAL).increment(texts.len() as u64);
+    metrics::counter!(m::CHUNKS_SPLIT_ON_REFUSAL)
+        .increment(texts.iter().filter(|t| t.failed_whole.is_none()).count() as u64);
     texts
         .into_iter()
-        .map(|(hash, pieces)| {
-            let pieces = pieces
+        .map(|text| {
+            if let Some(reason) = text.failed_whole {
+                return (text.hash, Resolved::Whole(ChunkVector::Failed(reason)));
+            }
+            let pieces = text
+                .pieces
                 .into_iter()
                 .enumerate()
                 .map(|(i, p)| EmbeddedChunk {
@@ -208,9 +233,17 @@ async fn split_until_taken(
                     },
                 })
                 .collect();
-            (hash, Resolved::Split(pieces))
+            (text.hash, Resolved::Split(pieces))
         })
         .collect()
+}
+
+/// A text a backend refused as too long, and what became of its pieces.
+struct RefusedText {
+    hash: ContentHash,
+    pieces: Vec<Piece>,
+    /// Refused even in tiny pieces: it fails whole, with this reason.
+    failed_whole: Option<String>,
 }
 
 /// One pass over distinct texts: L1, L2, then the embedder.

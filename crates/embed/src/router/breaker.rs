@@ -198,35 +198,47 @@ impl Breaker {
         }
     }
 
+    /// Holds the backend back for `hold` from now, unless a longer hold
+    /// (a concurrent call's `Retry-After`) already runs.
+    fn hold(inner: &mut Inner, hold: Duration) {
+        let until = Instant::now() + hold;
+        inner.hold_until = Some(inner.hold_until.map_or(until, |h| h.max(until)));
+    }
+
     fn record(&self, admission: Admission, outcome: &Result<(), &EmbedError>) {
         let mut inner = self.lock();
+        // "Slow down" (429) neither counts towards opening the circuit (a
+        // rate limit is not an outage) nor resets the failures before it
+        // (a backend mixing 429s with timeouts is failing); it only holds
+        // the backend back (below).
+        if let Err(EmbedError::Transient { status: 429, .. }) = outcome {
+            let hold = match outcome {
+                Err(EmbedError::Transient {
+                    retry_after: Some(after),
+                    ..
+                }) => *after,
+                _ => RATE_LIMITED_HOLD,
+            };
+            Self::hold(&mut inner, hold.min(self.config.max_open_for));
+            if admission == Admission::Trial {
+                // The trial got an answer: the backend is there.
+                inner.phase = Phase::Closed { failures: 0 };
+                inner.open_for = self.config.open_for;
+                self.transition(CircuitState::Closed);
+            }
+            return;
+        }
         let failed = match outcome {
-            // An answer about the input, or "slow down" (429): the backend
-            // works. A 429 holds it back (below) without counting towards
-            // opening the circuit: a rate limit is not an outage.
-            Ok(())
-            | Err(
-                EmbedError::Rejected { .. }
-                | EmbedError::TooLong { .. }
-                | EmbedError::Transient { status: 429, .. },
-            ) => false,
+            // An answer about the input: the backend works.
+            Ok(()) | Err(EmbedError::Rejected { .. } | EmbedError::TooLong { .. }) => false,
             Err(_) => true,
         };
-        let hold = match outcome {
-            Err(EmbedError::Transient {
-                retry_after: Some(after),
-                ..
-            }) => Some(*after),
-            Err(EmbedError::Transient {
-                status: 429,
-                retry_after: None,
-                ..
-            }) => Some(RATE_LIMITED_HOLD),
-            _ => None,
-        };
-        if let Some(hold) = hold {
-            let hold = hold.min(self.config.max_open_for);
-            inner.hold_until = Some(Instant::now() + hold);
+        if let Err(EmbedError::Transient {
+            retry_after: Some(after),
+            ..
+        }) = outcome
+        {
+            Self::hold(&mut inner, (*after).min(self.config.max_open_for));
         }
         match (admission, failed) {
             (Admission::Trial, false) => {

@@ -235,21 +235,36 @@ impl Backend {
     }
 
     /// A length refusal of `inputs` says inputs estimated as long as the
-    /// longest of them do not fit here: later chunks are cut to nine
-    /// tenths of that (never below the floor), so they fit the first time.
-    /// The estimate is what the chunker cuts by, so the budget is kept in
-    /// its units, whatever the backend's tokenizer.
+    /// longest of them do not fit here: later chunks are cut to half of
+    /// that (never below the floor), the size the pipeline then tries for
+    /// the refused chunk's pieces. Halving converges in a few refusals even
+    /// for text the estimate undercounts several times over (ids, code);
+    /// prose, which the estimate overcounts, is rarely refused at all. The
+    /// estimate is what the chunker cuts by, so the budget is kept in its
+    /// units, whatever the backend's tokenizer.
+    ///
+    /// Only a refusal that says something about the budget teaches: one
+    /// input (in a request of several, the culprit is unknown), of at
+    /// least three quarters of the current budget by the estimate: a chunk
+    /// the chunker cut to the budget. The halves the pipeline sends of a
+    /// refused chunk, or text the estimate counts as almost free, must not
+    /// drag the budget down step by step.
     fn learn_from_length_refusal(&self, inputs: &[String]) {
-        let longest = inputs
-            .iter()
-            .map(|i| convstore_core::chunker::estimate_tokens(i))
-            .max()
-            .unwrap_or(0);
+        let [input] = inputs else {
+            return;
+        };
+        let longest = convstore_core::chunker::estimate_tokens(input);
+        if self
+            .chunk_budget()
+            .is_some_and(|budget| longest < budget / 4 * 3)
+        {
+            return;
+        }
         let context = self.context_length();
         let floor = context.map_or(LEARNED_FLOOR_TOKENS, |c| {
             (c / LEARNED_FLOOR_DIVISOR).max(LEARNED_FLOOR_TOKENS)
         });
-        let learned = (longest * 9 / 10).max(floor);
+        let learned = (longest / 2).max(floor);
         let before = self.learned_context.fetch_min(learned, Ordering::Relaxed);
         if learned < before {
             tracing::info!(

@@ -52,7 +52,9 @@ impl Bucket {
         }
     }
 
-    /// Takes `cost` now; how long to wait before using it.
+    /// Takes `cost` now; how long to wait before using it. The debt is
+    /// bounded (a minute's allowance), so a backlog of callers that gave
+    /// up cannot push later ones ever further out.
     fn reserve(&self, cost: f64, now: Instant) -> Duration {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (level, at) = *state;
@@ -61,12 +63,35 @@ impl Bucket {
             .min(self.per_minute);
         // A request dearer than the bucket takes a full bucket's worth:
         // the API counts it whole, but it can never wait for more.
-        let level = refilled - cost.min(self.per_minute);
+        let level = (refilled - cost.min(self.per_minute)).max(-self.per_minute);
         *state = (level, now);
         if level >= 0.0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-level / per_second)
+        }
+    }
+
+    /// Gives back what a request reserved and never sent (its caller gave
+    /// up while it waited).
+    fn refund(&self, cost: f64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 = (state.0 + cost.min(self.per_minute)).min(self.per_minute);
+    }
+}
+
+/// What one request reserved; given back unless the request was sent.
+struct Reservation<'a> {
+    taken: Vec<(&'a Bucket, f64)>,
+    sent: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            for (bucket, cost) in &self.taken {
+                bucket.refund(*cost);
+            }
         }
     }
 }
@@ -87,21 +112,24 @@ impl PaceLayer {
         }
     }
 
-    /// How long a request of `inputs` waits for its turn.
-    fn wait_for(&self, inputs: &[String], now: Instant) -> Duration {
+    /// Reserves a request of `inputs`; how long it waits for its turn.
+    fn reserve(&self, inputs: &[String], now: Instant) -> (Reservation<'_>, Duration) {
         let mut wait = Duration::ZERO;
+        let mut taken = Vec::with_capacity(2);
         if let Some(requests) = &self.requests {
             wait = wait.max(requests.reserve(1.0, now));
+            taken.push((requests, 1.0));
         }
         if let Some(tokens) = &self.tokens {
             let counter = self.inner.token_counter();
-            let cost: usize = inputs
+            let cost = inputs
                 .iter()
                 .map(|t| tokens_of(counter.as_deref(), t))
-                .sum();
-            wait = wait.max(tokens.reserve(cost as f64, now));
+                .fold(0usize, usize::saturating_add) as f64;
+            wait = wait.max(tokens.reserve(cost, now));
+            taken.push((tokens, cost));
         }
-        wait
+        (Reservation { taken, sent: false }, wait)
     }
 }
 
@@ -124,12 +152,16 @@ impl Embedder for PaceLayer {
     }
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let wait = self.wait_for(inputs, Instant::now());
+        let (mut reservation, wait) = self.reserve(inputs, Instant::now());
         if !wait.is_zero() {
             metrics::histogram!(m::EMBED_PACING_WAIT_SECONDS, label::BACKEND => self.inner.name().to_string())
                 .record(wait.as_secs_f64());
+            // Dropped here (the caller's deadline), the reservation is
+            // given back.
             tokio::time::sleep(wait).await;
         }
+        reservation.sent = true;
+        drop(reservation);
         self.inner.embed(inputs).await
     }
 }
@@ -153,6 +185,22 @@ mod tests {
             assert_eq!(b.reserve(1.0, later), Duration::ZERO);
         }
         assert_eq!(b.reserve(1.0, later), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_request_given_up_is_given_back_and_debt_is_bounded() {
+        let start = Instant::now();
+        let b = Bucket::new(60.0);
+        assert_eq!(b.reserve(60.0, start), Duration::ZERO);
+        // Callers that give up while waiting leave no debt behind them.
+        for _ in 0..100 {
+            assert!(b.reserve(1.0, start) <= Duration::from_secs(1));
+            b.refund(1.0);
+        }
+        // Callers that stay: the wait grows to a minute's worth, no more.
+        for _ in 0..200 {
+            assert!(b.reserve(1.0, start) <= Duration::from_secs(60));
+        }
     }
 
     #[test]
