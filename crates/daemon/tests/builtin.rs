@@ -116,6 +116,36 @@ async fn vectors_match_sentence_transformers() {
 
 /// The probe warms the model and reports what the chunker needs: 384
 /// dimensions, a 256-token context.
+/// The health check's probe does not queue behind inference: once the
+/// model has answered a probe, later probes answer at once while the pool
+/// is busy (a busy builtin backend used to look down to the router).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_does_not_wait_behind_a_busy_pool() {
+    let first = backend().probe().await.expect("first probe");
+    assert_eq!(first.dimensions, DIMS);
+    let busy = backend().with_own_pool(1);
+    let long: Vec<String> = (0..48)
+        .map(|i| {
+            format!("Order {i} was delayed at the depot because the courier van broke down; ")
+                .repeat(12)
+        })
+        .collect();
+    let worker = busy.clone();
+    let embedding = tokio::spawn(async move { worker.embed(&long).await });
+    // Let the call queue its batches on the one-slot pool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = busy.probe().await.expect("probe while busy");
+    assert_eq!(again, first);
+    assert!(
+        !embedding.is_finished(),
+        "the probe waited for the pool: it answered only after the embedding finished"
+    );
+    embedding
+        .await
+        .expect("join")
+        .expect("the embedding itself succeeds");
+}
+
 #[tokio::test]
 async fn probe_reports_the_dimension_and_the_context() {
     let info = backend().probe().await.expect("probe");

@@ -71,6 +71,11 @@ pub struct BuiltinBackend {
     model: Arc<SentenceModel>,
     pool: InferencePool,
     max_batch_tokens: usize,
+    /// What the first successful probe found. The model is in process: it
+    /// cannot go away or change, so later probes (the periodic health
+    /// check) answer from here instead of queueing behind the inference
+    /// pool, where a busy pool made a healthy backend look down.
+    probed: Arc<std::sync::OnceLock<ModelInfo>>,
 }
 
 impl std::fmt::Debug for BuiltinBackend {
@@ -121,6 +126,7 @@ impl BuiltinBackend {
             model: Arc::new(encoder),
             pool: InferencePool::new(options.threads),
             max_batch_tokens: options.max_batch_tokens.max(1),
+            probed: Arc::default(),
         })
     }
 
@@ -194,10 +200,14 @@ impl Embedder for BuiltinBackend {
         &self.model_name
     }
 
-    /// Embeds one text through the whole path (pool, model, pooling): it
-    /// warms the model before the daemon declares itself ready, and proves
-    /// the vectors have the length the pooling config promises.
+    /// The first time, embeds one text through the whole path (pool,
+    /// model, pooling): it warms the model before the daemon declares
+    /// itself ready, and proves the vectors have the length the pooling
+    /// config promises. Later, answers what that found, at once.
     async fn probe(&self) -> Result<ModelInfo, EmbedError> {
+        if let Some(info) = self.probed.get() {
+            return Ok(info.clone());
+        }
         let text = [WARM_UP_TEXT.to_string()];
         let vectors = self.embed_unchecked(&text).await?;
         // Any dimension here, so a wrong one gets the message below.
@@ -210,10 +220,12 @@ impl Embedder for BuiltinBackend {
                 self.dimensions
             )));
         }
-        Ok(ModelInfo {
+        let info = ModelInfo {
             dimensions: self.dimensions,
             context_length: Some(self.max_tokens()),
-        })
+        };
+        let _ = self.probed.set(info.clone());
+        Ok(info)
     }
 
     async fn embed(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
