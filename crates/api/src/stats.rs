@@ -275,6 +275,11 @@ pub struct Deleted {
 pub struct Bottleneck {
     /// `queue_wait`, `embed`, `store` or `other`.
     pub stage: String,
+    /// With `embed`: the ingest backend that spent the most time answering
+    /// calls in the window (`builtin` when the in-process model is what
+    /// holds conversations back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// Share of the end-to-end time charged to `stage` (0..=1).
     pub share: f64,
     /// Share of the workers' time (embedding + storing over workers ×

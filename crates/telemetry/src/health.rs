@@ -40,6 +40,9 @@ pub struct StageTimes<'a> {
     pub store: &'a Summary,
     /// Workers' busy share, when known.
     pub utilization: Option<f64>,
+    /// Each ingest backend's time spent answering calls in the window
+    /// (seconds): who does the embedding when it is the bottleneck.
+    pub backend_busy: &'a [(String, f64)],
 }
 
 /// Which stage holds conversations longest, and its share of the time.
@@ -93,6 +96,28 @@ pub fn bottleneck(t: &StageTimes<'_>) -> Option<Bottleneck> {
     } else {
         (work, work_time)
     };
+    // Embedding is the bottleneck: say at which backend the time goes
+    // (with one builtin backend, the in-process model on these cores).
+    let backend = (stage == "embed")
+        .then(|| {
+            t.backend_busy
+                .iter()
+                .filter(|(_, busy)| *busy > 0.0)
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(name, _)| name.clone())
+        })
+        .flatten();
+    let embedding = match &backend {
+        Some(name) => format!("embedding (mostly at backend `{name}`)"),
+        None => describe("embed").to_string(),
+    };
+    let describe = |s: &str| {
+        if s == "embed" {
+            embedding.clone()
+        } else {
+            describe(s).to_string()
+        }
+    };
     let summary = match (stage, saturated) {
         ("queue_wait", _) => format!(
             "conversations wait longest in the queue ({:.0} ms of {:.0} ms); workers are not saturated, so batching (batch.max_wait_ms) or sparse arrivals set the pace",
@@ -115,6 +140,7 @@ pub fn bottleneck(t: &StageTimes<'_>) -> Option<Bottleneck> {
     };
     Some(Bottleneck {
         stage: stage.to_string(),
+        backend,
         share: share(charged).min(1.0),
         utilization: t.utilization,
         saturated,
@@ -410,11 +436,14 @@ mod tests {
             embed_batch: &embed_batch,
             store: &store,
             utilization: Some(0.3),
+            backend_busy: &[("ollama".into(), 0.5), ("builtin".into(), 1.5)],
         })
         .unwrap();
         assert_eq!(b.stage, "embed");
         assert!(b.share > 0.85 && b.share < 0.95, "{b:?}");
         assert!(!b.saturated);
+        assert_eq!(b.backend.as_deref(), Some("builtin"));
+        assert!(b.summary.contains("backend `builtin`"), "{}", b.summary);
     }
 
     #[test]
@@ -430,10 +459,12 @@ mod tests {
             embed_batch: &summary(&[]),
             store: &store,
             utilization: Some(0.97),
+            backend_busy: &[("builtin".into(), 0.01)],
         };
         let b = bottleneck(&times).unwrap();
         assert_eq!(b.stage, "store");
         assert!(b.saturated && b.share > 0.95, "{b:?}");
+        assert_eq!(b.backend, None, "a backend is named only for embedding");
         // The same times with idle workers: the queue wait is batching.
         let idle = bottleneck(&StageTimes {
             utilization: Some(0.1),
@@ -454,6 +485,7 @@ mod tests {
                 embed_batch: &empty,
                 store: &empty,
                 utilization: None,
+                backend_busy: &[],
             })
             .is_none()
         );

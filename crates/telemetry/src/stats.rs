@@ -365,6 +365,7 @@ impl Stats {
             let busy = embedding_time + summary(Stage::Store).sum();
             (busy / (p.workers.max(1) as f64 * secs)).min(1.0)
         });
+        let backend_busy = self.backend_busy(&slots);
         let bottleneck = health::bottleneck(&health::StageTimes {
             end_to_end: summary(Stage::EndToEnd),
             queue_wait: summary(Stage::QueueWait),
@@ -372,6 +373,7 @@ impl Stats {
             embed_batch: &embed_batch,
             store: summary(Stage::Store),
             utilization,
+            backend_busy: &backend_busy,
         });
 
         let totals = Totals {
@@ -477,6 +479,17 @@ impl Stats {
             entries: self.cache_entries.load(Ordering::Relaxed),
             tiers: views,
         }
+    }
+
+    /// Each ingest backend's time answering calls in the window. The
+    /// search lane's backends (`<name>:search`) are left out: their calls
+    /// are queries, not the pipeline's work.
+    fn backend_busy(&self, slots: &[usize]) -> Vec<(String, f64)> {
+        read(&self.backends)
+            .iter()
+            .filter(|(name, _)| !name.ends_with(":search"))
+            .map(|(name, b)| (name.clone(), b.latency.summary(slots).sum()))
+            .collect()
     }
 
     fn backend_views(&self, slots: &[usize], secs: f64) -> Vec<BackendView> {
