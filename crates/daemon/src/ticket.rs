@@ -254,6 +254,14 @@ impl Ticket {
         self.id
     }
 
+    /// Goes on with the trace of the request that sent the change (pulled
+    /// from the shared intake's stream, with its `traceparent`).
+    pub fn continue_trace(&mut self, traceparent: &str) {
+        if self.trace.is_none() {
+            self.trace = Carried::continued(traceparent);
+        }
+    }
+
     /// A batch took the change: its queue wait ends; the trace context a
     /// batch links to, when it is traced.
     pub fn dequeued(&mut self) -> Option<Link> {

@@ -27,6 +27,8 @@ use crate::subject::subject_for;
 /// The header carrying a change's stamp (for operators reading the
 /// stream with the `nats` CLI).
 const STAMP_HEADER: &str = "Convstore-Stamp";
+/// The W3C trace context of the request that sent a change.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// How long a server-confirmed acknowledgement may take before it is given
 /// up: a lost ack is only a redelivery, which the store absorbs, while a
 /// long wait would stall the worker behind it during a failover.
@@ -163,6 +165,7 @@ impl SharedIntake {
         &self,
         change: &StampedChange,
         reply: Option<&str>,
+        traceparent: Option<&str>,
     ) -> Result<PendingPublish, PublishError> {
         let key = change.change.key();
         let subject = subject_for(&self.settings.subject, &key);
@@ -175,6 +178,10 @@ impl SharedIntake {
         headers.insert(STAMP_HEADER, change.stamp.to_string().as_str());
         if let Some(reply) = reply {
             headers.insert(REPLY_HEADER, reply);
+        }
+        // The change's trace goes on in the instance that applies it.
+        if let Some(traceparent) = traceparent {
+            headers.insert(TRACEPARENT_HEADER, traceparent);
         }
         let payload = bytes::Bytes::from(entry::encode(change));
         let started = Instant::now();
@@ -453,6 +460,15 @@ impl Pulled {
 
     pub fn payload(&self) -> &[u8] {
         &self.message.payload
+    }
+
+    /// The W3C `traceparent` of the request that sent it, when traced.
+    pub fn traceparent(&self) -> Option<String> {
+        self.message
+            .headers
+            .as_ref()?
+            .get(TRACEPARENT_HEADER)
+            .map(|v| v.as_str().to_string())
     }
 
     /// Where the outcome goes, when the accepting client waits for it.

@@ -212,6 +212,22 @@ pub fn request_span(
     span
 }
 
+/// The current span's W3C `traceparent`, to carry a trace where a span
+/// cannot go (the shared intake's stream); `None` when traces are off or
+/// nothing is traced here.
+pub fn current_traceparent() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let context = Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::with_capacity(2);
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove("traceparent")
+}
+
 /// Puts the span's trace id in its `trace_id` field, so log lines written
 /// inside it carry it.
 fn record_trace_id(span: &Span) {
@@ -238,8 +254,24 @@ impl Carried {
         if !enabled() {
             return None;
         }
-        let current = Span::current();
-        let parent = current.context().span().span_context().clone();
+        let parent = Span::current().context().span().span_context().clone();
+        Self::open(parent)
+    }
+
+    /// The same for a change that arrived with its `traceparent` (pulled
+    /// from the shared intake's stream): its trace goes on here.
+    pub fn continued(traceparent: &str) -> Option<Carried> {
+        if !enabled() {
+            return None;
+        }
+        let mut carrier = HashMap::with_capacity(1);
+        carrier.insert("traceparent".to_string(), traceparent.to_string());
+        let context = TraceContextPropagator::new().extract(&carrier);
+        let parent = context.span().span_context().clone();
+        Self::open(parent)
+    }
+
+    fn open(parent: SpanContext) -> Option<Carried> {
         if !parent.is_valid() {
             return None;
         }

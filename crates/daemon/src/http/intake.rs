@@ -291,7 +291,11 @@ pub async fn send_shared(
         change,
     };
     let pending = shared
-        .send(&stamped, reply.as_deref())
+        .send(
+            &stamped,
+            reply.as_deref(),
+            convstore_telemetry::traces::current_traceparent().as_deref(),
+        )
         .await
         .map_err(|e| shared_refused(state, e))?;
     Ok(SentShared {

@@ -293,6 +293,9 @@ async fn enqueue(
         let _order = feed.order.lock().unwrap_or_else(|p| p.into_inner());
         feed.held.hold(&key, sequence);
         let mut ticket = Ticket::for_change(&change, feed.registry.clone());
+        if let Some(traceparent) = pulled.traceparent() {
+            ticket.continue_trace(&traceparent);
+        }
         let outcome = ticket.subscribe();
         match feed.queue.try_push(Queued::new(change, ticket), bytes) {
             Ok(()) => Some(outcome),
