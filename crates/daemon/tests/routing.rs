@@ -21,7 +21,7 @@ use convstore_embed::{ClientConfig, Embedder};
 use convstore_standin::standin_vector;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
-use support::daemon::{Daemon, Standin, Workspace, connect_db, wait_for_count};
+use support::daemon::{Daemon, Standin, Workspace, connect_db, parse_vector, wait_for_count};
 
 const MODEL: &str = "all-minilm";
 const DIMS: usize = 384;
@@ -160,13 +160,6 @@ async fn count(db: &PgPool, query: &'static str) -> i64 {
         .fetch_one(db)
         .await
         .expect("count query")
-}
-
-fn parse_vector(text: &str) -> Vec<f32> {
-    text.trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .map(|x| x.parse().expect("vector element"))
-        .collect()
 }
 
 /// Every chunk of the conversations whose client id is in `ids` is

@@ -159,15 +159,13 @@ UPDATE conversation_chunks SET seq = seq - $3 + $4
 WHERE user_id = $1 AND conversation_id = $2 AND seq >= $3";
 
 /// Locks the chunks a split would move, skipping those another instance
-/// holds (its own backfill round); how many it got.
+/// holds (its own backfill round): how many it got, and how many there are.
 const LOCK_LATER_CHUNKS: &str = "\
-SELECT count(*) FROM (SELECT 1 FROM conversation_chunks
-  WHERE user_id = $1 AND conversation_id = $2 AND seq > $3
-  FOR UPDATE SKIP LOCKED) locked";
-
-const COUNT_LATER_CHUNKS: &str = "\
-SELECT count(*) FROM conversation_chunks
-WHERE user_id = $1 AND conversation_id = $2 AND seq > $3";
+SELECT (SELECT count(*) FROM (SELECT 1 FROM conversation_chunks
+          WHERE user_id = $1 AND conversation_id = $2 AND seq > $3
+          FOR UPDATE SKIP LOCKED) locked),
+       (SELECT count(*) FROM conversation_chunks
+          WHERE user_id = $1 AND conversation_id = $2 AND seq > $3)";
 
 const DELETE_SPLIT_CHUNK: &str = "\
 DELETE FROM conversation_chunks
@@ -231,13 +229,7 @@ async fn split_chunk(
         return Ok(Split::Gone);
     };
     if extra > 0 {
-        let locked: i64 = sqlx::query_scalar(LOCK_LATER_CHUNKS)
-            .bind(user)
-            .bind(id)
-            .bind(seq)
-            .fetch_one(&mut *tx)
-            .await?;
-        let later: i64 = sqlx::query_scalar(COUNT_LATER_CHUNKS)
+        let (locked, later): (i64, i64) = sqlx::query_as(LOCK_LATER_CHUNKS)
             .bind(user)
             .bind(id)
             .bind(seq)

@@ -187,29 +187,29 @@ pub fn request_span(
     if !enabled() {
         return Span::none();
     }
-    let span = match name {
-        "messages.append" => {
-            tracing::info_span!(target: "convstore::trace", "messages.append", trace_id = tracing::field::Empty)
-        }
-        "conversations.batch" => {
-            tracing::info_span!(target: "convstore::trace", "conversations.batch", trace_id = tracing::field::Empty)
-        }
-        _ => {
-            tracing::info_span!(target: "convstore::trace", "conversation.post", trace_id = tracing::field::Empty)
-        }
-    };
+    // One call site; `otel.name` names the exported span after the route.
+    let span = tracing::info_span!(
+        target: "convstore::trace",
+        "request",
+        otel.name = name,
+        trace_id = tracing::field::Empty
+    );
     if let Some(traceparent) = traceparent {
-        let mut carrier = HashMap::with_capacity(2);
-        carrier.insert("traceparent".to_string(), traceparent.to_string());
-        if let Some(state) = tracestate {
-            carrier.insert("tracestate".to_string(), state.to_string());
-        }
-        let parent = TraceContextPropagator::new().extract(&carrier);
         // A malformed traceparent extracts as no parent: a new trace.
-        let _ = span.set_parent(parent);
+        let _ = span.set_parent(extract(traceparent, tracestate));
     }
     record_trace_id(&span);
     span
+}
+
+/// The trace context a W3C `traceparent` (and `tracestate`) carries.
+fn extract(traceparent: &str, tracestate: Option<&str>) -> opentelemetry::Context {
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_string(), traceparent.to_string());
+    if let Some(state) = tracestate {
+        carrier.insert("tracestate".to_string(), state.to_string());
+    }
+    TraceContextPropagator::new().extract(&carrier)
 }
 
 /// The current span's W3C `traceparent`, to carry a trace where a span
@@ -264,10 +264,7 @@ impl Carried {
         if !enabled() {
             return None;
         }
-        let mut carrier = HashMap::with_capacity(1);
-        carrier.insert("traceparent".to_string(), traceparent.to_string());
-        let context = TraceContextPropagator::new().extract(&carrier);
-        let parent = context.span().span_context().clone();
+        let parent = extract(traceparent, None).span().span_context().clone();
         Self::open(parent)
     }
 

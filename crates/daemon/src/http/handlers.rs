@@ -92,9 +92,6 @@ pub async fn post_conversation(
 /// The span of a request, continuing its `traceparent`; none when traces
 /// are off (`convstore_telemetry::traces`).
 pub(super) fn request_span(name: &'static str, headers: &HeaderMap) -> tracing::Span {
-    if !convstore_telemetry::traces::enabled() {
-        return tracing::Span::none();
-    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     convstore_telemetry::traces::request_span(name, header("traceparent"), header("tracestate"))
 }
