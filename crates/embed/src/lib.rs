@@ -80,7 +80,7 @@ pub enum EmbedError {
     /// OpenAI-compatible server's "maximum context length", TEI's 413/422
     /// "must have less than N tokens"): the input is at fault, and a
     /// shorter one would be taken. The pipeline splits it
-    /// (convstore_core::chunker::split_refused); it is never retried as is.
+    /// (`convstore_core::chunker::halves`); it is never retried as is.
     #[error("backend refused an input as too long: HTTP {status}: {message}")]
     TooLong { status: u16, message: String },
     /// The model is missing or cannot embed (404, no embedding capability):
