@@ -26,6 +26,14 @@
 #    where the daemon looks by default; the weights' sha256 is checked.
 #    CONVSTORE_MODELS_DIR overrides the parent directory; then point the
 #    builtin backend's model_dir at <dir>/all-MiniLM-L6-v2;
+#  * on x86_64, the OpenVINO runtime the builtin model runs on (engine
+#    "auto"/"openvino", docs/BUILTIN.md): from the PyPI wheel
+#    openvino==2026.4.1 (Apache-2.0; its sha256 is pinned), only the eight
+#    libraries the C API, the CPU plugin and the ONNX reader need (89 MB),
+#    copied to <lib>/openvino-2026.4.1 with <lib>/openvino pointing at it,
+#    <lib> being the directory pginstall is in. The daemon loads it at run
+#    time and falls back to candle without it; CONVSTORE_SETUP_OPENVINO=0
+#    skips it. Other architectures skip it with a note;
 #  * when root, the system account `convstore` the managed PostgreSQL runs
 #    as (PostgreSQL refuses to run as root);
 #  * when root and missing, the Debian packages these steps need
@@ -79,6 +87,17 @@ readonly MODEL_NAME="all-MiniLM-L6-v2"
 # files as Hugging Face's sentence-transformers/all-MiniLM-L6-v2).
 readonly MODEL_WEIGHTS_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 readonly MODEL_TOKENIZER_SHA256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+readonly OPENVINO_WHEEL_SPEC="openvino==2026.4.1"
+# The manylinux_2_28 x86_64 CPython 3.11 wheel; the libraries inside do not
+# depend on Python, so that one wheel is asked for whatever Python runs here.
+readonly OPENVINO_WHEEL_SHA256="2d22b1da03f7caf74df30e9f6417d0ab2f637e4a38e08e1dcd294d2c37407aaf"
+# The C API, the core, the CPU plugin, the ONNX reader and TBB/hwloc: a C
+# program linked only against these runs the model (docs/BUILTIN.md).
+readonly OPENVINO_LIBS=(libopenvino_c.so.2641 libopenvino.so.2641 libopenvino_intel_cpu_plugin.so
+    libopenvino_onnx_frontend.so.2641 libtbb.so.12 libtbbmalloc.so.2 libhwloc.so.15
+    libtbbbind_2_5.so.3)
+readonly OPENVINO_LINK="$(dirname "$PGINSTALL")/openvino"
+readonly OPENVINO_DIR="$OPENVINO_LINK-${OPENVINO_WHEEL_SPEC#*==}"
 readonly MODELS_DIR="${CONVSTORE_MODELS_DIR:-$(dirname "$PGINSTALL")/models}"
 readonly MODEL_DIR="$MODELS_DIR/$MODEL_NAME"
 
@@ -265,6 +284,58 @@ install_model() (
     log "installed the embedding model $MODEL_NAME in $MODEL_DIR"
 )
 
+openvino_wanted() {
+    [ "${CONVSTORE_SETUP_OPENVINO:-1}" != 0 ] && [ "$(uname -m)" = x86_64 ]
+}
+
+openvino_installed() {
+    [ -f "$OPENVINO_DIR/.installed-from" ] &&
+        [ "$(cat "$OPENVINO_DIR/.installed-from")" = "$OPENVINO_WHEEL_SPEC" ] &&
+        [ "$(readlink "$OPENVINO_LINK")" = "$(basename "$OPENVINO_DIR")" ] || return 1
+    local lib
+    for lib in "${OPENVINO_LIBS[@]}"; do
+        [ -f "$OPENVINO_DIR/$lib" ] || return 1
+    done
+}
+
+# The OpenVINO runtime for the builtin model (a subshell for its EXIT trap).
+install_openvino() (
+    local tmp
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064 # expand $tmp now
+    trap "rm -rf '$tmp'" EXIT
+    log "downloading $OPENVINO_WHEEL_SPEC (the runtime the builtin model runs on, 59 MB)"
+    local wheel
+    wheel=$(fetch_wheel "$OPENVINO_WHEEL_SPEC" 'openvino-*.whl' "$tmp" \
+        --python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64)
+    echo "$OPENVINO_WHEEL_SHA256  $wheel" | sha256sum --check --status ||
+        die "$wheel does not have the pinned sha256 $OPENVINO_WHEEL_SHA256"
+    local staging="$OPENVINO_DIR.new.$$" lib
+    rm -rf "$staging"
+    mkdir -p "$staging"
+    for lib in "${OPENVINO_LIBS[@]}"; do
+        [ -f "$tmp/unpacked/openvino/libs/$lib" ] || die "$wheel has no openvino/libs/$lib"
+        install -m 0644 "$tmp/unpacked/openvino/libs/$lib" "$staging/$lib"
+    done
+    printf '%s\n' "$OPENVINO_WHEEL_SPEC" >"$staging/.installed-from"
+    rm -rf "$OPENVINO_DIR"
+    mv -T "$staging" "$OPENVINO_DIR"
+    ln -sfn "$(basename "$OPENVINO_DIR")" "$OPENVINO_LINK.link.$$"
+    mv -T "$OPENVINO_LINK.link.$$" "$OPENVINO_LINK"
+    log "installed the OpenVINO runtime in $OPENVINO_DIR ($(du -sh "$OPENVINO_DIR" | cut -f1))"
+)
+
+ensure_openvino() {
+    if ! openvino_wanted; then
+        [ "$(uname -m)" = x86_64 ] ||
+            log "note: no pinned OpenVINO runtime for $(uname -m); the builtin model runs on candle"
+        return 0
+    fi
+    openvino_installed && return 0
+    install_openvino
+    openvino_installed || die "$OPENVINO_DIR still has no complete OpenVINO runtime"
+}
+
 # systemd-analyze verifies the units and rates their sandbox (tests/systemd.rs).
 # The package brings no running systemd along in a container; that is fine,
 # the tool works offline.
@@ -379,6 +450,9 @@ check() {
     local missing=()
     pg_installed || missing+=("PostgreSQL with pgvector in $PGINSTALL")
     model_installed || missing+=("the embedding model $MODEL_NAME in $MODEL_DIR")
+    if openvino_wanted && ! openvino_installed; then
+        missing+=("the OpenVINO runtime in $OPENVINO_DIR (CONVSTORE_SETUP_OPENVINO=0: candle only)")
+    fi
     if is_root && ! getent passwd convstore >/dev/null; then
         missing+=("the system account convstore (the managed PostgreSQL runs as it under root)")
     fi
@@ -408,6 +482,7 @@ main() {
     pg_installed || die "$PGINSTALL still has no working PostgreSQL with pgvector"
     model_installed || install_model
     model_installed || die "$MODEL_DIR still has no complete $MODEL_NAME model"
+    ensure_openvino
     if is_root; then
         ensure_account
     fi

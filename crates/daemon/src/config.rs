@@ -14,7 +14,8 @@ use convstore_core::nonzero::{nz_u32, nz_u64, nz_usize};
 use serde::{Deserialize, Serialize};
 
 pub use convstore_embed::settings::{
-    BackendKind, BackendSettings, CacheSettings, EmbeddingSettings, EncodingFormat, Strategy,
+    BackendKind, BackendSettings, BuiltinEngine, BuiltinPrecision, CacheSettings,
+    EmbeddingSettings, EncodingFormat, Strategy,
 };
 pub use convstore_store::settings::{
     DatabaseSettings, ManagedClusterSettings, RetentionSettings, WriteMethod,
@@ -781,6 +782,33 @@ impl Settings {
                         format!("`{}` must be an absolute path", backend.model_dir),
                     ));
                 }
+            }
+            if !backend.openvino_dir.is_empty() && !Path::new(&backend.openvino_dir).is_absolute() {
+                return Err(ConfigError::invalid(
+                    key("openvino_dir"),
+                    format!("`{}` must be an absolute path", backend.openvino_dir),
+                ));
+            }
+            if backend.kind != BackendKind::Builtin {
+                let set = [
+                    ("engine", backend.engine != BuiltinEngine::Auto),
+                    ("precision", backend.precision != BuiltinPrecision::Auto),
+                    ("openvino_dir", !backend.openvino_dir.is_empty()),
+                ];
+                if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::invalid(
+                        key(name),
+                        "only a kind = \"builtin\" backend has an engine, a precision and an openvino_dir",
+                    ));
+                }
+            }
+            if backend.engine == BuiltinEngine::Candle
+                && backend.precision == BuiltinPrecision::Bf16
+            {
+                return Err(ConfigError::invalid(
+                    key("precision"),
+                    "engine = \"candle\" computes in f32 only; use precision = \"auto\" or \"f32\", or engine = \"openvino\"",
+                ));
             }
         }
         Ok(())

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use convstore_core::chunker::{Chunker, estimate_tokens, fit_exactly};
 use convstore_core::model::{Conversation, Message};
+use convstore_embed::settings::{BuiltinEngine, BuiltinPrecision};
 use convstore_embed::{EmbedError, Embedder};
 use convstore_embed_builtin::BuiltinBackend;
+use convstore_embed_builtin::engine::{EngineOptions, cpu_has_bf16};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -49,16 +51,50 @@ fn fixture() -> Fixture {
 }
 
 /// One loaded model for every test of this binary, found the way the
-/// daemon finds it with no `model_dir` configured (setup.sh installs it).
+/// daemon finds it with no `model_dir` configured (setup.sh installs it),
+/// on the engine the default (`engine = "auto"`) picks.
 fn backend() -> BuiltinBackend {
     static BACKEND: OnceLock<BuiltinBackend> = OnceLock::new();
     BACKEND
-        .get_or_init(|| {
-            require_setup();
-            BuiltinBackend::load("builtin", "", MODEL, Path::new("/nonexistent-state-dir"))
-                .unwrap_or_else(|e| panic!("scripts/setup.sh should have installed the model: {e}"))
-        })
+        .get_or_init(|| load_on(BuiltinEngine::Auto, BuiltinPrecision::Auto))
         .clone()
+}
+
+fn load_on(engine: BuiltinEngine, precision: BuiltinPrecision) -> BuiltinBackend {
+    require_setup();
+    let options = EngineOptions {
+        engine,
+        precision,
+        ..EngineOptions::default()
+    };
+    BuiltinBackend::load(
+        "builtin",
+        "",
+        MODEL,
+        Path::new("/nonexistent-state-dir"),
+        options,
+    )
+    .unwrap_or_else(|e| panic!("scripts/setup.sh should have installed the model and runtime: {e}"))
+}
+
+/// Every engine × precision this machine can run: candle (f32), and
+/// OpenVINO in f32 and, where the CPU has bf16 units, bf16. OpenVINO is
+/// required where setup.sh installs it (x86_64).
+fn engines() -> Vec<(BuiltinEngine, BuiltinPrecision)> {
+    let mut engines = vec![
+        (BuiltinEngine::Candle, BuiltinPrecision::F32),
+        (BuiltinEngine::Openvino, BuiltinPrecision::F32),
+    ];
+    if cpu_has_bf16() {
+        engines.push((BuiltinEngine::Openvino, BuiltinPrecision::Bf16));
+    } else {
+        eprintln!("SKIPPED OpenVINO bf16: this CPU has neither AMX-BF16 nor AVX512-BF16");
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        eprintln!("SKIPPED OpenVINO: setup.sh installs it on x86_64 only");
+        engines.retain(|(e, _)| *e == BuiltinEngine::Candle);
+    }
+    engines
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -68,50 +104,62 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
-/// For every reference text: the same token count as the Python tokenizer,
-/// and a vector within cosine 0.999 of sentence-transformers', whether the
-/// text is embedded alone or in one padded batch with all the others.
+/// For every reference text and every engine × precision: the same token
+/// count as the Python tokenizer, and a vector within cosine 0.999 of
+/// sentence-transformers', whether the text is embedded alone or in one
+/// padded batch with all the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vectors_match_sentence_transformers() {
     let fixture = fixture();
     assert!(fixture.texts.len() >= 20, "the fixture has too few texts");
     assert_eq!(fixture.max_seq_length, MAX_TOKENS);
-    let backend = backend();
-
-    let texts: Vec<String> = fixture.texts.iter().map(|r| r.text.clone()).collect();
-    let batched = backend.embed(&texts).await.expect("embed the references");
-    assert_eq!(batched.len(), texts.len());
-    let mut worst = (f32::MAX, String::new());
-    for (reference, vector) in fixture.texts.iter().zip(&batched) {
+    for (engine, precision) in engines() {
+        let backend = load_on(engine, precision);
+        let on = format!("{}/{}", backend.engine(), backend.precision());
         assert_eq!(
-            backend.count_tokens(&reference.text),
-            reference.tokens,
-            "{}: token count differs from the Python tokenizer's",
-            reference.name
+            serde_json::to_value(engine).unwrap(),
+            json!(backend.engine()),
+            "asked for {engine:?}, loaded {on}"
         );
-        assert_eq!(vector.len(), DIMS, "{}", reference.name);
-        let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-4, "{}: norm {norm}", reference.name);
-        let alone = backend
-            .embed(std::slice::from_ref(&reference.text))
-            .await
-            .expect("embed one reference");
-        for (how, v) in [("in a batch", vector), ("alone", &alone[0])] {
-            let c = cosine(v, &reference.vector);
-            assert!(
-                c >= 0.999,
-                "{} ({how}): cosine {c} to sentence-transformers' vector",
+        let texts: Vec<String> = fixture.texts.iter().map(|r| r.text.clone()).collect();
+        let batched = backend.embed(&texts).await.expect("embed the references");
+        assert_eq!(batched.len(), texts.len());
+        let mut worst = (f32::MAX, String::new());
+        for (reference, vector) in fixture.texts.iter().zip(&batched) {
+            assert_eq!(
+                backend.count_tokens(&reference.text),
+                reference.tokens,
+                "{}: token count differs from the Python tokenizer's",
                 reference.name
             );
-            if c < worst.0 {
-                worst = (c, format!("{} ({how})", reference.name));
+            assert_eq!(vector.len(), DIMS, "{}", reference.name);
+            let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(
+                (norm - 1.0).abs() < 1e-4,
+                "{on} {}: norm {norm}",
+                reference.name
+            );
+            let alone = backend
+                .embed(std::slice::from_ref(&reference.text))
+                .await
+                .expect("embed one reference");
+            for (how, v) in [("in a batch", vector), ("alone", &alone[0])] {
+                let c = cosine(v, &reference.vector);
+                assert!(
+                    c >= 0.999,
+                    "{on} {} ({how}): cosine {c} to sentence-transformers' vector",
+                    reference.name
+                );
+                if c < worst.0 {
+                    worst = (c, format!("{} ({how})", reference.name));
+                }
             }
         }
+        eprintln!(
+            "{on}: lowest cosine to sentence-transformers {} for {}",
+            worst.0, worst.1
+        );
     }
-    eprintln!(
-        "lowest cosine to sentence-transformers: {} for {}",
-        worst.0, worst.1
-    );
 }
 
 /// The probe warms the model and reports what the chunker needs: 384
@@ -123,7 +171,7 @@ async fn vectors_match_sentence_transformers() {
 async fn a_probe_does_not_wait_behind_a_busy_pool() {
     let first = backend().probe().await.expect("first probe");
     assert_eq!(first.dimensions, DIMS);
-    let busy = backend().with_own_pool(1);
+    let busy = backend().with_own_threads(1).expect("a lane of one thread");
     let long: Vec<String> = (0..48)
         .map(|i| {
             format!("Order {i} was delayed at the depot because the courier van broke down; ")

@@ -4,9 +4,14 @@
 //! `scripts/setup.sh`, which installs the model.
 //!
 //! ```text
-//! embed(texts) ──► tokenize (refuse > max_seq_length) ──► plan batches by token budget
-//!      ──► inference pool (≤ cores jobs, blocking threads) ──► BERT ──► mean pool ──► L2
+//! embed(texts) ──► tokenize (refuse > max_seq_length)
+//!      ──► scheduler: merged with concurrent calls, batched by length within a padded-token budget
+//!      ──► inference threads (one per core) ──► engine: OpenVINO (bf16/f32) or candle (f32)
+//!      ──► BERT ──► mean pool ──► L2
 //! ```
+//!
+//! The engine is chosen at load ([`engine`]): OpenVINO where its runtime is
+//! installed (bf16 on CPUs with AMX or AVX512-BF16), candle otherwise.
 //!
 //! The vectors are sentence-transformers' for the same model (cosine ≥ 0.999,
 //! `tests/builtin.rs` against `tests/fixtures/builtin_parity/`), so they can
@@ -16,20 +21,22 @@
 //! [`Embedder::token_counter`].
 
 pub mod batching;
+pub mod engine;
 pub mod files;
 pub mod model;
-pub mod pool;
+pub mod openvino;
+pub mod scheduler;
 pub mod tokenize;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
+use self::engine::{Engine, EngineOptions};
 use self::files::ModelFiles;
-use self::model::SentenceModel;
-use self::pool::InferencePool;
+use self::scheduler::Scheduler;
 use self::tokenize::{Encoded, ModelTokenizer};
 use convstore_embed::answer::check_vectors;
 use convstore_embed::{EmbedError, Embedder, ModelInfo, TokenCounter};
@@ -41,21 +48,29 @@ use convstore_telemetry::metrics as m;
 const WARM_UP_TEXT: &str = "convstore warm-up: book a flight to Seattle on Friday.";
 
 /// How the model is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BuiltinOptions {
-    /// Model batches run at once (the inference pool's size).
+    /// Which engine, at which precision ([`engine`]).
+    pub engine: EngineOptions,
+    /// Model batches run at once: inference threads, and OpenVINO streams
+    /// of one thread each.
     pub threads: usize,
     /// Padded tokens (`inputs × longest input`) in one model batch: bounds
-    /// the attention's memory (`12 heads × tokens × longest × 4 bytes` per
+    /// the attention's memory (`heads × tokens × longest × 4 bytes` per
     /// layer) and keeps long inputs from being padded with short ones.
     pub max_batch_tokens: usize,
+    /// How long a free inference thread waits for concurrent calls to merge
+    /// with ([`scheduler`]).
+    pub linger: Duration,
 }
 
 impl Default for BuiltinOptions {
     fn default() -> Self {
         Self {
+            engine: EngineOptions::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_batch_tokens: 4096,
+            linger: scheduler::DEFAULT_LINGER,
         }
     }
 }
@@ -68,13 +83,15 @@ pub struct BuiltinBackend {
     dir: PathBuf,
     dimensions: usize,
     tokenizer: Arc<ModelTokenizer>,
-    model: Arc<SentenceModel>,
-    pool: InferencePool,
-    max_batch_tokens: usize,
+    engine: Arc<Engine>,
+    scheduler: Scheduler,
+    options: BuiltinOptions,
+    /// Why OpenVINO was not used when `engine = "auto"` fell back to candle.
+    fallback_reason: Option<String>,
     /// What the first successful probe found. The model is in process: it
     /// cannot go away or change, so later probes (the periodic health
-    /// check) answer from here instead of queueing behind the inference
-    /// pool, where a busy pool made a healthy backend look down.
+    /// check) answer from here instead of queueing behind inference, where
+    /// a busy model made a healthy backend look down.
     probed: Arc<std::sync::OnceLock<ModelInfo>>,
 }
 
@@ -85,26 +102,33 @@ impl std::fmt::Debug for BuiltinBackend {
             .field("model", &self.model_name)
             .field("dir", &self.dir)
             .field("dimensions", &self.dimensions)
-            .field("threads", &self.pool.size())
+            .field("engine", &self.engine)
+            .field("threads", &self.scheduler.threads())
             .finish_non_exhaustive()
     }
 }
 
 impl BuiltinBackend {
     /// Loads the model for the backend `name`, serving it as `model` (the
-    /// name stored with its vectors, e.g. `all-minilm`), with default
-    /// options. `model_dir` is the configured directory; empty = the default
-    /// places ([`files::default_model_dirs`], `state_dir/models/<model>`
-    /// first). Blocking: reads and converts ~90 MB of weights (a few hundred
-    /// ms); call it at start-up, not on a hot path.
+    /// name stored with its vectors, e.g. `all-minilm`), on the engine
+    /// `engine` asks for. `model_dir` is the configured directory; empty =
+    /// the default places ([`files::default_model_dirs`],
+    /// `state_dir/models/<model>` first). Blocking: reads ~90 MB of weights
+    /// and compiles or converts them (a second or two); call it at
+    /// start-up, not on a hot path.
     pub fn load(
         name: &str,
         model_dir: &str,
         model: &str,
         state_dir: &Path,
+        engine: EngineOptions,
     ) -> Result<Self, EmbedError> {
         let dir = files::resolve_model_dir(model_dir, model, state_dir)?;
-        Self::load_with(name, &dir, model, BuiltinOptions::default())
+        let options = BuiltinOptions {
+            engine,
+            ..BuiltinOptions::default()
+        };
+        Self::load_with(name, &dir, model, state_dir, options)
     }
 
     /// Loads the model in `model_dir` with explicit options.
@@ -112,33 +136,61 @@ impl BuiltinBackend {
         name: &str,
         model_dir: &Path,
         model: &str,
+        state_dir: &Path,
         options: BuiltinOptions,
     ) -> Result<Self, EmbedError> {
         let files = ModelFiles::read(model_dir)?;
         let tokenizer = ModelTokenizer::load(&files.tokenizer_path, files.max_seq_length)?;
-        let encoder = SentenceModel::load(&files)?;
+        let threads = options.threads.max(1);
+        let (engine, fallback_reason) = Engine::load(&files, &options.engine, state_dir, threads)
+            .map_err(|e| {
+            EmbedError::ModelUnavailable(format!("builtin model in {}: {e}", files.dir.display()))
+        })?;
+        let engine = Arc::new(engine);
+        let scheduler = Scheduler::start(
+            engine.clone(),
+            name,
+            threads,
+            options.max_batch_tokens,
+            options.linger,
+        )?;
+        metrics::gauge!(
+            m::BUILTIN_ENGINE,
+            label::BACKEND => name.to_string(),
+            label::ENGINE => engine.name(),
+            label::PRECISION => engine.precision().as_str()
+        )
+        .set(1.0);
         Ok(Self {
             name: name.to_string(),
             model_name: model.to_string(),
             dir: files.dir.clone(),
             dimensions: files.dimensions,
             tokenizer: Arc::new(tokenizer),
-            model: Arc::new(encoder),
-            pool: InferencePool::new(options.threads),
-            max_batch_tokens: options.max_batch_tokens.max(1),
+            engine,
+            scheduler,
+            options,
+            fallback_reason,
             probed: Arc::default(),
         })
     }
 
-    /// The same loaded model (weights and tokenizer shared, not copied)
-    /// with an inference pool of its own, `threads` jobs at once: a second
-    /// lane, for search queries, whose jobs do not queue behind this one's
-    /// (see `convstore_embed::query`).
-    pub fn with_own_pool(&self, threads: usize) -> Self {
-        Self {
-            pool: InferencePool::new(threads),
+    /// The same loaded model (weights, compiled engine and tokenizer
+    /// shared, not copied) with inference threads of its own, `threads` of
+    /// them: a second lane, for search queries, whose batches do not queue
+    /// behind this one's (see `convstore_embed::query`).
+    pub fn with_own_threads(&self, threads: usize) -> Result<Self, EmbedError> {
+        let scheduler = Scheduler::start(
+            self.engine.clone(),
+            &self.name,
+            threads,
+            self.options.max_batch_tokens,
+            self.options.linger,
+        )?;
+        Ok(Self {
+            scheduler,
             ..self.clone()
-        }
+        })
     }
 
     pub fn model_dir(&self) -> &Path {
@@ -149,6 +201,21 @@ impl BuiltinBackend {
         self.dimensions
     }
 
+    /// The engine the model runs on: `openvino` or `candle`.
+    pub fn engine(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// The precision it computes in: `bf16` or `f32`.
+    pub fn precision(&self) -> &'static str {
+        self.engine.precision().as_str()
+    }
+
+    /// Why `engine = "auto"` runs on candle, when it does.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
     /// The longest input in tokens, special tokens included.
     pub fn max_tokens(&self) -> usize {
         self.tokenizer.max_tokens()
@@ -157,36 +224,6 @@ impl BuiltinBackend {
     /// Tokens `text` costs, special tokens included.
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer.count_tokens(text)
-    }
-
-    /// Runs one planned model batch on the pool.
-    async fn run_batch(&self, batch: Vec<Encoded>) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let model = self.model.clone();
-        let backend = self.name.clone();
-        let real: usize = batch.iter().map(Encoded::len).sum();
-        let padded = batch.iter().map(Encoded::len).max().unwrap_or(0) * batch.len();
-        let vectors = self
-            .pool
-            .run(move || {
-                let started = Instant::now();
-                let refs: Vec<&Encoded> = batch.iter().collect();
-                let result = model.embed(&refs);
-                metrics::histogram!(m::BUILTIN_INFERENCE_SECONDS, label::BACKEND => backend)
-                    .record(started.elapsed().as_secs_f64());
-                result
-            })
-            .await?
-            .map_err(|e| {
-                EmbedError::ModelUnavailable(format!(
-                    "builtin model `{}` failed to embed: {e}",
-                    self.model_name
-                ))
-            })?;
-        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), label::KIND => "real")
-            .increment(real as u64);
-        metrics::counter!(m::BUILTIN_TOKENS, label::BACKEND => self.name.clone(), label::KIND => "padding")
-            .increment(padded.saturating_sub(real) as u64);
-        Ok(vectors)
     }
 }
 
@@ -200,7 +237,7 @@ impl Embedder for BuiltinBackend {
         &self.model_name
     }
 
-    /// The first time, embeds one text through the whole path (pool,
+    /// The first time, embeds one text through the whole path (scheduler,
     /// model, pooling): it warms the model before the daemon declares
     /// itself ready, and proves the vectors have the length the pooling
     /// config promises. Later, answers what that found, at once.
@@ -254,30 +291,17 @@ impl BuiltinBackend {
         let tokenizer = self.tokenizer.clone();
         let texts = inputs.to_vec();
         // Tokenizing costs ~µs per input, but tens of long inputs add up:
-        // it runs on the pool too, off the runtime.
-        let encoded = self
-            .pool
-            .run(move || {
-                texts
-                    .iter()
-                    .map(|t| tokenizer.encode(t))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await??;
-        let lengths: Vec<usize> = encoded.iter().map(Encoded::len).collect();
-        let plan = batching::plan(&lengths, self.max_batch_tokens);
-        let mut slots: Vec<Option<Encoded>> = encoded.into_iter().map(Some).collect();
-        let jobs = plan.iter().map(|indices| {
-            let batch: Vec<Encoded> = indices.iter().filter_map(|&i| slots[i].take()).collect();
-            self.run_batch(batch)
-        });
-        let results = futures::future::try_join_all(jobs).await?;
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
-        for (indices, batch_vectors) in plan.iter().zip(results) {
-            for (&i, v) in indices.iter().zip(batch_vectors) {
-                vectors[i] = v;
-            }
-        }
-        Ok(vectors)
+        // off the runtime's threads.
+        let encoded: Vec<Encoded> = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .map(|t| tokenizer.encode(t))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| {
+            EmbedError::ModelUnavailable(format!("builtin model: tokenizing failed: {e}"))
+        })??;
+        self.scheduler.embed(encoded).await
     }
 }

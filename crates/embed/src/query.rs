@@ -121,7 +121,7 @@ impl QueryEmbedder {
 /// The search lane's router. `clients`: one per configured backend, in
 /// order, with its settings; the same clients ingest uses, except a builtin
 /// backend's, which should be a copy with its own inference pool
-/// (`convstore_embed_builtin::BuiltinBackend::with_own_pool`). Its retries
+/// (`convstore_embed_builtin::BuiltinBackend::with_own_threads`). Its retries
 /// end at `search.timeout_ms`, not at `embedding.max_wait_ms`: a person is
 /// waiting. `in_flight`: `search.backend_in_flight`.
 pub fn search_router(

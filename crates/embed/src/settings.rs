@@ -106,6 +106,15 @@ pub struct BackendSettings {
     /// `~/.local/lib/convstore/models/<model>`); `all-minilm` is installed
     /// as `all-MiniLM-L6-v2`.
     pub model_dir: String,
+    /// builtin: the engine the model runs on (docs/BUILTIN.md).
+    pub engine: BuiltinEngine,
+    /// builtin: the precision it computes in.
+    pub precision: BuiltinPrecision,
+    /// builtin: the directory of OpenVINO's libraries (absolute). Empty =
+    /// `state_dir/openvino`, then where `scripts/setup.sh` installs it
+    /// (`/usr/local/lib/convstore/openvino`, then
+    /// `~/.local/lib/convstore/openvino`).
+    pub openvino_dir: String,
     /// openai: the `encoding_format` asked for; either answer is decoded.
     pub encoding_format: EncodingFormat,
     /// ollama, openai: the most of one answer read into memory; a longer
@@ -137,6 +146,9 @@ impl Default for BackendSettings {
             timeout_ms: const { nz_u64(30_000) },
             api_key_env: String::new(),
             model_dir: String::new(),
+            engine: BuiltinEngine::Auto,
+            precision: BuiltinPrecision::Auto,
+            openvino_dir: String::new(),
             encoding_format: EncodingFormat::Base64,
             max_response_bytes: const { nz_u64(crate::response::DEFAULT_MAX_RESPONSE_BYTES) },
             tokenizer: String::new(),
@@ -145,6 +157,30 @@ impl Default for BackendSettings {
             tokens_per_minute: 0,
         }
     }
+}
+
+/// `engine` on a builtin backend.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinEngine {
+    /// OpenVINO when its runtime loads, else candle (the log says why).
+    #[default]
+    Auto,
+    /// OpenVINO, or a start-up error saying why not.
+    Openvino,
+    /// candle, even where OpenVINO is installed.
+    Candle,
+}
+
+/// `precision` on a builtin backend.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinPrecision {
+    /// bf16 where the CPU has bf16 matrix units (AMX, AVX512-BF16), else f32.
+    #[default]
+    Auto,
+    Bf16,
+    F32,
 }
 
 /// How an OpenAI-compatible backend sends vectors (issue 4).

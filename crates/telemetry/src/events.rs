@@ -16,9 +16,11 @@ use crate::metrics as m;
 pub mod label {
     pub const BACKEND: &str = "backend";
     pub const ENDPOINT: &str = "endpoint";
+    pub const ENGINE: &str = "engine";
     pub const KIND: &str = "kind";
     pub const LEVEL: &str = "level";
     pub const OUTCOME: &str = "outcome";
+    pub const PRECISION: &str = "precision";
     pub const REASON: &str = "reason";
     pub const RESULT: &str = "result";
     pub const STATUS: &str = "status";

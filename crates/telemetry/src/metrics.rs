@@ -28,6 +28,12 @@ pub const EMBED_BATCH_SECONDS: &str = "convstore_embed_batch_duration_seconds";
 pub const BACKEND_UP: &str = "convstore_backend_up";
 pub const BUILTIN_TOKENS: &str = "convstore_builtin_tokens_total";
 pub const BUILTIN_INFERENCE_SECONDS: &str = "convstore_builtin_inference_seconds";
+/// Inputs in one model batch of the builtin model (merged across calls).
+pub const BUILTIN_BATCH_INPUTS: &str = "convstore_builtin_batch_inputs";
+/// Builtin inputs dropped before they ran because their caller had gone.
+pub const BUILTIN_INPUTS_WITHDRAWN: &str = "convstore_builtin_inputs_withdrawn_total";
+/// 1 for the engine and precision a builtin backend runs on.
+pub const BUILTIN_ENGINE: &str = "convstore_builtin_engine";
 pub const CACHE_HITS: &str = "convstore_cache_hits_total";
 pub const CACHE_MISSES: &str = "convstore_cache_misses_total";
 pub const CACHE_ENTRIES: &str = "convstore_cache_entries";
@@ -178,6 +184,9 @@ pub const ALL: &[&str] = &[
     BACKEND_UP,
     BUILTIN_TOKENS,
     BUILTIN_INFERENCE_SECONDS,
+    BUILTIN_BATCH_INPUTS,
+    BUILTIN_INPUTS_WITHDRAWN,
+    BUILTIN_ENGINE,
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_ENTRIES,
@@ -471,6 +480,19 @@ pub fn describe() {
         BUILTIN_INFERENCE_SECONDS,
         Unit::Seconds,
         "Builtin model: time of one model batch on the inference pool, by backend."
+    );
+    describe_histogram!(
+        BUILTIN_BATCH_INPUTS,
+        Unit::Count,
+        "Builtin model: inputs in one model batch, merged across concurrent calls."
+    );
+    describe_counter!(
+        BUILTIN_INPUTS_WITHDRAWN,
+        "Builtin model: inputs dropped before they ran because their caller had gone."
+    );
+    describe_gauge!(
+        BUILTIN_ENGINE,
+        "1 for the engine (openvino, candle) and precision (bf16, f32) a builtin backend runs on."
     );
     describe_counter!(CACHE_HITS, "Embedding cache hits by tier.");
     describe_counter!(CACHE_MISSES, "Embedding cache misses by tier.");

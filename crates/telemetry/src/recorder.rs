@@ -47,6 +47,12 @@ pub fn prometheus_recorder() -> PrometheusRecorder {
         })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Prefix("convstore_batch_".into()), m::BATCH_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(m::BUILTIN_BATCH_INPUTS.into()),
+                m::BATCH_BUCKETS,
+            )
         });
     match builder {
         Ok(b) => b.build_recorder(),

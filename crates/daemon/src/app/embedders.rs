@@ -18,6 +18,8 @@ use convstore_embed::tokenizer::{FileTokenCounter, WithTokenizer};
 use convstore_embed::{ClientConfig, Embedder};
 #[cfg(feature = "builtin")]
 use convstore_embed_builtin::BuiltinBackend;
+#[cfg(feature = "builtin")]
+use convstore_embed_builtin::engine::EngineOptions;
 
 use crate::config::{BackendKind, Settings};
 
@@ -118,11 +120,18 @@ fn builtin_backend(
     settings: &Settings,
     backend: &crate::config::BackendSettings,
 ) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
+    let engine = EngineOptions {
+        engine: backend.engine,
+        precision: backend.precision,
+        openvino_dir: backend.openvino_dir.clone(),
+        ..EngineOptions::default()
+    };
     let builtin = BuiltinBackend::load(
         &backend.name,
         &backend.model_dir,
         settings.embedding.model_for(backend),
         &settings.state_dir,
+        engine,
     )
     .with_context(|| {
         format!(
@@ -130,8 +139,20 @@ fn builtin_backend(
             backend.name
         )
     })?;
-    tracing::info!(backend = %backend.name, model = builtin.model(), dir = %builtin.model_dir().display(), "Builtin embedding model loaded");
-    let search = builtin.with_own_pool(settings.search.backend_in_flight.get());
+    if let Some(why) = builtin.fallback_reason() {
+        tracing::warn!(backend = %backend.name, reason = %why, "OpenVINO not used: the builtin model runs on candle, 10-25x slower (engine = \"auto\"; scripts/setup.sh installs OpenVINO on x86_64)");
+    }
+    tracing::info!(
+        backend = %backend.name,
+        model = builtin.model(),
+        dir = %builtin.model_dir().display(),
+        engine = builtin.engine(),
+        precision = builtin.precision(),
+        "Builtin embedding model loaded"
+    );
+    let search = builtin
+        .with_own_threads(settings.search.backend_in_flight.get())
+        .with_context(|| format!("cannot start the search lane of backend `{}`", backend.name))?;
     Ok((Arc::new(builtin), Arc::new(search)))
 }
 
