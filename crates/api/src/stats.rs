@@ -206,6 +206,10 @@ pub struct BackendView {
     pub errors: u64,
     /// Other per-backend gauges (e.g. `in_flight`), as recorded.
     pub gauges: BTreeMap<String, f64>,
+    /// The builtin model's engine and precision, e.g. `openvino/bf16`;
+    /// absent for HTTP backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,8 +16,11 @@ use convstore_core::chunker::{Chunker, estimate_tokens, fit_exactly};
 use convstore_core::model::{Conversation, Message};
 use convstore_embed::settings::{BuiltinEngine, BuiltinPrecision};
 use convstore_embed::{EmbedError, Embedder};
-use convstore_embed_builtin::BuiltinBackend;
 use convstore_embed_builtin::engine::{EngineOptions, cpu_has_bf16};
+use convstore_embed_builtin::files::resolve_model_dir;
+use convstore_embed_builtin::{BuiltinBackend, BuiltinOptions};
+use convstore_telemetry::metrics as m;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -192,6 +195,98 @@ async fn a_probe_does_not_wait_behind_a_busy_pool() {
         .await
         .expect("join")
         .expect("the embedding itself succeeds");
+}
+
+/// The process's metrics, recorded by a debugging recorder installed once
+/// for this test binary.
+fn recorded() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::set_global_recorder(recorder).expect("no other recorder in this test binary");
+        snapshotter
+    })
+}
+
+/// The counter `name` of backend `backend` (0 before its first increment).
+fn counter_of(name: &str, backend: &str, kind: Option<&str>) -> u64 {
+    recorded()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            let labels: Vec<_> = key.key().labels().collect();
+            key.key().name() == name
+                && labels
+                    .iter()
+                    .any(|l| l.key() == "backend" && l.value() == backend)
+                && kind.is_none_or(|k| labels.iter().any(|l| l.key() == "kind" && l.value() == k))
+        })
+        .map(|(_, _, _, value)| match value {
+            DebugValue::Counter(n) => n,
+            other => panic!("{name} is not a counter: {other:?}"),
+        })
+        .sum()
+}
+
+/// A call whose caller gave up (its future dropped, as a timed-out router
+/// call is) is withdrawn before any of it runs: the model computes only
+/// the call still waited for. The given-up call is queued behind a long
+/// one on a single inference thread, so none of it can have started when
+/// its caller leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_caller_gave_up_is_withdrawn_before_it_runs() {
+    recorded();
+    let name = "withdrawal";
+    let dir = resolve_model_dir("", MODEL, Path::new("/nonexistent-state-dir")).unwrap();
+    let options = BuiltinOptions {
+        threads: 1,
+        ..BuiltinOptions::default()
+    };
+    let lane = BuiltinBackend::load_with(name, &dir, MODEL, Path::new("/nonexistent"), options)
+        .expect("load");
+    lane.probe().await.expect("warm-up");
+    let real_before = counter_of(m::BUILTIN_TOKENS, name, Some("real"));
+
+    // ~32k tokens: longer than a second on one thread of any engine.
+    let long: Vec<String> = (0..128)
+        .map(|i| {
+            format!("Parcel {i} missed the evening truck because the depot scanner failed; ")
+                .repeat(16)
+        })
+        .collect();
+    let kept_tokens: usize = long.iter().map(|t| lane.count_tokens(t)).sum();
+    let worker = lane.clone();
+    let kept = tokio::spawn(async move { worker.embed(&long).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let abandoned: Vec<String> = (0..40).map(|i| format!("where is parcel {i}?")).collect();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), lane.embed(&abandoned)).await;
+    assert!(
+        gave_up.is_err(),
+        "the abandoned call should still be queued"
+    );
+    assert!(
+        !kept.is_finished(),
+        "the long call finished too soon for the premise"
+    );
+
+    let vectors = kept.await.expect("join").expect("the kept call succeeds");
+    assert_eq!(vectors.len(), 128);
+    // The thread withdraws the abandoned inputs when it next looks.
+    let after = lane.embed(&["one more".to_string()]).await.expect("embed");
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        counter_of(m::BUILTIN_INPUTS_WITHDRAWN, name, None),
+        40,
+        "every input of the abandoned call is withdrawn"
+    );
+    let one_more = lane.count_tokens("one more") as u64;
+    assert_eq!(
+        counter_of(m::BUILTIN_TOKENS, name, Some("real")) - real_before,
+        kept_tokens as u64 + one_more,
+        "only the calls still waited for were run through the model"
+    );
 }
 
 #[tokio::test]

@@ -69,6 +69,8 @@ struct Shared {
 struct State {
     /// Inputs not yet given to a thread, oldest first.
     pending: VecDeque<PendingInput>,
+    /// Threads in [`Shared::next_batch`]: free to take a batch.
+    free: usize,
     stopping: bool,
 }
 
@@ -229,12 +231,17 @@ impl Shared {
     /// Waits for the next batch; `None` once stopping with nothing left.
     fn next_batch(&self) -> Option<Vec<PendingInput>> {
         let mut state = self.lock_state();
-        loop {
+        state.free += 1;
+        self.wait_for_batch(state)
+    }
+
+    fn wait_for_batch(&self, mut state: MutexGuard<'_, State>) -> Option<Vec<PendingInput>> {
+        let taken = loop {
             self.withdraw_unwanted(&mut state);
             if let Some(oldest) = state.pending.front().map(|p| p.arrived) {
                 let waited = oldest.elapsed();
                 if state.stopping || waited >= self.linger || self.full_batch_pending(&state) {
-                    return Some(self.take_batch(&mut state));
+                    break Some(self.take_batch(&mut state));
                 }
                 state = self
                     .wake
@@ -242,11 +249,13 @@ impl Shared {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             } else if state.stopping {
-                return None;
+                break None;
             } else {
                 state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
             }
-        }
+        };
+        state.free = state.free.saturating_sub(1);
+        taken
     }
 
     /// Drops the inputs of calls nobody waits for any more.
@@ -272,12 +281,17 @@ impl Shared {
         state.pending.len() * longest.max(1) >= self.max_batch_tokens
     }
 
-    /// The oldest pending input and its neighbours by length.
+    /// The oldest pending input and its neighbours by length, at most a
+    /// fair share of what is pending: with two threads free and eight
+    /// inputs pending, four each, rather than eight on one thread while the
+    /// other idles.
     fn take_batch(&self, state: &mut State) -> Vec<PendingInput> {
         let lengths: Vec<usize> = state.pending.iter().map(|p| p.encoded.len()).collect();
+        let share = lengths.len().div_ceil(state.free.max(1));
         let chosen = plan(&lengths, self.max_batch_tokens)
             .into_iter()
             .find(|batch| batch.contains(&0))
+            .map(|batch| around_oldest(batch, share))
             .unwrap_or_else(|| vec![0]);
         let mut taken: Vec<Option<PendingInput>> = Vec::with_capacity(chosen.len());
         let mut keep = VecDeque::with_capacity(state.pending.len());
@@ -334,6 +348,43 @@ impl Shared {
         );
         for input in batch {
             input.call.fail(EmbedError::ModelUnavailable(error.clone()));
+        }
+    }
+}
+
+/// At most `share` indices of `batch` (sorted by length), consecutive in
+/// that order and including index 0, the oldest input.
+fn around_oldest(batch: Vec<usize>, share: usize) -> Vec<usize> {
+    let share = share.max(1);
+    if batch.len() <= share {
+        return batch;
+    }
+    let at = batch.iter().position(|&i| i == 0).unwrap_or(0);
+    let start = at.saturating_sub(share / 2).min(batch.len() - share);
+    batch[start..start + share].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_share_keeps_the_oldest_and_is_consecutive(
+            len in 1usize..64,
+            oldest in 0usize..64,
+            share in 1usize..70,
+        ) {
+            let oldest = oldest % len;
+            // Index 0 somewhere in the batch, as the planner sorts by length.
+            let mut batch: Vec<usize> = (1..len).collect();
+            batch.insert(oldest, 0);
+            let picked = around_oldest(batch.clone(), share);
+            prop_assert!(picked.contains(&0));
+            prop_assert_eq!(picked.len(), len.min(share));
+            let start = batch.iter().position(|i| *i == picked[0]).unwrap();
+            prop_assert_eq!(&batch[start..start + picked.len()], picked.as_slice());
         }
     }
 }

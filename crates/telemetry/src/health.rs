@@ -415,6 +415,7 @@ mod tests {
             requests: 0,
             errors: 0,
             gauges: Default::default(),
+            engine: None,
         }
     }
 

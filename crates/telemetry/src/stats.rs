@@ -67,6 +67,8 @@ pub struct BackendStats {
     /// Other `convstore_backend_*` gauges (in flight, circuit state, …),
     /// by name without the prefix.
     gauges: Mutex<BTreeMap<String, f64>>,
+    /// `engine/precision` of a builtin backend.
+    engine: Mutex<Option<String>>,
 }
 
 impl Default for BackendStats {
@@ -77,6 +79,7 @@ impl Default for BackendStats {
             latency: WindowHistogram::seconds(),
             up: AtomicU64::new(f64::NAN.to_bits()),
             gauges: Mutex::new(BTreeMap::new()),
+            engine: Mutex::new(None),
         }
     }
 }
@@ -95,6 +98,11 @@ impl BackendStats {
     pub fn gauge_set(&self, name: &str, value: f64) {
         let mut gauges = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
         gauges.insert(name.to_string(), value);
+    }
+
+    /// The engine a builtin backend runs on (`engine/precision`).
+    pub fn set_engine(&self, engine: String) {
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
     }
 
     fn up(&self) -> Option<bool> {
@@ -508,6 +516,7 @@ impl Stats {
                     requests: b.ok.total() + b.failed.total(),
                     errors: b.failed.total(),
                     gauges: b.gauges.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    engine: b.engine.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 }
             })
             .collect()

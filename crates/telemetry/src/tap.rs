@@ -143,6 +143,8 @@ enum GaugeTap {
     BackendUp(Arc<BackendStats>),
     /// Another `convstore_backend_*` gauge, by its name without prefix.
     Backend(Arc<BackendStats>, String),
+    /// `convstore_builtin_engine`: its labels name the engine.
+    BuiltinEngine(Arc<BackendStats>, String),
     CacheEntries,
 }
 
@@ -172,6 +174,8 @@ impl GaugeFn for GaugeTee {
         match &self.tap {
             GaugeTap::BackendUp(b) => b.set_up(value),
             GaugeTap::Backend(b, name) => b.gauge_set(name, value),
+            GaugeTap::BuiltinEngine(b, engine) if value > 0.0 => b.set_engine(engine.clone()),
+            GaugeTap::BuiltinEngine(..) => {}
             GaugeTap::CacheEntries => self.stats.set_cache_entries(value),
         }
     }
@@ -242,6 +246,14 @@ impl<R: Recorder> StatsRecorder<R> {
         let name = key.name();
         if name == m::CACHE_ENTRIES {
             return Some(GaugeTap::CacheEntries);
+        }
+        if name == m::BUILTIN_ENGINE {
+            let engine = label(key, key_of::ENGINE)?;
+            let precision = label(key, key_of::PRECISION)?;
+            return Some(GaugeTap::BuiltinEngine(
+                self.backend_of(key)?,
+                format!("{engine}/{precision}"),
+            ));
         }
         let rest = name.strip_prefix("convstore_backend_")?;
         let backend = self.backend_of(key)?;
@@ -340,6 +352,8 @@ mod tests {
             metrics::counter!(m::CACHE_MISSES, "tier" => "l1").increment(3);
             metrics::gauge!(m::BACKEND_UP, "backend" => "a").set(0.0);
             metrics::gauge!(m::BACKEND_IN_FLIGHT, "backend" => "a").increment(2.0);
+            metrics::gauge!(m::BUILTIN_ENGINE, "backend" => "a", "engine" => "openvino", "precision" => "bf16")
+                .set(1.0);
             metrics::counter!("convstore_something_else_total").increment(1);
         });
         let snap = stats.snapshot(LiveQueue::default());
@@ -352,6 +366,7 @@ mod tests {
         let a = &snap.backends[0];
         assert_eq!((a.name.as_str(), a.up, a.requests), ("a", Some(false), 1));
         assert_eq!(a.gauges.get("in_flight"), Some(&2.0));
+        assert_eq!(a.engine.as_deref(), Some("openvino/bf16"));
 
         // The inner recorder saw every value, tapped or not.
         let seen = snapshotter.snapshot().into_vec();

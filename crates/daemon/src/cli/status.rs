@@ -279,6 +279,9 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
                 None => format!("{:>6}", "?"),
             };
             let mut gauges = String::new();
+            if let Some(engine) = &b.engine {
+                let _ = write!(gauges, "  engine {engine}");
+            }
             for (k, v) in &b.gauges {
                 let _ = write!(gauges, "  {k} {v}");
             }
