@@ -53,6 +53,12 @@
 #    checked), installed as <lib>/nats-server (beside pginstall) for the
 #    shared-intake tests (tests/nats_*.rs); also with CONVSTORE_SETUP_NATS=1
 #    for an operator who wants the same binary (docs/SCALING.md);
+#  * for the Python client's tests (clients/python), a venv at
+#    target/py-venv (CONVSTORE_PY_VENV overrides) holding exactly the pins
+#    of clients/python/requirements-test.txt (pytest, mypy, langchain-core
+#    and everything under them, from PyPI) and the package itself; made
+#    again when the pins change, the package reinstalled when its sources
+#    do (python3-venv installed as root when missing);
 #  * with CI=true (or CONVSTORE_SETUP_FUZZ=1), the hostile-input tools:
 #    `cargo-fuzz` (cargo install --locked, pinned) and a C++ compiler for
 #    libFuzzer (scripts/fuzz.sh), and schemathesis from PyPI in a venv at
@@ -60,7 +66,8 @@
 #    pinned by scripts/schemathesis-requirements.txt (tests/hostile_input.rs).
 #
 # Idempotent: prints nothing when everything is already in place. Python is
-# needed only here, to download the wheel; convstore does not use it.
+# needed only here, to download the wheels, and by the Python client's
+# tests; convstore does not use it.
 set -euo pipefail
 # What we install must be readable by the unprivileged account PostgreSQL
 # runs as, whatever umask the caller has.
@@ -444,6 +451,54 @@ ensure_fuzz_tools() {
     rm -f "$out"
 }
 
+readonly REPO_DIR="$(cd "$(dirname "$0")/.." && pwd)"
+readonly PY_CLIENT="$REPO_DIR/clients/python"
+readonly PY_VENV="${CONVSTORE_PY_VENV:-$REPO_DIR/target/py-venv}"
+readonly PY_REQUIREMENTS="$PY_CLIENT/requirements-test.txt"
+
+# What the installed package was built from: its metadata and sources.
+py_client_digest() {
+    {
+        cat "$PY_CLIENT/pyproject.toml" "$PY_CLIENT/README.md"
+        find "$PY_CLIENT/src" -type f -not -path '*/__pycache__/*' -print0 |
+            LC_ALL=C sort -z | xargs -0 cat
+    } | sha256sum | cut -d' ' -f1
+}
+
+# The Python client's test venv (scripts/test.sh runs its pytest suite and
+# mypy from it). Per checkout, under target/, so two worktrees never share
+# one installed package. The pins go in with --no-deps: nothing unpinned
+# can come along, and `pip check` proves the list complete.
+ensure_python_client() {
+    [ "$WITH_TESTS" = 1 ] || return 0
+    local want out
+    want=$(sha256sum <"$PY_REQUIREMENTS" | cut -d' ' -f1)
+    if [ ! -x "$PY_VENV/bin/pytest" ] ||
+        [ "$(cat "$PY_VENV/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
+        command -v python3 >/dev/null || apt_install python3 python3-pip ca-certificates
+        python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+        log "creating the Python client's test venv in $PY_VENV (PyPI, pinned)"
+        rm -rf "$PY_VENV"
+        mkdir -p "$(dirname "$PY_VENV")"
+        python3 -m venv "$PY_VENV" || die "cannot create a Python venv in $PY_VENV"
+        out=$(mktemp)
+        { "$PY_VENV/bin/pip" install --disable-pip-version-check --quiet --no-deps \
+            -r "$PY_REQUIREMENTS" && "$PY_VENV/bin/pip" check; } >"$out" 2>&1 ||
+            { cat "$out" >&2; rm -f "$out"; die "pip could not install $PY_REQUIREMENTS"; }
+        rm -f "$out"
+        printf '%s\n' "$want" >"$PY_VENV/.requirements-sha256"
+    fi
+    want=$(py_client_digest)
+    [ "$(cat "$PY_VENV/.package-sha256" 2>/dev/null)" = "$want" ] && return 0
+    log "installing the Python client (clients/python) into $PY_VENV"
+    out=$(mktemp)
+    "$PY_VENV/bin/pip" install --disable-pip-version-check --quiet --no-deps \
+        --no-build-isolation --force-reinstall "$PY_CLIENT" >"$out" 2>&1 ||
+        { cat "$out" >&2; rm -f "$out"; die "pip could not install $PY_CLIENT"; }
+    rm -f "$out"
+    printf '%s\n' "$want" >"$PY_VENV/.package-sha256"
+}
+
 # --check: what `convstore serve` (managed mode, builtin model) needs, or
 # exit 1 naming what is missing and the command that installs it.
 check() {
@@ -493,6 +548,7 @@ main() {
     ensure_cargo_deb
     ensure_cargo_deny
     ensure_fuzz_tools
+    ensure_python_client
 }
 
 main "$@"

@@ -38,6 +38,16 @@ echo "== cargo test"
 # as tests) refuse libtest's flags.
 RUST_TEST_THREADS="${CONVSTORE_TEST_THREADS:-2}" cargo test --workspace --locked --all-targets
 
+echo "== python client (pytest)"
+# clients/python against real daemons: the convstore binary `cargo test`
+# just built (target/debug/convstore) and the embedding stand-in, which no
+# Rust test builds as a binary (about a minute, once), each with a managed
+# PostgreSQL in a temp directory. mypy --strict on the package first
+# (seconds). The venv is setup.sh's (--tests).
+cargo build --locked -p convstore-standin
+PY_VENV="${CONVSTORE_PY_VENV:-$PWD/target/py-venv}"
+(cd clients/python && "$PY_VENV/bin/mypy" && "$PY_VENV/bin/pytest" -q -p no:cacheprovider)
+
 echo "== cargo test: storage and search on hash-partitioned tables (database.partitions = 8)"
 # The same storage, search, lifecycle and retention tests with
 # conversations and conversation_chunks PARTITION BY HASH (user_id), the
