@@ -1101,6 +1101,43 @@ mod tests {
     }
 
     #[test]
+    fn engine_keys_are_builtin_only_and_consistent() {
+        let cases = [
+            (
+                "kind = \"ollama\"\nurl = \"http://127.0.0.1:1\"\nengine = \"openvino\"\n",
+                "embedding.backends[0].engine",
+            ),
+            (
+                "kind = \"builtin\"\nengine = \"candle\"\nprecision = \"bf16\"\n",
+                "embedding.backends[0].precision",
+            ),
+            (
+                "kind = \"builtin\"\nopenvino_dir = \"lib/openvino\"\n",
+                "embedding.backends[0].openvino_dir",
+            ),
+            ("kind = \"builtin\"\nengine = \"tensorflow\"\n", "engine"),
+        ];
+        for (keys, field) in cases {
+            let file = write(&format!("[[embedding.backends]]\nname = \"b\"\n{keys}"));
+            let err = Settings::load_from(Some(file.path()), env(&[])).unwrap_err();
+            assert!(err.to_string().contains(field), "{keys}: {err}");
+        }
+        let file = write(
+            "[[embedding.backends]]\nname = \"b\"\nkind = \"builtin\"\nengine = \"openvino\"\nprecision = \"f32\"\nopenvino_dir = \"/opt/openvino\"\n",
+        );
+        let s = Settings::load_from(Some(file.path()), env(&[])).expect("loads");
+        let b = &s.embedding.backends[0];
+        assert_eq!(
+            (b.engine, b.precision, b.openvino_dir.as_str()),
+            (
+                BuiltinEngine::Openvino,
+                BuiltinPrecision::F32,
+                "/opt/openvino"
+            )
+        );
+    }
+
+    #[test]
     fn file_then_env_override() {
         let file = write("[queue]\ncapacity = 50\n[batch]\nmax_size = 8\n");
         let s = Settings::load_from(

@@ -74,6 +74,13 @@ pub fn cpu_has_bf16() -> bool {
         })
 }
 
+/// The widths OpenVINO batches are padded to: each at most 1.5× the one
+/// before and at most 32 tokens more, so little is padded (long chunks of
+/// ~210 tokens pad to 224) and few shapes exist.
+pub const WIDTH_BUCKETS: [usize; 18] = [
+    8, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+];
+
 /// How to load the engine.
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
@@ -110,14 +117,15 @@ pub enum Slot {
 impl Engine {
     /// Loads the engine `options` ask for, with `slots` inferences able to
     /// run at once. With `engine = "auto"`, a failure to load OpenVINO is
-    /// the returned note and candle is loaded instead.
+    /// the returned note and candle is loaded instead (reading the model
+    /// files again: OpenVINO's load frees them early to keep the peak low).
     pub fn load(
-        files: &ModelFiles,
+        files: ModelFiles,
         options: &EngineOptions,
         state_dir: &Path,
         slots: usize,
     ) -> Result<(Self, Option<String>), String> {
-        let openvino = || -> Result<Self, String> {
+        let openvino = |files: ModelFiles| -> Result<Self, String> {
             let library = super::openvino::runtime::locate(&options.openvino_dir, state_dir)?;
             let precision = match options.precision {
                 PrecisionChoice::Auto => None,
@@ -133,7 +141,7 @@ impl Engine {
             )
             .map(Self::OpenVino)
         };
-        let candle = || -> Result<Self, String> {
+        let candle = |files: &ModelFiles| -> Result<Self, String> {
             if options.precision == PrecisionChoice::Bf16 {
                 return Err(
                     "engine candle computes in f32 only; set precision = \"auto\" or \"f32\""
@@ -145,12 +153,18 @@ impl Engine {
                 .map_err(|e| e.to_string())
         };
         match options.engine {
-            EngineChoice::Openvino => openvino().map(|e| (e, None)),
-            EngineChoice::Candle => candle().map(|e| (e, None)),
-            EngineChoice::Auto => match openvino() {
-                Ok(engine) => Ok((engine, None)),
-                Err(why) => candle().map(|e| (e, Some(why))),
-            },
+            EngineChoice::Openvino => openvino(files).map(|e| (e, None)),
+            EngineChoice::Candle => candle(&files).map(|e| (e, None)),
+            EngineChoice::Auto => {
+                let dir = files.dir.clone();
+                match openvino(files) {
+                    Ok(engine) => Ok((engine, None)),
+                    Err(why) => {
+                        let files = ModelFiles::read(&dir).map_err(|e| e.to_string())?;
+                        candle(&files).map(|e| (e, Some(why)))
+                    }
+                }
+            }
         }
     }
 
@@ -168,12 +182,26 @@ impl Engine {
         }
     }
 
-    /// The token width a batch is padded to: its longest input. OpenVINO
-    /// prepares kernels per input shape, but measured here a width seen
-    /// for the first time costs ~5 % more than a repeat, less than the
-    /// padding that rounding widths up would add to short texts.
+    /// The token width a batch is padded to. candle: its longest input.
+    /// OpenVINO keeps what it prepares for every input shape it has seen
+    /// (~1 MiB each, measured): with any width and any row count, a day of
+    /// traffic would hold thousands. Widths are rounded up to one of
+    /// [`WIDTH_BUCKETS`] and rows to a power
+    /// of two ([`Engine::batch_rows`]): under a hundred shapes in all.
     pub fn padded_width(&self, longest: usize) -> usize {
-        longest
+        match self {
+            Self::Candle(_) => longest,
+            Self::OpenVino(_) => bucketed_width(longest),
+        }
+    }
+
+    /// How many of `available` inputs one batch takes: all for candle, the
+    /// largest power of two for OpenVINO (see [`Engine::padded_width`]).
+    pub fn batch_rows(&self, available: usize) -> usize {
+        match self {
+            Self::Candle(_) => available,
+            Self::OpenVino(_) => bucketed_rows(available),
+        }
     }
 
     /// A new slot for one inference thread.
@@ -199,6 +227,25 @@ impl Engine {
     }
 }
 
+/// The first of [`WIDTH_BUCKETS`] that holds `longest` (past the last,
+/// `longest` itself).
+pub fn bucketed_width(longest: usize) -> usize {
+    WIDTH_BUCKETS
+        .iter()
+        .copied()
+        .find(|&w| w >= longest)
+        .unwrap_or(longest)
+}
+
+/// The largest power of two not above `available` (0 for 0).
+pub fn bucketed_rows(available: usize) -> usize {
+    if available == 0 {
+        0
+    } else {
+        1 << available.ilog2()
+    }
+}
+
 /// `v / ‖v‖` (sentence-transformers' `Normalize`, its norm clamped at
 /// 1e-12 as torch's `F.normalize` does).
 pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
@@ -207,4 +254,28 @@ pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
         *x /= norm;
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widths_and_rows_fall_in_few_buckets() {
+        let mut widths = std::collections::BTreeSet::new();
+        for longest in 1..=256 {
+            let width = bucketed_width(longest);
+            assert!(width >= longest, "{longest} padded to {width}");
+            assert!(
+                width * 2 <= longest * 3 || width == 8,
+                "{longest} padded to {width}"
+            );
+            assert!(width - longest < 32, "{longest} padded to {width}");
+            widths.insert(width);
+        }
+        assert_eq!(widths.len(), WIDTH_BUCKETS.len());
+        assert_eq!(bucketed_width(300), 300, "past the buckets: as it is");
+        let rows: Vec<usize> = [0, 1, 2, 3, 5, 8, 100, 256].map(bucketed_rows).to_vec();
+        assert_eq!(rows, vec![0, 1, 2, 2, 4, 8, 64, 256]);
+    }
 }

@@ -35,7 +35,9 @@ pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: bert::Config,
     pub tokenizer_path: PathBuf,
-    pub weights: Vec<u8>,
+    /// The safetensors file, shared: the OpenVINO graph refers to slices of
+    /// it rather than copying ~90 MB.
+    pub weights: bytes::Bytes,
     /// Longest input in tokens, `[CLS]` and `[SEP]` included.
     pub max_seq_length: usize,
     /// Length of the pooled vector.
@@ -128,7 +130,7 @@ impl ModelFiles {
             dimensions: config.hidden_size,
             config,
             tokenizer_path,
-            weights,
+            weights: bytes::Bytes::from(weights),
             max_seq_length,
         })
     }

@@ -69,7 +69,7 @@ impl Default for BuiltinOptions {
         Self {
             engine: EngineOptions::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            max_batch_tokens: 4096,
+            max_batch_tokens: 2048,
             linger: scheduler::DEFAULT_LINGER,
         }
     }
@@ -142,10 +142,11 @@ impl BuiltinBackend {
         let files = ModelFiles::read(model_dir)?;
         let tokenizer = ModelTokenizer::load(&files.tokenizer_path, files.max_seq_length)?;
         let threads = options.threads.max(1);
-        let (engine, fallback_reason) = Engine::load(&files, &options.engine, state_dir, threads)
+        let (dir, dimensions) = (files.dir.clone(), files.dimensions);
+        let (engine, fallback_reason) = Engine::load(files, &options.engine, state_dir, threads)
             .map_err(|e| {
-            EmbedError::ModelUnavailable(format!("builtin model in {}: {e}", files.dir.display()))
-        })?;
+                EmbedError::ModelUnavailable(format!("builtin model in {}: {e}", dir.display()))
+            })?;
         let engine = Arc::new(engine);
         let scheduler = Scheduler::start(
             engine.clone(),
@@ -164,8 +165,8 @@ impl BuiltinBackend {
         Ok(Self {
             name: name.to_string(),
             model_name: model.to_string(),
-            dir: files.dir.clone(),
-            dimensions: files.dimensions,
+            dir,
+            dimensions,
             tokenizer: Arc::new(tokenizer),
             engine,
             scheduler,

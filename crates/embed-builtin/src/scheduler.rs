@@ -287,11 +287,16 @@ impl Shared {
     /// other idles.
     fn take_batch(&self, state: &mut State) -> Vec<PendingInput> {
         let lengths: Vec<usize> = state.pending.iter().map(|p| p.encoded.len()).collect();
-        let share = lengths.len().div_ceil(state.free.max(1));
+        let share = self
+            .engine
+            .batch_rows(lengths.len().div_ceil(state.free.max(1)));
         let chosen = plan(&lengths, self.max_batch_tokens)
             .into_iter()
             .find(|batch| batch.contains(&0))
-            .map(|batch| around_oldest(batch, share))
+            .map(|batch| {
+                let rows = self.engine.batch_rows(batch.len().min(share));
+                around_oldest(batch, rows)
+            })
             .unwrap_or_else(|| vec![0]);
         let mut taken: Vec<Option<PendingInput>> = Vec::with_capacity(chosen.len());
         let mut keep = VecDeque::with_capacity(state.pending.len());

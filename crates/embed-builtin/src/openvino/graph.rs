@@ -15,6 +15,7 @@
 //! (`raw_data`): OpenVINO and ONNX Runtime both refuse external data
 //! reached through a symlink, and an in-memory graph needs no file at all.
 
+use bytes::Bytes;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use prost::Message;
 use safetensors::{Dtype, SafeTensors};
@@ -45,8 +46,9 @@ impl std::fmt::Display for GraphError {
 }
 
 /// The serialized ONNX model of the encoder whose `config` and
-/// safetensors `weights` are given.
-pub fn encoder_onnx(config: &Config, weights: &[u8]) -> Result<Vec<u8>, GraphError> {
+/// safetensors `weights` are given. Untransposed weights are slices of
+/// `weights`, not copies, until the graph is serialized.
+pub fn encoder_onnx(config: &Config, weights: &Bytes) -> Result<Vec<u8>, GraphError> {
     if !matches!(config.hidden_act, HiddenAct::Gelu) {
         return Err(GraphError(format!(
             "hidden_act {:?}: only `gelu` (erf) BERT models are generated for OpenVINO",
@@ -65,7 +67,7 @@ pub fn encoder_onnx(config: &Config, weights: &[u8]) -> Result<Vec<u8>, GraphErr
     }
     let tensors = SafeTensors::deserialize(weights)
         .map_err(|e| GraphError(format!("model.safetensors cannot be read: {e}")))?;
-    let mut g = Builder::new(&tensors, config);
+    let mut g = Builder::new(&tensors, weights, config);
     g.encoder()?;
     let graph = g.finish();
     let model = ModelProto {
@@ -82,6 +84,8 @@ pub fn encoder_onnx(config: &Config, weights: &[u8]) -> Result<Vec<u8>, GraphErr
 
 struct Builder<'a> {
     tensors: &'a SafeTensors<'a>,
+    /// The buffer `tensors` was read from: views are sliced out of it.
+    buffer: &'a Bytes,
     config: &'a Config,
     /// sentence-transformers saves BertModel's weights with or without the
     /// `bert.` prefix, depending on how the checkpoint was made.
@@ -92,7 +96,7 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(tensors: &'a SafeTensors<'a>, config: &'a Config) -> Self {
+    fn new(tensors: &'a SafeTensors<'a>, buffer: &'a Bytes, config: &'a Config) -> Self {
         let prefix = if tensors
             .tensor("bert.embeddings.word_embeddings.weight")
             .is_ok()
@@ -103,6 +107,7 @@ impl<'a> Builder<'a> {
         };
         Self {
             tensors,
+            buffer,
             config,
             prefix,
             nodes: Vec::new(),
@@ -250,13 +255,13 @@ impl<'a> Builder<'a> {
         let shape: Vec<usize> = view.shape().to_vec();
         let data = view.data();
         let (dims, raw) = match (transpose, shape.as_slice()) {
-            (true, &[rows, cols]) => (vec![cols, rows], transposed(data, rows, cols)),
+            (true, &[rows, cols]) => (vec![cols, rows], Bytes::from(transposed(data, rows, cols))),
             (true, _) => {
                 return Err(GraphError(format!(
                     "`{full}` has shape {shape:?}, a matrix was expected"
                 )));
             }
-            (false, _) => (shape, data.to_vec()),
+            (false, _) => (shape, self.buffer.slice_ref(data)),
         };
         Ok(self.initializer(data_type::FLOAT, &dims, raw))
     }
@@ -279,24 +284,24 @@ impl<'a> Builder<'a> {
                     "`{full}` is not an f32 matrix {width} wide with row {row}"
                 ))
             })?;
-        Ok(self.initializer(data_type::FLOAT, &[width], raw.to_vec()))
+        Ok(self.initializer(data_type::FLOAT, &[width], self.buffer.slice_ref(raw)))
     }
 
     fn const_f32(&mut self, dims: &[usize], values: &[f32]) -> String {
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer(data_type::FLOAT, dims, raw)
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(data_type::FLOAT, dims, raw.into())
     }
 
     fn const_i64(&mut self, dims: &[usize], values: &[i64]) -> String {
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer(data_type::INT64, dims, raw)
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(data_type::INT64, dims, raw.into())
     }
 
     fn const_i64_scalar(&mut self, value: i64) -> String {
         self.const_i64(&[], &[value])
     }
 
-    fn initializer(&mut self, data_type: i32, dims: &[usize], raw_data: Vec<u8>) -> String {
+    fn initializer(&mut self, data_type: i32, dims: &[usize], raw_data: Bytes) -> String {
         let name = self.fresh("w");
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),

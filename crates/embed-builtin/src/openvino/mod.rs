@@ -57,7 +57,7 @@ impl OpenVinoEngine {
     /// where the CPU has it). Blocking, a second or two.
     pub fn load(
         library: &Path,
-        files: &ModelFiles,
+        files: ModelFiles,
         precision: Option<Precision>,
         streams: usize,
         threads_per_stream: usize,
@@ -71,17 +71,23 @@ impl OpenVinoEngine {
         // The crate panics (on its own `expect`s) when the library lacks a
         // symbol it calls: an OpenVINO older than 2025.1 is refused here,
         // not by a crash.
-        std::panic::catch_unwind(|| Self::compile(files, precision, streams, threads_per_stream))
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "{} is not a usable OpenVINO C API (2025.1 or later is needed)",
-                    library.display()
-                ))
-            })
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::compile(files, precision, streams, threads_per_stream)
+        }))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{} is not a usable OpenVINO C API (2025.1 or later is needed)",
+                library.display()
+            ))
+        })
     }
 
+    /// Takes the model files by value so that the weights file is freed as
+    /// soon as the graph is serialized: at its peak the load holds the
+    /// file, the transposed matrices and the graph, never those and
+    /// OpenVINO's own copy as well.
     fn compile(
-        files: &ModelFiles,
+        files: ModelFiles,
         precision: Option<Precision>,
         streams: usize,
         threads_per_stream: usize,
@@ -110,6 +116,14 @@ impl OpenVinoEngine {
             .map_err(ov("NUM_STREAMS"))?;
         core.set_property(&cpu, &RwPropertyKey::InferenceNumThreads, &threads)
             .map_err(ov("INFERENCE_NUM_THREADS"))?;
+        if let Ok(capacity) = std::env::var("OV_CACHE_EXPERIMENT") {
+            core.set_property(
+                &cpu,
+                &RwPropertyKey::Other("CPU_RUNTIME_CACHE_CAPACITY".into()),
+                &capacity,
+            )
+            .map_err(ov("CPU_RUNTIME_CACHE_CAPACITY"))?;
+        }
         core.set_property(
             &cpu,
             &RwPropertyKey::HintInferencePrecision,
@@ -118,6 +132,12 @@ impl OpenVinoEngine {
         .map_err(ov("INFERENCE_PRECISION_HINT"))?;
 
         let onnx = graph::encoder_onnx(&files.config, &files.weights).map_err(|e| e.to_string())?;
+        let (hidden, max_width, pad_id) = (
+            files.config.hidden_size,
+            files.config.max_position_embeddings,
+            i64::try_from(files.config.pad_token_id).unwrap_or(0),
+        );
+        drop(files);
         let model = core
             .read_model_from_buffer(&onnx, None)
             .map_err(ov("cannot read the generated encoder"))?;
@@ -147,9 +167,9 @@ impl OpenVinoEngine {
             _core: std::sync::Mutex::new(core),
             precision: actual,
             version,
-            hidden: files.config.hidden_size,
-            max_width: files.config.max_position_embeddings,
-            pad_id: i64::try_from(files.config.pad_token_id).unwrap_or(0),
+            hidden,
+            max_width,
+            pad_id,
         })
     }
 

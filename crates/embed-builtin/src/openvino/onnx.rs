@@ -87,8 +87,8 @@ pub struct TensorProto {
     #[prost(string, tag = "8")]
     pub name: String,
     /// Little-endian element bytes.
-    #[prost(bytes = "vec", tag = "9")]
-    pub raw_data: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "9")]
+    pub raw_data: bytes::Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
