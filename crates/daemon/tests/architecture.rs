@@ -173,6 +173,11 @@ fn one_crate_talks_sql_and_one_speaks_http() {
         ["convstore-embed-builtin"],
         "candle users"
     );
+    assert_eq!(
+        users("openvino"),
+        ["convstore-embed-builtin"],
+        "OpenVINO users"
+    );
 }
 
 #[test]
@@ -194,6 +199,7 @@ fn core_and_api_are_leaves_without_runtime_database_http_or_model() {
         "candle-core",
         "candle-nn",
         "candle-transformers",
+        "openvino",
     ] {
         assert!(
             !core.normal.contains(forbidden),
