@@ -7,7 +7,7 @@
 //! router over the same backends ([`search_specs`]): its own in-flight slots
 //! per backend (`search.backend_in_flight`), its own breakers and retry
 //! deadline, its own metric series (backend names get a `:search` suffix).
-//! The builtin backend gets its own inference pool too, sharing the loaded
+//! The builtin backend gets its own inference threads too, sharing the loaded
 //! weights. What no client-side lane can change: a server such as Ollama
 //! that computes one request at a time still finishes the request it is
 //! running before it starts the query.
@@ -120,7 +120,7 @@ impl QueryEmbedder {
 
 /// The search lane's router. `clients`: one per configured backend, in
 /// order, with its settings; the same clients ingest uses, except a builtin
-/// backend's, which should be a copy with its own inference pool
+/// backend's, which should be a copy with its own inference threads
 /// (`convstore_embed_builtin::BuiltinBackend::with_own_threads`). Its retries
 /// end at `search.timeout_ms`, not at `embedding.max_wait_ms`: a person is
 /// waiting. `in_flight`: `search.backend_in_flight`.

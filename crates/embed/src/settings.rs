@@ -52,7 +52,7 @@ impl Default for EmbeddingSettings {
                 name: "builtin".into(),
                 kind: BackendKind::Builtin,
                 url: String::new(),
-                // A call waits for the local inference pool too: two calls
+                // A call waits for the local inference threads too: two calls
                 // of 32 texts × 256 tokens are ~16k tokens, ~14 s at the
                 // ~1,200 tokens/s two cores manage (benches/builtin_embed).
                 timeout_ms: const { nz_u64(120_000) },

@@ -479,7 +479,7 @@ pub fn describe() {
     describe_histogram!(
         BUILTIN_INFERENCE_SECONDS,
         Unit::Seconds,
-        "Builtin model: time of one model batch on the inference pool, by backend."
+        "Builtin model: time of one model batch on an inference thread, by backend."
     );
     describe_histogram!(
         BUILTIN_BATCH_INPUTS,

@@ -70,8 +70,8 @@ fn with_tokenizer(
 }
 
 /// The client of backend `i`, by its kind, for ingest and for search
-/// queries: the same HTTP client; for builtin, the same model with an
-/// inference pool of its own for queries.
+/// queries: the same HTTP client; for builtin, the same model with a
+/// set of inference threads of its own for queries.
 fn build_backend(
     settings: &Settings,
     i: usize,
@@ -113,7 +113,7 @@ fn build_backend(
     }
 }
 
-/// The builtin model (`kind = "builtin"`), with an inference pool of its
+/// The builtin model (`kind = "builtin"`), with inference threads of its
 /// own for search queries.
 #[cfg(feature = "builtin")]
 fn builtin_backend(
