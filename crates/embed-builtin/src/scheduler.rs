@@ -298,19 +298,14 @@ impl Shared {
                 around_oldest(batch, rows)
             })
             .unwrap_or_else(|| vec![0]);
-        let mut taken: Vec<Option<PendingInput>> = Vec::with_capacity(chosen.len());
-        let mut keep = VecDeque::with_capacity(state.pending.len());
-        let mut chosen_sorted = chosen.clone();
-        chosen_sorted.sort_unstable();
-        for (i, input) in std::mem::take(&mut state.pending).into_iter().enumerate() {
-            if chosen_sorted.binary_search(&i).is_ok() {
-                taken.push(Some(input));
-            } else {
-                keep.push_back(input);
-            }
-        }
-        state.pending = keep;
-        taken.into_iter().flatten().collect()
+        let mut chosen = chosen;
+        chosen.sort_unstable();
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.pending)
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| chosen.binary_search(i).is_ok());
+        state.pending = kept.into_iter().map(|(_, input)| input).collect();
+        taken.into_iter().map(|(_, input)| input).collect()
     }
 
     fn run_batch(&self, slot: &mut Slot, batch: Vec<PendingInput>) {
