@@ -197,6 +197,43 @@ async fn a_probe_does_not_wait_behind_a_busy_pool() {
         .expect("the embedding itself succeeds");
 }
 
+/// Without an OpenVINO runtime where `openvino_dir` points, `auto` runs on
+/// candle and says why; `openvino` refuses to start, naming the directory.
+#[tokio::test]
+async fn without_the_runtime_auto_falls_back_to_candle_and_openvino_refuses() {
+    require_setup();
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().display().to_string();
+    let options = |engine| EngineOptions {
+        engine,
+        openvino_dir: dir.clone(),
+        ..EngineOptions::default()
+    };
+    let auto = BuiltinBackend::load(
+        "fallback",
+        "",
+        MODEL,
+        Path::new("/nonexistent"),
+        options(BuiltinEngine::Auto),
+    )
+    .expect("auto loads candle");
+    assert_eq!((auto.engine(), auto.precision()), ("candle", "f32"));
+    let why = auto.fallback_reason().expect("a reason for the fallback");
+    assert!(why.contains(&dir) && why.contains("openvino_dir"), "{why}");
+    let vectors = auto.embed(&["still embeds".to_string()]).await.unwrap();
+    assert_eq!(vectors[0].len(), DIMS);
+
+    let refused = BuiltinBackend::load(
+        "strict",
+        "",
+        MODEL,
+        Path::new("/nonexistent"),
+        options(BuiltinEngine::Openvino),
+    )
+    .expect_err("engine = openvino without a runtime must not start");
+    assert!(refused.to_string().contains(&dir), "{refused}");
+}
+
 /// The process's metrics, recorded by a debugging recorder installed once
 /// for this test binary.
 fn recorded() -> &'static Snapshotter {
