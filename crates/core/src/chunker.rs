@@ -540,7 +540,10 @@ mod tests {
     fn chunk_units_finds_the_messages_of_each_chunk() {
         let c = conversation(&[
             ("user", "Where is my order ORD-88213? It was due on Monday."),
-            ("assistant", "Let me check. user: this text quotes a prefix."),
+            (
+                "assistant",
+                "Let me check. user: this text quotes a prefix.",
+            ),
             ("user", "Thanks. Also, can you change the address?"),
             ("assistant", "Done."),
         ]);
@@ -551,7 +554,10 @@ mod tests {
             .iter()
             .map(|m| (format!("{}: ", m.role), format!("{}\n", m.content)))
             .collect();
-        let units: Vec<(&str, &str)> = units.iter().map(|(p, b)| (p.as_str(), b.as_str())).collect();
+        let units: Vec<(&str, &str)> = units
+            .iter()
+            .map(|(p, b)| (p.as_str(), b.as_str()))
+            .collect();
         let texts: Vec<&str> = chunks.iter().map(|k| k.content.as_str()).collect();
         let ranges = chunk_units(&units, &texts).expect("aligned");
         assert_eq!(ranges.first(), Some(&(0, 0)));
@@ -561,8 +567,9 @@ mod tests {
             for piece in chunk.content.split_inclusive('\n') {
                 let words = piece.split_whitespace().last().unwrap_or_default();
                 assert!(
-                    (*first..=*last).any(|i| c.messages[i].content.contains(words)
-                        || units[i].0.contains(words)),
+                    (*first..=*last).any(
+                        |i| c.messages[i].content.contains(words) || units[i].0.contains(words)
+                    ),
                     "{piece:?} not in messages {first}..={last}"
                 );
             }
@@ -595,5 +602,4 @@ mod tests {
             }
         }
     }
-
 }

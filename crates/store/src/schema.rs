@@ -122,11 +122,10 @@ pub async fn ensure_text_index(
             available.join(", ")
         )));
     }
-    let definition: Option<String> =
-        sqlx::query_scalar("SELECT pg_get_indexdef(to_regclass($1))")
-            .bind(TEXT_INDEX)
-            .fetch_one(&mut *tx)
-            .await?;
+    let definition: Option<String> = sqlx::query_scalar("SELECT pg_get_indexdef(to_regclass($1))")
+        .bind(TEXT_INDEX)
+        .fetch_one(&mut *tx)
+        .await?;
     let wanted = format!("to_tsvector('{}'::regconfig", language.as_str());
     let current = definition.as_deref().is_some_and(|d| d.contains(&wanted));
     if !current {
@@ -135,9 +134,11 @@ pub async fn ensure_text_index(
             language = language.as_str(),
             "Building the full-text index on conversation_chunks.content"
         );
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX IF EXISTS {TEXT_INDEX}")))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX IF EXISTS {TEXT_INDEX}"
+        )))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE INDEX {TEXT_INDEX} ON conversation_chunks USING gin ({})",
             language.tsvector("content")
