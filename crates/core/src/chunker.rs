@@ -200,6 +200,70 @@ pub fn halves(text: &str) -> Option<Vec<&str>> {
     Some(vec![&text[..middle], &text[middle..]])
 }
 
+/// Which messages (or transcript lines) each chunk covers, derived from the
+/// text alone, for showing a search hit in place.
+///
+/// `units` are what [`Chunker::chunk`] cut: per message its `role: ` prefix
+/// and `content + "\n"`, or per transcript line (`split_inclusive('\n')`)
+/// an empty prefix and the line. `chunks` are the stored chunk contents in
+/// `seq` order. The chunker keeps every byte in order and only adds the
+/// prefix again in front of each piece of a message it had to split
+/// ([`fit_exactly`] and [`halves`] move chunk boundaries without adding
+/// anything), so walking both texts side by side finds where each unit
+/// starts and ends. Returns `(first, last)` unit indices per chunk, or
+/// `None` when the chunks are not a cut of these units (the conversation
+/// changed since, or it was chunked another way).
+pub fn chunk_units(units: &[(&str, &str)], chunks: &[&str]) -> Option<Vec<(usize, usize)>> {
+    let text: String = chunks.concat();
+    let bytes = text.as_bytes();
+    // End offset in `text` of each unit.
+    let mut unit_ends = Vec::with_capacity(units.len());
+    let mut cur = 0usize;
+    for (prefix, body) in units {
+        let prefix = prefix.as_bytes();
+        if !bytes.get(cur..)?.starts_with(prefix) {
+            return None;
+        }
+        cur += prefix.len();
+        let body = body.as_bytes();
+        let mut j = 0usize;
+        while j < body.len() {
+            let rest = bytes.get(cur..)?;
+            // A piece after a split starts with the prefix again; the text
+            // itself saying the same is the rarer reading.
+            if !prefix.is_empty() && rest.starts_with(prefix) && !body[j..].starts_with(prefix) {
+                cur += prefix.len();
+                continue;
+            }
+            if rest.first() != Some(&body[j]) {
+                return None;
+            }
+            cur += 1;
+            j += 1;
+        }
+        unit_ends.push(cur);
+    }
+    if cur != bytes.len() {
+        return None;
+    }
+    let unit_at = |offset: usize| -> usize {
+        unit_ends
+            .iter()
+            .position(|&end| offset < end)
+            .unwrap_or(units.len().saturating_sub(1))
+    };
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut start = 0usize;
+    for chunk in chunks {
+        let end = start + chunk.len();
+        let first = unit_at(start);
+        let last = if end > start { unit_at(end - 1) } else { first };
+        out.push((first, last));
+        start = end;
+    }
+    Some(out)
+}
+
 /// Chunks of `contents`, numbered from 0.
 fn numbered(contents: Vec<String>) -> Vec<Chunk> {
     contents
@@ -469,6 +533,72 @@ mod tests {
                     counter.count_tokens(&chunk.content) <= limit || chunk.content.chars().count() == 1,
                     "{:?}", chunk.content
                 );
+            }
+        }
+    }
+    #[test]
+    fn chunk_units_finds_the_messages_of_each_chunk() {
+        let c = conversation(&[
+            ("user", "Where is my order ORD-88213? It was due on Monday."),
+            (
+                "assistant",
+                "Let me check. user: this text quotes a prefix.",
+            ),
+            ("user", "Thanks. Also, can you change the address?"),
+            ("assistant", "Done."),
+        ]);
+        let chunks = Chunker::new(20, 0).chunk(&c);
+        assert!(chunks.len() > 2, "{chunks:?}");
+        let units: Vec<(String, String)> = c
+            .messages
+            .iter()
+            .map(|m| (format!("{}: ", m.role), format!("{}\n", m.content)))
+            .collect();
+        let units: Vec<(&str, &str)> = units
+            .iter()
+            .map(|(p, b)| (p.as_str(), b.as_str()))
+            .collect();
+        let texts: Vec<&str> = chunks.iter().map(|k| k.content.as_str()).collect();
+        let ranges = chunk_units(&units, &texts).expect("aligned");
+        assert_eq!(ranges.first(), Some(&(0, 0)));
+        assert_eq!(ranges.last().map(|r| r.1), Some(3));
+        for (chunk, (first, last)) in chunks.iter().zip(&ranges) {
+            // Every line of the chunk is in one of its messages.
+            for piece in chunk.content.split_inclusive('\n') {
+                let words = piece.split_whitespace().last().unwrap_or_default();
+                assert!(
+                    (*first..=*last).any(
+                        |i| c.messages[i].content.contains(words) || units[i].0.contains(words)
+                    ),
+                    "{piece:?} not in messages {first}..={last}"
+                );
+            }
+        }
+        // Not a cut of these messages.
+        assert_eq!(chunk_units(&units, &["something else"]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_units_ranges_are_ordered_and_cover_everything(
+            messages in proptest::collection::vec(("(user|assistant)", "[a-z .:]{0,80}"), 1..8),
+            budget in 16usize..60,
+        ) {
+            let pairs: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+            let c = conversation(&pairs);
+            let chunks = Chunker::new(budget + 4, 0).chunk(&c);
+            let units: Vec<(String, String)> = c.messages.iter()
+                .map(|m| (format!("{}: ", m.role), format!("{}\n", m.content))).collect();
+            let units: Vec<(&str, &str)> = units.iter().map(|(p, b)| (p.as_str(), b.as_str())).collect();
+            let texts: Vec<&str> = chunks.iter().map(|k| k.content.as_str()).collect();
+            let ranges = chunk_units(&units, &texts);
+            prop_assert!(ranges.is_some(), "{units:?} / {texts:?}");
+            let ranges = ranges.unwrap_or_default();
+            prop_assert_eq!(ranges.len(), chunks.len());
+            prop_assert_eq!(ranges[0].0, 0);
+            prop_assert_eq!(ranges[ranges.len() - 1].1, units.len() - 1);
+            for w in ranges.windows(2) {
+                prop_assert!(w[0].0 <= w[0].1 && w[0].1 <= w[1].0 && w[1].0 <= w[0].1 + 1, "{ranges:?}");
             }
         }
     }

@@ -481,6 +481,14 @@ pub struct SearchSettings {
     /// Deadline of one search: waiting for a slot, embedding the query,
     /// the database.
     pub timeout_ms: NonZeroU64,
+    /// PostgreSQL text search configuration of lexical search (`simple`:
+    /// every word, id and CJK run is a token, no stemming; `english` etc.
+    /// stem and drop stop words). The full-text index is rebuilt for it at
+    /// start when it changes.
+    pub language: String,
+    /// `k` of reciprocal rank fusion in hybrid search: a conversation
+    /// scores `1/(rrf_k + rank)` per list that found it.
+    pub rrf_k: NonZeroU32,
 }
 
 impl Default for SearchSettings {
@@ -491,6 +499,8 @@ impl Default for SearchSettings {
             max_concurrent: const { nz_usize(4) },
             backend_in_flight: const { nz_usize(1) },
             timeout_ms: const { nz_u64(10_000) },
+            language: "simple".into(),
+            rrf_k: const { nz_u32(60) },
         }
     }
 }
@@ -503,7 +513,16 @@ impl SearchSettings {
                 format!("{} is above pgvector's limit of 1000", self.ef_search.get()),
             ));
         }
+        self.text_search_language()?;
         Ok(())
+    }
+
+    /// `language` as the store takes it (a checked identifier).
+    pub fn text_search_language(
+        &self,
+    ) -> Result<convstore_store::search::TextSearchLanguage, ConfigError> {
+        convstore_store::search::TextSearchLanguage::parse(&self.language)
+            .map_err(|reason| ConfigError::invalid("search.language", reason))
     }
 }
 

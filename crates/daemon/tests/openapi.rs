@@ -20,8 +20,11 @@ use chrono::{TimeZone, Utc};
 use serde_json::{Value, json};
 
 use convstore::http::openapi::{document, document_json, openapi_json};
-use convstore::http::search::{DEFAULT_K, MAX_K, SearchResponse, Timings, parse_search};
-use convstore_store::search::{MAX_EF_SEARCH, MatchedChunk, SearchHit, SearchPlan, Strategy};
+use convstore::http::search::{
+    ContextMessage, DEFAULT_K, Fusion, HitContext, MAX_K, Mode, Ranks, SearchResponse,
+    SearchResult, Timings, parse_search,
+};
+use convstore_store::search::{MAX_EF_SEARCH, MatchedChunk, SearchPlan, Strategy};
 
 /// The source of `crates/daemon/src/http/mod.rs`, whose `router` function
 /// registers every route of the API.
@@ -269,7 +272,15 @@ fn search_request_body_is_what_the_parser_accepts() {
     }
     assert_eq!(
         properties,
-        set(&["query", "k", "filter", "ef_search", "exact"])
+        set(&[
+            "query",
+            "k",
+            "filter",
+            "ef_search",
+            "exact",
+            "mode",
+            "context"
+        ])
     );
     assert_eq!(required_names(schema), set(&["query"]), "{schema}");
     assert_eq!(
@@ -321,6 +332,8 @@ fn search_request_body_is_what_the_parser_accepts() {
         },
         "ef_search": 100,
         "exact": false,
+        "mode": "hybrid",
+        "context": 2,
     });
     assert_eq!(keys(&everything), properties);
     assert_eq!(keys(&everything["filter"]), property_names(filter));
@@ -338,9 +351,10 @@ fn full_response() -> SearchResponse {
     let at = Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap();
     SearchResponse {
         model: "all-minilm".into(),
+        mode: Mode::Hybrid,
         k: 1,
         count: 1,
-        results: vec![SearchHit {
+        results: vec![SearchResult {
             id: "chat-1".into(),
             conversation_id: uuid::Uuid::nil(),
             client_id: Some("chat-1".into()),
@@ -350,14 +364,29 @@ fn full_response() -> SearchResponse {
             metadata: json!({"locale": "en-US"}),
             created_at: Some(at),
             received_at: at,
-            score: 0.8,
-            distance: 0.2,
+            score: 0.032,
+            distance: Some(0.2),
+            text_rank: Some(0.1),
+            ranks: Ranks {
+                semantic: Some(1),
+                lexical: Some(2),
+            },
             chunk: MatchedChunk {
                 seq: 0,
                 content: "book me a flight".into(),
             },
+            context: Some(HitContext {
+                first: 0,
+                last: 0,
+                messages: vec![ContextMessage {
+                    index: 0,
+                    role: Some("user".into()),
+                    content: "book me a flight".into(),
+                    in_chunk: true,
+                }],
+            }),
         }],
-        search: SearchPlan {
+        search: Some(SearchPlan {
             strategy: Strategy::HnswOverfetch,
             pgvector: "0.6.2".into(),
             iterative_scan: false,
@@ -366,7 +395,13 @@ fn full_response() -> SearchResponse {
             candidates: 200,
             filter_matches: Some(12),
             note: "over-fetched".into(),
-        },
+        }),
+        fusion: Some(Fusion {
+            rrf_k: 60,
+            depth: 20,
+        }),
+        language: Some("simple".into()),
+        semantic_error: Some("no backend answers".into()),
         timings_ms: Timings {
             embed: 1.5,
             database: 2.5,
@@ -394,17 +429,26 @@ fn search_200_response_is_what_the_handler_serialises() {
     for field in ["model", "k", "count", "results", "search", "timings_ms"] {
         assert!(schema["properties"][field].is_object(), "{field}: {schema}");
     }
-    assert_eq!(required_names(schema), keys(&actual), "{schema}");
+    let optional = set(&["search", "fusion", "language", "semantic_error"]);
+    let always: BTreeSet<String> = keys(&actual).difference(&optional).cloned().collect();
+    assert_eq!(required_names(schema), always, "{schema}");
 
     let results = &schema["properties"]["results"];
     assert_eq!(results["type"], "array", "{results}");
     let hit = resolve(&doc, &results["items"]);
     let actual_hit = &actual["results"][0];
     assert_eq!(property_names(hit), keys(actual_hit), "{hit}");
-    for field in ["id", "score", "distance", "chunk", "conversation_id"] {
+    for field in ["id", "score", "ranks", "chunk", "conversation_id"] {
         assert!(required_names(hit).contains(field), "{field}: {hit}");
     }
-    for optional in ["client_id", "summary", "created_at"] {
+    for optional in [
+        "client_id",
+        "summary",
+        "created_at",
+        "distance",
+        "text_rank",
+        "context",
+    ] {
         assert!(!required_names(hit).contains(optional), "{optional}: {hit}");
     }
     let chunk = resolve(&doc, &hit["properties"]["chunk"]);

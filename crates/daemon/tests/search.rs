@@ -13,7 +13,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -671,7 +671,12 @@ async fn search_over_http_unix_socket_and_cli() {
         SearchMode::Auto,
     )
     .await;
-    let (status, answer) = post_search(&http, &daemon, &json!({"query": query, "k": 5})).await;
+    let (status, answer) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": query, "k": 5, "mode": "semantic"}),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     let want: Vec<String> = expected.hits.iter().map(|h| h.id.clone()).collect();
     assert_eq!(hit_ids(&answer), want, "{answer}");
@@ -698,7 +703,12 @@ async fn search_over_http_unix_socket_and_cli() {
             .is_some_and(|c| !c.is_empty())
     );
     // The same search again: the query vector comes from the cache.
-    let (_, again) = post_search(&http, &daemon, &json!({"query": query, "k": 5})).await;
+    let (_, again) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": query, "k": 5, "mode": "semantic"}),
+    )
+    .await;
     assert_eq!(again["query_cached"], true);
     assert_eq!(hit_ids(&again), want);
 
@@ -707,7 +717,7 @@ async fn search_over_http_unix_socket_and_cli() {
     let (status, answer) = post_search(
         &http,
         &daemon,
-        &json!({"query": query, "k": 100, "filter": {"user_id": user, "channel": "web"}}),
+        &json!({"query": query, "k": 100, "mode": "semantic", "filter": {"user_id": user, "channel": "web"}}),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -737,6 +747,10 @@ async fn search_over_http_unix_socket_and_cli() {
         (json!({}), "query"),
         (json!({"query": ""}), "query"),
         (json!({"query": "x", "k": 0}), "k"),
+        (json!({"query": "x", "mode": "fuzzy"}), "mode"),
+        (json!({"query": "x", "mode": 3}), "mode"),
+        (json!({"query": "x", "context": 21}), "context"),
+        (json!({"query": "x", "context": -1}), "context"),
         (json!({"query": "x", "k": 101}), "k"),
         (json!({"query": "x", "ef_search": 0}), "ef_search"),
         (
@@ -770,7 +784,7 @@ async fn search_over_http_unix_socket_and_cli() {
         .post_json(
             "/v1/search",
             "application/json",
-            Bytes::from(json!({"query": query, "k": 5}).to_string()),
+            Bytes::from(json!({"query": query, "k": 5, "mode": "semantic"}).to_string()),
         )
         .await
         .expect("unix search");
@@ -782,6 +796,7 @@ async fn search_over_http_unix_socket_and_cli() {
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
             .arg("search")
+            .args(["--mode", "semantic"])
             .args(args)
             .arg("--socket")
             .arg(ws.socket())
@@ -891,7 +906,7 @@ async fn search_is_answered_while_ingest_has_a_backlog() {
     let (status, answer) = post_search(
         &http,
         &daemon,
-        &json!({"query": "a flight to Seattle", "k": 3}),
+        &json!({"query": "a flight to Seattle", "k": 3, "mode": "semantic"}),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -985,7 +1000,7 @@ async fn builtin_model_finds_flight_conversations() {
     let (status, answer) = post_search(
         &http,
         &daemon,
-        &json!({"query": "book me a flight to Seattle", "k": 5}),
+        &json!({"query": "book me a flight to Seattle", "k": 5, "mode": "semantic"}),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -1012,4 +1027,245 @@ async fn builtin_model_finds_flight_conversations() {
         flights_in_top.iter().filter(|f| **f).count() >= 4,
         "fewer than 4 of the top 5 are flight conversations: {flights_in_top:?}\n{answer}"
     );
+}
+
+/// Lexical and hybrid search against a real daemon: an order code in one
+/// conversation is its top lexical and hybrid hit while the stand-in's hash
+/// vectors cannot find it by meaning; filters apply exactly to the lexical
+/// list; `context` returns the messages around the best chunk; a lexical
+/// search needs no embedding backend, and a hybrid one answers lexically
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lexical_and_hybrid_find_an_order_code_with_context() {
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let daemon = Daemon::start(&ws, &addr).await;
+    let mut data: Vec<Value> = convstore_dataset::sample_or_generated(300)
+        .expect("test data")
+        .into_iter()
+        .take(300)
+        .enumerate()
+        .map(|(i, c)| decorate(i, c))
+        .collect();
+    // Twelve messages, the code in message 6 only; long enough to be cut
+    // into several chunks.
+    let filler = "The weather was fine and the train left on time, nothing else happened. ";
+    let mut messages = Vec::new();
+    for i in 0..12 {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let content = if i == 6 {
+            "Where is my parcel? The order code is ORD-88213 and it is late.".to_string()
+        } else {
+            format!("message {i}: {}", filler.repeat(6))
+        };
+        messages.push(json!({"role": role, "content": content}));
+    }
+    data.push(
+        json!({"id": "order-conv", "user_id": "u-order", "channel": "email",
+        "messages": messages, "metadata": {"tier": "gold"},
+        "created_at": "2024-03-01T00:00:00Z"}),
+    );
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/conversations/batch", daemon.base_url()))
+        .json(&data)
+        .send()
+        .await
+        .expect("post batch");
+    assert_eq!(resp.status(), 202);
+    let db = connect_db(&ws.database_url()).await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversations WHERE embedding_status = 'embedded'",
+        data.len() as i64,
+        Duration::from_secs(300),
+    )
+    .await;
+    let chunks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversation_chunks k JOIN conversations c \
+         ON c.id = k.conversation_id WHERE c.client_id = 'order-conv'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("chunks");
+    assert!(chunks >= 3, "the order conversation is {chunks} chunk(s)");
+
+    let query = "ORD-88213";
+    for mode in ["lexical", "hybrid"] {
+        let (status, answer) = post_search(
+            &http,
+            &daemon,
+            &json!({"query": query, "k": 5, "mode": mode}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["mode"], mode);
+        assert_eq!(
+            hit_ids(&answer).first().map(String::as_str),
+            Some("order-conv"),
+            "{mode}: {answer}"
+        );
+        assert_eq!(answer["results"][0]["ranks"]["lexical"], 1, "{answer}");
+    }
+    let (_, semantic) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": query, "k": 5, "mode": "semantic"}),
+    )
+    .await;
+    let semantic_ids = hit_ids(&semantic);
+    println!("semantic top 5 for {query}: {semantic_ids:?}");
+    assert_ne!(
+        semantic_ids.first().map(String::as_str),
+        Some("order-conv"),
+        "the stand-in's hash vectors found the code by meaning: {semantic}"
+    );
+    // Lexical mode: no semantic plan; hybrid: both, fused.
+    let (_, hybrid) = post_search(&http, &daemon, &json!({"query": query, "k": 5})).await;
+    assert_eq!(hybrid["mode"], "hybrid");
+    assert_eq!(hybrid["fusion"]["rrf_k"], 60, "{hybrid}");
+    assert!(hybrid["search"]["strategy"].is_string(), "{hybrid}");
+
+    // Context: the chunk holding message 6, and two messages each side.
+    let (status, answer) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": query, "k": 1, "mode": "lexical", "context": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let context = &answer["results"][0]["context"];
+    let first = context["first"].as_u64().expect("first") as usize;
+    let last = context["last"].as_u64().expect("last") as usize;
+    assert!(first <= 6 && 6 <= last, "{context}");
+    let indices: Vec<u64> = context["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["index"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = (first.saturating_sub(2) as u64..=(last + 2).min(11) as u64).collect();
+    assert_eq!(indices, want, "{context}");
+    for m in context["messages"].as_array().unwrap() {
+        let i = m["index"].as_u64().unwrap() as usize;
+        assert_eq!(m["in_chunk"], (first..=last).contains(&i), "{m}");
+        assert_eq!(m["content"], messages[i]["content"], "{m}");
+        assert_eq!(m["role"], messages[i]["role"], "{m}");
+    }
+    let chunk = answer["results"][0]["chunk"]["content"].as_str().unwrap();
+    assert!(chunk.contains("ORD-88213"), "{chunk}");
+    // No context unless asked.
+    let (_, plain) = post_search(&http, &daemon, &json!({"query": query, "k": 1})).await;
+    assert!(plain["results"][0].get("context").is_none(), "{plain}");
+
+    // Filters apply exactly to the lexical list: every hit matches, and
+    // with k above the matches, every matching conversation is there.
+    let word_in = |c: &Value, word: &str| -> bool {
+        let text = c["messages"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| m["content"].as_str().unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .or_else(|| c["transcript"].as_str().map(str::to_string))
+            .unwrap_or_default()
+            .to_lowercase();
+        text.split(|ch: char| !ch.is_alphanumeric())
+            .any(|w| w == word)
+    };
+    let word = "restaurant";
+    for filter in [
+        json!({"channel": "web"}),
+        json!({"channel": "fax"}),
+        json!({"metadata": {"tier": "gold"}}),
+        json!({"since": "2024-01-03T00:00:00Z", "until": "2024-01-08T00:00:00Z"}),
+        json!({"user_id": "u-order"}),
+    ] {
+        let matches = |c: &Value| -> bool {
+            let ok_channel = filter["channel"]
+                .as_str()
+                .is_none_or(|ch| c["channel"] == ch);
+            let ok_user = filter["user_id"].as_str().is_none_or(|u| c["user_id"] == u);
+            let ok_meta = filter["metadata"]["tier"]
+                .as_str()
+                .is_none_or(|t| c["metadata"]["tier"] == t);
+            let time = c["created_at"]
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc));
+            let ok_since = filter["since"].as_str().is_none_or(|s| {
+                time >= Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+            });
+            let ok_until = filter["until"].as_str().is_none_or(|s| {
+                time < Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+            });
+            ok_channel && ok_user && ok_meta && ok_since && ok_until
+        };
+        let oracle: BTreeSet<String> = data
+            .iter()
+            .filter(|c| matches(c) && word_in(c, word))
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect();
+        assert!(oracle.len() < 100, "{filter}: {} matches", oracle.len());
+        let (status, answer) = post_search(
+            &http,
+            &daemon,
+            &json!({"query": word, "k": 100, "mode": "lexical", "filter": filter}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let got: BTreeSet<String> = hit_ids(&answer).into_iter().collect();
+        println!(
+            "lexical {word:?} with {filter}: {} (oracle {})",
+            got.len(),
+            oracle.len()
+        );
+        assert_eq!(got, oracle, "lexical, {filter}");
+        // Hybrid: every result matches the filter too.
+        let (_, answer) = post_search(
+            &http,
+            &daemon,
+            &json!({"query": word, "k": 20, "mode": "hybrid", "filter": filter}),
+        )
+        .await;
+        for r in answer["results"].as_array().unwrap() {
+            let id = r["id"].as_str().unwrap();
+            let c = data.iter().find(|c| c["id"] == id).expect("known id");
+            assert!(matches(c), "hybrid, {filter}: {id} does not match");
+        }
+    }
+
+    // Without the embedding backend: lexical still answers, hybrid answers
+    // lexically and says why, semantic is a 503.
+    drop(standin);
+    let fresh = "ORD-88213 parcel";
+    let (status, answer) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": fresh, "k": 3, "mode": "lexical"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        hit_ids(&answer).first().map(String::as_str),
+        Some("order-conv")
+    );
+    let (status, answer) = post_search(&http, &daemon, &json!({"query": fresh, "k": 3})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        hit_ids(&answer).first().map(String::as_str),
+        Some("order-conv")
+    );
+    assert!(answer["semantic_error"].is_string(), "{answer}");
+    assert!(answer.get("search").is_none(), "{answer}");
+    let (status, answer) = post_search(
+        &http,
+        &daemon,
+        &json!({"query": fresh, "k": 3, "mode": "semantic"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
 }

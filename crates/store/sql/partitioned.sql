@@ -1,6 +1,6 @@
 -- The partitioned layout of `database.partitions = N` (docs/STORAGE.md):
 -- `conversations` and `conversation_chunks` as they stand after the
--- migrations up to 0004, `PARTITION BY HASH (user_id)`. `store::layout`
+-- migrations up to 0006, `PARTITION BY HASH (user_id)`. `store::layout`
 -- runs this on an empty database after the migrations, in place of the
 -- plain tables they created, then creates the N partitions of each.
 --
@@ -74,3 +74,5 @@ CREATE INDEX conversation_chunks_pending_idx ON conversation_chunks (conversatio
     WHERE embedding_status = 'pending';
 CREATE INDEX conversation_chunks_failed_idx ON conversation_chunks (conversation_id, seq)
     WHERE embedding_status = 'failed';
+CREATE INDEX conversation_chunks_content_fts_idx
+    ON conversation_chunks USING gin (to_tsvector('simple'::regconfig, content));

@@ -260,6 +260,15 @@ impl Store {
         Ok(())
     }
 
+    /// Builds the full-text index of lexical search for `language` when it
+    /// is missing or built for another (see [`schema::ensure_text_index`]).
+    pub async fn ensure_text_index(
+        &self,
+        language: &search::TextSearchLanguage,
+    ) -> Result<(), StoreError> {
+        schema::ensure_text_index(&self.pool, language).await
+    }
+
     /// One round trip: for `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

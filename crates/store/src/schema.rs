@@ -84,6 +84,72 @@ pub async fn ensure_vector_column(pool: &PgPool, dims: usize) -> Result<(), Stor
     Ok(())
 }
 
+/// Name of the GIN full-text index on `conversation_chunks.content`
+/// (migration 0006; rebuilt here for another `search.language`).
+pub const TEXT_INDEX: &str = "conversation_chunks_content_fts_idx";
+
+/// Makes the full-text index of lexical search use the text search
+/// configuration `language` (`search.language`): checks that the server
+/// has it, and when the index is missing or built for another
+/// configuration, (re)builds it. Same transaction and advisory lock as
+/// [`ensure_vector_column`], so instances starting together do it once.
+///
+/// The index is an expression index, `to_tsvector('<language>'::regconfig,
+/// content)`: lexical search repeats that expression exactly
+/// ([`crate::search::TextSearchLanguage::tsvector`]) so the planner uses it.
+pub async fn ensure_text_index(
+    pool: &PgPool,
+    language: &crate::search::TextSearchLanguage,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SCHEMA_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_ts_config WHERE cfgname = $1)")
+            .bind(language.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+    if !known {
+        let available: Vec<String> =
+            sqlx::query_scalar("SELECT cfgname::text FROM pg_ts_config ORDER BY cfgname")
+                .fetch_all(&mut *tx)
+                .await?;
+        return Err(StoreError::Schema(format!(
+            "search.language is {:?}, which this PostgreSQL has no text search configuration              for; it has: {}",
+            language.as_str(),
+            available.join(", ")
+        )));
+    }
+    let definition: Option<String> = sqlx::query_scalar("SELECT pg_get_indexdef(to_regclass($1))")
+        .bind(TEXT_INDEX)
+        .fetch_one(&mut *tx)
+        .await?;
+    let wanted = format!("to_tsvector('{}'::regconfig", language.as_str());
+    let current = definition.as_deref().is_some_and(|d| d.contains(&wanted));
+    if !current {
+        tracing::info!(
+            index = TEXT_INDEX,
+            language = language.as_str(),
+            "Building the full-text index on conversation_chunks.content"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX IF EXISTS {TEXT_INDEX}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE INDEX {TEXT_INDEX} ON conversation_chunks USING gin ({})",
+            language.tsvector("content")
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// The column's fixed dimension (`vector(N)` → N), or `None` for a bare
 /// `vector`.
 async fn column_dimensions(conn: &mut PgConnection) -> Result<Option<usize>, StoreError> {

@@ -295,6 +295,8 @@ pub struct Searcher {
     /// Filters matching fewer conversations than this are answered exactly.
     exact_threshold: u64,
     capabilities: OnceCell<IndexCapabilities>,
+    /// Text search configuration of lexical search (`search.language`).
+    language: TextSearchLanguage,
 }
 
 impl Searcher {
@@ -303,7 +305,19 @@ impl Searcher {
             store,
             exact_threshold,
             capabilities: OnceCell::new(),
+            language: TextSearchLanguage::default(),
         }
+    }
+
+    /// Lexical search with this text search configuration (the full-text
+    /// index must be built for it: [`Store::ensure_text_index`]).
+    pub fn with_language(mut self, language: TextSearchLanguage) -> Self {
+        self.language = language;
+        self
+    }
+
+    pub fn language(&self) -> &TextSearchLanguage {
+        &self.language
     }
 
     pub fn store(&self) -> &Store {
@@ -441,6 +455,234 @@ impl Searcher {
         tx.commit().await?;
         Ok(SearchOutcome { hits, plan })
     }
+}
+
+impl Searcher {
+    /// The conversations whose chunks best match `q.query` as words:
+    /// PostgreSQL full-text search (`websearch_to_tsquery` in the configured
+    /// language) through the GIN index, ranked by `ts_rank_cd` of each
+    /// conversation's best chunk, filtered exactly. Every chunk counts,
+    /// embedded or not. Needs no embedding.
+    pub async fn lexical(&self, q: LexicalQuery<'_>) -> Result<Vec<LexicalHit>, StoreError> {
+        if q.k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.store.pool().begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let mut qb = lexical_query("", &self.language, q.query, q.k, q.filter);
+        let rows = qb.build().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        rows.iter().map(lexical_hit_from_row).collect()
+    }
+
+    /// Each hit's conversation as messages and its chunks' text in order:
+    /// what [`chunk_messages`](convstore_core::chunker::chunk_messages)
+    /// needs to say which messages a chunk covers. Keyed by
+    /// `(user_id, conversation_id)`; a conversation deleted since the search
+    /// is missing.
+    pub async fn conversation_texts(
+        &self,
+        keys: &[(String, Uuid)],
+    ) -> Result<Vec<ConversationText>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users: Vec<String> = keys.iter().map(|(u, _)| u.clone()).collect();
+        let ids: Vec<Uuid> = keys.iter().map(|(_, id)| *id).collect();
+        let rows = sqlx::query(
+            "SELECT c.id, c.user_id, c.messages, c.transcript, \
+             array_agg(k.content ORDER BY k.seq) AS chunks \
+             FROM unnest($1::text[], $2::uuid[]) AS w(user_id, id) \
+             JOIN conversations c ON c.user_id = w.user_id AND c.id = w.id \
+             JOIN conversation_chunks k ON k.user_id = c.user_id AND k.conversation_id = c.id \
+             GROUP BY c.id, c.user_id, c.messages, c.transcript",
+        )
+        .bind(&users)
+        .bind(&ids)
+        .fetch_all(self.store.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let messages: Option<serde_json::Value> = row.try_get("messages")?;
+            out.push(ConversationText {
+                conversation_id: row.try_get("id")?,
+                user_id: row.try_get("user_id")?,
+                messages,
+                transcript: row.try_get("transcript")?,
+                chunks: row.try_get("chunks")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A conversation's text as [`Searcher::conversation_texts`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationText {
+    pub conversation_id: Uuid,
+    pub user_id: String,
+    /// The message list as received (`[{role, content, …}]`), or `None`
+    /// when the caller sent a transcript.
+    pub messages: Option<serde_json::Value>,
+    pub transcript: String,
+    /// Chunk contents by `seq`.
+    pub chunks: Vec<String>,
+}
+
+/// The text search configuration lexical search uses (`search.language`):
+/// a PostgreSQL `regconfig` name such as `simple` (the default) or
+/// `english`. Checked to be a plain identifier, because it is written into
+/// the SQL (the index expression must match the query's, so it cannot be a
+/// bind parameter); [`Store::ensure_text_index`] checks that the server
+/// has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSearchLanguage(String);
+
+impl Default for TextSearchLanguage {
+    fn default() -> Self {
+        Self("simple".into())
+    }
+}
+
+impl TextSearchLanguage {
+    /// `name` if it is a lower-case identifier (`[a-z_][a-z0-9_]*`, at most
+    /// 63 bytes); else why not.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if first_ok && rest_ok && name.len() <= 63 {
+            Ok(Self(name.to_string()))
+        } else {
+            Err(format!(
+                "{name:?} is not a text search configuration name (lower-case letters, digits \
+                 and _, such as simple or english; see `\\dF` in psql)"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `to_tsvector('<language>'::regconfig, <column>)`: the expression the
+    /// full-text index is built on.
+    pub fn tsvector(&self, column: &str) -> String {
+        format!("to_tsvector('{}'::regconfig, {column})", self.0)
+    }
+}
+
+/// One lexical search.
+#[derive(Debug, Clone, Copy)]
+pub struct LexicalQuery<'a> {
+    /// The words, in web search syntax (`websearch_to_tsquery`: `"a phrase"`,
+    /// `or`, `-word`).
+    pub query: &'a str,
+    /// Conversations wanted.
+    pub k: usize,
+    pub filter: &'a SearchFilter,
+}
+
+/// One conversation found by its words, with its best chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LexicalHit {
+    pub id: String,
+    pub conversation_id: Uuid,
+    pub client_id: Option<String>,
+    pub user_id: String,
+    pub channel: String,
+    pub summary: Option<String>,
+    pub metadata: serde_json::Value,
+    pub created_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    /// `ts_rank_cd` of the best chunk (higher = better).
+    pub rank: f64,
+    pub chunk: MatchedChunk,
+}
+
+/// The SQL of a lexical search (`prefix`: `""`, or `"EXPLAIN "`): matching
+/// chunks through the GIN index (the expression repeated exactly), best
+/// chunk per conversation by `ts_rank_cd`, filtered, best `k`.
+fn lexical_query(
+    prefix: &str,
+    language: &TextSearchLanguage,
+    query: &str,
+    k: usize,
+    filter: &SearchFilter,
+) -> QueryBuilder<Postgres> {
+    let tsvector = language.tsvector("k.content");
+    let lang = language.as_str();
+    let mut qb = QueryBuilder::<Postgres>::new(format!(
+        "{prefix}WITH q AS MATERIALIZED (SELECT websearch_to_tsquery('{lang}'::regconfig, "
+    ));
+    qb.push_bind(query.to_string()).push(format!(
+        ") AS q), matches AS MATERIALIZED (SELECT k.conversation_id, k.user_id, k.seq, \
+         ts_rank_cd({tsvector}, q.q) AS rank FROM q CROSS JOIN conversation_chunks k \
+         JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
+         WHERE {tsvector} @@ q.q"
+    ));
+    filter.push_chunk_user(&mut qb);
+    filter.push_conditions(&mut qb);
+    qb.push(
+        "), best AS (SELECT DISTINCT ON (conversation_id) conversation_id, user_id, seq, rank \
+         FROM matches ORDER BY conversation_id, rank DESC, seq) \
+         SELECT b.rank, b.seq, k.content, c.id, c.client_id, c.user_id, c.channel, c.summary, \
+         c.metadata, c.created_at, c.received_at \
+         FROM best b JOIN conversations c ON c.user_id = b.user_id AND c.id = b.conversation_id \
+         JOIN conversation_chunks k ON k.user_id = b.user_id \
+         AND k.conversation_id = b.conversation_id AND k.seq = b.seq WHERE TRUE",
+    );
+    filter.push_users(&mut qb);
+    qb.push(" ORDER BY b.rank DESC, c.id LIMIT ")
+        .push_bind(i64::try_from(k).unwrap_or(i64::MAX));
+    qb
+}
+
+/// `EXPLAIN` of a lexical search, for tests and operators who want to see
+/// that the full-text index is used.
+pub async fn explain_lexical(
+    searcher: &Searcher,
+    query: &str,
+    k: usize,
+    filter: &SearchFilter,
+) -> Result<String, StoreError> {
+    let rows = lexical_query("EXPLAIN ", &searcher.language, query, k, filter)
+        .build()
+        .fetch_all(searcher.store.pool())
+        .await?;
+    let mut plan = String::new();
+    for row in rows {
+        let line: String = row.try_get(0)?;
+        plan.push_str(&line);
+        plan.push('\n');
+    }
+    Ok(plan)
+}
+
+fn lexical_hit_from_row(row: &PgRow) -> Result<LexicalHit, StoreError> {
+    let rank: f32 = row.try_get("rank")?;
+    let conversation_id: Uuid = row.try_get("id")?;
+    let client_id: Option<String> = row.try_get("client_id")?;
+    Ok(LexicalHit {
+        id: client_id
+            .clone()
+            .unwrap_or_else(|| conversation_id.to_string()),
+        conversation_id,
+        client_id,
+        user_id: row.try_get("user_id")?,
+        channel: row.try_get("channel")?,
+        summary: row.try_get("summary")?,
+        metadata: row.try_get("metadata")?,
+        created_at: row.try_get("created_at")?,
+        received_at: row.try_get("received_at")?,
+        rank: f64::from(rank),
+        chunk: MatchedChunk {
+            seq: row.try_get("seq")?,
+            content: row.try_get("content")?,
+        },
+    })
 }
 
 fn index_note(plan: &SearchPlan, filtered: bool) -> String {

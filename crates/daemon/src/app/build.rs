@@ -75,6 +75,10 @@ impl App {
             .ensure_vector_column(settings.embedding.dimensions.get())
             .await
             .context("cannot prepare the vector column and HNSW index")?;
+        store
+            .ensure_text_index(&settings.search.text_search_language()?)
+            .await
+            .context("cannot prepare the full-text index of lexical search (search.language)")?;
 
         let context_tokens = Arc::new(AtomicUsize::new(
             settings.chunking.fallback_context_tokens.get(),
@@ -223,7 +227,8 @@ impl App {
             convstore_store::search::Searcher::new(
                 search_store,
                 settings.search.exact_threshold.get(),
-            ),
+            )
+            .with_language(settings.search.text_search_language()?),
             &settings.search,
         );
         let ingress = Arc::new(

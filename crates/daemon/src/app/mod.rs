@@ -135,6 +135,9 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
         store
             .ensure_vector_column(settings.embedding.dimensions.get())
             .await?;
+        store
+            .ensure_text_index(&settings.search.text_search_language()?)
+            .await?;
         store.close().await;
         anyhow::Ok(())
     }

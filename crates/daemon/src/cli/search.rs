@@ -47,6 +47,13 @@ pub struct SearchArgs {
     /// Compare every stored chunk instead of using the index (slow, exact).
     #[arg(long)]
     pub exact: bool,
+    /// semantic (by meaning), lexical (by words; needs no embedding
+    /// backend) or hybrid (both, fused; the daemon's default).
+    #[arg(long, value_parser = ["semantic", "lexical", "hybrid"])]
+    pub mode: Option<String>,
+    /// Messages to show on each side of the best chunk's (0 to 20).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub context: u32,
     /// Print the daemon's JSON answer as it is.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +129,12 @@ fn request_body(args: &SearchArgs) -> Value {
     if args.exact {
         body["exact"] = json!(true);
     }
+    if let Some(mode) = &args.mode {
+        body["mode"] = json!(mode);
+    }
+    if args.context > 0 {
+        body["context"] = json!(args.context);
+    }
     body
 }
 
@@ -150,23 +163,57 @@ fn render(answer: &Value, query: &str, width: usize) -> String {
             hit["channel"].as_str().unwrap_or("?"),
             when,
         );
-        let content = hit["chunk"]["content"].as_str().unwrap_or("");
-        let _ = writeln!(out, "    {}", snippet(content, query, width));
+        let ranks = &hit["ranks"];
+        let mut found = Vec::new();
+        if let Some(r) = ranks["semantic"].as_u64() {
+            found.push(format!("semantic #{r}"));
+        }
+        if let Some(r) = ranks["lexical"].as_u64() {
+            found.push(format!("lexical #{r}"));
+        }
+        if !found.is_empty() {
+            let _ = writeln!(out, "    [{}]", found.join(", "));
+        }
+        let context = hit["context"]["messages"].as_array();
+        match context {
+            Some(messages) => {
+                for m in messages {
+                    let marker = if m["in_chunk"].as_bool().unwrap_or(false) {
+                        '>'
+                    } else {
+                        ' '
+                    };
+                    let text = match m["role"].as_str() {
+                        Some(role) => format!("{role}: {}", m["content"].as_str().unwrap_or("")),
+                        None => m["content"].as_str().unwrap_or("").to_string(),
+                    };
+                    let _ = writeln!(out, "   {marker}{}", snippet(&text, query, width));
+                }
+            }
+            None => {
+                let content = hit["chunk"]["content"].as_str().unwrap_or("");
+                let _ = writeln!(out, "    {}", snippet(content, query, width));
+            }
+        }
     }
     let plan = &answer["search"];
     let _ = writeln!(
         out,
-        "-- {} of k={} · {} · {} · {:.1} ms (embed {:.1}, database {:.1})",
+        "-- {} of k={} · {} · {} · {} · {:.1} ms (embed {:.1}, database {:.1})",
         answer["count"].as_u64().unwrap_or(0),
         answer["k"].as_u64().unwrap_or(0),
+        answer["mode"].as_str().unwrap_or("?"),
         answer["model"].as_str().unwrap_or("?"),
-        plan["strategy"].as_str().unwrap_or("?"),
+        plan["strategy"].as_str().unwrap_or("lexical"),
         answer["timings_ms"]["total"].as_f64().unwrap_or(0.0),
         answer["timings_ms"]["embed"].as_f64().unwrap_or(0.0),
         answer["timings_ms"]["database"].as_f64().unwrap_or(0.0),
     );
     if let Some(note) = plan["note"].as_str().filter(|n| !n.is_empty()) {
         let _ = writeln!(out, "-- {note}");
+    }
+    if let Some(error) = answer["semantic_error"].as_str() {
+        let _ = writeln!(out, "-- lexical results only: {error}");
     }
     out
 }
@@ -296,6 +343,8 @@ mod tests {
             metadata: Some(json!({"a": 1})),
             ef_search: None,
             exact: false,
+            mode: None,
+            context: 0,
             json: false,
             width: 160,
             socket: None,
@@ -310,7 +359,7 @@ mod tests {
     #[test]
     fn renders_hits_and_the_plan() {
         let answer = json!({
-            "model": "all-minilm", "k": 10, "count": 1,
+            "model": "all-minilm", "mode": "semantic", "k": 10, "count": 1,
             "results": [{"id": "c-1", "user_id": "u-1", "channel": "web",
                          "received_at": "2024-05-01T10:00:00Z", "score": 0.8123,
                          "chunk": {"seq": 0, "content": "user: book a flight\nassistant: ok"}}],
@@ -323,6 +372,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("user: book a flight assistant: ok"), "{text}");
-        assert!(text.contains("1 of k=10 · all-minilm · hnsw"), "{text}");
+        assert!(
+            text.contains("1 of k=10 · semantic · all-minilm · hnsw"),
+            "{text}"
+        );
     }
 }

@@ -63,7 +63,7 @@ pub use convstore_core::validate::ConversationIn as ConversationSchema;
         (name = "ingest", description = "Hand conversations over"),
         (name = "read", description = "Read them back"),
         (name = "lifecycle", description = "Delete conversations, erase users"),
-        (name = "search", description = "Recall stored conversations by meaning"),
+        (name = "search", description = "Recall stored conversations by meaning, by words, or both"),
         (name = "admin", description = "Operator actions (the `admin` scope)"),
         (name = "monitoring", description = "What the daemon is doing"),
         (name = "health", description = "Liveness and readiness"),

@@ -32,7 +32,8 @@ use crate::config::SearchSettings;
 use convstore_embed::EmbedError;
 use convstore_embed::query::QueryEmbedder;
 use convstore_store::search::{
-    MAX_EF_SEARCH, SearchFilter, SearchHit, SearchMode, SearchPlan, SearchQuery, Searcher,
+    ConversationText, LexicalHit, LexicalQuery, MAX_EF_SEARCH, MatchedChunk, SearchFilter,
+    SearchHit, SearchMode, SearchPlan, SearchQuery, Searcher,
 };
 use convstore_telemetry::metrics as m;
 
@@ -50,6 +51,35 @@ pub const MAX_K: usize = 100;
 /// model's context may be shorter still; the backend then refuses it and
 /// the answer is a 400 on `query`.)
 pub const MAX_QUERY_BYTES: usize = 8192;
+/// The most neighbouring messages a result may carry on each side.
+pub const MAX_CONTEXT: usize = 20;
+/// Conversations each list of a hybrid search ranks before fusion:
+/// `max(2k, 20)`, at most this.
+pub const MAX_FUSION_DEPTH: usize = 200;
+
+/// Which ranked lists a search uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Nearest by meaning (the query's embedding).
+    Semantic,
+    /// Best by words (PostgreSQL full-text search); needs no embedding.
+    Lexical,
+    /// Both, fused by reciprocal rank.
+    #[default]
+    Hybrid,
+}
+
+impl Mode {
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "semantic" => Some(Self::Semantic),
+            "lexical" => Some(Self::Lexical),
+            "hybrid" => Some(Self::Hybrid),
+            _ => None,
+        }
+    }
+}
 
 /// What a search needs: the query lane, the store, and the limits.
 pub struct SearchService {
@@ -58,6 +88,7 @@ pub struct SearchService {
     slots: Semaphore,
     default_ef_search: u32,
     timeout: Duration,
+    rrf_k: u32,
 }
 
 impl SearchService {
@@ -68,6 +99,7 @@ impl SearchService {
             slots: Semaphore::new(settings.max_concurrent.get()),
             default_ef_search: settings.ef_search.get().min(MAX_EF_SEARCH),
             timeout: Duration::from_millis(settings.timeout_ms.get()),
+            rrf_k: settings.rrf_k.get(),
         }
     }
 
@@ -104,12 +136,109 @@ impl SearchService {
         metrics::histogram!(m::SEARCH_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         let _in_flight = InFlight::enter();
 
+        let depth = match request.mode {
+            Mode::Hybrid => (request.k * 2).clamp(20, MAX_FUSION_DEPTH).max(request.k),
+            _ => request.k,
+        };
+        let semantic = async {
+            if request.mode == Mode::Lexical {
+                return Ok(None);
+            }
+            self.semantic(request, depth).await.map(Some)
+        };
+        let lexical = async {
+            if request.mode == Mode::Semantic {
+                return Ok(None);
+            }
+            let lexical_started = Instant::now();
+            let hits = self
+                .searcher
+                .lexical(LexicalQuery {
+                    query: &request.query,
+                    k: depth,
+                    filter: &request.filter,
+                })
+                .await
+                .map_err(ApiError::from)?;
+            Ok::<_, ApiError>(Some((hits, lexical_started.elapsed().as_secs_f64())))
+        };
+        let (semantic, lexical) = tokio::join!(semantic, lexical);
+        let lexical = lexical?;
+        let (semantic, semantic_error) = match semantic {
+            Ok(found) => (found, None),
+            // Hybrid: the words still answer when the query cannot be
+            // embedded (no backend answers, or not within half the
+            // deadline); a query the backend refuses is still a 400.
+            Err(SemanticError::Embed(e @ ApiError::Unavailable(_)))
+                if request.mode == Mode::Hybrid && lexical.is_some() =>
+            {
+                (None, Some(e))
+            }
+            Err(SemanticError::Embed(e) | SemanticError::Other(e)) => return Err(e),
+        };
+
+        let mut results = fuse(
+            semantic.as_ref().map(|s| s.hits.as_slice()),
+            lexical.as_ref().map(|(hits, _)| hits.as_slice()),
+            self.rrf_k,
+            request.mode,
+        );
+        results.truncate(request.k);
+        if request.context > 0 {
+            self.add_context(&mut results, request.context).await?;
+        }
+        let embed_ms = semantic.as_ref().map_or(0.0, |s| s.embed_seconds * 1000.0);
+        let semantic_db = semantic.as_ref().map_or(0.0, |s| s.db_seconds);
+        let lexical_db = lexical.as_ref().map_or(0.0, |(_, secs)| *secs);
+        Ok(SearchResponse {
+            model: self.embedder.model().to_string(),
+            mode: request.mode,
+            k: request.k,
+            count: results.len(),
+            results,
+            search: semantic.as_ref().map(|s| s.plan.clone()),
+            fusion: (request.mode == Mode::Hybrid).then_some(Fusion {
+                rrf_k: self.rrf_k,
+                depth,
+            }),
+            language: (request.mode != Mode::Semantic)
+                .then(|| self.searcher.language().as_str().to_string()),
+            semantic_error: semantic_error.map(|e| match e {
+                ApiError::Unavailable(message) => message,
+                other => other.code().to_string(),
+            }),
+            timings_ms: Timings {
+                embed: embed_ms,
+                database: (semantic_db + lexical_db) * 1000.0,
+                total: started.elapsed().as_secs_f64() * 1000.0,
+            },
+            query_cached: semantic.as_ref().is_some_and(|s| s.cached),
+        })
+    }
+
+    /// Embeds the query and finds the `depth` nearest conversations.
+    async fn semantic(
+        &self,
+        request: &SearchRequest,
+        depth: usize,
+    ) -> Result<Semantic, SemanticError> {
         let embed_started = Instant::now();
-        let query = self
-            .embedder
-            .embed(&request.query)
-            .await
-            .map_err(embed_error)?;
+        let embedding = self.embedder.embed(&request.query);
+        let query = if request.mode == Mode::Hybrid {
+            match tokio::time::timeout(self.timeout / 2, embedding).await {
+                Ok(result) => result.map_err(|e| SemanticError::Embed(embed_error(e)))?,
+                Err(_) => {
+                    return Err(SemanticError::Embed(ApiError::Unavailable(format!(
+                        "the query was not embedded within half of search.timeout_ms ({} ms)",
+                        (self.timeout / 2).as_millis()
+                    ))));
+                }
+            }
+        } else {
+            embedding
+                .await
+                .map_err(|e| SemanticError::Embed(embed_error(e)))?
+        };
         let embed_seconds = embed_started.elapsed().as_secs_f64();
         metrics::histogram!(m::SEARCH_EMBED_SECONDS).record(embed_seconds);
         let result = if query.cached { "hit" } else { "miss" };
@@ -120,7 +249,7 @@ impl SearchService {
             .searcher
             .search(SearchQuery {
                 vector: &query.vector,
-                k: request.k,
+                k: depth,
                 filter: &request.filter,
                 ef_search: request.ef_search.unwrap_or(self.default_ef_search),
                 mode: if request.exact {
@@ -130,26 +259,210 @@ impl SearchService {
                 },
             })
             .await
-            .map_err(ApiError::from)?;
+            .map_err(|e| SemanticError::Other(ApiError::from(e)))?;
         let db_seconds = db_started.elapsed().as_secs_f64();
         metrics::histogram!(m::SEARCH_DATABASE_SECONDS).record(db_seconds);
         metrics::counter!(m::SEARCH_STRATEGY, label::STRATEGY => outcome.plan.strategy.as_str())
             .increment(1);
-
-        Ok(SearchResponse {
-            model: self.embedder.model().to_string(),
-            k: request.k,
-            count: outcome.hits.len(),
-            results: outcome.hits,
-            search: outcome.plan,
-            timings_ms: Timings {
-                embed: embed_seconds * 1000.0,
-                database: db_seconds * 1000.0,
-                total: started.elapsed().as_secs_f64() * 1000.0,
-            },
-            query_cached: query.cached,
+        Ok(Semantic {
+            hits: outcome.hits,
+            plan: outcome.plan,
+            cached: query.cached,
+            embed_seconds,
+            db_seconds,
         })
     }
+
+    /// Adds to each result the messages its chunk covers and `n` on each
+    /// side. A result whose conversation changed or went since the search
+    /// (its chunks no longer cut its messages) gets none.
+    async fn add_context(&self, results: &mut [SearchResult], n: usize) -> Result<(), ApiError> {
+        let keys: Vec<(String, uuid::Uuid)> = results
+            .iter()
+            .map(|r| (r.user_id.clone(), r.conversation_id))
+            .collect();
+        let texts = self
+            .searcher
+            .conversation_texts(&keys)
+            .await
+            .map_err(ApiError::from)?;
+        for result in results.iter_mut() {
+            result.context = texts
+                .iter()
+                .find(|t| {
+                    t.conversation_id == result.conversation_id && t.user_id == result.user_id
+                })
+                .and_then(|t| context_of(t, result.chunk.seq, n));
+        }
+        Ok(())
+    }
+}
+
+/// The semantic list of a search.
+struct Semantic {
+    hits: Vec<SearchHit>,
+    plan: SearchPlan,
+    cached: bool,
+    embed_seconds: f64,
+    db_seconds: f64,
+}
+
+/// Why the semantic list is missing: the query could not be embedded, or
+/// something else (the database).
+enum SemanticError {
+    Embed(ApiError),
+    Other(ApiError),
+}
+
+/// The messages (or transcript lines) around chunk `seq` of `text`: those
+/// the chunk covers and `n` on each side.
+fn context_of(text: &ConversationText, seq: i32, n: usize) -> Option<HitContext> {
+    let units: Vec<(Option<String>, String, String)> = match &text.messages {
+        Some(serde_json::Value::Array(messages)) => messages
+            .iter()
+            .map(|m| {
+                let role = m.get("role").and_then(|r| r.as_str()).unwrap_or_default();
+                let content = m
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default();
+                (
+                    Some(role.to_string()),
+                    format!("{role}: "),
+                    format!("{content}\n"),
+                )
+            })
+            .collect(),
+        _ => text
+            .transcript
+            .split_inclusive('\n')
+            .map(|line| (None, String::new(), line.to_string()))
+            .collect(),
+    };
+    let pairs: Vec<(&str, &str)> = units
+        .iter()
+        .map(|(_, prefix, body)| (prefix.as_str(), body.as_str()))
+        .collect();
+    let chunks: Vec<&str> = text.chunks.iter().map(String::as_str).collect();
+    let ranges = convstore_core::chunker::chunk_units(&pairs, &chunks)?;
+    let (first, last) = *ranges.get(usize::try_from(seq).ok()?)?;
+    let from = first.saturating_sub(n);
+    let to = last.saturating_add(n).min(units.len().saturating_sub(1));
+    let messages = (from..=to)
+        .filter_map(|i| {
+            let (role, _, body) = units.get(i)?;
+            Some(ContextMessage {
+                index: i,
+                role: role.clone(),
+                content: body.strip_suffix('\n').unwrap_or(body).to_string(),
+                in_chunk: (first..=last).contains(&i),
+            })
+        })
+        .collect();
+    Some(HitContext {
+        first,
+        last,
+        messages,
+    })
+}
+
+/// Reciprocal rank fusion of the two lists, per conversation: a list that
+/// found a conversation adds `1/(rrf_k + rank)` (rank from 1, the
+/// conversation's best chunk's place in that list). With one list the
+/// order is that list's; the score is its own (cosine similarity or
+/// `ts_rank_cd`).
+fn fuse(
+    semantic: Option<&[SearchHit]>,
+    lexical: Option<&[LexicalHit]>,
+    rrf_k: u32,
+    mode: Mode,
+) -> Vec<SearchResult> {
+    let mut out: Vec<SearchResult> = Vec::new();
+    let rrf = |rank: usize| 1.0 / (f64::from(rrf_k) + rank as f64);
+    for (i, hit) in semantic.unwrap_or_default().iter().enumerate() {
+        let rank = i + 1;
+        out.push(SearchResult {
+            id: hit.id.clone(),
+            conversation_id: hit.conversation_id,
+            client_id: hit.client_id.clone(),
+            user_id: hit.user_id.clone(),
+            channel: hit.channel.clone(),
+            summary: hit.summary.clone(),
+            metadata: hit.metadata.clone(),
+            created_at: hit.created_at,
+            received_at: hit.received_at,
+            score: if mode == Mode::Hybrid {
+                rrf(rank)
+            } else {
+                hit.score
+            },
+            distance: Some(hit.distance),
+            text_rank: None,
+            ranks: Ranks {
+                semantic: Some(rank),
+                lexical: None,
+            },
+            chunk: hit.chunk.clone(),
+            context: None,
+        });
+    }
+    for (i, hit) in lexical.unwrap_or_default().iter().enumerate() {
+        let rank = i + 1;
+        if let Some(found) = out
+            .iter_mut()
+            .find(|r| r.conversation_id == hit.conversation_id && r.user_id == hit.user_id)
+        {
+            found.score += rrf(rank);
+            found.text_rank = Some(hit.rank);
+            found.ranks.lexical = Some(rank);
+            // The chunk of the list that ranks the conversation higher.
+            if found.ranks.semantic.is_some_and(|s| rank < s) {
+                found.chunk = hit.chunk.clone();
+            }
+            continue;
+        }
+        out.push(SearchResult {
+            id: hit.id.clone(),
+            conversation_id: hit.conversation_id,
+            client_id: hit.client_id.clone(),
+            user_id: hit.user_id.clone(),
+            channel: hit.channel.clone(),
+            summary: hit.summary.clone(),
+            metadata: hit.metadata.clone(),
+            created_at: hit.created_at,
+            received_at: hit.received_at,
+            score: if mode == Mode::Hybrid {
+                rrf(rank)
+            } else {
+                hit.rank
+            },
+            distance: None,
+            text_rank: Some(hit.rank),
+            ranks: Ranks {
+                semantic: None,
+                lexical: Some(rank),
+            },
+            chunk: hit.chunk.clone(),
+            context: None,
+        });
+    }
+    if mode == Mode::Hybrid {
+        // Fused score, then the better single rank, then the id: a total
+        // order, so equal inputs give equal answers.
+        let best = |r: &SearchResult| {
+            r.ranks
+                .semantic
+                .unwrap_or(usize::MAX)
+                .min(r.ranks.lexical.unwrap_or(usize::MAX))
+        };
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| best(a).cmp(&best(b)))
+                .then_with(|| a.id.cmp(&b.id))
+        });
+    }
+    out
 }
 
 /// Counts a search in the in-flight gauge while it lives.
@@ -221,6 +534,15 @@ struct SearchIn {
     /// (slow, exact). Default `false`.
     #[schema(default = false)]
     exact: Option<bool>,
+    /// `semantic` (by meaning), `lexical` (by words, PostgreSQL full-text
+    /// search: needs no embedding) or `hybrid` (both, fused by reciprocal
+    /// rank; the default). `null` = not given.
+    #[schema(value_type = Option<Mode>, default = "hybrid")]
+    mode: Option<String>,
+    /// Neighbouring messages to return on each side of the messages the
+    /// best chunk covers, 0 to 20 (default 0: no `context`).
+    #[schema(minimum = 0, maximum = 20, default = 0)]
+    context: Option<i64>,
 }
 
 /// Conversations a search may return; every condition is optional
@@ -256,6 +578,9 @@ pub struct SearchRequest {
     pub filter: SearchFilter,
     pub ef_search: Option<u32>,
     pub exact: bool,
+    pub mode: Mode,
+    /// Messages on each side of the best chunk's (0 = no context).
+    pub context: usize,
 }
 
 /// Parses and validates a search body; errors name the field.
@@ -303,6 +628,25 @@ pub fn parse_search(body: &[u8]) -> Result<SearchRequest, ApiError> {
             ));
         }
     };
+    let mode = match input.mode.as_deref() {
+        None => Mode::default(),
+        Some(value) => Mode::parse(value).ok_or_else(|| {
+            ApiError::invalid_field(
+                "mode",
+                format!("`{value}` is not a mode: semantic, lexical or hybrid"),
+            )
+        })?,
+    };
+    let context = match input.context {
+        None => 0,
+        Some(n) if (0..=MAX_CONTEXT as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid_field(
+                "context",
+                format!("{n} is out of range: 0 to {MAX_CONTEXT} messages on each side"),
+            ));
+        }
+    };
     let filter = validate_filter(input.filter.unwrap_or_default())?;
     Ok(SearchRequest {
         query,
@@ -310,6 +654,8 @@ pub fn parse_search(body: &[u8]) -> Result<SearchRequest, ApiError> {
         filter,
         ef_search,
         exact: input.exact.unwrap_or(false),
+        mode,
+        context,
     })
 }
 
@@ -420,18 +766,112 @@ pub struct Timings {
     pub total: f64,
 }
 
+/// One conversation found, with its best chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct SearchResult {
+    /// The caller's id when it gave one, else the row id: the id
+    /// `GET /v1/conversations/{id}` takes.
+    pub id: String,
+    pub conversation_id: uuid::Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub user_id: String,
+    pub channel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    pub metadata: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    /// What the results are ordered by: `semantic`, the cosine similarity
+    /// of the best chunk (`1 - distance`); `lexical`, its `ts_rank_cd`;
+    /// `hybrid`, the reciprocal rank fusion score (sum of `1/(rrf_k +
+    /// rank)` over the lists that found it).
+    pub score: f64,
+    /// Cosine distance of the best chunk (pgvector's `<=>`), when the
+    /// semantic list found the conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distance: Option<f64>,
+    /// `ts_rank_cd` of the best chunk, when the lexical list found it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_rank: Option<f64>,
+    /// Its rank (from 1) in each list that found it.
+    pub ranks: Ranks,
+    /// The best chunk (of the list ranking the conversation higher).
+    pub chunk: MatchedChunk,
+    /// The messages around the best chunk (with `context` ≥ 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<HitContext>,
+}
+
+/// A result's rank in each list; absent = not in that list's top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Ranks {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<usize>,
+}
+
+/// The best chunk in place: the messages it covers (`first` to `last`,
+/// indices in the conversation's messages, or transcript lines) and
+/// `context` more on each side.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct HitContext {
+    pub first: usize,
+    pub last: usize,
+    pub messages: Vec<ContextMessage>,
+}
+
+/// One message of a result's context.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ContextMessage {
+    /// Its index in the conversation (from 0).
+    pub index: usize,
+    /// Absent for a transcript line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub content: String,
+    /// Part of the best chunk.
+    pub in_chunk: bool,
+}
+
+/// How a hybrid search fused its lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Fusion {
+    pub rrf_k: u32,
+    /// Conversations each list ranked before fusion: `max(2k, 20)`, at
+    /// most 200.
+    pub depth: usize,
+}
+
 /// The answer.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SearchResponse {
-    /// The model the query was embedded with.
+    /// The embedding model (of the semantic list).
     pub model: String,
+    pub mode: Mode,
     pub k: usize,
     /// Results returned: `k`, unless fewer conversations match.
     pub count: usize,
-    /// Nearest first.
-    pub results: Vec<SearchHit>,
-    /// How they were found (index or exact scan, over-fetch rounds, …).
-    pub search: SearchPlan,
+    /// Best first.
+    pub results: Vec<SearchResult>,
+    /// How the semantic list was found (index or exact scan, over-fetch
+    /// rounds, …); absent in `lexical` mode, or when a hybrid search
+    /// could not embed the query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchPlan>,
+    /// `hybrid`: the fusion's parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
+    /// The text search configuration of the lexical list
+    /// (`search.language`), in `lexical` and `hybrid` modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// `hybrid`: why the query could not be embedded; the results are
+    /// then the lexical list alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semantic_error: Option<String>,
     pub timings_ms: Timings,
     /// The query's vector came from the cache.
     pub query_cached: bool,
