@@ -35,10 +35,6 @@ impl Precision {
         }
     }
 
-    pub(crate) fn openvino_name(self) -> &'static str {
-        self.as_str()
-    }
-
     pub(crate) fn from_openvino_name(name: &str) -> Option<Self> {
         match name.trim().to_ascii_lowercase().as_str() {
             "bf16" => Some(Self::Bf16),

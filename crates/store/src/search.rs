@@ -652,6 +652,11 @@ pub async fn explain_lexical(
         .build()
         .fetch_all(searcher.store.pool())
         .await?;
+    plan_text(&rows)
+}
+
+/// The lines of an `EXPLAIN`'s rows, one per line.
+fn plan_text(rows: &[PgRow]) -> Result<String, StoreError> {
     let mut plan = String::new();
     for row in rows {
         let line: String = row.try_get(0)?;
@@ -892,13 +897,7 @@ pub async fn explain_index_round(
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;
-    let mut plan = String::new();
-    for row in rows {
-        let line: String = row.try_get(0)?;
-        plan.push_str(&line);
-        plan.push('\n');
-    }
-    Ok(plan)
+    plan_text(&rows)
 }
 
 /// `EXPLAIN` of the exact scan for `filter`: with a `user_id` filter on
@@ -915,13 +914,7 @@ pub async fn explain_exact(
         .build()
         .fetch_all(store.pool())
         .await?;
-    let mut plan = String::new();
-    for row in rows {
-        let line: String = row.try_get(0)?;
-        plan.push_str(&line);
-        plan.push('\n');
-    }
-    Ok(plan)
+    plan_text(&rows)
 }
 
 fn hit_from_row(row: &PgRow) -> Result<SearchHit, StoreError> {

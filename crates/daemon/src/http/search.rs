@@ -379,32 +379,41 @@ fn fuse(
 ) -> Vec<SearchResult> {
     let mut out: Vec<SearchResult> = Vec::new();
     let rrf = |rank: usize| 1.0 / (f64::from(rrf_k) + rank as f64);
+    // SearchHit and LexicalHit carry the same conversation fields under the
+    // same names; a result takes them from either.
+    macro_rules! result_of {
+        ($hit:expr, $score:expr, $distance:expr, $text_rank:expr, $ranks:expr) => {
+            SearchResult {
+                id: $hit.id.clone(),
+                conversation_id: $hit.conversation_id,
+                client_id: $hit.client_id.clone(),
+                user_id: $hit.user_id.clone(),
+                channel: $hit.channel.clone(),
+                summary: $hit.summary.clone(),
+                metadata: $hit.metadata.clone(),
+                created_at: $hit.created_at,
+                received_at: $hit.received_at,
+                score: $score,
+                distance: $distance,
+                text_rank: $text_rank,
+                ranks: $ranks,
+                chunk: $hit.chunk.clone(),
+                context: None,
+            }
+        };
+    }
     for (i, hit) in semantic.unwrap_or_default().iter().enumerate() {
         let rank = i + 1;
-        out.push(SearchResult {
-            id: hit.id.clone(),
-            conversation_id: hit.conversation_id,
-            client_id: hit.client_id.clone(),
-            user_id: hit.user_id.clone(),
-            channel: hit.channel.clone(),
-            summary: hit.summary.clone(),
-            metadata: hit.metadata.clone(),
-            created_at: hit.created_at,
-            received_at: hit.received_at,
-            score: if mode == Mode::Hybrid {
-                rrf(rank)
-            } else {
-                hit.score
-            },
-            distance: Some(hit.distance),
-            text_rank: None,
-            ranks: Ranks {
-                semantic: Some(rank),
-                lexical: None,
-            },
-            chunk: hit.chunk.clone(),
-            context: None,
-        });
+        let score = if mode == Mode::Hybrid {
+            rrf(rank)
+        } else {
+            hit.score
+        };
+        let ranks = Ranks {
+            semantic: Some(rank),
+            lexical: None,
+        };
+        out.push(result_of!(hit, score, Some(hit.distance), None, ranks));
     }
     for (i, hit) in lexical.unwrap_or_default().iter().enumerate() {
         let rank = i + 1;
@@ -421,30 +430,16 @@ fn fuse(
             }
             continue;
         }
-        out.push(SearchResult {
-            id: hit.id.clone(),
-            conversation_id: hit.conversation_id,
-            client_id: hit.client_id.clone(),
-            user_id: hit.user_id.clone(),
-            channel: hit.channel.clone(),
-            summary: hit.summary.clone(),
-            metadata: hit.metadata.clone(),
-            created_at: hit.created_at,
-            received_at: hit.received_at,
-            score: if mode == Mode::Hybrid {
-                rrf(rank)
-            } else {
-                hit.rank
-            },
-            distance: None,
-            text_rank: Some(hit.rank),
-            ranks: Ranks {
-                semantic: None,
-                lexical: Some(rank),
-            },
-            chunk: hit.chunk.clone(),
-            context: None,
-        });
+        let score = if mode == Mode::Hybrid {
+            rrf(rank)
+        } else {
+            hit.rank
+        };
+        let ranks = Ranks {
+            semantic: None,
+            lexical: Some(rank),
+        };
+        out.push(result_of!(hit, score, None, Some(hit.rank), ranks));
     }
     if mode == Mode::Hybrid {
         // Fused score, then the better single rank, then the id: a total

@@ -127,7 +127,7 @@ impl OpenVinoEngine {
         core.set_property(
             &cpu,
             &RwPropertyKey::HintInferencePrecision,
-            precision.openvino_name(),
+            precision.as_str(),
         )
         .map_err(ov("INFERENCE_PRECISION_HINT"))?;
 
