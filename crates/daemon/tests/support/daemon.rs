@@ -333,6 +333,14 @@ impl Daemon {
     /// Waits until `/readyz` answers 200; panics (with the log) if the
     /// process exits or `limit` passes.
     pub async fn wait_ready(&mut self, limit: Duration) {
+        if let Err(why) = self.try_wait_ready(limit).await {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until `/readyz` answers 200; `Err` (with the log) if the
+    /// process exits or `limit` passes, for tests that start again.
+    pub async fn try_wait_ready(&mut self, limit: Duration) -> Result<(), String> {
         let started = Instant::now();
         let client = reqwest::Client::new();
         loop {
@@ -341,10 +349,10 @@ impl Daemon {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
+                return Err(format!(
                     "daemon exited during start-up ({status}); log:\n{}",
                     self.log_text()
-                );
+                ));
             }
             if let Ok(resp) = client
                 .get(format!("http://{}/readyz", self.http_addr))
@@ -352,13 +360,13 @@ impl Daemon {
                 .await
                 && resp.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if started.elapsed() > limit {
-                panic!(
+                return Err(format!(
                     "daemon not ready after {limit:?}; log:\n{}",
                     self.log_text()
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
