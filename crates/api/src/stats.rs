@@ -71,6 +71,30 @@ pub struct StatsSnapshot {
     pub bottleneck: Option<Bottleneck>,
     /// `null` where `/proc` is not available.
     pub process: Option<ProcessView>,
+    /// The embedding models whose vectors the database holds: the current
+    /// one, and the previous one while a change of model re-embeds (or
+    /// until it is dropped). Empty until first sampled, and in the
+    /// snapshot of a daemon older than model changes (issue 20).
+    #[serde(default)]
+    pub models: Vec<ModelView>,
+}
+
+/// One embedding model's vectors (docs/SEARCH.md "Changing the model").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelView {
+    pub model: String,
+    pub dimensions: u64,
+    /// `current` (the configured model) or `previous`.
+    pub role: String,
+    /// Whether semantic search reads these vectors now.
+    pub searched: bool,
+    /// Chunks with a vector of this model / all chunks.
+    pub coverage: f64,
+    /// Chunks with a vector of this model.
+    pub vectors: u64,
+    /// Current model: chunks still waiting for its vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

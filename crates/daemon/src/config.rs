@@ -489,6 +489,11 @@ pub struct SearchSettings {
     /// `k` of reciprocal rank fusion in hybrid search: a conversation
     /// scores `1/(rrf_k + rank)` per list that found it.
     pub rrf_k: NonZeroU32,
+    /// After a change of `embedding.model`, how long the previous model's
+    /// vectors are kept once search switched to the new one:
+    /// `"until-next-start"` (dropped by the next start), or a duration
+    /// (`"1h"`, `"7d"`; dropped by the running daemon).
+    pub keep_previous_model: String,
 }
 
 impl Default for SearchSettings {
@@ -501,9 +506,13 @@ impl Default for SearchSettings {
             timeout_ms: const { nz_u64(10_000) },
             language: "simple".into(),
             rrf_k: const { nz_u32(60) },
+            keep_previous_model: KEEP_UNTIL_NEXT_START.into(),
         }
     }
 }
+
+/// `search.keep_previous_model`'s default.
+pub const KEEP_UNTIL_NEXT_START: &str = "until-next-start";
 
 impl SearchSettings {
     fn validate(&self) -> Result<(), ConfigError> {
@@ -514,7 +523,25 @@ impl SearchSettings {
             ));
         }
         self.text_search_language()?;
+        self.keep_previous()?;
         Ok(())
+    }
+
+    /// `keep_previous_model` as the store takes it.
+    pub fn keep_previous(&self) -> Result<convstore_store::models::KeepPrevious, ConfigError> {
+        use convstore_store::models::KeepPrevious;
+        let value = self.keep_previous_model.trim();
+        if value == KEEP_UNTIL_NEXT_START {
+            return Ok(KeepPrevious::UntilNextStart);
+        }
+        convstore_core::duration::parse_duration(value)
+            .map(KeepPrevious::For)
+            .map_err(|reason| {
+                ConfigError::invalid(
+                    "search.keep_previous_model",
+                    format!("{reason}; or \"{KEEP_UNTIL_NEXT_START}\""),
+                )
+            })
     }
 
     /// `language` as the store takes it (a checked identifier).

@@ -24,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod journal_replay;
 pub mod journal_startup;
+pub mod model_task;
 pub mod pipeline;
 pub mod queue;
 pub mod retention_task;

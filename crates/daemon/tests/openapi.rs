@@ -351,6 +351,7 @@ fn full_response() -> SearchResponse {
     let at = Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).unwrap();
     SearchResponse {
         model: "all-minilm".into(),
+        vectors: Some(convstore_store::models::VectorSet::Previous),
         mode: Mode::Hybrid,
         k: 1,
         count: 1,
@@ -429,7 +430,7 @@ fn search_200_response_is_what_the_handler_serialises() {
     for field in ["model", "k", "count", "results", "search", "timings_ms"] {
         assert!(schema["properties"][field].is_object(), "{field}: {schema}");
     }
-    let optional = set(&["search", "fusion", "language", "semantic_error"]);
+    let optional = set(&["search", "fusion", "language", "semantic_error", "vectors"]);
     let always: BTreeSet<String> = keys(&actual).difference(&optional).cloned().collect();
     assert_eq!(required_names(schema), always, "{schema}");
 

@@ -245,6 +245,7 @@ async fn run(
             filter,
             ef_search: default_ef(),
             mode,
+            vectors: convstore_store::models::VectorSet::Current,
         })
         .await
         .expect("search")
@@ -343,6 +344,7 @@ async fn hnsw_recall_at_10_against_exact_search_on_the_sample() {
                     filter: &none,
                     ef_search: ef,
                     mode: SearchMode::Auto,
+                    vectors: convstore_store::models::VectorSet::Current,
                 })
                 .await
                 .expect("search");

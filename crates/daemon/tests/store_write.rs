@@ -731,6 +731,7 @@ async fn partitioned_layout_keeps_each_user_in_one_partition() {
             filter: &filter,
             ef_search: 40,
             mode: SearchMode::Auto,
+            vectors: convstore_store::models::VectorSet::Current,
         })
         .await
         .expect("search");
@@ -959,6 +960,7 @@ async fn a_database_at_0003_migrates_to_0004_keeping_rows_and_vectors() {
             filter: &filter,
             ef_search: 40,
             mode: SearchMode::Auto,
+            vectors: convstore_store::models::VectorSet::Current,
         })
         .await
         .expect("search");

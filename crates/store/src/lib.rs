@@ -10,8 +10,9 @@
 //! migrations from `migrations/`, under sqlx's advisory lock, so several
 //! instances may start at once; then [`layout::ensure_layout`], the plain
 //! or hash-partitioned tables of `database.partitions`) →
-//! [`Store::ensure_vector_column`] (fixes the
-//! vector dimension and builds the HNSW index, also under a lock).
+//! [`Store::prepare_vectors`] (fixes the vector dimension and builds the
+//! HNSW index, also under a lock; starts a change of model when the
+//! database holds another model's vectors, [`models`]).
 pub mod backfill;
 pub mod copy;
 pub mod dead_letters;
@@ -20,6 +21,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod managed;
 pub mod managed_watch;
+pub mod models;
 pub mod read;
 pub mod retention;
 pub mod schema;
@@ -256,8 +258,12 @@ impl Store {
     /// `dims` so that [`Store::write_batch`] checks vectors before sending.
     pub async fn ensure_vector_column(&self, dims: usize) -> Result<(), StoreError> {
         schema::ensure_vector_column(&self.pool, dims).await?;
-        self.dimensions.store(dims, Ordering::Relaxed);
+        self.set_dimensions(dims);
         Ok(())
+    }
+
+    fn set_dimensions(&self, dims: usize) {
+        self.dimensions.store(dims, Ordering::Relaxed);
     }
 
     /// Builds the full-text index of lexical search for `language` when it

@@ -4,9 +4,11 @@
 //! An HNSW index needs a fixed dimension, and the dimension belongs to the
 //! embedding model the operator configured. So the migration leaves
 //! `conversation_chunks.embedding` as a bare `vector`, and start-up fixes it
-//! to `vector(embedding.dimensions)` and builds the index. A later start with
-//! another dimension is refused with an explanation instead of mixing
-//! vectors of different models in one index.
+//! to `vector(embedding.dimensions)` and builds the index.
+//! [`ensure_vector_column`] alone refuses another dimension with an
+//! explanation instead of mixing vectors of different models in one index;
+//! the daemon's start-up goes through [`crate::models::prepare_vectors`],
+//! which turns a change of model into a background re-embedding.
 
 use sqlx::PgPool;
 use sqlx::postgres::PgConnection;
@@ -152,7 +154,9 @@ pub async fn ensure_text_index(
 
 /// The column's fixed dimension (`vector(N)` → N), or `None` for a bare
 /// `vector`.
-async fn column_dimensions(conn: &mut PgConnection) -> Result<Option<usize>, StoreError> {
+pub(crate) async fn column_dimensions(
+    conn: &mut PgConnection,
+) -> Result<Option<usize>, StoreError> {
     let typmod: Option<i32> = sqlx::query_scalar(
         "SELECT atttypmod FROM pg_attribute \
          WHERE attrelid = 'conversation_chunks'::regclass \
@@ -200,7 +204,7 @@ async fn fix_dimensions(conn: &mut PgConnection, dims: usize) -> Result<(), Stor
 }
 
 /// A model that produced the stored vectors, to name it in the error.
-async fn stored_model(conn: &mut PgConnection) -> Result<Option<String>, StoreError> {
+pub(crate) async fn stored_model(conn: &mut PgConnection) -> Result<Option<String>, StoreError> {
     let model = sqlx::query_scalar(
         "SELECT model FROM conversation_chunks WHERE embedding IS NOT NULL LIMIT 1",
     )

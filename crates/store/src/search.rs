@@ -50,6 +50,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+use super::models::VectorSet;
 use super::{Store, StoreError};
 
 /// pgvector refuses `hnsw.ef_search` above this, and a pre-0.8 index scan
@@ -158,6 +159,8 @@ pub struct SearchQuery<'a> {
     /// `hnsw.ef_search` of the first index round (1..=1000).
     pub ef_search: u32,
     pub mode: SearchMode,
+    /// Whose vectors to compare with (`vector` must be of that model).
+    pub vectors: VectorSet,
 }
 
 /// The chunk of a conversation nearest to the query.
@@ -373,7 +376,7 @@ impl Searcher {
         sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
 
         if q.mode == SearchMode::Exact {
-            let hits = exact(&mut tx, &vector, q.k, q.filter).await?;
+            let hits = exact(&mut tx, q.vectors, &vector, q.k, q.filter).await?;
             plan.note = "exact scan, as asked".into();
             tx.commit().await?;
             return Ok(SearchOutcome { hits, plan });
@@ -384,7 +387,7 @@ impl Searcher {
             let matches = count_matches(&mut tx, q.filter, self.exact_threshold).await?;
             plan.filter_matches = Some(matches);
             if matches < self.exact_threshold {
-                let hits = exact(&mut tx, &vector, q.k, q.filter).await?;
+                let hits = exact(&mut tx, q.vectors, &vector, q.k, q.filter).await?;
                 plan.note = format!(
                     "the filter matches {matches} conversations (fewer than {}, \
                      search.exact_threshold): exact scan of their chunks",
@@ -410,8 +413,10 @@ impl Searcher {
             let round_ef = ef.max(u32::try_from(limit).unwrap_or(MAX_EF_SEARCH));
             plan.rounds += 1;
             plan.ef_search = Some(round_ef);
-            let round =
-                hnsw_round(&mut tx, &vector, q.k, q.filter, limit, round_ef, iterative).await?;
+            let round = hnsw_round(
+                &mut tx, q.vectors, &vector, q.k, q.filter, limit, round_ef, iterative,
+            )
+            .await?;
             plan.candidates = round.scanned;
             if round.hits.len() >= q.k {
                 plan.strategy = if iterative {
@@ -437,7 +442,7 @@ impl Searcher {
             limit = limit.saturating_mul(GROWTH).min(ceiling);
         }
 
-        let hits = exact(&mut tx, &vector, q.k, q.filter).await?;
+        let hits = exact(&mut tx, q.vectors, &vector, q.k, q.filter).await?;
         plan.strategy = Strategy::ExactFallback;
         plan.note = format!(
             "the index gave fewer than k = {} matching conversations after {} round(s) \
@@ -741,18 +746,21 @@ async fn count_matches(
 /// Exact: every embedded chunk of every matching conversation is compared.
 async fn exact(
     conn: &mut PgConnection,
+    vectors: VectorSet,
     vector: &Vector,
     k: usize,
     filter: &SearchFilter,
 ) -> Result<Vec<SearchHit>, StoreError> {
-    let mut qb = exact_query("", vector, k, filter);
+    let mut qb = exact_query("", vectors, vector, k, filter);
     let rows = qb.build().fetch_all(&mut *conn).await?;
     rows.iter().map(hit_from_row).collect()
 }
 
-/// The SQL of an exact scan (`prefix`: `""`, or `"EXPLAIN "`).
+/// The SQL of an exact scan (`prefix`: `""`, or `"EXPLAIN "`) of the
+/// `vectors` table (aliased `k` in the scan).
 fn exact_query(
     prefix: &str,
+    vectors: VectorSet,
     vector: &Vector,
     k: usize,
     filter: &SearchFilter,
@@ -761,11 +769,13 @@ fn exact_query(
         "{prefix}WITH best AS (SELECT DISTINCT ON (k.conversation_id) k.conversation_id, k.user_id, \
          k.seq, k.embedding <=> "
     ));
-    qb.push_bind(vector.clone()).push(
-        " AS distance FROM conversation_chunks k \
-             JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
+    qb.push_bind(vector.clone())
+        .push(" AS distance FROM ")
+        .push(vectors.table())
+        .push(
+            " k JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
              WHERE k.embedding IS NOT NULL",
-    );
+        );
     filter.push_chunk_user(&mut qb);
     filter.push_conditions(&mut qb);
     qb.push(" ORDER BY k.conversation_id, distance, k.seq) SELECT ")
@@ -790,8 +800,10 @@ struct Round {
 /// One index round: the `limit` nearest chunks (with the filter inside the
 /// scan when `filter_in_scan`), best chunk per conversation, filtered,
 /// nearest `k`.
+#[allow(clippy::too_many_arguments)] // one round's parameters, all distinct
 async fn hnsw_round(
     conn: &mut PgConnection,
+    vectors: VectorSet,
     vector: &Vector,
     k: usize,
     filter: &SearchFilter,
@@ -800,7 +812,7 @@ async fn hnsw_round(
     filter_in_scan: bool,
 ) -> Result<Round, StoreError> {
     set_ef_search(conn, ef_search).await?;
-    let mut qb = hnsw_query("", vector, k, filter, limit, filter_in_scan);
+    let mut qb = hnsw_query("", vectors, vector, k, filter, limit, filter_in_scan);
     let rows = qb.build().fetch_all(&mut *conn).await?;
     let mut scanned = 0;
     let mut hits = Vec::with_capacity(rows.len());
@@ -823,6 +835,7 @@ async fn hnsw_round(
 /// filter.
 fn hnsw_query(
     prefix: &str,
+    vectors: VectorSet,
     vector: &Vector,
     k: usize,
     filter: &SearchFilter,
@@ -834,7 +847,9 @@ fn hnsw_query(
          (SELECT k.conversation_id, k.user_id, k.seq, k.embedding <=> "
     ));
     qb.push_bind(vector.clone())
-        .push(" AS distance FROM conversation_chunks k");
+        .push(" AS distance FROM ")
+        .push(vectors.table())
+        .push(" k");
     if filter_in_scan {
         qb.push(
             " JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
@@ -892,10 +907,18 @@ pub async fn explain_index_round(
     set_ef_search(&mut tx, ef_search).await?;
     let limit = k.saturating_mul(CHUNKS_PER_RESULT).max(ef_search as usize);
     let filter = SearchFilter::default();
-    let rows = hnsw_query("EXPLAIN ", &vector, k, &filter, limit, false)
-        .build()
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = hnsw_query(
+        "EXPLAIN ",
+        VectorSet::Current,
+        &vector,
+        k,
+        &filter,
+        limit,
+        false,
+    )
+    .build()
+    .fetch_all(&mut *tx)
+    .await?;
     tx.rollback().await?;
     plan_text(&rows)
 }
@@ -910,7 +933,7 @@ pub async fn explain_exact(
     filter: &SearchFilter,
 ) -> Result<String, StoreError> {
     let vector = Vector::from(vector.to_vec());
-    let rows = exact_query("EXPLAIN ", &vector, k, filter)
+    let rows = exact_query("EXPLAIN ", VectorSet::Current, &vector, k, filter)
         .build()
         .fetch_all(store.pool())
         .await?;
@@ -989,14 +1012,14 @@ mod tests {
             user_id: Some("u".into()),
             ..SearchFilter::default()
         };
-        let post = hnsw_query("", &vector, 10, &filter, 40, false)
+        let post = hnsw_query("", VectorSet::Current, &vector, 10, &filter, 40, false)
             .sql()
             .as_str()
             .to_string();
         let scan = post.split("), best AS").next().unwrap_or_default();
         assert!(!scan.contains("user_id ="), "{post}");
         assert!(post.contains("MATERIALIZED"), "{post}");
-        let inside = hnsw_query("", &vector, 10, &filter, 40, true)
+        let inside = hnsw_query("", VectorSet::Current, &vector, 10, &filter, 40, true)
             .sql()
             .as_str()
             .to_string();

@@ -19,16 +19,19 @@ pub mod label {
     pub const ENGINE: &str = "engine";
     pub const KIND: &str = "kind";
     pub const LEVEL: &str = "level";
+    pub const MODEL: &str = "model";
     pub const OUTCOME: &str = "outcome";
     pub const PRECISION: &str = "precision";
     pub const REASON: &str = "reason";
     pub const RESULT: &str = "result";
+    pub const ROLE: &str = "role";
     pub const STATUS: &str = "status";
     pub const STRATEGY: &str = "strategy";
     pub const TABLE: &str = "table";
     pub const TIER: &str = "tier";
     pub const TO: &str = "to";
     pub const TRANSPORT: &str = "transport";
+    pub const VECTORS: &str = "vectors";
     pub const VERSION: &str = "version";
 }
 

@@ -34,6 +34,15 @@ pub const BUILTIN_BATCH_INPUTS: &str = "convstore_builtin_batch_inputs";
 pub const BUILTIN_INPUTS_WITHDRAWN: &str = "convstore_builtin_inputs_withdrawn_total";
 /// 1 for the engine and precision a builtin backend runs on.
 pub const BUILTIN_ENGINE: &str = "convstore_builtin_engine";
+/// Share of chunks with a vector of each embedding model (`model`, `role`:
+/// current or previous), sampled from the database.
+pub const MODEL_COVERAGE: &str = "convstore_embedding_model_coverage_ratio";
+/// 1 while a change of model re-embeds and search reads the previous
+/// model's vectors.
+pub const MODEL_MIGRATING: &str = "convstore_embedding_model_migrating";
+/// Semantic searches by the vectors that answered (`vectors`: current,
+/// previous).
+pub const SEARCH_VECTORS: &str = "convstore_search_vectors_total";
 pub const CACHE_HITS: &str = "convstore_cache_hits_total";
 pub const CACHE_MISSES: &str = "convstore_cache_misses_total";
 pub const CACHE_ENTRIES: &str = "convstore_cache_entries";
@@ -187,6 +196,9 @@ pub const ALL: &[&str] = &[
     BUILTIN_BATCH_INPUTS,
     BUILTIN_INPUTS_WITHDRAWN,
     BUILTIN_ENGINE,
+    MODEL_COVERAGE,
+    MODEL_MIGRATING,
+    SEARCH_VECTORS,
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_ENTRIES,
@@ -315,6 +327,10 @@ pub fn init_series() {
     metrics::counter!(TOMBSTONES_DROPPED).absolute(0);
     metrics::counter!(CACHE_HITS, label::TIER => "l1").absolute(0);
     metrics::counter!(CACHE_MISSES, label::TIER => "l1").absolute(0);
+    for vectors in ["current", "previous"] {
+        metrics::counter!(SEARCH_VECTORS, label::VECTORS => vectors).absolute(0);
+    }
+    metrics::gauge!(MODEL_MIGRATING).set(0.0);
     metrics::gauge!(BUILD_INFO, label::VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -493,6 +509,18 @@ pub fn describe() {
     describe_gauge!(
         BUILTIN_ENGINE,
         "1 for the engine (openvino, candle) and precision (bf16, f32) a builtin backend runs on."
+    );
+    describe_gauge!(
+        MODEL_COVERAGE,
+        "Share of chunks with a vector of each embedding model (role: current, previous)."
+    );
+    describe_gauge!(
+        MODEL_MIGRATING,
+        "1 while a change of embedding model re-embeds and search reads the previous model's vectors."
+    );
+    describe_counter!(
+        SEARCH_VECTORS,
+        "Semantic searches by the vectors that answered (current, previous)."
     );
     describe_counter!(CACHE_HITS, "Embedding cache hits by tier.");
     describe_counter!(CACHE_MISSES, "Embedding cache misses by tier.");

@@ -192,6 +192,8 @@ pub struct Stats {
     pending: Mutex<VecDeque<PendingSample>>,
     /// The ticker's last CPU reading (when, CPU seconds), for a CPU share.
     cpu: Mutex<Option<(Instant, f64)>>,
+    /// The embedding models' coverage, as last sampled.
+    models: Mutex<Vec<ModelView>>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -225,6 +227,7 @@ impl Stats {
             pipeline: OnceLock::new(),
             pending: Mutex::new(VecDeque::new()),
             cpu: Mutex::new(None),
+            models: Mutex::new(Vec::new()),
         }
     }
 
@@ -276,6 +279,11 @@ impl Stats {
         {
             history.pop_front();
         }
+    }
+
+    /// Records the embedding models' coverage (from the database).
+    pub fn set_models(&self, models: Vec<ModelView>) {
+        *self.models.lock().unwrap_or_else(|p| p.into_inner()) = models;
     }
 
     /// Starts a new slot (every [`SLOT`]); also samples CPU time for the
@@ -454,6 +462,11 @@ impl Stats {
             deleted,
             bottleneck,
             process,
+            models: self
+                .models
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 

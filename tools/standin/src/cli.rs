@@ -30,6 +30,10 @@ pub struct StandinArgs {
     /// Length of every vector.
     #[arg(long, default_value_t = 768)]
     pub dimensions: usize,
+    /// Serve another model too, with vectors of DIMS dimensions (as an
+    /// Ollama that has pulled several); repeat for more.
+    #[arg(long = "also-serve", value_name = "NAME=DIMS", value_parser = parse_model)]
+    pub also_serve: Vec<(String, usize)>,
     /// The model's context in tokens (an input may use all but one).
     #[arg(long, default_value_t = 2048)]
     pub context_length: usize,
@@ -94,6 +98,7 @@ impl StandinArgs {
             model: self.model.clone(),
             architecture: self.architecture.clone(),
             dimensions: self.dimensions,
+            other_models: self.also_serve.clone(),
             context_length: self.context_length,
             capabilities,
             latency_per_request: ms("--latency-ms", self.latency_ms)?,
@@ -110,6 +115,20 @@ impl StandinArgs {
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
+}
+
+/// `NAME=DIMS` of `--also-serve`.
+fn parse_model(value: &str) -> Result<(String, usize), String> {
+    let (name, dims) = value
+        .rsplit_once('=')
+        .ok_or_else(|| format!("`{value}`: write NAME=DIMS, e.g. all-minilm=384"))?;
+    let dims: usize = dims
+        .parse()
+        .map_err(|_| format!("`{value}`: DIMS must be a whole number"))?;
+    if name.trim().is_empty() || dims == 0 {
+        return Err(format!("`{value}`: a name and at least 1 dimension"));
+    }
+    Ok((name.to_string(), dims))
 }
 
 /// Runs the stand-in until SIGTERM or Ctrl-C.

@@ -142,9 +142,15 @@ impl Shared {
         })
     }
 
-    /// Whether `name` names the served model. Ollama compares the parts of
-    /// `model[:tag]` case-insensitively, and no tag means `latest`.
+    /// Whether `name` names a served model.
     pub(crate) fn serves(&self, name: &str) -> bool {
+        self.dimensions_of(name).is_some()
+    }
+
+    /// The length of the vectors of the served model `name`, if served.
+    /// Ollama compares the parts of `model[:tag]` case-insensitively, and
+    /// no tag means `latest`.
+    pub(crate) fn dimensions_of(&self, name: &str) -> Option<usize> {
         fn canonical(name: &str) -> String {
             let name = name.trim().to_lowercase();
             // A tag follows the last ':' after the last '/' (a registry host
@@ -156,7 +162,17 @@ impl Shared {
                 format!("{name}:latest")
             }
         }
-        !name.trim().is_empty() && canonical(name) == canonical(&self.model)
+        if name.trim().is_empty() {
+            return None;
+        }
+        let wanted = canonical(name);
+        if wanted == canonical(&self.model) {
+            return Some(self.dimensions);
+        }
+        self.other_models
+            .iter()
+            .find(|(model, _)| canonical(model) == wanted)
+            .map(|(_, dims)| *dims)
     }
 
     /// The 404 for a model this stand-in does not serve, in Ollama's words.
@@ -178,9 +194,9 @@ impl Shared {
     /// context limit, poison, then the serial compute. All-or-nothing, like
     /// Ollama: one bad input fails the whole request.
     pub(crate) async fn embed(&self, job: EmbedJob) -> Result<EmbedOutput, Failure> {
-        if !self.serves(&job.model) {
+        let Some(native) = self.dimensions_of(&job.model) else {
             return Err(self.model_not_found(&job.model));
-        }
+        };
         lock(&self.stats).inputs += job.inputs.len() as u64;
         if job.inputs.is_empty() {
             // Ollama's preload: loads the model, computes nothing.
@@ -248,7 +264,7 @@ impl Shared {
         let embeddings: Vec<Vec<f32>> = texts
             .iter()
             .map(|text| {
-                let v = standin_vector(text, self.dimensions);
+                let v = standin_vector(text, native);
                 match job.dimensions {
                     Some(d) => shorten(v, d),
                     None => v,

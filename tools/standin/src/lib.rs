@@ -72,6 +72,10 @@ pub struct StandinConfig {
     pub architecture: String,
     /// Length of every vector.
     pub dimensions: usize,
+    /// Further models it serves, with the length of their vectors, as an
+    /// Ollama that has pulled several (`--also-serve NAME=DIMS`): same
+    /// context, faults and compute slot.
+    pub other_models: Vec<(String, usize)>,
     /// The model's context in tokens. As in Ollama, one token is kept for
     /// BOS/EOS, so an input may hold at most `context_length - 1` tokens
     /// (fewer if the request's `options.num_ctx` is smaller).
@@ -113,6 +117,7 @@ impl Default for StandinConfig {
             model: "nomic-embed-text".into(),
             architecture: "nomic-bert".into(),
             dimensions: 768,
+            other_models: Vec::new(),
             context_length: 2048,
             capabilities: Some(vec!["embedding".into()]),
             latency_per_request: Duration::ZERO,
@@ -137,6 +142,13 @@ impl StandinConfig {
         }
         if self.dimensions == 0 {
             return Err("dimensions must be at least 1".into());
+        }
+        for (name, dims) in &self.other_models {
+            if name.trim().is_empty() || *dims == 0 {
+                return Err(format!(
+                    "another model needs a name and at least 1 dimension, got `{name}={dims}`"
+                ));
+            }
         }
         if self.context_length < 2 {
             return Err("context_length must be at least 2 (one token is kept for BOS/EOS)".into());
@@ -169,6 +181,7 @@ pub(crate) struct Shared {
     model: String,
     architecture: String,
     dimensions: usize,
+    other_models: Vec<(String, usize)>,
     context_length: usize,
     capabilities: Option<Vec<String>>,
     tokens: TokenRule,
@@ -214,6 +227,11 @@ impl Standin {
                 model: config.model,
                 architecture: config.architecture,
                 dimensions: config.dimensions.max(1),
+                other_models: config
+                    .other_models
+                    .into_iter()
+                    .map(|(name, dims)| (name, dims.max(1)))
+                    .collect(),
                 context_length: config.context_length.max(2),
                 capabilities: config.capabilities,
                 tokens,

@@ -119,14 +119,15 @@ async fn show(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     if !shared.serves(&model) {
         return error_response(&shared.model_not_found(&model));
     }
-    Json(show_body(&shared)).into_response()
+    let dimensions = shared.dimensions_of(&model).unwrap_or(shared.dimensions);
+    Json(show_body(&shared, dimensions)).into_response()
 }
 
 /// What `/api/show` says about the model: the shape of a real answer, with
 /// the keys a client reads (`general.architecture`,
 /// `<arch>.embedding_length`, `<arch>.context_length`, `capabilities`) set
 /// from the configuration and the rest plausible filler.
-fn show_body(shared: &Shared) -> Value {
+fn show_body(shared: &Shared, dimensions: usize) -> Value {
     let arch = shared.architecture.as_str();
     let mut model_info = Map::new();
     model_info.insert("general.architecture".into(), json!(arch));
@@ -139,7 +140,7 @@ fn show_body(shared: &Shared) -> Value {
         format!("{arch}.context_length"),
         json!(shared.context_length),
     );
-    model_info.insert(format!("{arch}.embedding_length"), json!(shared.dimensions));
+    model_info.insert(format!("{arch}.embedding_length"), json!(dimensions));
     model_info.insert(format!("{arch}.pooling_type"), json!(1));
     model_info.insert("tokenizer.ggml.model".into(), json!("bert"));
 
@@ -666,6 +667,36 @@ mod tests {
         let (status, _) = json_call(&s, Method::POST, "/api/embed", &body.to_string()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(s.stats().outcomes.too_long, 2);
+    }
+
+    #[tokio::test]
+    async fn other_models_answer_with_their_own_dimension() {
+        let s = Standin::new(StandinConfig {
+            dimensions: 8,
+            other_models: vec![("all-minilm".into(), 5)],
+            ..StandinConfig::default()
+        });
+        for (model, dims) in [("nomic-embed-text", 8), ("ALL-MINILM:latest", 5)] {
+            let body = json!({"model": model, "input": ["hello there"]});
+            let (status, v) = json_call(&s, Method::POST, "/api/embed", &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{model}: {v}");
+            assert_eq!(
+                v["embeddings"][0].as_array().map(Vec::len),
+                Some(dims),
+                "{model}"
+            );
+            let body = json!({"model": model});
+            let (status, v) = json_call(&s, Method::POST, "/api/show", &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{model}: {v}");
+            assert_eq!(
+                v["model_info"]["nomic-bert.embedding_length"].as_u64(),
+                Some(dims as u64),
+                "{model}"
+            );
+        }
+        let body = json!({"model": "mxbai-embed-large", "input": ["hello"]});
+        let (status, _) = json_call(&s, Method::POST, "/api/embed", &body.to_string()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use convstore_embed::Embedder as _;
 use convstore_embed::cache::EmbeddingCache;
 use convstore_embed::router::Router;
 use convstore_store::Store;
+use convstore_store::models::ModelId;
 use convstore_store::retention::RetentionPolicy;
 use convstore_telemetry::metrics as m;
 
@@ -71,10 +72,21 @@ impl App {
                 .context("cannot connect to PostgreSQL (database.url)")?,
         );
         store.migrate().await.context("cannot apply migrations")?;
-        store
-            .ensure_vector_column(settings.embedding.dimensions.get())
+        let configured_model = ModelId::new(
+            settings.embedding.model.clone(),
+            settings.embedding.dimensions.get(),
+        );
+        let keep_previous = settings.search.keep_previous()?;
+        let models = store
+            .prepare_vectors(&configured_model, keep_previous)
             .await
             .context("cannot prepare the vector column and HNSW index")?;
+        if models.migrating() && !settings.backfill.enabled {
+            tracing::warn!(
+                "backfill.enabled is false: nothing re-embeds the chunks for the new model, and \
+                 search keeps reading the previous model's vectors until it is turned on"
+            );
+        }
         store
             .ensure_text_index(&settings.search.text_search_language()?)
             .await
@@ -217,6 +229,38 @@ impl App {
             tracing::info!("Searches go to the read replica (database.read_url)");
             replica
         };
+        let previous_lane = match models.previous.as_ref().filter(|_| models.migrating()) {
+            Some(previous) => {
+                let lane = super::embedders::build_previous_lane(settings, &previous.id)?;
+                if lane.is_none() {
+                    tracing::warn!(
+                        previous = %previous.id,
+                        "No HTTP backend is configured to embed queries with the previous model: \
+                         until the new model covers every chunk, semantic search reads its vectors, \
+                         which cover only the chunks re-embedded so far"
+                    );
+                }
+                lane.map(|router| {
+                    convstore_embed::query::QueryEmbedder::new(
+                        Arc::new(router),
+                        ctx.cache.clone(),
+                        &previous.id.model,
+                        previous.id.dimensions,
+                    )
+                })
+            }
+            None => None,
+        };
+        let (model_state, model_watch) = watch::channel(models);
+        background.spawn(crate::model_task::run(
+            crate::model_task::ModelTask {
+                store: store.clone(),
+                configured: configured_model,
+                keep: keep_previous,
+                state: model_state,
+            },
+            stop_background.clone(),
+        ));
         let search = SearchService::new(
             convstore_embed::query::QueryEmbedder::new(
                 Arc::new(search_embedder),
@@ -230,7 +274,8 @@ impl App {
             )
             .with_language(settings.search.text_search_language()?),
             &settings.search,
-        );
+        )
+        .with_models(model_watch, previous_lane);
         let ingress = Arc::new(
             IngressState::new(settings, queue.clone(), store.clone(), metrics)
                 .with_journal(journal.as_ref().map(|(j, _)| j.clone()))

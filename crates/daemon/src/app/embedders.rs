@@ -78,14 +78,24 @@ fn build_backend(
     backend: &crate::config::BackendSettings,
 ) -> anyhow::Result<(Arc<dyn Embedder>, Arc<dyn Embedder>)> {
     let config = ClientConfig::from_settings(&settings.embedding, backend);
-    let shared = |client: Arc<dyn Embedder>| Ok((client.clone(), client));
-    match backend.kind {
-        BackendKind::Ollama => shared(Arc::new(OllamaBackend::new(
-            &backend.name,
-            &backend.url,
-            settings.embedding.model_for(backend),
-            config,
-        )?)),
+    let model = settings.embedding.model_for(backend);
+    match http_client(i, backend, &backend.name, model, config)? {
+        Some(client) => Ok((client.clone(), client)),
+        None => builtin_backend(settings, backend),
+    }
+}
+
+/// The HTTP client of backend `i` (Ollama or OpenAI-compatible) under
+/// `name`, embedding with `model`; `None` for a builtin backend.
+fn http_client(
+    i: usize,
+    backend: &crate::config::BackendSettings,
+    name: &str,
+    model: &str,
+    config: ClientConfig,
+) -> anyhow::Result<Option<Arc<dyn Embedder>>> {
+    let client: Arc<dyn Embedder> = match backend.kind {
+        BackendKind::Ollama => Arc::new(OllamaBackend::new(name, &backend.url, model, config)?),
         BackendKind::Openai => {
             let key = if backend.api_key_env.is_empty() {
                 None
@@ -100,17 +110,51 @@ fn build_backend(
                     ),
                 }
             };
-            shared(Arc::new(OpenAiBackend::new(
-                &backend.name,
+            Arc::new(OpenAiBackend::new(
+                name,
                 &backend.url,
-                settings.embedding.model_for(backend),
+                model,
                 key.as_deref(),
                 backend.encoding_format,
                 config,
-            )?))
+            )?)
         }
-        BackendKind::Builtin => builtin_backend(settings, backend),
+        BackendKind::Builtin => return Ok(None),
+    };
+    Ok(Some(client))
+}
+
+/// Suffix of the backend names of the previous model's query lane.
+const PREVIOUS_SUFFIX: &str = ":previous";
+
+/// The query lane of the previous model while a change of model
+/// re-embeds (docs/SEARCH.md "Changing the model"): every configured HTTP
+/// backend asked for the previous model by name (an Ollama or
+/// OpenAI-compatible server serves each model it has), under the name
+/// `<backend>:previous`. `None` when no backend is an HTTP one (the builtin
+/// serves one model); search then reads the new model's vectors.
+pub(super) fn build_previous_lane(
+    settings: &Settings,
+    previous: &convstore_store::models::ModelId,
+) -> anyhow::Result<Option<Router>> {
+    let mut clients = Vec::new();
+    for (i, backend) in settings.embedding.backends.iter().enumerate() {
+        let mut config = ClientConfig::from_settings(&settings.embedding, backend);
+        config.dimensions = previous.dimensions;
+        let name = format!("{}{PREVIOUS_SUFFIX}", backend.name);
+        if let Some(client) = http_client(i, backend, &name, &previous.model, config)? {
+            clients.push((client, backend));
+        }
     }
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(convstore_embed::query::search_router(
+        &settings.embedding,
+        Duration::from_millis(settings.search.timeout_ms.get()),
+        settings.search.backend_in_flight.get(),
+        clients,
+    )))
 }
 
 /// The builtin model (`kind = "builtin"`), with inference threads of its

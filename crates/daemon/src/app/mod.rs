@@ -133,7 +133,13 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
         .with_partitions(settings.database.partitions);
         store.migrate().await?;
         store
-            .ensure_vector_column(settings.embedding.dimensions.get())
+            .prepare_vectors(
+                &convstore_store::models::ModelId::new(
+                    settings.embedding.model.clone(),
+                    settings.embedding.dimensions.get(),
+                ),
+                settings.search.keep_previous()?,
+            )
             .await?;
         store
             .ensure_text_index(&settings.search.text_search_language()?)

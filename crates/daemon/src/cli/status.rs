@@ -314,6 +314,22 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
             let _ = writeln!(o, "PENDING    (not sampled yet)");
         }
     }
+    for m in &s.models {
+        let _ = writeln!(
+            o,
+            "MODEL      {:<8} {} ({} dims): {} vectors, coverage {}{}{}",
+            m.role,
+            m.model,
+            m.dimensions,
+            int(m.vectors),
+            percent(Some(m.coverage)),
+            m.pending
+                .filter(|n| *n > 0)
+                .map(|n| format!(", {} pending", int(n)))
+                .unwrap_or_default(),
+            if m.searched { ", searched" } else { "" },
+        );
+    }
     let t = &s.totals;
     let _ = writeln!(
         o,
@@ -459,6 +475,26 @@ mod tests {
         let stats = Stats::new(Instant::now());
         stats.record_stage(Stage::Embed, 0.3);
         stats.backend("ollama-1").set_up(0.0);
+        stats.set_models(vec![
+            convstore_telemetry::stats::ModelView {
+                model: "mxbai-embed-large".into(),
+                dimensions: 1024,
+                role: "current".into(),
+                searched: false,
+                coverage: 0.25,
+                vectors: 250,
+                pending: Some(750),
+            },
+            convstore_telemetry::stats::ModelView {
+                model: "all-minilm".into(),
+                dimensions: 384,
+                role: "previous".into(),
+                searched: true,
+                coverage: 1.0,
+                vectors: 1000,
+                pending: None,
+            },
+        ]);
         let snap = stats.snapshot(LiveQueue {
             depth: 60,
             capacity: 100,
@@ -478,6 +514,8 @@ mod tests {
             "ollama-1",
             "DOWN",
             "BOTTLENECK –",
+            "MODEL      current  mxbai-embed-large (1024 dims): 250 vectors, coverage 25.0 %, 750 pending",
+            "MODEL      previous all-minilm (384 dims): 1,000 vectors, coverage 100.0 %, searched",
             "TOTALS",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");

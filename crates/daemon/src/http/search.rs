@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use crate::config::SearchSettings;
 use convstore_embed::EmbedError;
 use convstore_embed::query::QueryEmbedder;
+use convstore_store::models::{ModelState, VectorSet};
 use convstore_store::search::{
     ConversationText, LexicalHit, LexicalQuery, MAX_EF_SEARCH, MatchedChunk, SearchFilter,
     SearchHit, SearchMode, SearchPlan, SearchQuery, Searcher,
@@ -84,6 +85,13 @@ impl Mode {
 /// What a search needs: the query lane, the store, and the limits.
 pub struct SearchService {
     embedder: QueryEmbedder,
+    /// While a change of model re-embeds: the query lane of the previous
+    /// model, whose vectors search reads until the new model covers every
+    /// chunk (docs/SEARCH.md "Changing the model").
+    previous: Option<QueryEmbedder>,
+    /// Which model's vectors search reads, kept up to date by the model
+    /// task (`model_task`).
+    models: Option<tokio::sync::watch::Receiver<ModelState>>,
     searcher: Searcher,
     slots: Semaphore,
     default_ef_search: u32,
@@ -95,6 +103,8 @@ impl SearchService {
     pub fn new(embedder: QueryEmbedder, searcher: Searcher, settings: &SearchSettings) -> Self {
         Self {
             embedder,
+            previous: None,
+            models: None,
             searcher,
             slots: Semaphore::new(settings.max_concurrent.get()),
             default_ef_search: settings.ef_search.get().min(MAX_EF_SEARCH),
@@ -103,8 +113,31 @@ impl SearchService {
         }
     }
 
+    /// Searches follow `models`: the previous model's vectors (queries
+    /// embedded by `previous`) while a change of model re-embeds.
+    pub fn with_models(
+        mut self,
+        models: tokio::sync::watch::Receiver<ModelState>,
+        previous: Option<QueryEmbedder>,
+    ) -> Self {
+        self.models = Some(models);
+        self.previous = previous;
+        self
+    }
+
     pub fn model(&self) -> &str {
         self.embedder.model()
+    }
+
+    /// The previous model's query lane when search reads its vectors now.
+    fn previous_lane(&self) -> Option<&QueryEmbedder> {
+        let models = self.models.as_ref()?.borrow();
+        let previous = models.previous.as_ref()?;
+        let lane = self.previous.as_ref()?;
+        (models.migrating()
+            && lane.model() == previous.id.model
+            && lane.dimensions() == previous.id.dimensions)
+            .then_some(lane)
     }
 
     /// Runs one validated search within the deadline.
@@ -191,7 +224,10 @@ impl SearchService {
         let semantic_db = semantic.as_ref().map_or(0.0, |s| s.db_seconds);
         let lexical_db = lexical.as_ref().map_or(0.0, |(_, secs)| *secs);
         Ok(SearchResponse {
-            model: self.embedder.model().to_string(),
+            model: semantic
+                .as_ref()
+                .map_or_else(|| self.embedder.model().to_string(), |s| s.model.clone()),
+            vectors: semantic.as_ref().map(|s| s.vectors),
             mode: request.mode,
             k: request.k,
             count: results.len(),
@@ -216,14 +252,49 @@ impl SearchService {
         })
     }
 
-    /// Embeds the query and finds the `depth` nearest conversations.
+    /// Embeds the query and finds the `depth` nearest conversations: in
+    /// the previous model's vectors while a change of model re-embeds,
+    /// else (or when no backend embeds with the previous model) in the
+    /// current model's. A change of model never fails a search.
     async fn semantic(
         &self,
         request: &SearchRequest,
         depth: usize,
     ) -> Result<Semantic, SemanticError> {
+        if let Some(previous) = self.previous_lane() {
+            match self
+                .semantic_in(previous, VectorSet::Previous, request, depth)
+                .await
+            {
+                Err(SemanticError::Embed(ApiError::Unavailable(reason))) => {
+                    let mut found = self
+                        .semantic_in(&self.embedder, VectorSet::Current, request, depth)
+                        .await?;
+                    found.plan.note = format!(
+                        "the previous model `{}` could not embed the query ({reason}): the new \
+                         model's vectors answered, which do not cover every chunk yet; {}",
+                        previous.model(),
+                        found.plan.note
+                    );
+                    return Ok(found);
+                }
+                other => return other,
+            }
+        }
+        self.semantic_in(&self.embedder, VectorSet::Current, request, depth)
+            .await
+    }
+
+    /// The query embedded by `lane`, searched in `vectors` (of that model).
+    async fn semantic_in(
+        &self,
+        lane: &QueryEmbedder,
+        vectors: VectorSet,
+        request: &SearchRequest,
+        depth: usize,
+    ) -> Result<Semantic, SemanticError> {
         let embed_started = Instant::now();
-        let embedding = self.embedder.embed(&request.query);
+        let embedding = lane.embed(&request.query);
         let query = if request.mode == Mode::Hybrid {
             match tokio::time::timeout(self.timeout / 2, embedding).await {
                 Ok(result) => result.map_err(|e| SemanticError::Embed(embed_error(e)))?,
@@ -257,6 +328,7 @@ impl SearchService {
                 } else {
                     SearchMode::Auto
                 },
+                vectors,
             })
             .await
             .map_err(|e| SemanticError::Other(ApiError::from(e)))?;
@@ -264,12 +336,15 @@ impl SearchService {
         metrics::histogram!(m::SEARCH_DATABASE_SECONDS).record(db_seconds);
         metrics::counter!(m::SEARCH_STRATEGY, label::STRATEGY => outcome.plan.strategy.as_str())
             .increment(1);
+        metrics::counter!(m::SEARCH_VECTORS, label::VECTORS => vectors.as_str()).increment(1);
         Ok(Semantic {
             hits: outcome.hits,
             plan: outcome.plan,
             cached: query.cached,
             embed_seconds,
             db_seconds,
+            model: lane.model().to_string(),
+            vectors,
         })
     }
 
@@ -305,6 +380,9 @@ struct Semantic {
     cached: bool,
     embed_seconds: f64,
     db_seconds: f64,
+    /// The model that embedded the query, whose vectors answered.
+    model: String,
+    vectors: VectorSet,
 }
 
 /// Why the semantic list is missing: the query could not be embedded, or
@@ -843,8 +921,15 @@ pub struct Fusion {
 /// The answer.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SearchResponse {
-    /// The embedding model (of the semantic list).
+    /// The embedding model whose vectors answered the semantic list (the
+    /// configured model, or the previous one while a change of model
+    /// re-embeds); the configured model when no semantic list ran.
     pub model: String,
+    /// Whose vectors answered the semantic list: `current` (the
+    /// configured model's) or `previous` (while a change of model
+    /// re-embeds); absent when no semantic list ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vectors: Option<VectorSet>,
     pub mode: Mode,
     pub k: usize,
     /// Results returned: `k`, unless fewer conversations match.
