@@ -494,6 +494,10 @@ pub struct SearchSettings {
     /// `"until-next-start"` (dropped by the next start), or a duration
     /// (`"1h"`, `"7d"`; dropped by the running daemon).
     pub keep_previous_model: String,
+    /// Matching chunks a lexical search ranks at most: a query of common
+    /// words matches a large share of the chunks, and ranking reads each
+    /// one's text; past this many, the first the index gives are ranked.
+    pub lexical_max_matches: NonZeroUsize,
 }
 
 impl Default for SearchSettings {
@@ -507,6 +511,7 @@ impl Default for SearchSettings {
             language: "simple".into(),
             rrf_k: const { nz_u32(60) },
             keep_previous_model: KEEP_UNTIL_NEXT_START.into(),
+            lexical_max_matches: const { nz_usize(convstore_store::search::DEFAULT_LEXICAL_MAX_MATCHES) },
         }
     }
 }

@@ -26,10 +26,10 @@ use convstore_core::model::{ChunkVector, EmbeddedChunk, ReadyConversation};
 use convstore_core::validate::{Limits, conversation_from_value};
 use convstore_standin::standin_vector;
 use convstore_store::Store;
-use convstore_store::schema::HNSW_INDEX;
+use convstore_store::schema::{HNSW_INDEX, TEXT_INDEX};
 use convstore_store::search::{
     SearchFilter, SearchHit, SearchMode, SearchOutcome, SearchQuery, Searcher, Strategy,
-    explain_index_round,
+    explain_index_round, explain_lexical,
 };
 use serde_json::{Value, json};
 use support::cluster::{TestCluster, require_setup};
@@ -319,6 +319,27 @@ async fn hnsw_recall_at_10_against_exact_search_on_the_sample() {
     assert!(
         indexes.iter().any(|name| plan.contains(name.as_str())),
         "not an index scan:\n{plan}"
+    );
+    // And lexical search reads the GIN index, not every chunk's text.
+    let plan = explain_lexical(
+        &searcher,
+        "book a flight to Seattle",
+        K,
+        &SearchFilter::default(),
+    )
+    .await
+    .expect("explain lexical");
+    let text_indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT $1::text UNION ALL \
+         SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = to_regclass($1)",
+    )
+    .bind(TEXT_INDEX)
+    .fetch_all(store.pool())
+    .await
+    .expect("index names");
+    assert!(
+        text_indexes.iter().any(|name| plan.contains(name.as_str())),
+        "lexical search does not use the full-text index:\n{plan}"
     );
 
     let texts = queries(&data, 150);

@@ -1,6 +1,6 @@
 -- The partitioned layout of `database.partitions = N` (docs/STORAGE.md):
 -- `conversations` and `conversation_chunks` as they stand after the
--- migrations up to 0006, `PARTITION BY HASH (user_id)`. `store::layout`
+-- migrations up to 0008, `PARTITION BY HASH (user_id)`. `store::layout`
 -- runs this on an empty database after the migrations, in place of the
 -- plain tables they created, then creates the N partitions of each.
 --
@@ -64,6 +64,8 @@ CREATE TABLE conversation_chunks (
     embed_attempts   integer     NOT NULL DEFAULT 0 CHECK (embed_attempts >= 0),
     next_attempt_at  timestamptz,
     user_id          text        NOT NULL,
+    content_tsv      tsvector
+        GENERATED ALWAYS AS (to_tsvector('simple'::regconfig, content)) STORED,
     CHECK ((embedding_status = 'embedded') = (embedding IS NOT NULL)),
     CONSTRAINT conversation_chunks_pkey PRIMARY KEY (user_id, conversation_id, seq),
     CONSTRAINT conversation_chunks_conversation_fkey FOREIGN KEY (user_id, conversation_id)
@@ -75,4 +77,4 @@ CREATE INDEX conversation_chunks_pending_idx ON conversation_chunks (conversatio
 CREATE INDEX conversation_chunks_failed_idx ON conversation_chunks (conversation_id, seq)
     WHERE embedding_status = 'failed';
 CREATE INDEX conversation_chunks_content_fts_idx
-    ON conversation_chunks USING gin (to_tsvector('simple'::regconfig, content));
+    ON conversation_chunks USING gin (content_tsv);

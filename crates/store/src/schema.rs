@@ -86,8 +86,8 @@ pub async fn ensure_vector_column(pool: &PgPool, dims: usize) -> Result<(), Stor
     Ok(())
 }
 
-/// Name of the GIN full-text index on `conversation_chunks.content`
-/// (migration 0006; rebuilt here for another `search.language`).
+/// Name of the GIN full-text index on `conversation_chunks.content_tsv`
+/// (migration 0008; rebuilt here for another `search.language`).
 pub const TEXT_INDEX: &str = "conversation_chunks_content_fts_idx";
 
 /// Makes the full-text index of lexical search use the text search
@@ -96,9 +96,10 @@ pub const TEXT_INDEX: &str = "conversation_chunks_content_fts_idx";
 /// configuration, (re)builds it. Same transaction and advisory lock as
 /// [`ensure_vector_column`], so instances starting together do it once.
 ///
-/// The index is an expression index, `to_tsvector('<language>'::regconfig,
-/// content)`: lexical search repeats that expression exactly
-/// ([`crate::search::TextSearchLanguage::tsvector`]) so the planner uses it.
+/// The index is on the stored column `content_tsv`, generated as
+/// `to_tsvector('<language>'::regconfig, content)`
+/// ([`crate::search::TextSearchLanguage::tsvector`]); another language
+/// regenerates the column (a rewrite of the chunks) and the index.
 pub async fn ensure_text_index(
     pool: &PgPool,
     language: &crate::search::TextSearchLanguage,
@@ -124,26 +125,45 @@ pub async fn ensure_text_index(
             available.join(", ")
         )));
     }
-    let definition: Option<String> = sqlx::query_scalar("SELECT pg_get_indexdef(to_regclass($1))")
+    // The stored column's generation expression (migration 0008).
+    let expression: Option<String> = sqlx::query_scalar(
+        "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
+         JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+         WHERE d.adrelid = 'conversation_chunks'::regclass AND a.attname = 'content_tsv' \
+           AND NOT a.attisdropped",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let wanted = format!("to_tsvector('{}'::regconfig", language.as_str());
+    let current = expression.as_deref().is_some_and(|e| e.contains(&wanted));
+    let indexed: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(TEXT_INDEX)
         .fetch_one(&mut *tx)
         .await?;
-    let wanted = format!("to_tsvector('{}'::regconfig", language.as_str());
-    let current = definition.as_deref().is_some_and(|d| d.contains(&wanted));
     if !current {
         tracing::info!(
-            index = TEXT_INDEX,
             language = language.as_str(),
-            "Building the full-text index on conversation_chunks.content"
+            "Regenerating conversation_chunks.content_tsv and its full-text index for search.language"
         );
+        // PostgreSQL 16 cannot change a generation expression in place:
+        // the column is dropped and added again (one rewrite).
+        for ddl in [
+            format!("DROP INDEX IF EXISTS {TEXT_INDEX}"),
+            "ALTER TABLE conversation_chunks DROP COLUMN IF EXISTS content_tsv".to_string(),
+            format!(
+                "ALTER TABLE conversation_chunks ADD COLUMN content_tsv tsvector \
+                 GENERATED ALWAYS AS ({}) STORED",
+                language.tsvector("content")
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(ddl))
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    if !current || !indexed {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP INDEX IF EXISTS {TEXT_INDEX}"
-        )))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE INDEX {TEXT_INDEX} ON conversation_chunks USING gin ({})",
-            language.tsvector("content")
+            "CREATE INDEX {TEXT_INDEX} ON conversation_chunks USING gin (content_tsv)"
         )))
         .execute(&mut *tx)
         .await?;

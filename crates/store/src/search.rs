@@ -137,6 +137,10 @@ impl SearchFilter {
     }
 }
 
+/// `search.lexical_max_matches`'s default: chunks a lexical search ranks
+/// at most.
+pub const DEFAULT_LEXICAL_MAX_MATCHES: usize = 2_000;
+
 /// How to search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SearchMode {
@@ -300,6 +304,8 @@ pub struct Searcher {
     capabilities: OnceCell<IndexCapabilities>,
     /// Text search configuration of lexical search (`search.language`).
     language: TextSearchLanguage,
+    /// Chunks a lexical search ranks at most (`search.lexical_max_matches`).
+    lexical_max_matches: usize,
 }
 
 impl Searcher {
@@ -309,7 +315,14 @@ impl Searcher {
             exact_threshold,
             capabilities: OnceCell::new(),
             language: TextSearchLanguage::default(),
+            lexical_max_matches: DEFAULT_LEXICAL_MAX_MATCHES,
         }
+    }
+
+    /// Lexical search ranks at most `n` matching chunks (at least 1).
+    pub fn with_lexical_max_matches(mut self, n: usize) -> Self {
+        self.lexical_max_matches = n.max(1);
+        self
     }
 
     /// Lexical search with this text search configuration (the full-text
@@ -474,7 +487,14 @@ impl Searcher {
         }
         let mut tx = self.store.pool().begin().await?;
         sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
-        let mut qb = lexical_query("", &self.language, q.query, q.k, q.filter);
+        let mut qb = lexical_query(
+            "",
+            &self.language,
+            q.query,
+            q.k,
+            q.filter,
+            self.lexical_max_matches,
+        );
         let rows = qb.build().fetch_all(&mut *tx).await?;
         tx.commit().await?;
         rows.iter().map(lexical_hit_from_row).collect()
@@ -616,20 +636,33 @@ fn lexical_query(
     query: &str,
     k: usize,
     filter: &SearchFilter,
+    max_matches: usize,
 ) -> QueryBuilder<Postgres> {
-    let tsvector = language.tsvector("k.content");
     let lang = language.as_str();
+    // The tsquery is written out where it is used: `content_tsv @@
+    // <expression of parameters>` is an index condition for the GIN index
+    // on the stored column (migration 0008), and ranking reads the stored
+    // tsvector instead of parsing the text again. The conversation is
+    // joined only for a filter.
+    let tsquery = format!("websearch_to_tsquery('{lang}'::regconfig, ");
     let mut qb = QueryBuilder::<Postgres>::new(format!(
-        "{prefix}WITH q AS MATERIALIZED (SELECT websearch_to_tsquery('{lang}'::regconfig, "
+        "{prefix}WITH matches AS MATERIALIZED (SELECT k.conversation_id, k.user_id, k.seq, \
+         ts_rank_cd(k.content_tsv, {tsquery}"
     ));
-    qb.push_bind(query.to_string()).push(format!(
-        ") AS q), matches AS MATERIALIZED (SELECT k.conversation_id, k.user_id, k.seq, \
-         ts_rank_cd({tsvector}, q.q) AS rank FROM q CROSS JOIN conversation_chunks k \
-         JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id \
-         WHERE {tsvector} @@ q.q"
-    ));
+    qb.push_bind(query.to_string())
+        .push(")) AS rank FROM conversation_chunks k");
+    if !filter.is_empty() {
+        qb.push(" JOIN conversations c ON c.user_id = k.user_id AND c.id = k.conversation_id");
+    }
+    qb.push(format!(" WHERE k.content_tsv @@ {tsquery}"));
+    qb.push_bind(query.to_string()).push(")");
     filter.push_chunk_user(&mut qb);
     filter.push_conditions(&mut qb);
+    // Ranking reads every matching chunk's text again: a query of common
+    // words matches a large share of the chunks, so at most `max_matches`
+    // are ranked (the first the index gives), which bounds its latency.
+    qb.push(" LIMIT ")
+        .push_bind(i64::try_from(max_matches).unwrap_or(i64::MAX));
     qb.push(
         "), best AS (SELECT DISTINCT ON (conversation_id) conversation_id, user_id, seq, rank \
          FROM matches ORDER BY conversation_id, rank DESC, seq) \
@@ -653,10 +686,17 @@ pub async fn explain_lexical(
     k: usize,
     filter: &SearchFilter,
 ) -> Result<String, StoreError> {
-    let rows = lexical_query("EXPLAIN ", &searcher.language, query, k, filter)
-        .build()
-        .fetch_all(searcher.store.pool())
-        .await?;
+    let rows = lexical_query(
+        "EXPLAIN ",
+        &searcher.language,
+        query,
+        k,
+        filter,
+        searcher.lexical_max_matches,
+    )
+    .build()
+    .fetch_all(searcher.store.pool())
+    .await?;
     plan_text(&rows)
 }
 

@@ -272,7 +272,8 @@ impl App {
                 search_store,
                 settings.search.exact_threshold.get(),
             )
-            .with_language(settings.search.text_search_language()?),
+            .with_language(settings.search.text_search_language()?)
+            .with_lexical_max_matches(settings.search.lexical_max_matches.get()),
             &settings.search,
         )
         .with_models(model_watch, previous_lane);
