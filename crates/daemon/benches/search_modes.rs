@@ -30,7 +30,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -39,9 +39,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::daemon::{Daemon, Standin, Workspace, connect_db};
+use support::labels::{K, MODES, id_of, labels, measure, render};
 
-const MODES: [&str; 3] = ["semantic", "lexical", "hybrid"];
-const K: usize = 10;
 /// The stand-in's models for phases 2 and 3: name and dimension.
 const MODEL_A: (&str, usize) = ("bench-model-a", 384);
 const MODEL_B: (&str, usize) = ("bench-model-b", 256);
@@ -98,192 +97,6 @@ async fn run() {
 
 // ---------------------------------------------------------------- phase 1
 
-/// A topic: the words that label a conversation as being about it, and
-/// queries about it that use none of them.
-struct Topic {
-    name: &'static str,
-    markers: &'static [&'static str],
-    queries: &'static [&'static str],
-}
-
-const TOPICS: &[Topic] = &[
-    Topic {
-        name: "flights",
-        markers: &["flight", "airline"],
-        queries: &[
-            "I need a plane ticket to Chicago for next Tuesday",
-            "book me an economy seat to Seattle on Friday",
-            "which carrier departs for New York in the morning",
-        ],
-    },
-    Topic {
-        name: "restaurants",
-        markers: &["restaurant"],
-        queries: &[
-            "reserve a table for dinner tonight",
-            "somewhere to eat Italian food nearby",
-            "book a table for four people at a sushi place",
-        ],
-    },
-    Topic {
-        name: "hotels",
-        markers: &["hotel"],
-        queries: &[
-            "I need a room to stay for three nights",
-            "find accommodation with a pool downtown",
-        ],
-    },
-    Topic {
-        name: "weather",
-        markers: &["weather"],
-        queries: &[
-            "will it rain tomorrow in San Francisco",
-            "how hot is it going to be this weekend",
-        ],
-    },
-    Topic {
-        name: "movies",
-        markers: &["movie", "film"],
-        queries: &[
-            "what is playing at the cinema this weekend",
-            "I want to watch something at the theater tonight",
-        ],
-    },
-    Topic {
-        name: "buses",
-        markers: &["bus"],
-        queries: &["coach tickets to Los Angeles for two adults"],
-    },
-    Topic {
-        name: "homes",
-        markers: &["apartment"],
-        queries: &["looking for a place to live with two bedrooms"],
-    },
-    Topic {
-        name: "doctors",
-        markers: &["dentist"],
-        queries: &["I need to get my teeth cleaned"],
-    },
-];
-
-/// A labelled query and the conversations that answer it.
-struct Labelled {
-    class: &'static str,
-    query: String,
-    relevant: HashSet<String>,
-}
-
-fn text_of(c: &Value) -> String {
-    c["messages"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| m["content"].as_str().unwrap_or_default())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
-}
-
-fn id_of(c: &Value) -> String {
-    c["id"].as_str().unwrap_or_default().to_string()
-}
-
-/// Topic queries (conversations carrying one topic's markers and no other
-/// topic's; or the generator's `metadata.domain`) and entity queries.
-fn labels(data: &[Value]) -> Vec<Labelled> {
-    let texts: Vec<(String, String)> = data
-        .iter()
-        .map(|c| (id_of(c), text_of(c).to_lowercase()))
-        .collect();
-    let mut out = Vec::new();
-    for topic in TOPICS {
-        let relevant: HashSet<String> = data
-            .iter()
-            .zip(&texts)
-            .filter(|(c, (_, text))| match c["metadata"]["domain"].as_str() {
-                Some(domain) => domain == topic.name,
-                None => {
-                    let has = |t: &Topic| t.markers.iter().any(|m| text.contains(m));
-                    has(topic)
-                        && TOPICS
-                            .iter()
-                            .filter(|t| t.name != topic.name)
-                            .all(|t| !has(t))
-                }
-            })
-            .map(|(_, (id, _))| id.clone())
-            .collect();
-        if relevant.len() < K {
-            continue;
-        }
-        for query in topic.queries {
-            out.push(Labelled {
-                class: "topic",
-                query: (*query).to_string(),
-                relevant: relevant.clone(),
-            });
-        }
-    }
-    // Names: two or three capitalised words inside a sentence, found in one
-    // to three conversations.
-    let mut frequency: HashMap<String, (String, HashSet<String>)> = HashMap::new();
-    for c in data {
-        let text = text_of(c);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        for i in 1..words.len() {
-            if words[i - 1].ends_with(['.', '!', '?', ':']) {
-                continue;
-            }
-            for len in [2usize, 3] {
-                let Some(run) = words.get(i..i + len) else {
-                    continue;
-                };
-                let clean: Vec<&str> = run
-                    .iter()
-                    .map(|w| w.trim_end_matches([',', '.', '!', '?', ';', ':']))
-                    .collect();
-                let capitalised = clean.iter().all(|w| {
-                    let mut chars = w.chars();
-                    chars.next().is_some_and(char::is_uppercase)
-                        && w.len() >= 3
-                        && chars.all(char::is_lowercase)
-                });
-                // A run whose words end a sentence inside it is not a name.
-                let inside = run[..len - 1]
-                    .iter()
-                    .all(|w| !w.ends_with(['.', ',', '!', '?']));
-                if capitalised && inside {
-                    let name = clean.join(" ");
-                    frequency
-                        .entry(name.to_lowercase())
-                        .or_insert_with(|| (name, HashSet::new()))
-                        .1
-                        .insert(id_of(c));
-                }
-            }
-        }
-    }
-    let mut names: Vec<(String, HashSet<String>)> = frequency
-        .into_values()
-        .filter(|(name, ids)| (1..=3).contains(&ids.len()) && name.len() >= 9)
-        .collect();
-    // A deterministic spread, not the alphabet's first.
-    names.sort_by_key(|(name, _)| {
-        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        })
-    });
-    for (name, ids) in names.into_iter().take(40) {
-        out.push(Labelled {
-            class: "entity",
-            query: name,
-            relevant: ids,
-        });
-    }
-    out
-}
-
 async fn quality(data: &[Value], source: &str) {
     support::cluster::require_setup();
     let ws = Workspace::new();
@@ -310,40 +123,8 @@ async fn quality(data: &[Value], source: &str) {
         started.elapsed().as_secs_f64()
     );
     let labelled = labels(data);
-    let mut table: BTreeMap<(&str, &str), (f64, usize)> = BTreeMap::new();
-    for l in &labelled {
-        for mode in MODES {
-            let found = search(&http, &base, &l.query, mode).await;
-            let ids: Vec<String> = found["results"]
-                .as_array()
-                .map(|r| {
-                    r.iter()
-                        .map(|h| h["id"].as_str().unwrap_or_default().to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let hits = ids.iter().filter(|id| l.relevant.contains(*id)).count();
-            let recall = hits as f64 / l.relevant.len().min(K) as f64;
-            let entry = table.entry((l.class, mode)).or_default();
-            entry.0 += recall;
-            entry.1 += 1;
-        }
-    }
-    println!("recall@{K} | semantic | lexical | hybrid | queries");
-    for class in ["topic", "entity"] {
-        let cell = |mode| {
-            table
-                .get(&(class, mode))
-                .map_or(f64::NAN, |(sum, n)| sum / *n as f64)
-        };
-        let n = table.get(&(class, "hybrid")).map_or(0, |(_, n)| *n);
-        println!(
-            "{class} | {:.3} | {:.3} | {:.3} | {n}",
-            cell("semantic"),
-            cell("lexical"),
-            cell("hybrid")
-        );
-    }
+    let table = measure(&http, &base, &labelled).await;
+    print!("{}", render(&table));
     daemon.terminate(Duration::from_secs(60));
 }
 
@@ -587,18 +368,42 @@ async fn migrate(
 
 // ---------------------------------------------------------------- helpers
 
+/// Posts every conversation in batches of 200, two at a time; items a full
+/// queue refused (a batch answer lists them, `status: "rejected"`) are sent
+/// again after a pause.
 async fn load(http: &reqwest::Client, base: &str, conversations: Vec<Value>) {
     let batches: Vec<Vec<Value>> = conversations.chunks(200).map(<[Value]>::to_vec).collect();
     futures::stream::iter(batches)
         .map(|batch| {
             let (http, url) = (http.clone(), format!("{base}/v1/conversations/batch"));
             async move {
-                loop {
+                let mut batch = batch;
+                while !batch.is_empty() {
                     let resp = http.post(&url).json(&batch).send().await.unwrap();
-                    match resp.status().as_u16() {
-                        202 => return,
-                        429 | 503 => tokio::time::sleep(Duration::from_millis(200)).await,
-                        other => panic!("batch: {other} {}", resp.text().await.unwrap_or_default()),
+                    let status = resp.status().as_u16();
+                    let answer: Value = resp.json().await.unwrap_or_default();
+                    let refused: Vec<usize> = answer["results"]
+                        .as_array()
+                        .map(|r| {
+                            r.iter()
+                                .filter(|item| item["status"] == "rejected")
+                                .filter_map(|item| item["index"].as_u64())
+                                .map(|i| i as usize)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    match status {
+                        202 if refused.is_empty() => return,
+                        202 | 429 | 503 => {
+                            if status == 202 {
+                                batch = refused
+                                    .iter()
+                                    .filter_map(|&i| batch.get(i).cloned())
+                                    .collect();
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        other => panic!("batch: {other} {answer}"),
                     }
                 }
             }

@@ -111,6 +111,9 @@ pub struct ServerSettings {
     /// Request bodies held in memory by all requests together; past it a
     /// request gets 503 `bodies_full` with `Retry-After`.
     pub max_buffered_body_bytes: NonZeroUsize,
+    /// Threads of the acknowledgement path (accept, parse, validate,
+    /// enqueue, answer), apart from the pipeline's; 0 = one per core.
+    pub ingress_threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -127,6 +130,7 @@ impl Default for ServerSettings {
             body_timeout_ms: const { nz_u64(30_000) },
             idle_timeout_ms: const { nz_u64(60_000) },
             max_buffered_body_bytes: const { nz_usize(64 << 20) },
+            ingress_threads: 0,
         }
     }
 }
@@ -191,13 +195,31 @@ impl Default for BatchSettings {
 pub struct PipelineSettings {
     /// Batches embedded and stored concurrently.
     pub workers: NonZeroUsize,
+    /// Nice value (1 to 19) of the pipeline's threads, which also run
+    /// under `SCHED_BATCH`, and of a managed PostgreSQL: the acknowledgement
+    /// path keeps the CPU when storage saturates the machine. 0 = one
+    /// runtime at one priority.
+    pub nice: u8,
 }
 
 impl Default for PipelineSettings {
     fn default() -> Self {
         Self {
             workers: const { nz_usize(4) },
+            nice: 10,
         }
+    }
+}
+
+impl PipelineSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.nice > 19 {
+            return Err(ConfigError::invalid(
+                "pipeline.nice",
+                format!("{} is above 19, the lowest priority there is", self.nice),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -627,6 +649,7 @@ impl Settings {
     /// Checks that serde cannot express: addresses, modes, relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.search.validate()?;
+        self.pipeline.validate()?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must not be empty"));
         }
@@ -880,6 +903,7 @@ impl Settings {
         ManagedClusterSettings {
             database: self.database.clone(),
             cluster_dir: self.managed_cluster_dir(),
+            nice: self.pipeline.nice,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod model_task;
 pub mod pipeline;
 pub mod queue;
 pub mod retention_task;
+pub mod runtimes;
 pub mod stamp;
 pub mod systemd;
 pub mod telemetry_task;

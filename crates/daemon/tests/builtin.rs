@@ -708,3 +708,79 @@ async fn daemon_stores_conversations_with_builtin_vectors_by_default() {
     let mut daemon = daemon;
     assert!(daemon.terminate(Duration::from_secs(60)).success());
 }
+
+/// Search modes with real meaning (issue 20): on sample conversations
+/// embedded by the builtin model, topic queries worded without the
+/// topic's words (support::labels) are found by meaning and not by words,
+/// so hybrid does at least as well as semantic there and lexical alone
+/// worse; names found in one to three conversations are found by words,
+/// and hybrid keeps most of them (reciprocal rank fusion interleaves the
+/// semantic list's guesses, which can push a relevant conversation the
+/// words ranked past 10th out). The full table, on the whole sample:
+/// `cargo bench --bench search_modes` (docs/SEARCH.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_search_keeps_the_best_of_meaning_and_words() {
+    require_setup();
+    let ws = Workspace::new();
+    let http_addr = ws.bind_http();
+    std::fs::write(
+        ws.config_path(),
+        format!(
+            "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n\n[backfill]\ninterval_ms = 500\n",
+            ws.path().join("state").display(),
+            ws.socket().display()
+        ),
+    )
+    .expect("write config");
+    let mut daemon = Daemon::start(&ws, &http_addr).await;
+    let data: Vec<Value> = convstore_dataset::sample_or_generated(400)
+        .expect("test data")
+        .into_iter()
+        .take(400)
+        .collect();
+    let http = reqwest::Client::new();
+    for batch in data.chunks(100) {
+        let resp = http
+            .post(format!("{}/v1/conversations/batch", daemon.base_url()))
+            .json(&batch)
+            .send()
+            .await
+            .expect("post batch");
+        assert_eq!(resp.status(), 202);
+    }
+    let db = connect_db(&ws.database_url()).await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversations",
+        data.len() as i64,
+        Duration::from_secs(600),
+    )
+    .await;
+    let pending = wait_for_count(
+        &db,
+        "SELECT count(*) FROM conversation_chunks WHERE embedding_status <> 'embedded'",
+        0,
+        Duration::from_secs(600),
+    )
+    .await;
+    assert_eq!(pending, 0, "log:\n{}", daemon.log_text());
+
+    let labelled = support::labels::labels(&data);
+    let topics = labelled.iter().filter(|l| l.class == "topic").count();
+    let entities = labelled.len() - topics;
+    assert!(
+        topics >= 6 && entities >= 10,
+        "{topics} topic and {entities} entity queries"
+    );
+    let table = support::labels::measure(&http, &daemon.base_url(), &labelled).await;
+    let text = support::labels::render(&table);
+    eprintln!("{text}");
+    let r = |class, mode| table[&(class, mode)].0;
+    assert!(r("topic", "semantic") >= 0.6, "{text}");
+    assert!(r("topic", "hybrid") >= r("topic", "semantic"), "{text}");
+    assert!(r("topic", "lexical") < r("topic", "semantic"), "{text}");
+    assert!(r("entity", "lexical") >= 0.9, "{text}");
+    assert!(r("entity", "hybrid") >= 0.8, "{text}");
+    assert!(r("entity", "hybrid") > r("entity", "semantic"), "{text}");
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+}

@@ -90,6 +90,10 @@ pub enum WriteMethod {
 pub struct ManagedClusterSettings {
     pub database: DatabaseSettings,
     pub cluster_dir: PathBuf,
+    /// Nice value of the PostgreSQL processes (inherited by every backend):
+    /// the daemon's `pipeline.nice`, so that PostgreSQL's index inserts
+    /// yield the CPU to the acknowledgement path. 0 = normal priority.
+    pub nice: u8,
 }
 
 /// `[retention]`: how long conversations (and the tombstones of deleted

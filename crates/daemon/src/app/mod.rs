@@ -45,10 +45,13 @@ use convstore_store::Store;
 /// `convstore serve`: runs the daemon until `shutdown` resolves, then
 /// drains and stops. SIGHUP re-reads `config_path` (the file the settings
 /// came from; the environment only, without one).
+/// With `pipeline`, everything behind the queue is built (and so runs) on
+/// that runtime, the listeners on the calling one (`crate::runtimes`).
 pub async fn serve(
     settings: Settings,
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
+    pipeline: Option<tokio::runtime::Handle>,
 ) -> anyhow::Result<ExitStatus> {
     // SIGHUP's default action ends the process: take it over before
     // anything slow, so an early reload request cannot kill start-up.
@@ -77,7 +80,7 @@ pub async fn serve(
         fd_limit::raise_and_check(count, settings.server.max_connections.get());
         anyhow::Ok(listeners)
     };
-    build_and_run(settings, control, open, shutdown).await
+    build_and_run(settings, control, open, shutdown, pipeline).await
 }
 
 /// The daemon in this process on `listeners` the caller bound (and
@@ -91,7 +94,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitStatus> {
     let open = async |_: &Settings| anyhow::Ok(listeners);
-    build_and_run(settings, Control::none(), open, shutdown).await
+    build_and_run(settings, Control::none(), open, shutdown, None).await
 }
 
 /// What [`serve`] and [`run`] share: the database (stopped at the end
@@ -102,13 +105,26 @@ async fn build_and_run(
     control: Control,
     open: impl AsyncFnOnce(&Settings) -> anyhow::Result<Listeners>,
     shutdown: impl Future<Output = ()>,
+    pipeline: Option<tokio::runtime::Handle>,
 ) -> anyhow::Result<ExitStatus> {
     let metrics = convstore_telemetry::recorder::install();
     create_state_dir(&settings.state_dir)?;
     let supervisor = control.supervisor.clone();
     let database = Database::open(&settings, &supervisor, true).await?;
     let result = async {
-        let app = App::build(&settings, &database.url, metrics, &supervisor).await?;
+        let app = match &pipeline {
+            // Built on the pipeline runtime: every task App::build spawns
+            // (workers, batcher, backfill, samplers) runs there.
+            Some(pipeline) => {
+                let (settings, url, supervisor) =
+                    (settings.clone(), database.url.clone(), supervisor.clone());
+                pipeline
+                    .spawn(async move { App::build(&settings, &url, metrics, &supervisor).await })
+                    .await
+                    .context("the pipeline runtime stopped during start-up")??
+            }
+            None => App::build(&settings, &database.url, metrics, &supervisor).await?,
+        };
         let listeners = open(&settings).await?;
         app.run(listeners, control, shutdown).await
     }

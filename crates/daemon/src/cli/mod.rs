@@ -77,6 +77,7 @@ pub fn main() -> ExitCode {
     match &cli.command {
         Command::CheckConfig(args) => return check_config(cli.config.as_deref(), args),
         Command::Reload(args) => return reload::run(cli.config.as_deref(), args),
+        Command::Serve => return serve_main(cli.config),
         _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -104,22 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let settings = load(cli.config.as_deref())?;
-            convstore_telemetry::logging::init_with_traces(&settings.log, &settings.telemetry)
-                .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), traces = convstore_telemetry::traces::enabled(), "Starting convstore");
-            let status =
-                crate::app::serve(settings, cli.config.clone(), crate::app::shutdown_signal())
-                    .await;
-            // The last spans go out before the process does (a blocking
-            // flush, bounded by the exporter's timeout).
-            tokio::task::spawn_blocking(convstore_telemetry::traces::shutdown)
-                .await
-                .ok();
-            let status = status?;
-            Ok(match status {
-                crate::app::ExitStatus::Clean => ExitCode::SUCCESS,
-                crate::app::ExitStatus::DrainIncomplete => ExitCode::FAILURE,
-            })
+            serve(settings, cli.config, None).await
         }
         Command::Migrate => {
             let settings = load(cli.config.as_deref())?;
@@ -159,6 +145,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bench::run(args, &settings).await
         }
     }
+}
+
+/// `convstore serve`: the settings first, for the runtimes they ask for
+/// (`crate::runtimes`: the acknowledgement path apart from the lowered
+/// pipeline), then the daemon on them.
+fn serve_main(config: Option<std::path::PathBuf>) -> ExitCode {
+    let settings = match load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("convstore: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtimes = match crate::runtimes::build(&settings) {
+        Ok(runtimes) => runtimes,
+        Err(e) => {
+            eprintln!("convstore: cannot start the async runtimes: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pipeline = runtimes.pipeline.as_ref().map(|r| r.handle().clone());
+    let result = runtimes.ingress.block_on(serve(settings, config, pipeline));
+    // After a clean stop nothing is left on the pipeline runtime; whatever
+    // is (a task that ignored its cancellation) must not hold the exit.
+    if let Some(pipeline) = runtimes.pipeline {
+        pipeline.shutdown_timeout(std::time::Duration::from_secs(5));
+    }
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("convstore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; everything behind the queue on
+/// `pipeline` when given.
+async fn serve(
+    settings: Settings,
+    config: Option<std::path::PathBuf>,
+    pipeline: Option<tokio::runtime::Handle>,
+) -> anyhow::Result<ExitCode> {
+    convstore_telemetry::logging::init_with_traces(&settings.log, &settings.telemetry)
+        .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), traces = convstore_telemetry::traces::enabled(), pipeline_nice = settings.pipeline.nice, "Starting convstore");
+    let status = crate::app::serve(settings, config, crate::app::shutdown_signal(), pipeline).await;
+    // The last spans go out before the process does (a blocking
+    // flush, bounded by the exporter's timeout).
+    tokio::task::spawn_blocking(convstore_telemetry::traces::shutdown)
+        .await
+        .ok();
+    let status = status?;
+    Ok(match status {
+        crate::app::ExitStatus::Clean => ExitCode::SUCCESS,
+        crate::app::ExitStatus::DrainIncomplete => ExitCode::FAILURE,
+    })
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {

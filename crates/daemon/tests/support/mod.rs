@@ -4,4 +4,5 @@
 pub mod cluster;
 pub mod daemon;
 pub mod exposition;
+pub mod labels;
 pub mod nats;

@@ -129,12 +129,27 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
         // SIGKILL would skip the shutdown checkpoint and strand backends;
         // Drop sends SIGINT instead.
         .kill_on_drop(false);
+    if settings.nice > 0 {
+        let nice = libc::c_int::from(settings.nice);
+        // SAFETY: runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: setpriority is one, and
+        // nothing is allocated. Lowering one's own priority needs no
+        // privilege; a failure is ignored (PostgreSQL then runs at the
+        // daemon's priority, as before).
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                Ok(())
+            });
+        }
+    }
     info!(
         bin_dir = %plan.bins.bin_dir.display(),
         version = %plan.bins.version,
         data_dir = %layout.data_dir.display(),
         user = plan.run_as.as_ref().map_or("(current user)", |a| a.name.as_str()),
         log = %layout.log_path.display(),
+        nice = settings.nice,
         "Starting managed PostgreSQL"
     );
     cmd.spawn().map_err(io_err("start", &plan.bins.postgres))
