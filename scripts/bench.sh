@@ -388,16 +388,19 @@ run_held() {
 copy_floor() {
     local name=$1 run_id=$2 streams=$3
     log "$name ($streams streams)"
-    local share
+    local share chunk_columns
+    # Every column but the generated ones (content_tsv): COPY FROM computes
+    # those, as it does for the daemon's rows.
+    chunk_columns=$(psql_db -At -c "SELECT string_agg('k.' || quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'conversation_chunks'::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''")
     for i in $(seq 0 $((streams - 1))); do
         share="c.client_id LIKE 'bench-$run_id-%' AND (hashtext(c.id::text) & 2147483647) % $streams = $i"
         psql_db -c "\\copy (SELECT c.* FROM conversations c WHERE $share) TO '$WS/conversations-$i.copy' (FORMAT binary)"
-        psql_db -c "\\copy (SELECT k.* FROM conversation_chunks k JOIN conversations c ON c.id = k.conversation_id WHERE $share) TO '$WS/chunks-$i.copy' (FORMAT binary)"
+        psql_db -c "\\copy (SELECT $chunk_columns FROM conversation_chunks k JOIN conversations c ON c.id = k.conversation_id WHERE $share) TO '$WS/chunks-$i.copy' (FORMAT binary)"
     done
     psql_db -c "DROP SCHEMA IF EXISTS floor CASCADE" -c "CREATE SCHEMA floor" \
         -c "CREATE TABLE floor.conversations (LIKE public.conversations INCLUDING ALL)" \
         -c "CREATE TABLE floor.conversation_chunks (LIKE public.conversation_chunks INCLUDING ALL)" \
-        -c "ALTER TABLE floor.conversation_chunks ADD FOREIGN KEY (conversation_id) REFERENCES floor.conversations (id) ON DELETE CASCADE" \
+        -c "ALTER TABLE floor.conversation_chunks ADD FOREIGN KEY (user_id, conversation_id) REFERENCES floor.conversations (user_id, id) ON DELETE CASCADE" \
         -c "CHECKPOINT"
     busy >"$OUT/$name.machine.txt"
     cpu >"$OUT/$name.cpu-before"

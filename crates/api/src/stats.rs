@@ -145,6 +145,12 @@ pub struct QueueView {
     /// Since the oldest queued conversation was accepted (`None`: empty).
     #[serde(default)]
     pub oldest_age_seconds: Option<f64>,
+    /// The queue (and what is in flight) in seconds of storing at the
+    /// window's stored rate: how long what is accepted now waits to be
+    /// stored. 0 with nothing waiting; `None` when something waits and
+    /// nothing was stored in the window (then see `oldest_age_seconds`).
+    #[serde(default)]
+    pub backlog_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -54,6 +54,13 @@ pub fn build(settings: &Settings) -> io::Result<Runtimes> {
     }
     let ingress = ingress
         .thread_name("convstore-ingress")
+        .on_thread_start(|| {
+            if let Err(e) = shorten_this_threads_slice(INGRESS_SLICE_NS) {
+                // Kernels before 6.12 have no per-thread slice for this
+                // policy: the priorities alone then separate the paths.
+                tracing::debug!(error = %e, "Cannot shorten the scheduler slice of an ingress thread");
+            }
+        })
         .enable_all()
         .build()?;
     let pipeline = Builder::new_multi_thread()
@@ -70,6 +77,50 @@ pub fn build(settings: &Settings) -> io::Result<Runtimes> {
         ingress,
         pipeline: Some(pipeline),
     })
+}
+
+/// The scheduler slice the acknowledging threads ask for (Linux ≥ 6.12,
+/// EEVDF): a thread with a shorter slice gets an earlier virtual deadline,
+/// so when it wakes with a request it may preempt a thread in the middle of
+/// a longer slice (PostgreSQL inserting into the HNSW index) instead of
+/// waiting for that slice to end (3 ms by default). The kernel's minimum.
+pub const INGRESS_SLICE_NS: u64 = 100_000;
+
+/// `struct sched_attr` as of Linux 3.14 (`SCHED_ATTR_SIZE_VER0`, 48 bytes):
+/// `sched_runtime` is a fair thread's slice since Linux 6.12.
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+}
+
+/// Asks for a scheduler slice of `ns` nanoseconds for the calling thread,
+/// keeping its policy (`SCHED_OTHER`) and nice value.
+pub fn shorten_this_threads_slice(ns: u64) -> io::Result<()> {
+    let (nice, _) = this_thread_priority()?;
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: ns,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `attr`,
+    // a valid, initialised struct whose `size` says how much to read.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Gives the calling thread the nice value `nice` and the `SCHED_BATCH`
@@ -133,6 +184,61 @@ mod tests {
         // The test thread itself is untouched.
         let (nice, batch) = this_thread_priority().expect("read");
         assert!(!batch && nice != 7, "{nice} {batch}");
+    }
+
+    /// The slice read back: `sched_runtime` of sched_getattr(2).
+    fn this_threads_slice() -> u64 {
+        let mut attr = SchedAttr {
+            size: 0,
+            sched_policy: 0,
+            sched_flags: 0,
+            sched_nice: 0,
+            sched_priority: 0,
+            sched_runtime: 0,
+            sched_deadline: 0,
+            sched_period: 0,
+        };
+        // SAFETY: sched_getattr(2) writes at most `size` bytes into `attr`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                0,
+                &mut attr as *mut SchedAttr,
+                std::mem::size_of::<SchedAttr>() as u32,
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        attr.sched_runtime
+    }
+
+    /// Linux ≥ 6.12 keeps a fair thread's slice (older kernels take the
+    /// call and ignore it).
+    fn kernel_has_custom_slices() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = release.trim().split(['.', '-']);
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor) >= (6, 12)
+    }
+
+    #[test]
+    fn an_ingress_thread_asks_for_a_short_slice_and_keeps_its_priority() {
+        let (slice, priority, before) = std::thread::spawn(|| {
+            let before = this_thread_priority().expect("read");
+            shorten_this_threads_slice(INGRESS_SLICE_NS).expect("sched_setattr");
+            (
+                this_threads_slice(),
+                this_thread_priority().expect("read"),
+                before,
+            )
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(priority, before);
+        if kernel_has_custom_slices() {
+            assert_eq!(slice, INGRESS_SLICE_NS);
+        }
     }
 
     #[test]

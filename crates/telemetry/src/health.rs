@@ -401,6 +401,7 @@ mod tests {
             workers: None,
             accepting: true,
             oldest_age_seconds: None,
+            backlog_seconds: None,
         }
     }
 

@@ -172,6 +172,18 @@ pub struct PendingCounts {
     pub failed_chunks: Option<u64>,
 }
 
+/// `waiting` conversations in seconds at `stored_per_second`; `Some(0)`
+/// when nothing waits, `None` when something waits and nothing is stored.
+fn backlog_seconds(waiting: u64, stored_per_second: f64) -> Option<f64> {
+    if waiting == 0 {
+        Some(0.0)
+    } else if stored_per_second > 0.0 {
+        Some(waiting as f64 / stored_per_second)
+    } else {
+        None
+    }
+}
+
 /// How long pending-embedding samples are kept to tell whether the count
 /// grows.
 const PENDING_HISTORY: Duration = Duration::from_secs(60);
@@ -338,6 +350,11 @@ impl Stats {
             workers: probe.map(|p| p.workers as u64),
             accepting: queue.accepting,
             oldest_age_seconds: queue.oldest_age_seconds,
+            backlog_seconds: backlog_seconds(
+                queue.depth as u64
+                    + probe.map_or(0, |p| p.in_flight.load(Ordering::Relaxed) as u64),
+                rate(Count::Stored),
+            ),
         };
 
         let batches = self.batch_size.summary(&slots);
@@ -585,6 +602,14 @@ pub const TICK: Duration = SLOT;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backlog_in_seconds_of_storing() {
+        assert_eq!(backlog_seconds(0, 0.0), Some(0.0));
+        assert_eq!(backlog_seconds(0, 50.0), Some(0.0));
+        assert_eq!(backlog_seconds(500, 0.0), None);
+        assert_eq!(backlog_seconds(500, 250.0), Some(2.0));
+    }
 
     fn queue() -> LiveQueue {
         LiveQueue {

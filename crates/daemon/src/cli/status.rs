@@ -180,6 +180,9 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
     if let Some(w) = q.workers {
         let _ = write!(pipeline, "workers {w}   ");
     }
+    if let Some(b) = q.backlog_seconds.filter(|b| *b > 0.0) {
+        let _ = write!(pipeline, "backlog {}   ", duration(b));
+    }
     if let Some(u) = s.bottleneck.as_ref().and_then(|b| b.utilization) {
         let _ = write!(pipeline, "busy {}   ", percent(Some(u)));
     }
