@@ -100,16 +100,7 @@ async fn run() {
 async fn quality(data: &[Value], source: &str) {
     support::cluster::require_setup();
     let ws = Workspace::new();
-    let http_addr = ws.bind_http();
-    std::fs::write(
-        ws.config_path(),
-        format!(
-            "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n\n[backfill]\ninterval_ms = 500\n",
-            ws.path().join("state").display(),
-            ws.socket().display()
-        ),
-    )
-    .unwrap();
+    let http_addr = ws.write_default_config("[backfill]\ninterval_ms = 500\n");
     let mut daemon = Daemon::start(&ws, &http_addr).await;
     let base = daemon.base_url();
     let http = reqwest::Client::new();

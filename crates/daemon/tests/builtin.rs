@@ -582,16 +582,7 @@ fn blank_conversation() -> Conversation {
 async fn daemon_stores_conversations_with_builtin_vectors_by_default() {
     require_setup();
     let ws = Workspace::new();
-    let http_addr = ws.bind_http();
-    std::fs::write(
-        ws.config_path(),
-        format!(
-            "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n",
-            ws.path().join("state").display(),
-            ws.socket().display()
-        ),
-    )
-    .expect("write config");
+    let http_addr = ws.write_default_config("");
     let daemon = Daemon::start(&ws, &http_addr).await;
     assert!(
         daemon.log_text().contains("Builtin embedding model loaded"),
@@ -722,16 +713,7 @@ async fn daemon_stores_conversations_with_builtin_vectors_by_default() {
 async fn hybrid_search_keeps_the_best_of_meaning_and_words() {
     require_setup();
     let ws = Workspace::new();
-    let http_addr = ws.bind_http();
-    std::fs::write(
-        ws.config_path(),
-        format!(
-            "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n\n[backfill]\ninterval_ms = 500\n",
-            ws.path().join("state").display(),
-            ws.socket().display()
-        ),
-    )
-    .expect("write config");
+    let http_addr = ws.write_default_config("[backfill]\ninterval_ms = 500\n");
     let mut daemon = Daemon::start(&ws, &http_addr).await;
     let data: Vec<Value> = convstore_dataset::sample_or_generated(400)
         .expect("test data")

@@ -251,6 +251,20 @@ async fn run(
         .expect("search")
 }
 
+/// Whether `plan` (EXPLAIN text) reads `index`, or (database.partitions)
+/// one of its partitions' indexes.
+async fn plan_reads_index(store: &Store, plan: &str, index: &str) -> bool {
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT $1::text UNION ALL \
+         SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = to_regclass($1)",
+    )
+    .bind(index)
+    .fetch_all(store.pool())
+    .await
+    .expect("index names");
+    indexes.iter().any(|name| plan.contains(name.as_str()))
+}
+
 /// Query texts: a user message of every 26th conversation (the words
 /// people use), and a few phrasings of common requests.
 fn queries(data: &[Value], n: usize) -> Vec<String> {
@@ -307,17 +321,8 @@ async fn hnsw_recall_at_10_against_exact_search_on_the_sample() {
     let plan = explain_index_round(&store, &probe, K, default_ef())
         .await
         .expect("explain");
-    // The index, or (database.partitions) one of its partitions' indexes.
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT $1::text UNION ALL \
-         SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = to_regclass($1)",
-    )
-    .bind(HNSW_INDEX)
-    .fetch_all(store.pool())
-    .await
-    .expect("index names");
     assert!(
-        indexes.iter().any(|name| plan.contains(name.as_str())),
+        plan_reads_index(&store, &plan, HNSW_INDEX).await,
         "not an index scan:\n{plan}"
     );
     // And lexical search reads the GIN index, not every chunk's text.
@@ -329,16 +334,8 @@ async fn hnsw_recall_at_10_against_exact_search_on_the_sample() {
     )
     .await
     .expect("explain lexical");
-    let text_indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT $1::text UNION ALL \
-         SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = to_regclass($1)",
-    )
-    .bind(TEXT_INDEX)
-    .fetch_all(store.pool())
-    .await
-    .expect("index names");
     assert!(
-        text_indexes.iter().any(|name| plan.contains(name.as_str())),
+        plan_reads_index(&store, &plan, TEXT_INDEX).await,
         "lexical search does not use the full-text index:\n{plan}"
     );
 

@@ -241,6 +241,23 @@ impl Workspace {
         )
     }
 
+    /// Writes a config with no `[embedding]` section (the zero-set-up
+    /// default: the builtin model) and this workspace's paths and a free
+    /// TCP port, then `extra` TOML; returns the HTTP address.
+    pub fn write_default_config(&self, extra: &str) -> String {
+        let http_addr = self.bind_http();
+        std::fs::write(
+            self.config_path(),
+            format!(
+                "state_dir = \"{}\"\n\n[server]\nhttp_addr = \"{http_addr}\"\nunix_socket = \"{}\"\n\n{extra}\n",
+                self.path().join("state").display(),
+                self.socket().display()
+            ),
+        )
+        .expect("write config");
+        http_addr
+    }
+
     /// Writes the config: this workspace's paths, a free TCP port, the
     /// given backend, then `extra` TOML (sections the test cares about).
     pub fn write_config(&self, standin_url: &str, model: &str, dims: usize, extra: &str) -> String {
