@@ -969,3 +969,97 @@ async fn a_database_at_0003_migrates_to_0004_keeping_rows_and_vectors() {
     let outcome = store.write_batch(&batch(9_000, 4)).await.expect("write");
     assert_eq!(outcome.conversations_inserted, 4);
 }
+
+/// A change of model at the store (issue 20; `convstore_store::models`),
+/// on plain tables and, in `scripts/test.sh`'s partitioned pass, on
+/// hash-partitioned ones: the previous vectors are kept and searchable
+/// in their own table at their own dimension, every chunk waits for the
+/// new model, a deletion takes the previous vectors along, search switches
+/// only once nothing is pending, and the next start drops the table.
+#[tokio::test]
+async fn a_change_of_model_keeps_the_previous_vectors_until_the_switch() {
+    use convstore_store::models::{KeepPrevious, ModelId, VectorSet};
+    let cluster = TestCluster::start().await;
+    let store = fresh_store(&cluster, "models", WriteMethod::Copy).await;
+    store.write_batch(&batch(1, 6)).await.expect("write");
+    let old = ModelId::new("test-model", DIMS);
+    let state = store
+        .prepare_vectors(&old, KeepPrevious::UntilNextStart)
+        .await
+        .expect("same model");
+    assert_eq!(state.current, old);
+    assert!(state.previous.is_none());
+
+    let new = ModelId::new("next-model", 8);
+    let state = store
+        .prepare_vectors(&new, KeepPrevious::UntilNextStart)
+        .await
+        .expect("change");
+    assert_eq!(state.current, new);
+    assert!(state.migrating());
+    assert_eq!(state.searched(), VectorSet::Previous);
+    assert_eq!(state.previous.as_ref().map(|p| &p.id), Some(&old));
+    let coverage = store.model_coverage().await.expect("coverage");
+    assert_eq!(
+        (coverage.chunks, coverage.embedded, coverage.pending),
+        (18, 0, 18)
+    );
+    assert_eq!(coverage.previous_vectors, Some(18));
+
+    // The previous vectors answer a search, at their own dimension.
+    let text = format!("conversation {} chunk 1", Uuid::from_u128(3));
+    let searcher = Searcher::new(store.clone(), 2000);
+    let found = searcher
+        .search(SearchQuery {
+            vector: &vector_for(&text),
+            k: 1,
+            filter: &SearchFilter::default(),
+            ef_search: 40,
+            mode: SearchMode::Auto,
+            vectors: VectorSet::Previous,
+        })
+        .await
+        .expect("search the previous vectors");
+    assert_eq!(found.hits[0].chunk.content, text);
+
+    // A deletion takes them along.
+    sqlx::query("DELETE FROM conversations WHERE id = $1")
+        .bind(Uuid::from_u128(3))
+        .execute(store.pool())
+        .await
+        .expect("delete");
+    let coverage = store.model_coverage().await.expect("coverage");
+    assert_eq!(coverage.previous_vectors, Some(15));
+
+    // No switch while anything is pending; then the switch, once.
+    assert!(!store.retire_previous().await.expect("retire"));
+    sqlx::query(
+        "UPDATE conversation_chunks SET embedding = array_fill(0.5, ARRAY[8])::vector, \
+         embedding_status = 'embedded', embedded_at = now()",
+    )
+    .execute(store.pool())
+    .await
+    .expect("embed for the new model");
+    assert!(store.retire_previous().await.expect("retire"));
+    assert!(!store.retire_previous().await.expect("retire again"));
+    let state = store.model_state(&new).await.expect("state");
+    assert!(!state.migrating());
+    assert_eq!(state.searched(), VectorSet::Current);
+
+    // Kept while this "daemon" runs; dropped by the next start.
+    let table = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT to_regclass('previous_chunk_embeddings')::text",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("table")
+    };
+    assert!(table().await.is_some());
+    let state = store
+        .prepare_vectors(&new, KeepPrevious::UntilNextStart)
+        .await
+        .expect("restart");
+    assert!(state.previous.is_none());
+    assert_eq!(table().await, None);
+}
