@@ -57,9 +57,12 @@ pub async fn run(task: ModelTask, stop: CancellationToken) {
 
 impl ModelTask {
     async fn step(&self, published_previous: &mut Option<ModelId>) {
+        // The state this instance switched from, logged with the coverage
+        // sampled below (one count of the chunks per step).
+        let mut switched_from = None;
         if self.state.borrow().migrating() {
             match self.store.retire_previous().await {
-                Ok(true) => self.log_switch().await,
+                Ok(true) => switched_from = Some(self.state.borrow().clone()),
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot check whether the new model covers every chunk")
@@ -93,32 +96,42 @@ impl ModelTask {
             }
             Err(e) => tracing::warn!(error = %e, "Cannot read which embedding model is which"),
         }
-        match self.store.model_coverage().await {
-            Ok(coverage) => self.publish(&coverage, published_previous),
-            Err(e) => tracing::debug!(error = %e, "Cannot count the chunks' vectors"),
+        let coverage = match self.store.model_coverage().await {
+            Ok(coverage) => {
+                self.publish(&coverage, published_previous);
+                coverage
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot count the chunks' vectors");
+                ModelCoverage::default()
+            }
+        };
+        if let Some(state) = switched_from {
+            log_switch(&state, &coverage);
         }
     }
+}
 
-    async fn log_switch(&self) {
-        let state = self.state.borrow().clone();
-        let coverage = self.store.model_coverage().await.unwrap_or_default();
-        let since = state.previous.as_ref().map(|p| p.since);
-        let seconds = since.map(|s| (chrono::Utc::now() - s).as_seconds_f64());
-        tracing::info!(
-            from = state.previous.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
-            to = %state.current,
-            chunks = coverage.chunks,
-            embedded = coverage.embedded,
-            failed = coverage.failed,
-            seconds = seconds.unwrap_or_default(),
-            chunks_per_second = seconds
-                .filter(|s| *s > 0.0)
-                .map(|s| coverage.embedded as f64 / s)
-                .unwrap_or_default(),
-            "Search switched to the new model: no chunk is pending any more"
-        );
-    }
+/// The switch, with how many chunks were re-embedded in how long.
+fn log_switch(state: &ModelState, coverage: &ModelCoverage) {
+    let since = state.previous.as_ref().map(|p| p.since);
+    let seconds = since.map(|s| (chrono::Utc::now() - s).as_seconds_f64());
+    tracing::info!(
+        from = state.previous.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
+        to = %state.current,
+        chunks = coverage.chunks,
+        embedded = coverage.embedded,
+        failed = coverage.failed,
+        seconds = seconds.unwrap_or_default(),
+        chunks_per_second = seconds
+            .filter(|s| *s > 0.0)
+            .map(|s| coverage.embedded as f64 / s)
+            .unwrap_or_default(),
+        "Search switched to the new model: no chunk is pending any more"
+    );
+}
 
+impl ModelTask {
     fn publish(&self, coverage: &ModelCoverage, published_previous: &mut Option<ModelId>) {
         let state = self.state.borrow().clone();
         let searched = state.searched();
