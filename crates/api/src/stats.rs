@@ -134,6 +134,11 @@ pub struct Reason {
 pub struct QueueView {
     pub depth: u64,
     pub capacity: u64,
+    /// Conversations admitted now: `capacity`, or fewer while
+    /// `queue.max_backlog_seconds` at the measured store rate says so
+    /// (`None` from a daemon that predates it).
+    #[serde(default)]
+    pub admission_limit: Option<u64>,
     /// depth / capacity.
     pub utilization: Option<f64>,
     pub bytes: u64,

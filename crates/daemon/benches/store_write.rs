@@ -24,17 +24,14 @@
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
+#[path = "support/rows.rs"]
+mod rows;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use convstore::config::WriteMethod;
-use convstore_core::model::{
-    Chunk, ChunkVector, Conversation, EmbeddedChunk, Message, ReadyConversation, content_hash,
-};
 use convstore_store::Store;
-use uuid::Uuid;
+use rows::{CpuMeter, Generator, Vectors, with_database, write_all};
 
 struct Params {
     rows: usize,
@@ -53,98 +50,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|v| *v > 0 || name == "BENCH_PREFILL")
         .unwrap_or(default)
-}
-
-/// splitmix64: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
-
-/// Random unit vectors, and ~1.5 KB of text per chunk (a chunk of a chat).
-struct Generator {
-    rng: Rng,
-    next_id: u128,
-    params_dims: usize,
-    chunks: usize,
-}
-
-impl Generator {
-    fn batch(&mut self, conversations: usize) -> Vec<ReadyConversation> {
-        (0..conversations).map(|_| self.conversation()).collect()
-    }
-
-    fn conversation(&mut self) -> ReadyConversation {
-        self.next_id += 1;
-        let id = Uuid::from_u128(self.next_id);
-        let words = [
-            "flight", "Seattle", "refund", "order", "password", "weather", "invoice", "meeting",
-            "delivery", "account", "please", "thanks", "tomorrow", "booking", "support",
-        ];
-        let chunks = (0..self.chunks)
-            .map(|seq| {
-                let mut text = format!("user: conversation {id} part {seq}\n");
-                while text.len() < 1500 {
-                    text.push_str(words[(self.rng.next() % words.len() as u64) as usize]);
-                    text.push(' ');
-                }
-                let mut v: Vec<f32> = (0..self.params_dims).map(|_| self.rng.unit()).collect();
-                let norm = v
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::MIN_POSITIVE);
-                v.iter_mut().for_each(|x| *x /= norm);
-                EmbeddedChunk {
-                    chunk: Chunk {
-                        seq: seq as i32,
-                        content_hash: content_hash(&text),
-                        content: text,
-                    },
-                    vector: ChunkVector::Embedded(Arc::from(v)),
-                }
-            })
-            .collect::<Vec<_>>();
-        let transcript = chunks
-            .iter()
-            .map(|c| c.chunk.content.as_str())
-            .collect::<String>();
-        ReadyConversation {
-            conversation: Conversation {
-                id,
-                client_id: Some(format!("bench-{}", self.next_id)),
-                user_id: format!("user-{}", self.next_id % 100),
-                channel: "bench".into(),
-                messages: vec![Message {
-                    role: "user".into(),
-                    content: transcript,
-                    ts: None,
-                    message_id: None,
-                }],
-                transcript: None,
-                summary: None,
-                metadata: serde_json::json!({"source": "bench"}),
-                created_at: None,
-                received_at: Utc::now(),
-                received_instant: Instant::now(),
-            },
-            chunks,
-            model: "bench-model".into(),
-            version: convstore_core::model::RowVersion::default(),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -171,92 +76,6 @@ impl Tally {
     fn client_us_per_row(&self) -> f64 {
         self.client_cpu.as_secs_f64() * 1e6 / self.rows.max(1) as f64
     }
-}
-
-/// Sums utime + stime of processes from /proc (Linux), in clock ticks.
-struct CpuMeter {
-    server_data_dir: Option<std::path::PathBuf>,
-    tick: Duration,
-}
-
-impl CpuMeter {
-    fn new(server_data_dir: Option<std::path::PathBuf>) -> Self {
-        let hz = std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|hz| *hz > 0)
-            .unwrap_or(100);
-        Self {
-            server_data_dir,
-            tick: Duration::from_secs(1) / hz as u32,
-        }
-    }
-
-    /// (server, client) CPU time so far.
-    fn sample(&self) -> (Duration, Duration) {
-        let server = self.server_data_dir.as_ref().map_or(0, |dir| {
-            cluster::postgres_processes_in(dir)
-                .into_iter()
-                .map(|pid| ticks(&format!("/proc/{pid}/stat")))
-                .sum()
-        });
-        let client = ticks("/proc/self/stat");
-        (self.tick * server as u32, self.tick * client as u32)
-    }
-}
-
-fn ticks(stat_path: &str) -> u64 {
-    let Ok(text) = std::fs::read_to_string(stat_path) else {
-        return 0;
-    };
-    // Fields after the parenthesised command name; utime and stime are
-    // fields 14 and 15 of the whole line.
-    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    get(11) + get(12)
-}
-
-/// Writes `batches` pre-built batches with `writers` concurrent tasks;
-/// returns chunk rows written and wall time.
-async fn write_all(
-    store: &Store,
-    batches: Vec<Vec<ReadyConversation>>,
-    writers: usize,
-) -> (usize, Duration) {
-    let started = Instant::now();
-    let queue = Arc::new(std::sync::Mutex::new(batches));
-    let mut tasks = Vec::new();
-    for _ in 0..writers {
-        let store = store.clone();
-        let queue = queue.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rows = 0;
-            loop {
-                let next = queue.lock().map(|mut q| q.pop()).unwrap_or(None);
-                let Some(batch) = next else { break };
-                let outcome = store.write_batch(&batch).await.expect("write batch");
-                assert_eq!(outcome.duplicates, 0);
-                rows += outcome.chunks_inserted;
-            }
-            rows
-        }));
-    }
-    let mut rows = 0;
-    for task in tasks {
-        rows += task.await.expect("writer task");
-    }
-    (rows, started.elapsed())
 }
 
 /// Alternates blocks of `block` batches between the methods until each has
@@ -329,20 +148,6 @@ async fn fresh_database(admin: &Store, base_url: &str, name: &str) -> String {
     with_database(base_url, name)
 }
 
-/// `base_url` with its database replaced by `name`.
-fn with_database(base_url: &str, name: &str) -> String {
-    let (before_query, query) = match base_url.split_once('?') {
-        Some((a, q)) => (a, format!("?{q}")),
-        None => (base_url, String::new()),
-    };
-    let authority_end = before_query
-        .find("://")
-        .map(|i| i + 3)
-        .and_then(|start| before_query[start..].find('/').map(|j| start + j))
-        .unwrap_or(before_query.len());
-    format!("{}/{name}{query}", &before_query[..authority_end])
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
@@ -397,12 +202,7 @@ async fn main() {
         p.writers
     );
 
-    let mut gen_ = Generator {
-        rng: Rng(0x5eed),
-        next_id: 0,
-        params_dims: p.dims,
-        chunks: p.chunks,
-    };
+    let mut gen_ = Generator::new(0x5eed, p.dims, p.chunks, Vectors::Uniform);
 
     // The two methods share one database (one table) per phase.
     for (phase, with_index, rows) in [

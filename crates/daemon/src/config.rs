@@ -147,6 +147,10 @@ pub struct QueueSettings {
     pub block_timeout_ms: NonZeroU64,
     /// Seconds a 429 tells the client to wait.
     pub retry_after_secs: NonZeroU32,
+    /// Admit only what the pipeline stores in this many seconds at its
+    /// measured rate (never fewer than keep the workers fed); 0 = by
+    /// `capacity` and `max_bytes` alone. See `convstore::admission`.
+    pub max_backlog_seconds: u32,
 }
 
 impl Default for QueueSettings {
@@ -157,6 +161,7 @@ impl Default for QueueSettings {
             when_full: WhenFull::Reject,
             block_timeout_ms: const { nz_u64(5_000) },
             retry_after_secs: const { nz_u32(1) },
+            max_backlog_seconds: 10,
         }
     }
 }

@@ -18,6 +18,7 @@
 //! [`systemd`] speaks to the service manager (notify, watchdog, socket
 //! activation, reload).
 
+pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod config;

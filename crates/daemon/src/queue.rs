@@ -2,13 +2,17 @@
 //!
 //! Bounded twice: by item count (`queue.capacity`) and by bytes
 //! (`queue.max_bytes`), since one huge conversation costs what a thousand
-//! small ones do. `try_push` hands the item back when there is no room, so the
+//! small ones do. Under the count bound sits an admission limit the daemon
+//! moves with the measured store rate (`queue.max_backlog_seconds`,
+//! [`crate::admission`]): items past it are refused as if the queue were
+//! full. `try_push` hands the item back when there is no room, so the
 //! caller can answer 429 instead of blocking; `push_timeout` waits for room
 //! (`when_full = "block"`). Items leave only through `pop_batch`: nothing is
 //! dropped, and `close` lets the consumer drain what is left.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -35,6 +39,9 @@ pub struct BoundedQueue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
     max_bytes: usize,
+    /// Items admitted now: `capacity`, or fewer (never 0) while the store
+    /// rate says more would wait too long ([`Self::set_admission_limit`]).
+    admission_limit: AtomicUsize,
     /// Signalled when an item arrives or the queue closes (one consumer).
     item_added: Notify,
     /// Signalled when items leave, waking producers that wait for room.
@@ -51,6 +58,7 @@ impl<T> BoundedQueue<T> {
             }),
             capacity,
             max_bytes,
+            admission_limit: AtomicUsize::new(capacity),
             item_added: Notify::new(),
             space_freed: Notify::new(),
         }
@@ -60,6 +68,11 @@ impl<T> BoundedQueue<T> {
         // A panic while holding this lock cannot leave the deque half-updated
         // (every critical section is a few field updates), so poison is moot.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `state` has room for one more item of `bytes`.
+    fn has_room(&self, state: &State<T>, bytes: usize) -> bool {
+        state.items.len() < self.admission_limit() && state.bytes + bytes <= self.max_bytes
     }
 
     /// Appends `item`, accounted as `bytes`, if there is room now.
@@ -72,7 +85,7 @@ impl<T> BoundedQueue<T> {
             if state.closed {
                 return Err(PushError::Closed(item));
             }
-            if state.items.len() >= self.capacity || state.bytes + bytes > self.max_bytes {
+            if !self.has_room(&state, bytes) {
                 return Err(PushError::Full(item));
             }
             state.items.push_back((item, bytes));
@@ -118,9 +131,7 @@ impl<T> BoundedQueue<T> {
             freed.as_mut().enable();
             {
                 let state = self.lock();
-                if state.closed
-                    || (state.items.len() < self.capacity && state.bytes + bytes <= self.max_bytes)
-                {
+                if state.closed || self.has_room(&state, bytes) {
                     return true;
                 }
             }
@@ -253,6 +264,21 @@ impl<T> BoundedQueue<T> {
         self.capacity
     }
 
+    /// How many items the queue admits now (at most [`Self::capacity`]).
+    pub fn admission_limit(&self) -> usize {
+        self.admission_limit.load(Ordering::Relaxed)
+    }
+
+    /// Admits at most `items` (clamped to 1..=capacity) from now on. What
+    /// is queued stays; a raise wakes producers waiting for room.
+    pub fn set_admission_limit(&self, items: usize) {
+        let items = items.clamp(1, self.capacity.max(1));
+        let before = self.admission_limit.swap(items, Ordering::Relaxed);
+        if items > before {
+            self.space_freed.notify_waiters();
+        }
+    }
+
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
     }
@@ -263,6 +289,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_admission_limit_refuses_like_a_full_queue_and_a_raise_wakes_waiters() {
+        let q = Arc::new(BoundedQueue::new(10, 1_000));
+        q.set_admission_limit(2);
+        q.try_push(1, 1).unwrap();
+        q.try_push(2, 1).unwrap();
+        assert!(matches!(q.try_push(3, 1), Err(PushError::Full(3))));
+        assert_eq!(q.admission_limit(), 2);
+        // Clamped: never 0 (nothing could ever enter), never past capacity.
+        q.set_admission_limit(0);
+        assert_eq!(q.admission_limit(), 1);
+        q.set_admission_limit(50);
+        assert_eq!(q.admission_limit(), 10);
+        q.set_admission_limit(2);
+        // A producer waiting for room gets in once the limit rises, with
+        // nothing popped.
+        let waiting = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push_timeout(3, 1, Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        q.set_admission_limit(3);
+        let pushed = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken by the raise")
+            .expect("task");
+        assert!(pushed.is_ok());
+        assert_eq!(q.len(), 3);
+    }
 
     #[test]
     fn remove_where_takes_out_what_matches_and_frees_its_room() {

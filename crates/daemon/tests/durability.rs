@@ -10,6 +10,10 @@
 //!   once the queue is full, everything accepted is stored after SIGCONT
 //!   with no operator; then the postmaster is killed and the daemon
 //!   restarts the managed cluster on its own.
+//! - `admission_follows_the_store_rate_and_refusals_are_not_losses`: a
+//!   slow pipeline under a 200/s load: the queue admits about
+//!   `queue.max_backlog_seconds` of the measured store rate, far below its
+//!   capacity, answers 429 past it, and stores everything it accepted.
 //! - `embedders_down_60s_stores_pending_then_backfills`: the only embedding
 //!   backend down for 60 s under load: nothing lost, stored as pending, all
 //!   embedded by the backfill once it is back.
@@ -677,6 +681,101 @@ async fn database_frozen_30s_then_back() {
         missing.len(),
         &missing[..missing.len().min(5)],
         daemon.log_text()
+    );
+    db.close().await;
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_follows_the_store_rate_and_refusals_are_not_losses() {
+    // A slow backend (~250 ms a call, one worker, batches of 8): the
+    // pipeline stores a few dozen a second while clients send 200 a
+    // second. With 2 s of backlog allowed, the queue must admit about
+    // 2 s of that rate, far below its capacity of 5,000.
+    const CAPACITY: u64 = 5_000;
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &["--latency-ms", "250"]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        &format!(
+            "[queue]\ncapacity = {CAPACITY}\nmax_backlog_seconds = 2\n\n[batch]\nmax_size = 8\nmax_wait_ms = 10\n\n[pipeline]\nworkers = 1\n"
+        ),
+    );
+    let mut daemon = Daemon::start(&ws, &addr).await;
+    let data = Arc::new(bodies());
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(Pace::default());
+    let load = tokio::spawn(paced_load(
+        daemon.base_url(),
+        "admission",
+        200,
+        stop.clone(),
+        pace.clone(),
+        acks.clone(),
+        data.clone(),
+    ));
+    // Watch the limit while the load runs.
+    let http = reqwest::Client::new();
+    let mut lowest_limit = u64::MAX;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let stats: Value = http
+            .get(format!("{}/v1/stats", daemon.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let limit = stats["queue"]["admission_limit"]
+            .as_u64()
+            .expect("admission_limit");
+        lowest_limit = lowest_limit.min(limit);
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let scraped = scrape(&daemon.base_url()).await;
+    let accepted = pace.accepted.load(Ordering::SeqCst);
+    let refused = pace.refused_429.load(Ordering::SeqCst);
+    println!(
+        "admission: lowest limit {lowest_limit}, accepted {accepted}, refused {refused}, rate estimate {}",
+        scraped.value("convstore_queue_store_rate", &[])
+    );
+    assert!(
+        lowest_limit < 1_000,
+        "the limit must follow a store rate of tens a second, not stay at the capacity: {lowest_limit}"
+    );
+    assert!(
+        lowest_limit >= 16,
+        "never below two batches per worker: {lowest_limit}"
+    );
+    assert!(
+        refused > 0 && accepted < CAPACITY,
+        "refusals must come from the backlog limit, long before the capacity: accepted {accepted}, refused {refused}"
+    );
+    assert!(scraped.value("convstore_queue_admission_limit", &[]) < CAPACITY as f64);
+    assert!(scraped.value("convstore_queue_store_rate", &[]) > 0.0);
+    // A refusal is not a loss: every acknowledged conversation is stored.
+    let acks = acks.lock().unwrap().clone();
+    let db = connect_db(&ws.database_url()).await;
+    let rows = wait_all_stored(&db, &acks, Duration::from_secs(120)).await;
+    let missing = acks.iter().filter(|a| !rows.contains_key(&a.id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "accepted conversations lost; log:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        scraped.sum(
+            "convstore_conversations_failed_total",
+            &[("reason", "lost")]
+        ),
+        0.0
     );
     db.close().await;
     assert!(daemon.terminate(Duration::from_secs(60)).success());

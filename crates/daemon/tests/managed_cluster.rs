@@ -150,6 +150,32 @@ async fn first_start_initialises_the_cluster_with_pgvector() {
 }
 
 #[tokio::test]
+async fn operator_settings_reach_the_server_and_override_convstores() {
+    let tc = TestCluster::start_with(|s| {
+        s.database.managed_settings = [("max_wal_size", "3GB"), ("jit", "on")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    })
+    .await;
+    let mut conn = connect(&tc.url()).await;
+    for (name, expected) in [
+        ("max_wal_size", "3GB"),
+        // convstore turns JIT off; the operator's value wins.
+        ("jit", "on"),
+        // Untouched settings keep convstore's value.
+        ("wal_level", "minimal"),
+    ] {
+        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+            .fetch_one(&mut conn)
+            .await
+            .expect(name);
+        assert_eq!(value, expected, "{name}");
+    }
+    conn.close().await.ok();
+}
+
+#[tokio::test]
 async fn restart_reuses_the_data() {
     let mut tc = TestCluster::start().await;
     insert_marker(&tc.url(), "before restart").await;

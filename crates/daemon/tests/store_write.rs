@@ -20,6 +20,7 @@ use convstore_core::model::{
 };
 use convstore_store::copy::CopyEncoder;
 use convstore_store::layout::Layout;
+use convstore_store::schema::HnswBuild;
 use convstore_store::search::{SearchFilter, SearchMode, SearchQuery, Searcher, explain_exact};
 use convstore_store::{Store, StoreError};
 use sqlx::Row;
@@ -400,6 +401,80 @@ async fn a_row_id_held_by_another_client_id_is_not_reported_stored() {
             "{name}"
         );
     }
+}
+
+/// The HNSW index's storage options, `m` and `ef_construction` as numbers.
+async fn index_build(store: &Store) -> (u32, u32) {
+    let options: Vec<String> = sqlx::query_scalar(
+        "SELECT coalesce(reloptions, '{}'::text[]) FROM pg_class \
+         WHERE oid = 'conversation_chunks_embedding_hnsw_idx'::regclass",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("index options");
+    let get = |name: &str| {
+        options
+            .iter()
+            .find_map(|o| o.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} in {options:?}"))
+            .parse()
+            .expect("a number")
+    };
+    (get("m"), get("ef_construction"))
+}
+
+#[tokio::test]
+async fn the_index_is_built_with_the_configured_parameters_and_keeps_them() {
+    let cluster = TestCluster::start().await;
+    let defaults = fresh_store(&cluster, "hnsw_defaults", WriteMethod::Copy).await;
+    assert_eq!(
+        index_build(&defaults).await,
+        (16, 64),
+        "pgvector's defaults"
+    );
+    defaults.close().await;
+
+    let admin = Store::connect(&cluster.url(), 1, Duration::from_secs(30))
+        .await
+        .expect("connect");
+    sqlx::query("CREATE DATABASE hnsw_custom")
+        .execute(admin.pool())
+        .await
+        .expect("create database");
+    admin.close().await;
+    let custom = Store::connect(
+        &database_url(&cluster, "hnsw_custom"),
+        2,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("connect")
+    .with_partitions(cluster::test_partitions())
+    .with_hnsw(HnswBuild {
+        m: 8,
+        ef_construction: 100,
+    });
+    custom.migrate().await.expect("migrate");
+    custom.ensure_vector_column(DIMS).await.expect("index");
+    assert_eq!(index_build(&custom).await, (8, 100));
+
+    // Another start with other parameters keeps the index as built.
+    let restarted = custom.clone().with_hnsw(HnswBuild::default());
+    restarted.ensure_vector_column(DIMS).await.expect("again");
+    assert_eq!(index_build(&restarted).await, (8, 100));
+
+    // Out of pgvector's range: refused before anything is built.
+    let err = restarted
+        .clone()
+        .with_hnsw(HnswBuild {
+            m: 16,
+            ef_construction: 16,
+        })
+        .ensure_vector_column(DIMS)
+        .await
+        .expect_err("ef_construction below 2 m");
+    assert!(err.to_string().contains("at least twice m"), "{err}");
+    custom.close().await;
 }
 
 #[tokio::test]

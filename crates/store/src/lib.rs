@@ -161,6 +161,8 @@ pub struct Store {
     /// `database.partitions`: the layout [`Store::migrate`] makes on an
     /// empty database (0 = plain tables, or whatever is found).
     partitions: u32,
+    /// How the HNSW index is built when it is created.
+    hnsw: schema::HnswBuild,
 }
 
 impl Store {
@@ -187,6 +189,7 @@ impl Store {
             write_method: WriteMethod::Copy,
             dimensions: Arc::default(),
             partitions: 0,
+            hnsw: schema::HnswBuild::default(),
         })
     }
 
@@ -198,7 +201,8 @@ impl Store {
         let store = Self::connect(url, settings.pool_size.get(), timeout).await?;
         Ok(store
             .with_write_method(settings.write_method)
-            .with_partitions(settings.partitions))
+            .with_partitions(settings.partitions)
+            .with_hnsw(settings.hnsw()))
     }
 
     /// Wraps an existing pool (tests, tools).
@@ -208,6 +212,7 @@ impl Store {
             write_method: WriteMethod::Copy,
             dimensions: Arc::default(),
             partitions: 0,
+            hnsw: schema::HnswBuild::default(),
         }
     }
 
@@ -221,6 +226,13 @@ impl Store {
     /// (see [`layout`]).
     pub fn with_partitions(mut self, partitions: u32) -> Self {
         self.partitions = partitions;
+        self
+    }
+
+    /// Chooses the build parameters of the HNSW index when it is created
+    /// (`database.hnsw_m`, `database.hnsw_ef_construction`).
+    pub fn with_hnsw(mut self, hnsw: schema::HnswBuild) -> Self {
+        self.hnsw = hnsw;
         self
     }
 
@@ -257,7 +269,7 @@ impl Store {
     /// the HNSW index (see [`schema::ensure_vector_column`]); remembers
     /// `dims` so that [`Store::write_batch`] checks vectors before sending.
     pub async fn ensure_vector_column(&self, dims: usize) -> Result<(), StoreError> {
-        schema::ensure_vector_column(&self.pool, dims).await?;
+        schema::ensure_vector_column(&self.pool, dims, self.hnsw).await?;
         self.set_dimensions(dims);
         Ok(())
     }

@@ -207,6 +207,7 @@ pub async fn prepare_vectors(
     pool: &PgPool,
     configured: &ModelId,
     keep: KeepPrevious,
+    hnsw: schema::HnswBuild,
 ) -> Result<ModelState, StoreError> {
     let dims = configured.dimensions;
     if dims == 0 || dims > HNSW_MAX_DIMENSIONS {
@@ -224,7 +225,7 @@ pub async fn prepare_vectors(
         // A fresh database (or one whose column was never typed): the
         // usual first start.
         tx.commit().await?;
-        schema::ensure_vector_column(pool, dims).await?;
+        schema::ensure_vector_column(pool, dims, hnsw).await?;
         let mut conn = pool.acquire().await?;
         write_current(&mut conn, configured).await?;
         return read_state(&mut conn, configured).await;
@@ -257,7 +258,7 @@ pub async fn prepare_vectors(
         write_current(&mut tx, configured).await?;
         tx.commit().await?;
         // Creates the index if it is missing; the column is right.
-        schema::ensure_vector_column(pool, dims).await?;
+        schema::ensure_vector_column(pool, dims, hnsw).await?;
         let mut conn = pool.acquire().await?;
         return read_state(&mut conn, configured).await;
     }
@@ -306,7 +307,7 @@ pub async fn prepare_vectors(
     );
     write_current(&mut tx, configured).await?;
     tx.commit().await?;
-    schema::ensure_vector_column(pool, dims).await?;
+    schema::ensure_vector_column(pool, dims, hnsw).await?;
     let mut conn = pool.acquire().await?;
     read_state(&mut conn, configured).await
 }
@@ -479,7 +480,7 @@ impl super::Store {
         configured: &ModelId,
         keep: KeepPrevious,
     ) -> Result<ModelState, StoreError> {
-        let state = prepare_vectors(&self.pool, configured, keep).await?;
+        let state = prepare_vectors(&self.pool, configured, keep, self.hnsw).await?;
         self.set_dimensions(configured.dimensions);
         Ok(state)
     }

@@ -18,13 +18,57 @@ use super::StoreError;
 /// Name of the cosine HNSW index on `conversation_chunks.embedding`.
 pub const HNSW_INDEX: &str = "conversation_chunks_embedding_hnsw_idx";
 
-/// The index, with pgvector's default build parameters (m 16,
-/// ef_construction 64) written out, so that a change of pgvector's defaults
-/// does not silently change ours. Search code orders by `embedding <=> $1`
-/// (cosine distance) to use it.
-const CREATE_HNSW_INDEX: &str = "CREATE INDEX IF NOT EXISTS conversation_chunks_embedding_hnsw_idx \
-     ON conversation_chunks USING hnsw (embedding vector_cosine_ops) \
-     WITH (m = 16, ef_construction = 64)";
+/// The build parameters of the HNSW index (`database.hnsw_m`,
+/// `database.hnsw_ef_construction`), written out when the index is
+/// created so that a change of pgvector's defaults does not silently change
+/// ours. They bound what an insert costs and what recall a search at a
+/// given `ef_search` reaches (docs/PERFORMANCE.md "Managed PostgreSQL for
+/// HNSW ingest"). An existing index keeps the parameters it was built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HnswBuild {
+    pub m: u32,
+    pub ef_construction: u32,
+}
+
+impl Default for HnswBuild {
+    /// pgvector's defaults.
+    fn default() -> Self {
+        HnswBuild {
+            m: 16,
+            ef_construction: 64,
+        }
+    }
+}
+
+impl HnswBuild {
+    /// pgvector's limits: m 2 to 100, ef_construction 4 to 1,000 and at
+    /// least twice m. The reason, when outside them.
+    pub fn check(&self) -> Result<(), String> {
+        if !(2..=100).contains(&self.m) {
+            return Err(format!("m is {}; pgvector takes 2 to 100", self.m));
+        }
+        if !(4..=1000).contains(&self.ef_construction) || self.ef_construction < 2 * self.m {
+            return Err(format!(
+                "ef_construction is {}; pgvector takes 4 to 1000, and at least twice m ({})",
+                self.ef_construction,
+                2 * self.m
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cosine index on `conversation_chunks.embedding`. Search code
+    /// orders by `embedding <=> $1` (cosine distance) to use it. The
+    /// parameters are integers, checked: safe to format into the DDL.
+    fn create_statement(&self) -> String {
+        format!(
+            "CREATE INDEX IF NOT EXISTS {HNSW_INDEX} \
+             ON conversation_chunks USING hnsw (embedding vector_cosine_ops) \
+             WITH (m = {}, ef_construction = {})",
+            self.m, self.ef_construction
+        )
+    }
+}
 
 /// pgvector indexes `vector` columns of at most 2,000 dimensions with HNSW.
 pub const HNSW_MAX_DIMENSIONS: usize = 2000;
@@ -35,7 +79,7 @@ pub const HNSW_MAX_DIMENSIONS: usize = 2000;
 pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x636f_6e76_7374_6f72;
 
 /// Makes `conversation_chunks.embedding` a `vector(dims)` column with a
-/// cosine HNSW index (m 16, ef_construction 64).
+/// cosine HNSW index built with `hnsw`.
 ///
 /// - No dimension yet (fresh database): checks that stored vectors, if any,
 ///   have `dims` dimensions, then `ALTER ... TYPE vector(dims)`.
@@ -46,7 +90,13 @@ pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x636f_6e76_7374_6f72;
 /// Then creates the index if it is missing. Everything runs in one
 /// transaction under an advisory lock, so instances starting together do it
 /// once and the others wait and find it done.
-pub async fn ensure_vector_column(pool: &PgPool, dims: usize) -> Result<(), StoreError> {
+pub async fn ensure_vector_column(
+    pool: &PgPool,
+    dims: usize,
+    hnsw: HnswBuild,
+) -> Result<(), StoreError> {
+    hnsw.check()
+        .map_err(|reason| StoreError::Schema(format!("the HNSW index: {reason}")))?;
     if dims == 0 || dims > HNSW_MAX_DIMENSIONS {
         return Err(StoreError::Schema(format!(
             "embedding.dimensions is {dims}; the HNSW index supports 1 to {HNSW_MAX_DIMENSIONS} dimensions"
@@ -80,10 +130,49 @@ pub async fn ensure_vector_column(pool: &PgPool, dims: usize) -> Result<(), Stor
         // Checking first instead of relying on IF NOT EXISTS alone: CREATE
         // INDEX takes a SHARE lock on the table even when the index exists,
         // which would stall other instances' writes at every start.
-        sqlx::query(CREATE_HNSW_INDEX).execute(&mut *tx).await?;
+        sqlx::query(sqlx::AssertSqlSafe(hnsw.create_statement()))
+            .execute(&mut *tx)
+            .await?;
+    } else if let Some(built) = index_build(&mut tx).await?
+        && built != hnsw
+    {
+        tracing::warn!(
+            index = HNSW_INDEX,
+            built_m = built.m,
+            built_ef_construction = built.ef_construction,
+            configured_m = hnsw.m,
+            configured_ef_construction = hnsw.ef_construction,
+            "The HNSW index was built with other parameters than database.hnsw_m and \
+             database.hnsw_ef_construction; it keeps them. To rebuild it with the configured \
+             ones, DROP INDEX it and restart convstore, which builds it again at start-up"
+        );
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The build parameters of the existing HNSW index, from its storage
+/// options (pgvector's defaults for an option not given).
+async fn index_build(conn: &mut PgConnection) -> Result<Option<HnswBuild>, StoreError> {
+    let options: Option<Vec<String>> = sqlx::query_scalar(
+        "SELECT coalesce(reloptions, '{}'::text[]) FROM pg_class WHERE oid = to_regclass($1)",
+    )
+    .bind(HNSW_INDEX)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(options.map(|options| {
+        let mut build = HnswBuild::default();
+        for option in options {
+            match option.split_once('=') {
+                Some(("m", v)) => build.m = v.parse().unwrap_or(build.m),
+                Some(("ef_construction", v)) => {
+                    build.ef_construction = v.parse().unwrap_or(build.ef_construction);
+                }
+                _ => {}
+            }
+        }
+        build
+    }))
 }
 
 /// Name of the GIN full-text index on `conversation_chunks.content_tsv`

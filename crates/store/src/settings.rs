@@ -25,14 +25,26 @@ pub struct DatabaseSettings {
     /// PostgreSQL processes run as (PostgreSQL refuses to run as root).
     /// Empty = `convstore` if that account exists, else `nobody`.
     pub managed_user: String,
-    /// Managed mode: `shared_buffers` for the private cluster.
+    /// Managed mode: `shared_buffers` for the private cluster; `auto` = a
+    /// quarter of the memory available, within 128 MB and 2 GB
+    /// ([`crate::managed::memory`]).
     pub managed_shared_buffers: String,
+    /// Managed mode: further server settings (`max_wal_size = "8GB"`),
+    /// applied after convstore's own, which they override. The settings
+    /// managed mode depends on (where and how it listens, where the data
+    /// lives) are refused: [`RESERVED_MANAGED_SETTINGS`].
+    pub managed_settings: BTreeMap<String, String>,
     /// How long start-up waits for the database before giving up.
     pub connect_timeout_ms: NonZeroU64,
     /// `0`: plain tables. `N` (2 to 1,024): `conversations` and
     /// `conversation_chunks` are created `PARTITION BY HASH (user_id)` with
     /// `N` partitions each, on an empty database (docs/STORAGE.md).
     pub partitions: u32,
+    /// HNSW build parameter `m` of the chunk index, used when the index is
+    /// created (an existing index keeps its own).
+    pub hnsw_m: u32,
+    /// HNSW build parameter `ef_construction`, likewise.
+    pub hnsw_ef_construction: u32,
     /// A streaming replica searches are sent to (`""` = the primary).
     /// Everything else, a read after a `stored` acknowledgement included,
     /// goes to the primary: a replica may lag.
@@ -42,7 +54,34 @@ pub struct DatabaseSettings {
 /// The most hash partitions `database.partitions` may ask for.
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// Server settings `database.managed_settings` may not change: the daemon
+/// finds its cluster by them (socket, port, no TCP listener, data and
+/// configuration paths), and `shared_buffers` has its own key.
+pub const RESERVED_MANAGED_SETTINGS: &[&str] = &[
+    "listen_addresses",
+    "port",
+    "unix_socket_directories",
+    "unix_socket_permissions",
+    "unix_socket_group",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "external_pid_file",
+    "shared_buffers",
+    "logging_collector",
+    "log_destination",
+];
+
 impl DatabaseSettings {
+    /// The HNSW index's build parameters.
+    pub fn hnsw(&self) -> crate::schema::HnswBuild {
+        crate::schema::HnswBuild {
+            m: self.hnsw_m,
+            ef_construction: self.hnsw_ef_construction,
+        }
+    }
+
     /// What cannot be used in `[database]` on its own terms (the URL's
     /// form is checked by the daemon's config).
     pub fn validate(&self) -> Result<(), InvalidSetting> {
@@ -54,6 +93,45 @@ impl DatabaseSettings {
                     self.partitions
                 ),
             });
+        }
+        if let Err(reason) = self.hnsw().check() {
+            let key = if reason.starts_with("m ") {
+                "database.hnsw_m"
+            } else {
+                "database.hnsw_ef_construction"
+            };
+            return Err(InvalidSetting {
+                key: key.into(),
+                reason,
+            });
+        }
+        for (name, value) in &self.managed_settings {
+            let key = format!("database.managed_settings.{name}");
+            let well_formed = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            if !well_formed {
+                return Err(InvalidSetting {
+                    key,
+                    reason: "not a PostgreSQL setting name (lower-case letters, digits, `_`, `.`)"
+                        .into(),
+                });
+            }
+            if RESERVED_MANAGED_SETTINGS.contains(&name.as_str()) {
+                let reason = if name == "shared_buffers" {
+                    "set database.managed_shared_buffers instead".to_string()
+                } else {
+                    "managed mode sets it itself and depends on its value".to_string()
+                };
+                return Err(InvalidSetting { key, reason });
+            }
+            if value.trim().is_empty() || value.contains(['\0', '\n', '\r']) {
+                return Err(InvalidSetting {
+                    key,
+                    reason: "must be a non-empty value on one line".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -67,9 +145,12 @@ impl Default for DatabaseSettings {
             write_method: WriteMethod::Copy,
             managed_bin_dir: String::new(),
             managed_user: String::new(),
-            managed_shared_buffers: "256MB".into(),
+            managed_shared_buffers: "auto".into(),
+            managed_settings: BTreeMap::new(),
             connect_timeout_ms: const { nz_u64(30_000) },
             partitions: 0,
+            hnsw_m: 16,
+            hnsw_ef_construction: 64,
             read_url: String::new(),
         }
     }
@@ -180,6 +261,54 @@ mod tests {
         for bad in [1, MAX_PARTITIONS + 1, u32::MAX] {
             let err = with(bad).validate().expect_err("refused");
             assert_eq!(err.key, "database.partitions");
+        }
+    }
+
+    #[test]
+    fn hnsw_parameters_within_pgvectors_limits() {
+        let with = |m, ef| DatabaseSettings {
+            hnsw_m: m,
+            hnsw_ef_construction: ef,
+            ..DatabaseSettings::default()
+        };
+        for (m, ef) in [(16, 64), (8, 100), (2, 4), (100, 1000)] {
+            assert_eq!(with(m, ef).validate(), Ok(()), "{m}/{ef}");
+        }
+        for (m, ef, key) in [
+            (1, 64, "database.hnsw_m"),
+            (101, 1000, "database.hnsw_m"),
+            (16, 31, "database.hnsw_ef_construction"),
+            (16, 1001, "database.hnsw_ef_construction"),
+        ] {
+            let err = with(m, ef).validate().expect_err("refused");
+            assert_eq!(err.key, key, "{m}/{ef}: {}", err.reason);
+        }
+    }
+
+    #[test]
+    fn managed_settings_refuse_what_managed_mode_depends_on() {
+        let with = |name: &str, value: &str| DatabaseSettings {
+            managed_settings: BTreeMap::from([(name.to_string(), value.to_string())]),
+            ..DatabaseSettings::default()
+        };
+        for (name, value) in [
+            ("max_wal_size", "8GB"),
+            ("jit", "on"),
+            ("hnsw.ef_search", "80"),
+        ] {
+            assert_eq!(with(name, value).validate(), Ok(()), "{name}");
+        }
+        for (name, value, says) in [
+            ("port", "5433", "depends on"),
+            ("unix_socket_directories", "/tmp", "depends on"),
+            ("shared_buffers", "1GB", "managed_shared_buffers"),
+            ("Max Wal", "8GB", "not a PostgreSQL setting name"),
+            ("work_mem", "", "non-empty"),
+            ("work_mem", "4MB\nport=1", "one line"),
+        ] {
+            let err = with(name, value).validate().expect_err(name);
+            assert_eq!(err.key, format!("database.managed_settings.{name}"));
+            assert!(err.reason.contains(says), "{name}: {}", err.reason);
         }
     }
 }

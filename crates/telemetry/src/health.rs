@@ -394,6 +394,7 @@ mod tests {
         QueueView {
             depth,
             capacity: 100,
+            admission_limit: None,
             utilization: Some(depth as f64 / 100.0),
             bytes: 0,
             max_bytes: 1000,

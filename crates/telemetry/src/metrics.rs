@@ -15,6 +15,8 @@ pub const INGEST_CONVERSATIONS: &str = "convstore_ingest_conversations_total";
 pub const ENQUEUE_SECONDS: &str = "convstore_enqueue_duration_seconds";
 pub const QUEUE_DEPTH: &str = "convstore_queue_depth";
 pub const QUEUE_CAPACITY: &str = "convstore_queue_capacity";
+pub const QUEUE_ADMISSION_LIMIT: &str = "convstore_queue_admission_limit";
+pub const QUEUE_STORE_RATE: &str = "convstore_queue_store_rate";
 pub const QUEUE_BYTES: &str = "convstore_queue_bytes";
 pub const QUEUE_MAX_BYTES: &str = "convstore_queue_max_bytes";
 pub const QUEUE_WAIT_SECONDS: &str = "convstore_queue_wait_seconds";
@@ -181,6 +183,8 @@ pub const ALL: &[&str] = &[
     ENQUEUE_SECONDS,
     QUEUE_DEPTH,
     QUEUE_CAPACITY,
+    QUEUE_ADMISSION_LIMIT,
+    QUEUE_STORE_RATE,
     QUEUE_BYTES,
     QUEUE_MAX_BYTES,
     QUEUE_WAIT_SECONDS,
@@ -456,6 +460,14 @@ pub fn describe() {
     );
     describe_gauge!(QUEUE_DEPTH, "Conversations waiting in the in-memory queue.");
     describe_gauge!(QUEUE_CAPACITY, "queue.capacity.");
+    describe_gauge!(
+        QUEUE_ADMISSION_LIMIT,
+        "Conversations the queue admits now: queue.max_backlog_seconds at the measured store rate, within queue.capacity."
+    );
+    describe_gauge!(
+        QUEUE_STORE_RATE,
+        "Conversations the pipeline finishes per second while it has work (the admission limit's estimate)."
+    );
     describe_gauge!(
         QUEUE_BYTES,
         Unit::Bytes,

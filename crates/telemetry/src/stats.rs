@@ -137,6 +137,9 @@ pub struct PipelineProbe {
 pub struct LiveQueue {
     pub depth: usize,
     pub capacity: usize,
+    /// What the queue admits now (`capacity`, or less under
+    /// `queue.max_backlog_seconds`).
+    pub admission_limit: usize,
     pub bytes: usize,
     pub max_bytes: usize,
     /// False once shutdown began.
@@ -343,6 +346,7 @@ impl Stats {
         let queue_view = QueueView {
             depth: queue.depth as u64,
             capacity: queue.capacity as u64,
+            admission_limit: Some(queue.admission_limit as u64),
             utilization: ratio(queue.depth as f64, queue.capacity as f64),
             bytes: queue.bytes as u64,
             max_bytes: queue.max_bytes as u64,
@@ -615,6 +619,7 @@ mod tests {
         LiveQueue {
             depth: 10,
             capacity: 100,
+            admission_limit: 100,
             bytes: 1000,
             max_bytes: 10_000,
             accepting: true,

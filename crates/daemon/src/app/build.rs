@@ -5,7 +5,7 @@
 //! the queue: the daemon is ready to take conversations.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -183,6 +183,25 @@ impl App {
             queue.clone(),
             stop_background.clone(),
         ));
+        if settings.queue.max_backlog_seconds > 0 {
+            let done = ctx.conversations_done.clone();
+            // Two full batches per worker: the pipeline never waits for
+            // intake because of the limit.
+            let floor = settings
+                .batch
+                .max_size
+                .get()
+                .saturating_mul(settings.pipeline.workers.get())
+                .saturating_mul(2);
+            background.spawn(crate::admission::run(
+                queue.clone(),
+                move || done.load(Ordering::Relaxed),
+                Duration::from_secs(u64::from(settings.queue.max_backlog_seconds)),
+                floor,
+                settings.batch.max_size.get(),
+                stop_background.clone(),
+            ));
+        }
         background.spawn(super::trim::return_freed_memory(stop_background.clone()));
         let stop_backfill = stop_background.child_token();
         if settings.backfill.enabled {

@@ -146,7 +146,8 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
             Duration::from_millis(settings.database.connect_timeout_ms.get()),
         )
         .await?
-        .with_partitions(settings.database.partitions);
+        .with_partitions(settings.database.partitions)
+        .with_hnsw(settings.database.hnsw());
         store.migrate().await?;
         store
             .prepare_vectors(

@@ -158,9 +158,14 @@ pub fn render(s: &StatsSnapshot, endpoint: &str, color: bool) -> String {
 
     let q = &s.queue;
     let fill = q.utilization.unwrap_or(0.0);
+    // The backlog limit, when it admits less than the capacity.
+    let admits = q
+        .admission_limit
+        .filter(|limit| *limit < q.capacity)
+        .map_or(String::new(), |limit| format!("   admits {}", int(limit)));
     let _ = writeln!(
         o,
-        "QUEUE      [{}] {} / {}  {:>5}   {} / {}{}",
+        "QUEUE      [{}] {} / {}  {:>5}   {} / {}{admits}{}",
         bar(fill, 30),
         int(q.depth),
         int(q.capacity),
@@ -501,6 +506,7 @@ mod tests {
         let snap = stats.snapshot(LiveQueue {
             depth: 60,
             capacity: 100,
+            admission_limit: 80,
             bytes: 2048,
             max_bytes: 1 << 20,
             accepting: true,
@@ -512,6 +518,7 @@ mod tests {
             "HEALTH: CRITICAL",
             "queue 60 % full",
             "QUEUE      [##################............]",
+            "admits 80",
             "embed (request)",
             "300 ms",
             "ollama-1",

@@ -677,10 +677,18 @@ pub async fn readyz(State(state): AppState) -> Response {
     if state.is_shutting_down() {
         reasons.push("shutting down".to_string());
     }
+    // Against what the queue admits now, not its capacity: under the
+    // backlog limit (`queue.max_backlog_seconds`) a queue refuses long
+    // before it is full by count.
     let depth = state.queue.len();
+    let admits = state.queue.admission_limit();
     let capacity = state.queue.capacity();
-    if depth as f64 >= capacity as f64 * SATURATED {
-        reasons.push(format!("queue saturated ({depth}/{capacity})"));
+    if depth as f64 >= admits as f64 * SATURATED {
+        reasons.push(if admits < capacity {
+            format!("queue saturated ({depth}/{admits} admitted at the measured store rate; capacity {capacity})")
+        } else {
+            format!("queue saturated ({depth}/{capacity})")
+        });
     }
     let journal = state.journal().map(|journal| {
         let (bytes, max_bytes) = (journal.bytes(), journal.max_bytes());
@@ -756,7 +764,7 @@ pub async fn readyz(State(state): AppState) -> Response {
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "reasons": reasons,
-        "queue": {"depth": depth, "capacity": capacity},
+        "queue": {"depth": depth, "capacity": capacity, "admission_limit": admits},
         "database": database,
         "journal": journal,
         "backends": backends,

@@ -26,6 +26,7 @@ pub async fn get_stats(State(state): State<Arc<IngressState>>) -> Response {
     let queue = LiveQueue {
         depth: state.queue.len(),
         capacity: state.queue.capacity(),
+        admission_limit: state.queue.admission_limit(),
         bytes: state.queue.bytes(),
         max_bytes: state.queue.max_bytes(),
         accepting: !state.is_shutting_down(),

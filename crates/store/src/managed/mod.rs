@@ -52,6 +52,7 @@ mod binaries;
 mod bootstrap;
 mod initdb;
 mod layout;
+pub mod memory;
 mod process;
 mod recovery;
 

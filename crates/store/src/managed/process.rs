@@ -91,7 +91,7 @@ fn server_args(plan: &Plan, settings: &Settings) -> Vec<String> {
         ("unix_socket_permissions", "0700".into()),
         (
             "shared_buffers",
-            settings.database.managed_shared_buffers.clone(),
+            super::memory::shared_buffers(&settings.database.managed_shared_buffers),
         ),
         ("max_connections", max_connections.to_string()),
         ("maintenance_work_mem", MAINTENANCE_WORK_MEM.into()),
@@ -111,7 +111,14 @@ fn server_args(plan: &Plan, settings: &Settings) -> Vec<String> {
         ("log_destination", "stderr".into()),
     ];
     let mut args = vec!["-D".to_string(), plan.layout.data_dir.display().to_string()];
-    for (key, value) in settings_list {
+    // The operator's `database.managed_settings` come last: PostgreSQL
+    // takes the last `-c` of a name, so they override ours.
+    let operator = settings
+        .database
+        .managed_settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()));
+    for (key, value) in settings_list.into_iter().chain(operator) {
         args.push("-c".into());
         args.push(format!("{key}={value}"));
     }
@@ -150,6 +157,7 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
         user = plan.run_as.as_ref().map_or("(current user)", |a| a.name.as_str()),
         log = %layout.log_path.display(),
         nice = settings.nice,
+        shared_buffers = %super::memory::shared_buffers(&settings.database.managed_shared_buffers),
         "Starting managed PostgreSQL"
     );
     cmd.spawn().map_err(io_err("start", &plan.bins.postgres))

@@ -1,0 +1,471 @@
+//! HNSW-indexed ingest at 100k rows: the managed cluster's settings against
+//! PostgreSQL's stock settings, same binaries, same rows, same run.
+//!
+//! `cargo bench --bench hnsw_ingest`. For each profile it starts a fresh
+//! private cluster, loads `BENCH_PREFILL` chunk rows (100,000) without the
+//! index, builds the index convstore creates (its definition is read back
+//! from the database, so the bench measures what the daemon builds), and
+//! then times `BENCH_ROWS` more rows (6,000) written through
+//! `Store::write_batch` by `BENCH_WRITERS` concurrent batches (4, the
+//! daemon's `pipeline.workers`): the daemon's own write path into an index
+//! that already holds the prefill. Then recall@10 of `BENCH_QUERIES` (200)
+//! queries against exact cosine top-10s computed here, at `hnsw.ef_search`
+//! 40 (pgvector's default) and 200 (`search.ef_search`'s default).
+//!
+//! Profiles (`BENCH_PROFILES`, comma-separated, default all four):
+//! - `stock-1`: PostgreSQL's own defaults where convstore changes them
+//!   (shared_buffers 128MB, maintenance_work_mem 64MB, wal_level replica),
+//!   one writer: a default-configured server fed by one COPY session, as
+//!   `../shared/reference/postgres-bulk-insert.md` measured it;
+//! - `stock`: the same server settings, `BENCH_WRITERS` writers (what the
+//!   managed settings alone change);
+//! - `managed-256MB`: the managed cluster with the fixed shared_buffers it
+//!   had before `auto`;
+//! - `managed`: `DatabaseSettings::default()`, what `convstore serve` runs;
+//! - `managed-m8`: the same with `database.hnsw_m = 8`,
+//!   `database.hnsw_ef_construction = 100` (a cheaper graph, built wider).
+//!
+//! Exploration knobs: `BENCH_MANAGED_SETTINGS="k=v;k=v"` added to the
+//! managed profile's `database.managed_settings`, `BENCH_MANAGED_SHARED_BUFFERS`,
+//! `BENCH_MANAGED_HNSW=m/ef_construction` (its index),
+//! `BENCH_DIMS` (768), `BENCH_VECTORS` (`clustered`, or `uniform`: see
+//! `rows::Vectors`), `BENCH_BATCH` conversations per batch (64),
+//! `BENCH_CHUNKS` per conversation (2).
+// Test code: a panic on what the bench set up itself is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+#[path = "support/rows.rs"]
+mod rows;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convstore_core::model::ChunkVector;
+use convstore_core::model::ReadyConversation;
+use convstore_store::Store;
+use convstore_store::schema::HnswBuild;
+use convstore_store::settings::DatabaseSettings;
+use rows::{CpuMeter, Generator, Rng, Vectors, write_all};
+use uuid::Uuid;
+
+struct Params {
+    prefill: usize,
+    rows: usize,
+    writers: usize,
+    queries: usize,
+    dims: usize,
+    batch: usize,
+    chunks: usize,
+    clustered: bool,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(default)
+}
+
+struct Profile {
+    name: &'static str,
+    shared_buffers: String,
+    settings: BTreeMap<String, String>,
+    /// Concurrent writers (`None`: `BENCH_WRITERS`).
+    writers: Option<usize>,
+    /// How the index is built.
+    hnsw: HnswBuild,
+}
+
+/// PostgreSQL 16's defaults for what the managed cluster sets on the
+/// command line, so that only the binaries are ours.
+fn stock_settings() -> BTreeMap<String, String> {
+    [
+        ("maintenance_work_mem", "64MB"),
+        ("autovacuum_work_mem", "-1"),
+        ("wal_level", "replica"),
+        ("max_wal_senders", "10"),
+        ("max_wal_size", "1GB"),
+        ("checkpoint_timeout", "5min"),
+        ("synchronous_commit", "on"),
+        ("jit", "on"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// `BENCH_MANAGED_HNSW=m/ef_construction` for the `managed` profile.
+fn managed_hnsw(defaults: HnswBuild) -> HnswBuild {
+    std::env::var("BENCH_MANAGED_HNSW").map_or(defaults, |text| {
+        let (m, ef) = text
+            .split_once('/')
+            .expect("BENCH_MANAGED_HNSW=m/ef_construction");
+        HnswBuild {
+            m: m.trim().parse().expect("m"),
+            ef_construction: ef.trim().parse().expect("ef_construction"),
+        }
+    })
+}
+
+fn profiles() -> Vec<Profile> {
+    let wanted = std::env::var("BENCH_PROFILES")
+        .unwrap_or_else(|_| "stock-1,stock,managed-256MB,managed,managed-m8".into());
+    let defaults = DatabaseSettings::default();
+    wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|name| match name {
+            "stock-1" => Profile {
+                name: "stock-1",
+                shared_buffers: "128MB".into(),
+                settings: stock_settings(),
+                writers: Some(1),
+                hnsw: HnswBuild::default(),
+            },
+            "stock" => Profile {
+                name: "stock",
+                shared_buffers: "128MB".into(),
+                settings: stock_settings(),
+                writers: None,
+                hnsw: HnswBuild::default(),
+            },
+            "managed-256MB" => Profile {
+                name: "managed-256MB",
+                shared_buffers: "256MB".into(),
+                settings: defaults.managed_settings.clone(),
+                writers: None,
+                hnsw: defaults.hnsw(),
+            },
+            "managed-m8" => Profile {
+                name: "managed-m8",
+                shared_buffers: defaults.managed_shared_buffers.clone(),
+                settings: defaults.managed_settings.clone(),
+                writers: None,
+                hnsw: HnswBuild {
+                    m: 8,
+                    ef_construction: 100,
+                },
+            },
+            "managed" => {
+                let mut settings = defaults.managed_settings.clone();
+                if let Ok(extra) = std::env::var("BENCH_MANAGED_SETTINGS") {
+                    for pair in extra.split(';').filter(|p| !p.trim().is_empty()) {
+                        let (k, v) = pair
+                            .split_once('=')
+                            .expect("BENCH_MANAGED_SETTINGS: k=v;k=v");
+                        settings.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                }
+                Profile {
+                    name: "managed",
+                    shared_buffers: std::env::var("BENCH_MANAGED_SHARED_BUFFERS")
+                        .unwrap_or_else(|_| defaults.managed_shared_buffers.clone()),
+                    settings,
+                    writers: None,
+                    hnsw: managed_hnsw(defaults.hnsw()),
+                }
+            }
+            other => panic!(
+                "BENCH_PROFILES: unknown profile `{other}` (stock-1, stock, managed-256MB, managed, managed-m8)"
+            ),
+        })
+        .collect()
+}
+
+/// A chunk row's key and vector, kept for the exact top-10s.
+struct Stored {
+    conversation_id: Uuid,
+    seq: i32,
+    vector: Arc<[f32]>,
+}
+
+fn keep(stored: &mut Vec<Stored>, batches: &[Vec<ReadyConversation>]) {
+    for conversation in batches.iter().flatten() {
+        for chunk in &conversation.chunks {
+            if let ChunkVector::Embedded(v) = &chunk.vector {
+                stored.push(Stored {
+                    conversation_id: conversation.conversation.id,
+                    seq: chunk.chunk.seq,
+                    vector: v.clone(),
+                });
+            }
+        }
+    }
+}
+
+struct Outcome {
+    name: &'static str,
+    writers: usize,
+    rows: usize,
+    elapsed: Duration,
+    server_cpu: Duration,
+    index_mb: i64,
+    recall: Vec<(u32, f64)>,
+    settings: String,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+async fn run_profile(profile: &Profile, p: &Params) -> Outcome {
+    let writers = profile.writers.unwrap_or(p.writers);
+    let cluster = cluster::TestCluster::start_with(|s| {
+        s.database.managed_shared_buffers = profile.shared_buffers.clone();
+        s.database.managed_settings = profile.settings.clone();
+        s.database.pool_size = std::num::NonZeroU32::new(writers as u32 + 2).unwrap();
+    })
+    .await;
+    let cpu = CpuMeter::new(Some(cluster.cluster().data_dir().to_path_buf()));
+    let store = Store::connect(&cluster.url(), writers as u32 + 2, Duration::from_secs(60))
+        .await
+        .expect("connect")
+        .with_hnsw(profile.hnsw);
+    store.migrate().await.expect("migrate");
+    store.ensure_vector_column(p.dims).await.expect("index");
+    let settings: String = sqlx::query_scalar(
+        "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name) \
+         FROM pg_settings WHERE name IN ('shared_buffers', 'maintenance_work_mem', 'wal_level', \
+         'max_wal_size', 'checkpoint_timeout', 'synchronous_commit', 'full_page_writes', \
+         'wal_compression', 'effective_cache_size')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("settings");
+    let index_def: String = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(to_regclass('conversation_chunks_embedding_hnsw_idx'))",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("index definition");
+    println!(
+        "[{}] {settings}\n[{}] {index_def}",
+        profile.name, profile.name
+    );
+    sqlx::query("DROP INDEX conversation_chunks_embedding_hnsw_idx")
+        .execute(store.pool())
+        .await
+        .expect("drop index");
+
+    // The same rows for every profile: the generator restarts per profile.
+    let mut rng = Rng(0xc1_5eed);
+    let vectors = if p.clustered {
+        Vectors::clustered(&mut rng, p.dims, 200, 50)
+    } else {
+        Vectors::Uniform
+    };
+    let mut gen_ = Generator::new(0x5eed, p.dims, p.chunks, vectors);
+    let mut stored = Vec::with_capacity(p.prefill + p.rows);
+    let per_batch = p.batch * p.chunks;
+
+    let started = Instant::now();
+    let mut loaded = 0;
+    while loaded < p.prefill {
+        // A thousand batches at most in memory at a time.
+        let n = (p.prefill - loaded).div_ceil(per_batch).min(100);
+        let batches: Vec<_> = (0..n).map(|_| gen_.batch(p.batch)).collect();
+        keep(&mut stored, &batches);
+        let (rows, _) = write_all(&store, batches, 2).await;
+        loaded += rows;
+    }
+    println!(
+        "[{}] prefill: {loaded} rows without the index in {:.1}s",
+        profile.name,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Built in one pass with room for the whole graph (setup, not measured;
+    // the stock server would otherwise build for many minutes), then a
+    // checkpoint so the measurement starts with nothing dirty.
+    let started = Instant::now();
+    {
+        let mut conn = store.pool().acquire().await.expect("connection");
+        sqlx::query("SET maintenance_work_mem = '2GB'")
+            .execute(&mut *conn)
+            .await
+            .expect("set");
+        sqlx::query(sqlx::AssertSqlSafe(index_def.clone()))
+            .execute(&mut *conn)
+            .await
+            .expect("build index");
+        sqlx::query("RESET maintenance_work_mem")
+            .execute(&mut *conn)
+            .await
+            .expect("reset");
+        sqlx::query("CHECKPOINT").execute(&mut *conn).await.ok();
+    }
+    println!(
+        "[{}] index built in {:.1}s",
+        profile.name,
+        started.elapsed().as_secs_f64()
+    );
+
+    let batches: Vec<_> = (0..p.rows.div_ceil(per_batch))
+        .map(|_| gen_.batch(p.batch))
+        .collect();
+    keep(&mut stored, &batches);
+    let (server_before, _) = cpu.sample();
+    let (rows, elapsed) = write_all(&store, batches, writers).await;
+    let (server_after, _) = cpu.sample();
+    let index_mb: i64 = sqlx::query_scalar(
+        "SELECT pg_relation_size(to_regclass('conversation_chunks_embedding_hnsw_idx')) / 1048576",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("index size");
+    println!(
+        "[{}] {rows} rows into the indexed table by {writers} writer(s) in {:.1}s = {:.0} rows/s",
+        profile.name,
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64()
+    );
+
+    let queries: Vec<Vec<f32>> = (0..p.queries).map(|_| gen_.query_vector()).collect();
+    let exact: Vec<Vec<(Uuid, i32)>> = queries.iter().map(|q| exact_top10(&stored, q)).collect();
+    let mut recall = Vec::new();
+    for ef in [40u32, 200] {
+        recall.push((ef, index_recall(&store, &queries, &exact, ef).await));
+    }
+    store.close().await;
+    drop(cluster);
+    Outcome {
+        name: profile.name,
+        writers,
+        rows,
+        elapsed,
+        server_cpu: server_after.saturating_sub(server_before),
+        index_mb,
+        recall,
+        settings,
+    }
+}
+
+fn exact_top10(stored: &[Stored], query: &[f32]) -> Vec<(Uuid, i32)> {
+    let mut scored: Vec<(f32, usize)> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                s.vector.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(),
+                i,
+            )
+        })
+        .collect();
+    scored.select_nth_unstable_by(9, |a, b| b.0.total_cmp(&a.0));
+    scored[..10]
+        .iter()
+        .map(|&(_, i)| (stored[i].conversation_id, stored[i].seq))
+        .collect()
+}
+
+async fn index_recall(
+    store: &Store,
+    queries: &[Vec<f32>],
+    exact: &[Vec<(Uuid, i32)>],
+    ef_search: u32,
+) -> f64 {
+    let mut conn = store.pool().acquire().await.expect("connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET hnsw.ef_search = {ef_search}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .expect("ef_search");
+    let sql = "SELECT conversation_id, seq FROM conversation_chunks \
+               ORDER BY embedding <=> $1::text::vector LIMIT 10";
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .bind(vector_text(&queries[0]))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("explain");
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("conversation_chunks_embedding_hnsw_idx")),
+        "the query must read the index: {plan:?}"
+    );
+    let mut found = 0usize;
+    for (query, truth) in queries.iter().zip(exact) {
+        let rows: Vec<(Uuid, i32)> = sqlx::query_as(sql)
+            .bind(vector_text(query))
+            .fetch_all(&mut *conn)
+            .await
+            .expect("search");
+        found += rows.iter().filter(|r| truth.contains(r)).count();
+    }
+    found as f64 / (queries.len() * 10).max(1) as f64
+}
+
+fn vector_text(v: &[f32]) -> String {
+    let parts: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    format!("[{}]", parts.join(","))
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it: no measurement then, it takes minutes.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let p = Params {
+        prefill: env_usize("BENCH_PREFILL", 100_000),
+        rows: env_usize("BENCH_ROWS", 6_000),
+        writers: env_usize("BENCH_WRITERS", 4),
+        queries: env_usize("BENCH_QUERIES", 200),
+        dims: env_usize("BENCH_DIMS", 768),
+        batch: env_usize("BENCH_BATCH", 64),
+        chunks: env_usize("BENCH_CHUNKS", 2),
+        clustered: std::env::var("BENCH_VECTORS").map_or(true, |v| v != "uniform"),
+    };
+    println!(
+        "{} rows prefilled, {} timed by {} writers, {} dims ({} vectors), {} conversations x {} chunks per batch",
+        p.prefill,
+        p.rows,
+        p.writers,
+        p.dims,
+        if p.clustered { "clustered" } else { "uniform" },
+        p.batch,
+        p.chunks
+    );
+    let mut outcomes = Vec::new();
+    for profile in profiles() {
+        outcomes.push(run_profile(&profile, &p).await);
+    }
+    let rate_of = |name: &str| outcomes.iter().find(|o| o.name == name).map(Outcome::rate);
+    let (base_one, base) = (rate_of("stock-1"), rate_of("stock"));
+    println!(
+        "\n| profile | writers | rows/s into the indexed table | × stock-1 | × stock | server CPU µs/row | index MB | recall@10 ef_search 40 | recall@10 ef_search 200 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for o in &outcomes {
+        let ratio_to =
+            |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", o.rate() / b));
+        let (ratio_one, ratio) = (ratio_to(base_one), ratio_to(base));
+        let recall = |ef| {
+            o.recall
+                .iter()
+                .find(|(e, _)| *e == ef)
+                .map_or(0.0, |(_, r)| *r)
+        };
+        println!(
+            "| {} | {} | {:.0} | {ratio_one} | {ratio} | {:.0} | {} | {:.3} | {:.3} |",
+            o.name,
+            o.writers,
+            o.rate(),
+            o.server_cpu.as_secs_f64() * 1e6 / o.rows.max(1) as f64,
+            o.index_mb,
+            recall(40),
+            recall(200)
+        );
+    }
+    for o in &outcomes {
+        println!("{}: {}", o.name, o.settings);
+    }
+}

@@ -1,0 +1,262 @@
+//! Admission by backlog seconds: the queue admits what the pipeline stores
+//! in `queue.max_backlog_seconds`, not a fixed count.
+//!
+//! Intake is cheap and storage is not: a machine that acknowledges 10k
+//! conversations a second and stores 200 would fill `queue.capacity` in a
+//! second and then hold minutes of work (and up to `queue.max_bytes` of
+//! memory) that every caller waiting for `stored` sits behind. So once a
+//! second [`run`] measures how fast the pipeline stores *while it has work*
+//! and sets the queue's admission limit ([`BoundedQueue::set_admission_limit`])
+//! to that rate times the allowed backlog. Past it, intake answers 429 with
+//! `Retry-After` (or blocks, `when_full = "block"`), exactly as for a full
+//! queue: a refusal, never a loss.
+//!
+//! The estimate ([`StoreRate`]) only learns from seconds in which the
+//! pipeline had more work than it could take, from start to end (at least
+//! a full batch queued at both ends: every worker was busy), since a
+//! pipeline that keeps up stores what arrives, not what it can. It is a
+//! moving average over intervals that end in a store, so a database outage
+//! (nothing stored for a long while) freezes it instead of dragging it to
+//! zero and the queue keeps its room to ride the outage out. Until it has
+//! measured anything the count bound (`queue.capacity`) applies alone; the
+//! limit never falls below a floor that keeps every worker fed with full
+//! batches.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::BoundedQueue;
+use convstore_telemetry::metrics as m;
+
+/// How often the limit follows the rate.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// An interval with work and no store that lasts longer than this is a
+/// stall (database down, embedding backend gone), not a rate: dropped.
+const STALL: Duration = Duration::from_secs(30);
+/// Time constant of the moving average: a change of store rate (a slower
+/// model, a bigger index) reaches the limit within a few of these.
+const SMOOTHING: Duration = Duration::from_secs(10);
+
+/// The store rate the pipeline achieves while it has work, learnt from
+/// successive observations of the stored-conversations total.
+#[derive(Debug, Clone)]
+pub struct StoreRate {
+    per_second: Option<f64>,
+    /// Stored total and time at the last observation.
+    last: Option<(u64, Instant, bool)>,
+    /// Busy time since the last store.
+    busy: Duration,
+    /// Busy past [`STALL`] without a store: the interval that ends at the
+    /// next store is an outage's, not a rate's.
+    stalled: bool,
+}
+
+impl Default for StoreRate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StoreRate {
+    pub fn new() -> StoreRate {
+        StoreRate {
+            per_second: None,
+            last: None,
+            busy: Duration::ZERO,
+            stalled: false,
+        }
+    }
+
+    /// Conversations stored per second while busy; `None` until measured.
+    pub fn per_second(&self) -> Option<f64> {
+        self.per_second
+    }
+
+    /// Records that `stored_total` conversations had been stored by `now`
+    /// and whether the pipeline had more work waiting than it could take
+    /// (`queued`).
+    pub fn observe(&mut self, now: Instant, stored_total: u64, queued: bool) {
+        let Some((before, then, was_queued)) = self.last.replace((stored_total, now, queued))
+        else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(then);
+        if !(was_queued && queued) {
+            // Idle for part of it: what was stored says nothing of capacity.
+            self.busy = Duration::ZERO;
+            self.stalled = false;
+            return;
+        }
+        self.busy += elapsed;
+        let stored = stored_total.saturating_sub(before);
+        if stored == 0 {
+            self.stalled |= self.busy > STALL;
+            return;
+        }
+        if std::mem::take(&mut self.stalled) {
+            self.busy = Duration::ZERO;
+            return;
+        }
+        let sample = stored as f64 / self.busy.as_secs_f64().max(1e-3);
+        let weight = 1.0 - (-self.busy.as_secs_f64() / SMOOTHING.as_secs_f64()).exp();
+        self.per_second = Some(match self.per_second {
+            Some(rate) => rate + weight * (sample - rate),
+            None => sample,
+        });
+        self.busy = Duration::ZERO;
+    }
+}
+
+/// What the queue admits for `rate` and `max_backlog`: the backlog's worth
+/// of conversations, at least `floor`, at most `capacity` (also without a
+/// rate yet, or with `max_backlog` zero: admission by count only).
+pub fn admission_limit(
+    rate: Option<f64>,
+    max_backlog: Duration,
+    floor: usize,
+    capacity: usize,
+) -> usize {
+    match rate {
+        Some(per_second) if !max_backlog.is_zero() => {
+            let items = (per_second * max_backlog.as_secs_f64()).ceil();
+            // f64 → usize saturates; the clamp keeps it in range anyway.
+            (items as usize).clamp(floor.min(capacity), capacity)
+        }
+        _ => capacity,
+    }
+}
+
+/// Moves `queue`'s admission limit with the store rate until `stop`.
+/// `stored_total` reads the lifetime count of conversations the pipeline
+/// finished; `busy_at` is the queue depth (a full batch) from which every
+/// worker counts as busy.
+pub async fn run<T: Send + 'static>(
+    queue: Arc<BoundedQueue<T>>,
+    stored_total: impl Fn() -> u64 + Send + 'static,
+    max_backlog: Duration,
+    floor: usize,
+    busy_at: usize,
+    stop: CancellationToken,
+) {
+    let mut rate = StoreRate::new();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        rate.observe(
+            Instant::now(),
+            stored_total(),
+            queue.len() >= busy_at.max(1),
+        );
+        let limit = admission_limit(rate.per_second(), max_backlog, floor, queue.capacity());
+        queue.set_admission_limit(limit);
+        metrics::gauge!(m::QUEUE_ADMISSION_LIMIT).set(queue.admission_limit() as f64);
+        if let Some(r) = rate.per_second() {
+            metrics::gauge!(m::QUEUE_STORE_RATE).set(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, secs: u64) -> Instant {
+        start + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn learns_the_rate_only_while_the_pipeline_has_work() {
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        rate.observe(t0, 0, true);
+        assert_eq!(rate.per_second(), None, "one observation is no rate");
+        // Busy: 200 a second for 20 s.
+        for s in 1..=20 {
+            rate.observe(at(t0, s), 200 * s, true);
+        }
+        let busy = rate.per_second().expect("measured");
+        assert!((busy - 200.0).abs() < 1e-6, "{busy}");
+        // Idle (queue empty): a trickle of 5 a second teaches nothing.
+        for s in 21..=80 {
+            rate.observe(at(t0, s), 4_000 + 5 * (s - 20), false);
+        }
+        assert_eq!(rate.per_second(), Some(busy));
+    }
+
+    #[test]
+    fn a_slow_pipeline_is_measured_between_its_commits() {
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        // One batch of 64 every 8 s, the queue never empty: 8 a second.
+        let mut stored = 0;
+        for s in 0..=64 {
+            if s > 0 && s % 8 == 0 {
+                stored += 64;
+            }
+            rate.observe(at(t0, s), stored, true);
+        }
+        let r = rate.per_second().expect("measured");
+        assert!((r - 8.0).abs() < 1e-6, "{r}");
+    }
+
+    #[test]
+    fn a_stall_freezes_the_estimate_instead_of_dragging_it_to_zero() {
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        for s in 0..=10 {
+            rate.observe(at(t0, s), 100 * s, true);
+        }
+        let before = rate.per_second().expect("measured");
+        // The database is down for five minutes with work queued.
+        for s in 11..=310 {
+            rate.observe(at(t0, s), 1_000, true);
+        }
+        assert_eq!(rate.per_second(), Some(before));
+        // It comes back: the first store after the stall is not averaged
+        // over the outage, the next ones are measured again.
+        rate.observe(at(t0, 311), 1_100, true);
+        assert_eq!(rate.per_second(), Some(before));
+        rate.observe(at(t0, 312), 1_150, true);
+        let after = rate.per_second().expect("measured");
+        assert!(after < before && after > 50.0, "{after}");
+    }
+
+    #[test]
+    fn a_change_of_rate_reaches_the_estimate_within_a_few_time_constants() {
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        let mut stored = 0;
+        for s in 0..=30 {
+            rate.observe(at(t0, s), stored, true);
+            stored += 1_000;
+        }
+        for s in 31..=90 {
+            rate.observe(at(t0, s), stored, true);
+            stored += 100;
+        }
+        let r = rate.per_second().expect("measured");
+        assert!((r - 100.0).abs() < 100.0 * 0.05, "{r}");
+    }
+
+    #[test]
+    fn the_limit_is_the_backlog_at_the_rate_within_floor_and_capacity() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(admission_limit(None, ten, 512, 10_000), 10_000);
+        assert_eq!(admission_limit(Some(300.0), ten, 512, 10_000), 3_000);
+        assert_eq!(admission_limit(Some(20.0), ten, 512, 10_000), 512);
+        assert_eq!(admission_limit(Some(5_000.0), ten, 512, 10_000), 10_000);
+        assert_eq!(
+            admission_limit(Some(300.0), Duration::ZERO, 512, 10_000),
+            10_000
+        );
+        // A floor above the capacity cannot raise the limit past it.
+        assert_eq!(admission_limit(Some(1.0), ten, 512, 100), 100);
+        assert_eq!(admission_limit(Some(f64::INFINITY), ten, 512, 100), 100);
+    }
+}
