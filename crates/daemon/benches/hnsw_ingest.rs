@@ -12,7 +12,8 @@
 //! queries against exact cosine top-10s computed here, at `hnsw.ef_search`
 //! 40 (pgvector's default) and 200 (`search.ef_search`'s default).
 //!
-//! Profiles (`BENCH_PROFILES`, comma-separated, default all four):
+//! Profiles (`BENCH_PROFILES`, comma-separated; default all but
+//! `managed-256MB`):
 //! - `stock-1`: PostgreSQL's own defaults where convstore changes them
 //!   (shared_buffers 128MB, maintenance_work_mem 64MB, wal_level replica),
 //!   one writer: a default-configured server fed by one COPY session, as
@@ -21,16 +22,18 @@
 //!   managed settings alone change);
 //! - `managed-256MB`: the managed cluster with the fixed shared_buffers it
 //!   had before `auto`;
-//! - `managed`: `DatabaseSettings::default()`, what `convstore serve` runs;
-//! - `managed-m8`: the same with `database.hnsw_m = 8`,
-//!   `database.hnsw_ef_construction = 100` (a cheaper graph, built wider).
+//! - `managed-m16`: the managed cluster's settings with pgvector's default
+//!   index (m 16, ef_construction 64), convstore's index before issue 22;
+//! - `managed`: `DatabaseSettings::default()`, what `convstore serve` runs
+//!   (m 8, ef_construction 100).
 //!
 //! Exploration knobs: `BENCH_MANAGED_SETTINGS="k=v;k=v"` added to the
 //! managed profile's `database.managed_settings`, `BENCH_MANAGED_SHARED_BUFFERS`,
 //! `BENCH_MANAGED_HNSW=m/ef_construction` (its index),
 //! `BENCH_DIMS` (768), `BENCH_VECTORS` (`clustered`, or `uniform`: see
 //! `rows::Vectors`), `BENCH_BATCH` conversations per batch (64),
-//! `BENCH_CHUNKS` per conversation (2).
+//! `BENCH_CHUNKS` per conversation (2), `BENCH_REPEAT` repetitions (3; the
+//! profiles interleaved, medians reported).
 // Test code: a panic on what the bench set up itself is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -113,7 +116,7 @@ fn managed_hnsw(defaults: HnswBuild) -> HnswBuild {
 
 fn profiles() -> Vec<Profile> {
     let wanted = std::env::var("BENCH_PROFILES")
-        .unwrap_or_else(|_| "stock-1,stock,managed-256MB,managed,managed-m8".into());
+        .unwrap_or_else(|_| "stock-1,stock,managed-m16,managed".into());
     let defaults = DatabaseSettings::default();
     wanted
         .split(',')
@@ -141,15 +144,12 @@ fn profiles() -> Vec<Profile> {
                 writers: None,
                 hnsw: defaults.hnsw(),
             },
-            "managed-m8" => Profile {
-                name: "managed-m8",
+            "managed-m16" => Profile {
+                name: "managed-m16",
                 shared_buffers: defaults.managed_shared_buffers.clone(),
                 settings: defaults.managed_settings.clone(),
                 writers: None,
-                hnsw: HnswBuild {
-                    m: 8,
-                    ef_construction: 100,
-                },
+                hnsw: HnswBuild::default(),
             },
             "managed" => {
                 let mut settings = defaults.managed_settings.clone();
@@ -171,7 +171,7 @@ fn profiles() -> Vec<Profile> {
                 }
             }
             other => panic!(
-                "BENCH_PROFILES: unknown profile `{other}` (stock-1, stock, managed-256MB, managed, managed-m8)"
+                "BENCH_PROFILES: unknown profile `{other}` (stock-1, stock, managed-256MB, managed-m16, managed)"
             ),
         })
         .collect()
@@ -206,12 +206,33 @@ struct Outcome {
     server_cpu: Duration,
     index_mb: i64,
     recall: Vec<(u32, f64)>,
+    /// Per `ef_search`: p50 and p99 of one search, ms (queries one after
+    /// another on one connection, nothing else running).
+    search_ms: Vec<(u32, f64, f64)>,
     settings: String,
 }
 
 impl Outcome {
     fn rate(&self) -> f64 {
         self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn server_us_per_row(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.rows.max(1) as f64
+    }
+
+    fn search_ms_at(&self, ef_search: u32) -> (f64, f64) {
+        self.search_ms
+            .iter()
+            .find(|(e, _, _)| *e == ef_search)
+            .map_or((0.0, 0.0), |&(_, p50, p99)| (p50, p99))
+    }
+
+    fn recall_at(&self, ef_search: u32) -> f64 {
+        self.recall
+            .iter()
+            .find(|(e, _)| *e == ef_search)
+            .map_or(0.0, |(_, r)| *r)
     }
 }
 
@@ -330,8 +351,11 @@ async fn run_profile(profile: &Profile, p: &Params) -> Outcome {
     let queries: Vec<Vec<f32>> = (0..p.queries).map(|_| gen_.query_vector()).collect();
     let exact: Vec<Vec<(Uuid, i32)>> = queries.iter().map(|q| exact_top10(&stored, q)).collect();
     let mut recall = Vec::new();
+    let mut search_ms = Vec::new();
     for ef in [40u32, 200] {
-        recall.push((ef, index_recall(&store, &queries, &exact, ef).await));
+        let (r, p50, p99) = index_recall(&store, &queries, &exact, ef).await;
+        recall.push((ef, r));
+        search_ms.push((ef, p50, p99));
     }
     store.close().await;
     drop(cluster);
@@ -343,6 +367,7 @@ async fn run_profile(profile: &Profile, p: &Params) -> Outcome {
         server_cpu: server_after.saturating_sub(server_before),
         index_mb,
         recall,
+        search_ms,
         settings,
     }
 }
@@ -370,7 +395,7 @@ async fn index_recall(
     queries: &[Vec<f32>],
     exact: &[Vec<(Uuid, i32)>],
     ef_search: u32,
-) -> f64 {
+) -> (f64, f64, f64) {
     let mut conn = store.pool().acquire().await.expect("connection");
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SET hnsw.ef_search = {ef_search}"
@@ -391,15 +416,25 @@ async fn index_recall(
         "the query must read the index: {plan:?}"
     );
     let mut found = 0usize;
+    let mut millis = Vec::with_capacity(queries.len());
     for (query, truth) in queries.iter().zip(exact) {
+        let text = vector_text(query);
+        let started = Instant::now();
         let rows: Vec<(Uuid, i32)> = sqlx::query_as(sql)
-            .bind(vector_text(query))
+            .bind(text)
             .fetch_all(&mut *conn)
             .await
             .expect("search");
+        millis.push(started.elapsed().as_secs_f64() * 1e3);
         found += rows.iter().filter(|r| truth.contains(r)).count();
     }
-    found as f64 / (queries.len() * 10).max(1) as f64
+    millis.sort_by(f64::total_cmp);
+    let at = |q: f64| millis[((millis.len() as f64 * q) as usize).min(millis.len() - 1)];
+    (
+        found as f64 / (queries.len() * 10).max(1) as f64,
+        at(0.5),
+        at(0.99),
+    )
 }
 
 fn vector_text(v: &[f32]) -> String {
@@ -434,38 +469,98 @@ async fn main() {
         p.batch,
         p.chunks
     );
-    let mut outcomes = Vec::new();
-    for profile in profiles() {
-        outcomes.push(run_profile(&profile, &p).await);
+    // Repetitions interleave the profiles, so that a slow spell of the
+    // machine falls on all of them rather than on one.
+    let repeat = env_usize("BENCH_REPEAT", 3);
+    let profiles = profiles();
+    let mut runs: Vec<Vec<Outcome>> = profiles.iter().map(|_| Vec::new()).collect();
+    for rep in 1..=repeat {
+        for (i, profile) in profiles.iter().enumerate() {
+            println!("== repetition {rep}/{repeat}: {}", profile.name);
+            runs[i].push(run_profile(profile, &p).await);
+        }
     }
-    let rate_of = |name: &str| outcomes.iter().find(|o| o.name == name).map(Outcome::rate);
+    println!("\nEach run (rows/s, recall@10 at ef_search 40 / 200):");
+    for outcomes in &runs {
+        for o in outcomes {
+            let (p50, p99) = o.search_ms_at(200);
+            println!(
+                "  {}: {:.0} rows/s, {:.0} µs server CPU/row, recall {:.3} / {:.3}, search at ef_search 200 p50 {p50:.1} ms p99 {p99:.1} ms",
+                o.name,
+                o.rate(),
+                o.server_us_per_row(),
+                o.recall_at(40),
+                o.recall_at(200)
+            );
+        }
+    }
+    let medians: Vec<Median> = runs.iter().map(|o| Median::of(o)).collect();
+    let rate_of = |name: &str| medians.iter().find(|m| m.name == name).map(|m| m.rate);
     let (base_one, base) = (rate_of("stock-1"), rate_of("stock"));
     println!(
-        "\n| profile | writers | rows/s into the indexed table | × stock-1 | × stock | server CPU µs/row | index MB | recall@10 ef_search 40 | recall@10 ef_search 200 |"
+        "\nMedians of {repeat}:\n\n| profile | writers | rows/s into the indexed table (min–max) | × stock-1 | × stock | server CPU µs/row | index MB | recall@10 ef_search 40 | recall@10 ef_search 200 | search p50 / p99 at 200 |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for o in &outcomes {
-        let ratio_to =
-            |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", o.rate() / b));
-        let (ratio_one, ratio) = (ratio_to(base_one), ratio_to(base));
-        let recall = |ef| {
-            o.recall
-                .iter()
-                .find(|(e, _)| *e == ef)
-                .map_or(0.0, |(_, r)| *r)
-        };
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for m in &medians {
+        let ratio_to = |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}", m.rate / b));
         println!(
-            "| {} | {} | {:.0} | {ratio_one} | {ratio} | {:.0} | {} | {:.3} | {:.3} |",
-            o.name,
-            o.writers,
-            o.rate(),
-            o.server_cpu.as_secs_f64() * 1e6 / o.rows.max(1) as f64,
-            o.index_mb,
-            recall(40),
-            recall(200)
+            "| {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.0} | {} | {:.3} | {:.3} | {:.1} / {:.1} ms |",
+            m.name,
+            m.writers,
+            m.rate,
+            m.min_rate,
+            m.max_rate,
+            ratio_to(base_one),
+            ratio_to(base),
+            m.server_us_per_row,
+            m.index_mb,
+            m.recall_40,
+            m.recall_200,
+            m.search_p50,
+            m.search_p99
         );
     }
-    for o in &outcomes {
-        println!("{}: {}", o.name, o.settings);
+    for outcomes in &runs {
+        if let Some(o) = outcomes.first() {
+            println!("{}: {}", o.name, o.settings);
+        }
+    }
+}
+
+/// One profile's repetitions, summarised.
+struct Median {
+    name: &'static str,
+    writers: usize,
+    rate: f64,
+    min_rate: f64,
+    max_rate: f64,
+    server_us_per_row: f64,
+    index_mb: i64,
+    recall_40: f64,
+    recall_200: f64,
+    search_p50: f64,
+    search_p99: f64,
+}
+
+impl Median {
+    fn of(outcomes: &[Outcome]) -> Median {
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        let rates: Vec<f64> = outcomes.iter().map(Outcome::rate).collect();
+        Median {
+            name: outcomes.first().map_or("?", |o| o.name),
+            writers: outcomes.first().map_or(0, |o| o.writers),
+            rate: median(rates.clone()),
+            min_rate: rates.iter().copied().fold(f64::INFINITY, f64::min),
+            max_rate: rates.iter().copied().fold(0.0, f64::max),
+            server_us_per_row: median(outcomes.iter().map(Outcome::server_us_per_row).collect()),
+            index_mb: outcomes.first().map_or(0, |o| o.index_mb),
+            recall_40: median(outcomes.iter().map(|o| o.recall_at(40)).collect()),
+            recall_200: median(outcomes.iter().map(|o| o.recall_at(200)).collect()),
+            search_p50: median(outcomes.iter().map(|o| o.search_ms_at(200).0).collect()),
+            search_p99: median(outcomes.iter().map(|o| o.search_ms_at(200).1).collect()),
+        }
     }
 }
