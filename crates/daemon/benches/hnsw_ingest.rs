@@ -42,6 +42,9 @@ mod cluster;
 #[path = "support/rows.rs"]
 mod rows;
 
+#[path = "support/knobs.rs"]
+mod knobs;
+use knobs::{env_usize, percentile};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,14 +66,6 @@ struct Params {
     batch: usize,
     chunks: usize,
     clustered: bool,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
 }
 
 struct Profile {
@@ -429,11 +424,10 @@ async fn index_recall(
         found += rows.iter().filter(|r| truth.contains(r)).count();
     }
     millis.sort_by(f64::total_cmp);
-    let at = |q: f64| millis[((millis.len() as f64 * q) as usize).min(millis.len() - 1)];
     (
         found as f64 / (queries.len() * 10).max(1) as f64,
-        at(0.5),
-        at(0.99),
+        percentile(&millis, 0.5),
+        percentile(&millis, 0.99),
     )
 }
 
@@ -546,7 +540,7 @@ impl Median {
     fn of(outcomes: &[Outcome]) -> Median {
         let median = |mut values: Vec<f64>| {
             values.sort_by(f64::total_cmp);
-            values.get(values.len() / 2).copied().unwrap_or(0.0)
+            percentile(&values, 0.5)
         };
         let rates: Vec<f64> = outcomes.iter().map(Outcome::rate).collect();
         Median {

@@ -27,6 +27,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "support/knobs.rs"]
+mod knobs;
+use knobs::{env_usize, percentile};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -35,22 +38,6 @@ use support::daemon::{Daemon, Standin, Workspace, connect_db};
 use support::exposition::scrape;
 
 const MODEL: &str = "lifecycle-bench";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 async fn chunk_rows_written(http: &reqwest::Client, base: &str) -> f64 {
     scrape(http, base).await.value(

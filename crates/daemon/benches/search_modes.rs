@@ -30,6 +30,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "support/knobs.rs"]
+mod knobs;
+use knobs::{env_usize, percentile};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,22 +48,6 @@ use support::labels::{K, MODES, id_of, labels, measure, render};
 const MODEL_A: (&str, usize) = ("bench-model-a", 384);
 const MODEL_B: (&str, usize) = ("bench-model-b", 256);
 const MODEL_C: (&str, usize) = ("bench-model-c", 384);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -718,19 +718,11 @@ async fn admission_follows_the_store_rate_and_refusals_are_not_losses() {
         data.clone(),
     ));
     // Watch the limit while the load runs.
-    let http = reqwest::Client::new();
     let mut lowest_limit = u64::MAX;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(8) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let stats: Value = http
-            .get(format!("{}/v1/stats", daemon.base_url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = daemon.stats().await;
         let limit = stats["queue"]["admission_limit"]
             .as_u64()
             .expect("admission_limit");

@@ -44,16 +44,6 @@ fn conversation(i: usize) -> Value {
     })
 }
 
-async fn stats(http: &reqwest::Client, base: &str) -> Value {
-    http.get(format!("{base}/v1/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// The `models` entry of `role`, once sampled.
 fn model_view<'a>(stats: &'a Value, role: &str) -> Option<&'a Value> {
     stats["models"]
@@ -159,7 +149,7 @@ async fn a_new_model_re_embeds_in_the_background_while_search_keeps_answering() 
     let mut seen_partial = false;
     let started = Instant::now();
     loop {
-        let s = stats(&http, &base).await;
+        let s = daemon.stats().await;
         if let (Some(current), Some(previous)) =
             (model_view(&s, "current"), model_view(&s, "previous"))
         {

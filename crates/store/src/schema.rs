@@ -42,16 +42,20 @@ impl Default for HnswBuild {
 
 impl HnswBuild {
     /// pgvector's limits: m 2 to 100, ef_construction 4 to 1,000 and at
-    /// least twice m. The reason, when outside them.
-    pub fn check(&self) -> Result<(), String> {
+    /// least twice m. When outside them: the parameter (`"m"` or
+    /// `"ef_construction"`) and why.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         if !(2..=100).contains(&self.m) {
-            return Err(format!("m is {}; pgvector takes 2 to 100", self.m));
+            return Err(("m", format!("m is {}; pgvector takes 2 to 100", self.m)));
         }
         if !(4..=1000).contains(&self.ef_construction) || self.ef_construction < 2 * self.m {
-            return Err(format!(
-                "ef_construction is {}; pgvector takes 4 to 1000, and at least twice m ({})",
-                self.ef_construction,
-                2 * self.m
+            return Err((
+                "ef_construction",
+                format!(
+                    "ef_construction is {}; pgvector takes 4 to 1000, and at least twice m ({})",
+                    self.ef_construction,
+                    2 * self.m
+                ),
             ));
         }
         Ok(())
@@ -96,7 +100,7 @@ pub async fn ensure_vector_column(
     hnsw: HnswBuild,
 ) -> Result<(), StoreError> {
     hnsw.check()
-        .map_err(|reason| StoreError::Schema(format!("the HNSW index: {reason}")))?;
+        .map_err(|(_, reason)| StoreError::Schema(format!("the HNSW index: {reason}")))?;
     if dims == 0 || dims > HNSW_MAX_DIMENSIONS {
         return Err(StoreError::Schema(format!(
             "embedding.dimensions is {dims}; the HNSW index supports 1 to {HNSW_MAX_DIMENSIONS} dimensions"

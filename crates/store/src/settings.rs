@@ -94,14 +94,9 @@ impl DatabaseSettings {
                 ),
             });
         }
-        if let Err(reason) = self.hnsw().check() {
-            let key = if reason.starts_with("m ") {
-                "database.hnsw_m"
-            } else {
-                "database.hnsw_ef_construction"
-            };
+        if let Err((parameter, reason)) = self.hnsw().check() {
             return Err(InvalidSetting {
-                key: key.into(),
+                key: format!("database.hnsw_{parameter}"),
                 reason,
             });
         }

@@ -401,6 +401,16 @@ impl Daemon {
         format!("http://{}", self.http_addr)
     }
 
+    /// `GET /v1/stats`, as JSON.
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/v1/stats", self.base_url()))
+            .await
+            .expect("daemon stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
     pub fn unix_client(&self) -> Client {
         Client::new(Endpoint::Unix(self.socket.clone()))
     }

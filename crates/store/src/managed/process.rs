@@ -79,7 +79,9 @@ pub(super) fn log_stdio(file: &File, log: &Path) -> Result<(Stdio, Stdio), Manag
     Ok((Stdio::from(out), Stdio::from(err)))
 }
 
-fn server_args(plan: &Plan, settings: &Settings) -> Vec<String> {
+/// `shared_buffers` is passed in resolved (`auto` reads the machine's
+/// memory once, in [`spawn_postgres`], which also logs it).
+fn server_args(plan: &Plan, settings: &Settings, shared_buffers: String) -> Vec<String> {
     let pool = settings.database.pool_size.get();
     let max_connections = pool.saturating_mul(2).saturating_add(10).max(20);
     // A list setting: quote the directory so spaces or commas survive.
@@ -89,10 +91,7 @@ fn server_args(plan: &Plan, settings: &Settings) -> Vec<String> {
         ("port", PORT.to_string()),
         ("unix_socket_directories", socket_dirs),
         ("unix_socket_permissions", "0700".into()),
-        (
-            "shared_buffers",
-            super::memory::shared_buffers(&settings.database.managed_shared_buffers),
-        ),
+        ("shared_buffers", shared_buffers),
         ("max_connections", max_connections.to_string()),
         ("maintenance_work_mem", MAINTENANCE_WORK_MEM.into()),
         ("autovacuum_work_mem", "64MB".into()),
@@ -129,8 +128,9 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
     let layout = &plan.layout;
     let log = log_marker(&layout.log_path, "starting postgres")?;
     let (stdout, stderr) = log_stdio(&log, &layout.log_path)?;
+    let shared_buffers = super::memory::shared_buffers(&settings.database.managed_shared_buffers);
     let mut cmd = base_command(&plan.bins.postgres, plan);
-    cmd.args(server_args(plan, settings))
+    cmd.args(server_args(plan, settings, shared_buffers.clone()))
         .stdout(stdout)
         .stderr(stderr)
         // SIGKILL would skip the shutdown checkpoint and strand backends;
@@ -157,7 +157,7 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
         user = plan.run_as.as_ref().map_or("(current user)", |a| a.name.as_str()),
         log = %layout.log_path.display(),
         nice = settings.nice,
-        shared_buffers = %super::memory::shared_buffers(&settings.database.managed_shared_buffers),
+        %shared_buffers,
         "Starting managed PostgreSQL"
     );
     cmd.spawn().map_err(io_err("start", &plan.bins.postgres))
