@@ -4,6 +4,7 @@
 //! invalid timestamps) is refused here, before acknowledgement, so that an
 //! accepted conversation can always be stored.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -60,7 +61,7 @@ impl Default for Limits {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = Conversation)]
-pub struct ConversationIn {
+pub struct ConversationIn<'a> {
     /// Your idempotency key: the same id sent twice is stored once.
     /// Without it convstore assigns a UUIDv7.
     #[schema(min_length = 1, max_length = 256, example = "chat-2024-05-01-42")]
@@ -71,7 +72,8 @@ pub struct ConversationIn {
     channel: String,
     /// The messages, in order; or give `transcript` instead.
     #[schema(min_items = 1)]
-    messages: Option<Vec<MessageIn>>,
+    #[serde(borrow)]
+    messages: Option<Vec<MessageIn<'a>>>,
     /// Free-form text of the whole conversation; or give `messages`.
     #[schema(min_length = 1)]
     transcript: Option<String>,
@@ -81,14 +83,16 @@ pub struct ConversationIn {
     metadata: Option<StrictValue>,
     /// RFC 3339, between 1970 and now + 1 day.
     #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
-    created_at: Option<String>,
+    #[serde(borrow)]
+    #[schema(value_type = Option<String>)]
+    created_at: Option<TextIn<'a>>,
 }
 
 /// One message.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = MessageIn)]
-pub struct MessageIn {
+pub struct MessageIn<'a> {
     /// `system`, `user`, `assistant` or `tool`.
     #[schema(pattern = "^(system|user|assistant|tool)$", example = "user")]
     role: String,
@@ -96,21 +100,61 @@ pub struct MessageIn {
     content: String,
     /// RFC 3339, between 1970 and now + 1 day.
     #[schema(format = DateTime, example = "2024-05-01T10:00:00Z")]
-    ts: Option<String>,
+    // Borrowed from the body when it holds no escape: read once, then
+    // dropped, it need not be copied.
+    #[serde(borrow)]
+    #[schema(value_type = Option<String>)]
+    ts: Option<TextIn<'a>>,
     /// Your id for this message: an append that repeats a message id the
     /// conversation already holds does not add that message again.
     #[schema(min_length = 1, max_length = 256, example = "msg-0042")]
     message_id: Option<String>,
 }
 
+/// A text read once and then dropped (a timestamp): borrowed from the body
+/// when it holds no escape, so it costs no copy. serde's own `Cow` is
+/// always owned inside an `Option`; this one borrows whenever it can.
+#[derive(Debug)]
+pub struct TextIn<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for TextIn<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for TextIn<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = TextIn<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(TextIn(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(TextIn(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(TextIn(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
 /// The body of `POST /v1/conversations/{id}/messages`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = AppendMessages)]
-pub struct AppendIn {
+pub struct AppendIn<'a> {
     /// The turns to add at the end of the conversation, in order.
     #[schema(min_items = 1)]
-    messages: Vec<MessageIn>,
+    #[serde(borrow)]
+    messages: Vec<MessageIn<'a>>,
 }
 
 /// Parses and validates the body of an append: the messages to add.
@@ -250,7 +294,7 @@ fn quoted_field(message: &str) -> Option<String> {
     Some(message[start..start + len].to_string())
 }
 
-fn validate(input: ConversationIn, limits: Limits) -> Result<Conversation, InputError> {
+fn validate(input: ConversationIn<'_>, limits: Limits) -> Result<Conversation, InputError> {
     let client_id = match input.id {
         Some(id) => {
             check_label("id", &id, limits.max_id_bytes)?;
@@ -360,7 +404,10 @@ pub fn row_id(id: &str) -> Uuid {
     Uuid::new_v5(&CLIENT_ID_NAMESPACE, id.as_bytes())
 }
 
-fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Message>, InputError> {
+fn validate_messages(
+    messages: Vec<MessageIn<'_>>,
+    limits: Limits,
+) -> Result<Vec<Message>, InputError> {
     if messages.is_empty() {
         return Err(InputError::invalid_field("messages", "must not be empty"));
     }
@@ -374,44 +421,42 @@ fn validate_messages(messages: Vec<MessageIn>, limits: Limits) -> Result<Vec<Mes
             ),
         ));
     }
-    messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(InputError::invalid_field(
-                    &format!("messages[{i}].role"),
-                    format!(
-                        "`{}` is not one of {}",
-                        truncate_for_message(&m.role),
-                        ROLES.join(", ")
-                    ),
-                ));
-            }
-            check_text(
-                Field::Message(i, "content"),
-                &m.content,
-                limits.max_content_bytes,
-            )?;
-            let ts =
-                m.ts.as_deref()
-                    .map(|s| parse_timestamp(Field::Message(i, "ts"), s))
-                    .transpose()?;
-            if let Some(message_id) = &m.message_id {
-                check_label(
-                    &Field::Message(i, "message_id").name(),
-                    message_id,
-                    limits.max_id_bytes,
-                )?;
-            }
-            Ok(Message {
-                role: m.role,
-                content: m.content,
-                ts,
-                message_id: m.message_id,
-            })
-        })
-        .collect()
+    // Built at its final size: collecting a `Result` iterator grows the
+    // list by doubling and shrinks it at the end, an allocation each time.
+    let mut validated = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(InputError::invalid_field(
+                &format!("messages[{i}].role"),
+                format!(
+                    "`{}` is not one of {}",
+                    truncate_for_message(&m.role),
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+        check_text(
+            Field::Message(i, "content"),
+            &m.content,
+            limits.max_content_bytes,
+        )?;
+        let ts =
+            m.ts.as_deref()
+                .map(|s| parse_timestamp(Field::Message(i, "ts"), s))
+                .transpose()?;
+        if let Some(message_id) = &m.message_id
+            && let Err(why) = label_problem(message_id, limits.max_id_bytes)
+        {
+            return Err(Field::Message(i, "message_id").error(why));
+        }
+        validated.push(Message {
+            role: m.role,
+            content: m.content,
+            ts,
+            message_id: m.message_id,
+        });
+    }
+    Ok(validated)
 }
 
 /// A field's name for an error message, formatted only when there is an
@@ -468,20 +513,20 @@ fn check_no_nul(field: Field<'_>, text: &str) -> Result<(), InputError> {
 
 /// Ids and labels: 1..=max bytes, no control characters.
 pub fn check_label(field: &str, value: &str, max: usize) -> Result<(), InputError> {
+    label_problem(value, max).map_err(|why| InputError::invalid_field(field, why))
+}
+
+/// What is wrong with a label, if anything: the check of [`check_label`]
+/// without a field name, so a message's field is named only on an error.
+fn label_problem(value: &str, max: usize) -> Result<(), String> {
     if value.trim().is_empty() {
-        return Err(InputError::invalid_field(field, "must not be empty"));
+        return Err("must not be empty".into());
     }
     if value.len() > max {
-        return Err(InputError::invalid_field(
-            field,
-            format!("{} bytes; at most {max}", value.len()),
-        ));
+        return Err(format!("{} bytes; at most {max}", value.len()));
     }
     if value.chars().any(char::is_control) {
-        return Err(InputError::invalid_field(
-            field,
-            "must not contain control characters",
-        ));
+        return Err("must not contain control characters".into());
     }
     Ok(())
 }

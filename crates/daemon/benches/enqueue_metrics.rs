@@ -8,7 +8,9 @@
 //!   the `/v1/stats` tap in front ([`convstore_telemetry::tap`]).
 //!
 //! Plus the metric calls of one accepted request on their own
-//! (`record_only`): two labelled counters and the enqueue histogram.
+//! (`record_only`): two labelled counters and the enqueue histogram, by
+//! the macros (a registry look-up each) and through the handles the
+//! handler resolves once (`convstore::http::hot_metrics`).
 //!
 //! The body is the shared sample's conversation of median JSON size (the
 //! generator's when the sample is absent). Only the request is timed; the
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, header};
 use convstore::config::Settings;
+use convstore::http::hot_metrics::HotMetrics;
 use convstore::http::{IngressState, Transport};
 use convstore::queue::BoundedQueue;
 use convstore_store::Store;
@@ -109,11 +112,15 @@ fn post_many(f: &Fixture, iters: u64) -> Duration {
 }
 
 fn enqueue(c: &mut Criterion) {
-    let f = fixture();
     let mut group = c.benchmark_group("enqueue_handler");
     group.measurement_time(Duration::from_secs(8));
+    let f = fixture();
     group.bench_function("none", |b| b.iter_custom(|iters| post_many(&f, iters)));
+    // Each fixture is built under its recorder, as the daemon builds its
+    // state after installing one: the handles the handler resolved at
+    // construction (`http::hot_metrics`) record into it.
     let prometheus = convstore_telemetry::recorder::prometheus_recorder();
+    let f = metrics::with_local_recorder(&prometheus, fixture);
     group.bench_function("prometheus", |b| {
         b.iter_custom(|iters| metrics::with_local_recorder(&prometheus, || post_many(&f, iters)))
     });
@@ -121,6 +128,7 @@ fn enqueue(c: &mut Criterion) {
         convstore_telemetry::recorder::prometheus_recorder(),
         Arc::new(Stats::new(Instant::now())),
     );
+    let f = metrics::with_local_recorder(&tapped, fixture);
     group.bench_function("prometheus+stats", |b| {
         b.iter_custom(|iters| metrics::with_local_recorder(&tapped, || post_many(&f, iters)))
     });
@@ -136,6 +144,15 @@ fn record_request() {
     metrics::histogram!(m::ENQUEUE_SECONDS).record(black_box(0.000_021));
 }
 
+/// The same records through the handles the handler resolves once
+/// (`convstore::http::hot_metrics`).
+fn record_resolved(hot: &HotMetrics) {
+    let accepted = hot.accepted_on(Transport::Tcp);
+    accepted.conversation_requests.increment(1);
+    accepted.conversations.increment(1);
+    hot.enqueue_seconds.record(black_box(0.000_021));
+}
+
 fn record_only(c: &mut Criterion) {
     let mut group = c.benchmark_group("record_only");
     group.bench_function("none", |b| b.iter(record_request));
@@ -148,8 +165,12 @@ fn record_only(c: &mut Criterion) {
         ("prometheus", &prometheus as &dyn Recorder),
         ("prometheus+stats", &tapped as &dyn Recorder),
     ] {
-        group.bench_function(name, |b| {
+        group.bench_function(format!("{name}/macros"), |b| {
             metrics::with_local_recorder(recorder, || b.iter(record_request))
+        });
+        let hot = metrics::with_local_recorder(recorder, HotMetrics::resolve);
+        group.bench_function(format!("{name}/resolved"), |b| {
+            b.iter(|| record_resolved(&hot))
         });
     }
     group.finish();

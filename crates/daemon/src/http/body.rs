@@ -28,6 +28,9 @@ use convstore_telemetry::metrics as m;
 pub struct BodyBudget {
     held: AtomicUsize,
     max: usize,
+    /// `convstore_http_body_buffered_bytes`, resolved once: every request
+    /// moves it twice (see `hot_metrics`).
+    gauge: metrics::Gauge,
 }
 
 impl BodyBudget {
@@ -35,6 +38,7 @@ impl BodyBudget {
         Arc::new(Self {
             held: AtomicUsize::new(0),
             max,
+            gauge: metrics::gauge!(m::HTTP_BODY_BUFFERED_BYTES),
         })
     }
 
@@ -54,7 +58,7 @@ impl BodyBudget {
                 .compare_exchange_weak(held, next, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    metrics::gauge!(m::HTTP_BODY_BUFFERED_BYTES).increment(n as f64);
+                    self.gauge.increment(n as f64);
                     return true;
                 }
                 Err(now) => held = now,
@@ -64,7 +68,7 @@ impl BodyBudget {
 
     fn give_back(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::AcqRel);
-        metrics::gauge!(m::HTTP_BODY_BUFFERED_BYTES).decrement(n as f64);
+        self.gauge.decrement(n as f64);
     }
 }
 
@@ -121,9 +125,13 @@ pub async fn read(
         budget: budget.clone(),
         charged: 0,
     };
-    // Small first: a declared length is the client's word, not memory to
-    // hand out before the bytes arrive.
-    let mut buf = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(64 * 1024) as usize));
+    // A body that arrives in one frame (most do: hyper hands over what one
+    // read brought) is kept as that frame, without a copy; a second frame
+    // starts the buffer. Small first: a declared length is the client's
+    // word, not memory to hand out before the bytes arrive.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let initial = declared.map_or(8 * 1024, |n| n.min(64 * 1024) as usize);
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let mut body = body;
     loop {
@@ -132,7 +140,7 @@ pub async fn read(
                 return Err(ApiError::BodyTimeout(format!(
                     "the body did not arrive within server.body_timeout_ms ({} ms); {} bytes came",
                     limits.timeout.as_millis(),
-                    buf.len()
+                    read.charged
                 )));
             }
             Ok(None) => break,
@@ -146,7 +154,7 @@ pub async fn read(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        if buf.len() + data.len() > limit {
+        if read.charged + data.len() > limit {
             return Err(too_large());
         }
         if !budget.take(data.len()) {
@@ -155,9 +163,21 @@ pub async fn read(
             });
         }
         read.charged += data.len();
-        buf.extend_from_slice(&data);
+        if data.is_empty() {
+            continue;
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    buf.reserve(initial.max(earlier.len() + data.len()));
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
     }
-    read.bytes = buf.freeze();
+    read.bytes = first.unwrap_or_else(|| buf.freeze());
     Ok(read)
 }
 

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument as _;
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -67,22 +66,26 @@ impl Accepted {
 )]
 pub async fn post_conversation(
     State(state): AppState,
-    Extension(transport): Extension<Transport>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    State(transport): State<Transport>,
+    request: Request,
 ) -> Response {
-    let span = request_span("conversation.post", &headers);
-    let result = accept_one(&state, transport, query.as_deref(), &headers, body)
+    let (parts, body) = request.into_parts();
+    let span = request_span("conversation.post", &parts.headers);
+    let result = accept_one(&state, transport, parts.uri.query(), &parts.headers, body)
         .instrument(span)
         .await;
-    let outcome = match &result {
-        Ok(_) => events::outcome::ACCEPTED,
-        Err(e) => e.code(),
-    };
-    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "conversations", label::OUTCOME => outcome)
-        .increment(1);
-    events::ingest(transport.as_str(), outcome, 1);
+    match &result {
+        Ok(_) => {
+            let accepted = state.hot_metrics.accepted_on(transport);
+            accepted.conversation_requests.increment(1);
+            accepted.conversations.increment(1);
+        }
+        Err(e) => {
+            metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "conversations", label::OUTCOME => e.code())
+                .increment(1);
+            events::ingest(transport.as_str(), e.code(), 1);
+        }
+    }
     match result {
         Ok((reached, accepted)) => (reached.status(), axum::Json(accepted)).into_response(),
         Err(e) => e.into_response(),
@@ -139,16 +142,18 @@ async fn accept_one(
     // The conversation is parsed: from here the queue accounts its bytes.
     drop(bytes);
     let admitted = admit(state, Change::Post(conversation), wait.level).await?;
-    metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
+    state
+        .hot_metrics
+        .enqueue_seconds
+        .record(started.elapsed().as_secs_f64());
+    if wait.level == WaitLevel::Queued {
+        // Nothing to wait for (the default): the id goes back as it is.
+        let reached = Reached::Queued;
+        return Ok((reached, Accepted::new(admitted.id, reached.as_str())));
+    }
     let id = admitted.id.clone();
     let reached = wait_for(state, admitted, wait.level, deadline).await?;
-    Ok((
-        reached,
-        Accepted {
-            id,
-            status: reached.as_str(),
-        },
-    ))
+    Ok((reached, Accepted::new(id, reached.as_str())))
 }
 
 fn refuse_if_shutting_down(state: &IngressState) -> Result<(), ApiError> {
@@ -165,18 +170,20 @@ pub(super) fn require_content_type(headers: &HeaderMap, ndjson_ok: bool) -> Resu
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match mime.as_str() {
-        "application/json" => Ok(false),
-        "application/x-ndjson" | "application/jsonl" | "application/jsonlines" if ndjson_ok => {
+    let mime = value.split(';').next().unwrap_or("").trim();
+    // Compared without case, in place: lower-casing a copy was an
+    // allocation on every request.
+    let is = |name: &str| mime.eq_ignore_ascii_case(name);
+    match () {
+        () if is("application/json") => Ok(false),
+        () if ndjson_ok
+            && (is("application/x-ndjson")
+                || is("application/jsonl")
+                || is("application/jsonlines")) =>
+        {
             Ok(true)
         }
-        _ => {
+        () => {
             let accepted = if ndjson_ok {
                 "application/json or application/x-ndjson"
             } else {
@@ -265,13 +272,12 @@ pub struct BatchResponse {
 )]
 pub async fn post_batch(
     State(state): AppState,
-    Extension(transport): Extension<Transport>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    State(transport): State<Transport>,
+    request: Request,
 ) -> Response {
-    let span = request_span("conversations.batch", &headers);
-    let result = accept_batch(&state, query.as_deref(), &headers, body)
+    let (parts, body) = request.into_parts();
+    let span = request_span("conversations.batch", &parts.headers);
+    let result = accept_batch(&state, parts.uri.query(), &parts.headers, body)
         .instrument(span)
         .await;
     let (response, accepted, rejected, outcome) = match result {
@@ -315,7 +321,11 @@ pub async fn post_batch(
     };
     let t = transport.as_str();
     metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => t, label::ENDPOINT => "batch", label::OUTCOME => outcome).increment(1);
-    events::ingest(t, events::outcome::ACCEPTED, accepted as u64);
+    state
+        .hot_metrics
+        .accepted_on(transport)
+        .conversations
+        .increment(accepted as u64);
     events::ingest(t, events::outcome::REJECTED, rejected as u64);
     response
 }
@@ -352,7 +362,7 @@ async fn accept_batch(
     for (index, (outcome, took)) in outcomes.into_iter().enumerate() {
         match outcome {
             Ok(item) => {
-                metrics::histogram!(m::ENQUEUE_SECONDS).record(took.as_secs_f64());
+                state.hot_metrics.enqueue_seconds.record(took.as_secs_f64());
                 accepted += 1;
                 results.push(ItemResult {
                     index,

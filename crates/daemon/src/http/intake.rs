@@ -66,16 +66,21 @@ pub fn parse_wait(
 ) -> Result<Wait, ApiError> {
     let mut level = WaitLevel::Queued;
     let mut timeout = default_timeout;
-    let mut seen: Vec<&str> = Vec::with_capacity(2);
+    // The two parameters this route takes, each at most once; any other
+    // key is refused below, so no list of keys seen is needed.
+    let (mut seen_wait, mut seen_timeout) = (false, false);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if seen.contains(&key) {
+        let seen = match key {
+            "wait" => &mut seen_wait,
+            "timeout_ms" => &mut seen_timeout,
+            _ => &mut false,
+        };
+        if std::mem::replace(seen, true) {
             return Err(ApiError::BadRequest(format!(
-                "query parameter `{}` is given twice; give it once",
-                key.chars().take(40).collect::<String>()
+                "query parameter `{key}` is given twice; give it once"
             )));
         }
-        seen.push(key);
         match key {
             "wait" => {
                 level = match value {

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument as _;
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -59,22 +58,24 @@ type AppState = State<Arc<IngressState>>;
 )]
 pub async fn append_messages(
     State(state): AppState,
-    Extension(transport): Extension<Transport>,
+    State(transport): State<Transport>,
     Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
-    let span = super::handlers::request_span("messages.append", &headers);
-    let result = accept_append(&state, &id, query.as_deref(), &headers, body)
+    let (parts, body) = request.into_parts();
+    let span = super::handlers::request_span("messages.append", &parts.headers);
+    let result = accept_append(&state, &id, parts.uri.query(), &parts.headers, body)
         .instrument(span)
         .await;
-    let outcome = match &result {
-        Ok(_) => events::outcome::ACCEPTED,
-        Err(e) => e.code(),
-    };
-    metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "messages", label::OUTCOME => outcome)
-        .increment(1);
+    match &result {
+        Ok(_) => state
+            .hot_metrics
+            .accepted_on(transport)
+            .append_requests
+            .increment(1),
+        Err(e) => metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "messages", label::OUTCOME => e.code())
+            .increment(1),
+    }
     match result {
         Ok((status, accepted)) => (status, axum::Json(accepted)).into_response(),
         Err(e) => e.into_response(),
@@ -130,7 +131,10 @@ async fn accept_append(
         received_instant: Instant::now(),
     });
     let admitted = admit(state, change, wait.level).await?;
-    metrics::histogram!(m::ENQUEUE_SECONDS).record(started.elapsed().as_secs_f64());
+    state
+        .hot_metrics
+        .enqueue_seconds
+        .record(started.elapsed().as_secs_f64());
     let reached = wait_for(state, admitted, wait.level, deadline).await?;
     Ok((
         reached.status(),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod handlers;
+pub mod hot_metrics;
 pub mod intake;
 pub mod lifecycle;
 pub mod listen;
@@ -106,6 +107,8 @@ pub struct IngressState {
     /// Set when shutdown begins: new conversations get 503.
     pub shutting_down: AtomicBool,
     pub metrics: PrometheusHandle,
+    /// What an accepted request records, resolved once (`hot_metrics`).
+    pub hot_metrics: hot_metrics::HotMetrics,
     /// The embedding router: `/readyz` needs one backend ready.
     embedding: Option<Arc<convstore_embed::router::Router>>,
     /// `POST /v1/search` (503 without one).
@@ -135,6 +138,7 @@ impl IngressState {
             limits: ArcSwap::from_pointee(IngressLimits::from_settings(settings)),
             shutting_down: AtomicBool::new(false),
             metrics,
+            hot_metrics: hot_metrics::HotMetrics::resolve(),
             embedding: None,
             search: None,
             cache: None,
@@ -212,6 +216,28 @@ impl IngressState {
     }
 }
 
+/// What a router's handlers extract: the ingress state, and which
+/// transport the router serves. Carried as the router's state (an `Arc`
+/// and a byte, cloned per request) rather than a request extension, which
+/// cost every request a boxed value in its extension map.
+#[derive(Clone)]
+pub struct Routed {
+    ingress: Arc<IngressState>,
+    transport: Transport,
+}
+
+impl axum::extract::FromRef<Routed> for Arc<IngressState> {
+    fn from_ref(routed: &Routed) -> Self {
+        routed.ingress.clone()
+    }
+}
+
+impl axum::extract::FromRef<Routed> for Transport {
+    fn from_ref(routed: &Routed) -> Self {
+        routed.transport
+    }
+}
+
 /// The API, for one transport.
 pub fn router(state: Arc<IngressState>, transport: Transport) -> Router {
     let auth = state.auth.clone();
@@ -236,8 +262,10 @@ pub fn router(state: Arc<IngressState>, transport: Transport) -> Router {
         .route("/v1/stats", get(stats::get_stats))
         .route("/", get(stats::status_page))
         .fallback(handlers::not_found)
-        .layer(axum::Extension(transport))
-        .with_state(state);
+        .with_state(Routed {
+            ingress: state,
+            transport,
+        });
     match auth {
         Some(auth) => app.layer(axum::middleware::from_fn(move |request, next| {
             auth::require_token(auth.clone(), transport, request, next)

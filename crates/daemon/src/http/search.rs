@@ -19,7 +19,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -983,7 +982,7 @@ pub struct SearchResponse {
 )]
 pub async fn post_search(
     State(state): State<Arc<IngressState>>,
-    Extension(transport): Extension<Transport>,
+    State(transport): State<Transport>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
