@@ -166,16 +166,15 @@ pub async fn read(
         if data.is_empty() {
             continue;
         }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    buf.reserve(initial.max(earlier.len() + data.len()));
-                    buf.extend_from_slice(&earlier);
-                }
-                buf.extend_from_slice(&data);
-            }
+        if first.is_none() && buf.is_empty() {
+            first = Some(data);
+            continue;
         }
+        if let Some(earlier) = first.take() {
+            buf.reserve(initial.max(earlier.len() + data.len()));
+            buf.extend_from_slice(&earlier);
+        }
+        buf.extend_from_slice(&data);
     }
     read.bytes = first.unwrap_or_else(|| buf.freeze());
     Ok(read)
@@ -221,6 +220,32 @@ mod tests {
         assert_eq!(budget.held(), 40);
         drop(body);
         assert_eq!(budget.held(), 0);
+    }
+
+    /// One frame is kept as it came; several are joined in order, and the
+    /// budget holds every byte of them either way.
+    #[tokio::test]
+    async fn a_body_in_several_frames_is_joined_in_order_and_charged_whole() {
+        let budget = BodyBudget::new(1 << 20);
+        let frames = ["{\"user_id\":", "", "\"u\",", "\"channel\":\"web\"}"];
+        let chunked = StreamBody::new(stream::iter(
+            frames.map(|f| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(f.as_bytes())))),
+        ));
+        let body = read(&budget, limits(1024), &HeaderMap::new(), Body::new(chunked))
+            .await
+            .unwrap();
+        assert_eq!(&body[..], frames.concat().as_bytes());
+        assert_eq!(budget.held(), frames.concat().len());
+        drop(body);
+        assert_eq!(budget.held(), 0);
+
+        let whole = Bytes::from_static(b"{\"user_id\":\"u\"}");
+        let body = read(&budget, limits(1024), &HeaderMap::new(), Body::from(whole.clone()))
+            .await
+            .unwrap();
+        assert_eq!(body.bytes, whole);
+        // The same bytes, not a copy of them.
+        assert_eq!(body.bytes.as_ptr(), whole.as_ptr());
     }
 
     #[tokio::test]
