@@ -36,8 +36,12 @@
 #                    acknowledgement path without storage competing for
 #                    the CPU; what was held is stored before the next run.
 #    Then the daemon's RSS again, with the L1 cache as the runs left it.
+#      *-floor-storing  the floor server (below) under the same ack and
+#                    open runs while this daemon stores what its own
+#                    storing run of that name had to store: the floor on
+#                    a machine as busy as convstore's storing run had it.
 # 3. The floor server (tools/ack-floor: read the body, push it onto a
-#    channel, answer 202) under the same ack and open runs.
+#    channel, answer 202) under the same ack and open runs, alone.
 # 4. The Ollama-like stand-in (BENCH_OLLAMA_MS per request + BENCH_OLLAMA_
 #    PER_INPUT_MS per input, default 15 + 0.5, one request at a time per
 #    backend) with 1 and 3 backends: the sample's stored rate.
@@ -334,7 +338,13 @@ release_commits() {
     psql_db -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'bench-lock'" >/dev/null
     wait "$LOCK_PID" 2>/dev/null || true
     LOCK_PID=""
-    python3 - "$HTTP" <<'EOF' || die "the daemon did not drain after the lock was released"
+    wait_drained "$HTTP" || die "the daemon did not drain after the lock was released"
+}
+
+# wait_drained HTTP: until the daemon at HTTP has stored everything it
+# holds (queue empty, nothing in flight); fails after 10 minutes.
+wait_drained() {
+    python3 - "$1" <<'EOF'
 import sys, time, urllib.request
 
 def backlog():
@@ -375,6 +385,29 @@ run_held() {
     hold_commits
     run "$name" "$@" --no-wait
     release_commits
+}
+
+# run_beside_storage NAME ARGS...: `run` against the floor server ($SOCKET,
+# $HTTP) while the daemon ($DAEMON_SOCKET) stores what its own storing run
+# of the same name had to store: for a closed loop, BENCH_ACK_COUNT new
+# conversations posted just before; for an open loop (--rate), the same
+# rate posted to the daemon for the length of the run. So the floor is
+# measured on a machine as busy as it was under convstore's storing run.
+run_beside_storage() {
+    local name=$1
+    shift
+    if [[ " $* " == *" --rate "* ]]; then
+        "$BIN" bench --socket "$DAEMON_SOCKET" --rate "$RATE" --duration "$DURATION" --concurrency 16 \
+            --unique-text --no-wait --no-progress --run-id "$name-load" >/dev/null &
+        local load=$!
+        run "$name" "$@"
+        wait "$load" || die "$name: the daemon's load failed"
+    else
+        "$BIN" bench --socket "$DAEMON_SOCKET" --count "$ACK_COUNT" --concurrency 16 \
+            --unique-text --no-wait --no-progress --run-id "$name-load" >/dev/null
+        run "$name" "$@"
+    fi
+    wait_drained "$DAEMON_HTTP" || die "$name: the daemon did not drain"
 }
 
 # copy_floor NAME RUN STREAMS: the rows run RUN stored, out with binary
@@ -469,6 +502,19 @@ for rep in $(seq "$REPEAT"); do
     ack_runs "-$rep" run
     ack_runs "-held-$rep" run_held
     memory "rss-after-$rep"
+    # The floor again, beside the same storage load: the daemon keeps
+    # storing while the floor answers.
+    DAEMON_SOCKET=$SOCKET
+    DAEMON_HTTP=$HTTP
+    DAEMON_WS=$WS
+    start_floor
+    ack_runs "-floor-storing-$rep" run_beside_storage --no-wait
+    stop_pid "$FLOOR_PID"
+    FLOOR_PID=""
+    rm -rf "$WS"
+    SOCKET=$DAEMON_SOCKET
+    HTTP=$DAEMON_HTTP
+    WS=$DAEMON_WS
     stop_stack
 
     start_floor

@@ -15,6 +15,7 @@ import sys
 
 ENQUEUE_P99_TARGET_US = 50
 ACK_P99_RATIO_TARGET = 2.0
+THROUGHPUT_RATIO_TARGET = 0.6
 STORED_RATIO_TARGET = 0.8
 E2E_P95_TARGET_MS = 100
 RSS_IDLE_TARGET_MB = 64
@@ -85,6 +86,47 @@ def cpu_per_conversation(runs, name, key, count_path):
     return med(values)
 
 
+def beside_storage(runs):
+    """The storing runs against the floor measured on the same busy machine
+    (`-floor-storing`), and throughput at 16 connections against both floors."""
+    names = ["ack-unix-c1", "ack-http-c1", "ack-unix-c16", "ack-http-c16", "open-unix", "open-http"]
+    lat = lambda n, q: m(runs, n, "measured", "latency", q)
+    rps = lambda n: m(runs, n, "measured", "throughput_rps")
+    if any(name + "-floor-storing" in runs for name in names):
+        print("\n### The floor beside the same storage load\n")
+        print("The floor again, while the daemon stores what its own storing run had to store")
+        print("(a closed loop's requests posted to it just before; an open loop's rate posted to")
+        print("it for the length of the run): the machine as busy as under convstore's storing run.\n")
+        print("| run | floor idle p99 | floor beside storage p50 / p99 | convstore storing p99 | ratio p99 | req/s floor beside storage / convstore | ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        ratios = []
+        for name in names:
+            busy = name + "-floor-storing"
+            if busy not in runs or name not in runs:
+                continue
+            r = ratio(lat(name, "p99_us"), lat(busy, "p99_us"))
+            ratios.append(r)
+            print("| {} | {} | {} / {} | {} | {} | {} / {} | {} |".format(
+                name, us(lat(name + "-floor", "p99_us")),
+                us(lat(busy, "p50_us")), us(lat(busy, "p99_us")), us(lat(name, "p99_us")),
+                num(r, "{:.2f}×"), num(rps(busy)), num(rps(name)),
+                num(ratio(rps(name), rps(busy)), "{:.2f}×"),
+            ))
+        worst = max((r for r in ratios if r is not None), default=None)
+        print(f"\nTarget ack p99 ≤ {ACK_P99_RATIO_TARGET:g}× floor, storing, against the floor beside the same "
+              f"storage load: worst {num(worst, '{:.2f}×')}, "
+              f"{verdict(None if worst is None else worst <= ACK_P99_RATIO_TARGET)}.")
+    for name in ["ack-unix-c16", "ack-http-c16"]:
+        if name not in runs:
+            continue
+        for floor, label in [(name + "-floor", "the idle floor"), (name + "-floor-storing", "the floor beside storage")]:
+            if floor not in runs:
+                continue
+            r = ratio(rps(name), rps(floor))
+            print(f"\nTarget throughput at 16 connections ≥ {THROUGHPUT_RATIO_TARGET:g}× floor, {name}, against {label}: "
+                  f"{num(r, '{:.2f}×')}, {verdict(None if r is None else r >= THROUGHPUT_RATIO_TARGET)}.")
+
+
 def main(out):
     runs = load(out)
     reps = max((len(v) for v in runs.values()), default=0)
@@ -129,6 +171,7 @@ def main(out):
         worst = max((r for r in values if r is not None), default=None)
         print(f"\nTarget ack p99 ≤ {ACK_P99_RATIO_TARGET:g}× floor, {label}: worst {num(worst, '{:.2f}×')}, "
               f"{verdict(None if worst is None else worst <= ACK_P99_RATIO_TARGET)}.")
+    beside_storage(runs)
     worst_enqueue = max((v for v in enqueue_p99s if v is not None), default=None)
     print(f"\nTarget server enqueue p99 ≤ {ENQUEUE_P99_TARGET_US} µs: worst {us(worst_enqueue)}, "
           f"{verdict(None if worst_enqueue is None else worst_enqueue <= ENQUEUE_P99_TARGET_US)}"
