@@ -27,11 +27,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, header};
-use convstore::config::Settings;
+use convstore::http::Transport;
 use convstore::http::hot_metrics::HotMetrics;
-use convstore::http::{IngressState, Transport};
-use convstore::queue::BoundedQueue;
-use convstore_store::Store;
 use convstore_telemetry::events::label;
 use convstore_telemetry::metrics as m;
 use convstore_telemetry::stats::Stats;
@@ -39,6 +36,10 @@ use convstore_telemetry::tap::StatsRecorder;
 use criterion::{Criterion, criterion_group, criterion_main};
 use metrics::Recorder;
 use tower::ServiceExt;
+
+#[path = "support/ingress.rs"]
+mod ingress;
+use ingress::{InProcess, in_process};
 
 /// The conversation of median JSON size.
 fn typical_body() -> bytes::Bytes {
@@ -52,36 +53,13 @@ fn typical_body() -> bytes::Bytes {
 }
 
 struct Fixture {
-    rt: tokio::runtime::Runtime,
-    app: axum::Router,
-    queue: Arc<BoundedQueue<convstore::ticket::Queued>>,
+    daemon: InProcess,
     body: bytes::Bytes,
 }
 
 fn fixture() -> Fixture {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let settings = Settings::default();
-    let queue = Arc::new(BoundedQueue::new(1 << 20, 1 << 34));
-    // Never connected: the enqueue path does not touch the database.
-    let pool = rt.block_on(async {
-        sqlx::postgres::PgPoolOptions::new()
-            .connect_lazy("postgres://nobody@localhost/none")
-            .expect("lazy pool")
-    });
-    let handle = convstore_telemetry::recorder::prometheus_recorder().handle();
-    let state = Arc::new(IngressState::new(
-        &settings,
-        queue.clone(),
-        Arc::new(Store::from_pool(pool)),
-        handle,
-    ));
     Fixture {
-        rt,
-        app: convstore::http::router(state, Transport::Tcp),
-        queue,
+        daemon: in_process(Transport::Tcp, 1 << 20, 1 << 34),
         body: typical_body(),
     }
 }
@@ -95,15 +73,19 @@ fn post_many(f: &Fixture, iters: u64) -> Duration {
             .header(header::CONTENT_LENGTH, f.body.len())
             .body(Body::from(f.body.clone()))
             .expect("request");
-        let app = f.app.clone();
+        let app = f.daemon.app.clone();
         let started = Instant::now();
-        let response = f.rt.block_on(app.oneshot(request)).expect("infallible");
+        let response = f
+            .daemon
+            .rt
+            .block_on(app.oneshot(request))
+            .expect("infallible");
         spent += started.elapsed();
         assert_eq!(response.status(), 202);
-        if f.queue.len() > 50_000 {
-            f.rt.block_on(async {
-                while !f.queue.is_empty() {
-                    black_box(f.queue.pop_batch(4096, Duration::ZERO).await);
+        if f.daemon.queue.len() > 50_000 {
+            f.daemon.rt.block_on(async {
+                while !f.daemon.queue.is_empty() {
+                    black_box(f.daemon.queue.pop_batch(4096, Duration::ZERO).await);
                 }
             });
         }

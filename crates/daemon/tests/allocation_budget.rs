@@ -25,14 +25,15 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{Request, header};
-use convstore::config::Settings;
-use convstore::http::{IngressState, Transport};
-use convstore::queue::BoundedQueue;
-use convstore_store::Store;
+use convstore::http::Transport;
 use convstore_telemetry::stats::Stats;
 use convstore_telemetry::tap::StatsRecorder;
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+#[path = "../benches/support/ingress.rs"]
+mod ingress;
+use ingress::{InProcess, in_process};
 
 /// The system allocator, counting this thread's allocations (fresh blocks
 /// and moves to a larger one) while counting is on.
@@ -124,46 +125,10 @@ fn allocations_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, ALLOCATIONS.with(Cell::get))
 }
 
-/// The handler under the daemon's recorder (Prometheus with the
-/// `/v1/stats` tap), its state built after the recorder is in place, as
-/// the daemon builds it.
-struct Fixture {
-    rt: tokio::runtime::Runtime,
-    app: axum::Router,
-    queue: Arc<BoundedQueue<convstore::ticket::Queued>>,
-}
-
-fn fixture() -> Fixture {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let settings = Settings::default();
-    let queue = Arc::new(BoundedQueue::new(100_000, 1 << 32));
-    // Never connected: the enqueue path does not touch the database.
-    let pool = rt.block_on(async {
-        sqlx::postgres::PgPoolOptions::new()
-            .connect_lazy("postgres://nobody@localhost/none")
-            .expect("lazy pool")
-    });
-    let handle = convstore_telemetry::recorder::prometheus_recorder().handle();
-    let state = Arc::new(IngressState::new(
-        &settings,
-        queue.clone(),
-        Arc::new(Store::from_pool(pool)),
-        handle,
-    ));
-    Fixture {
-        rt,
-        app: convstore::http::router(state, Transport::Unix),
-        queue,
-    }
-}
-
 /// Posts `body`; the status, and the allocations made from the request's
 /// arrival at the router to its answer (building the request is the
 /// test's, not the daemon's).
-fn post(f: &Fixture, body: &bytes::Bytes) -> (u16, u64) {
+fn post(f: &InProcess, body: &bytes::Bytes) -> (u16, u64) {
     let request = Request::post("/v1/conversations")
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, body.len())
@@ -230,7 +195,7 @@ fn an_accepted_conversation_costs_a_bounded_number_of_allocations() {
     let prometheus = convstore_telemetry::recorder::prometheus_recorder();
     let tapped = StatsRecorder::new(prometheus, Arc::new(Stats::new(Instant::now())));
     metrics::with_local_recorder(&tapped, || {
-        let f = fixture();
+        let f = in_process(Transport::Unix, 100_000, 1 << 32);
         for messages in [1u64, 8, 64] {
             let bodies: Vec<bytes::Bytes> = (0..200)
                 .map(|i| {

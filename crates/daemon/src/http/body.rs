@@ -228,9 +228,10 @@ mod tests {
     async fn a_body_in_several_frames_is_joined_in_order_and_charged_whole() {
         let budget = BodyBudget::new(1 << 20);
         let frames = ["{\"user_id\":", "", "\"u\",", "\"channel\":\"web\"}"];
-        let chunked = StreamBody::new(stream::iter(
-            frames.map(|f| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(f.as_bytes())))),
-        ));
+        let chunked =
+            StreamBody::new(stream::iter(frames.map(|f| {
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(f.as_bytes())))
+            })));
         let body = read(&budget, limits(1024), &HeaderMap::new(), Body::new(chunked))
             .await
             .unwrap();
@@ -240,9 +241,14 @@ mod tests {
         assert_eq!(budget.held(), 0);
 
         let whole = Bytes::from_static(b"{\"user_id\":\"u\"}");
-        let body = read(&budget, limits(1024), &HeaderMap::new(), Body::from(whole.clone()))
-            .await
-            .unwrap();
+        let body = read(
+            &budget,
+            limits(1024),
+            &HeaderMap::new(),
+            Body::from(whole.clone()),
+        )
+        .await
+        .unwrap();
         assert_eq!(body.bytes, whole);
         // The same bytes, not a copy of them.
         assert_eq!(body.bytes.as_ptr(), whole.as_ptr());
