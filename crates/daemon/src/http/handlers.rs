@@ -81,9 +81,10 @@ pub async fn post_conversation(
             accepted.conversations.increment(1);
         }
         Err(e) => {
-            metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => transport.as_str(), label::ENDPOINT => "conversations", label::OUTCOME => e.code())
+            let (t, code) = (transport.as_str(), e.code());
+            metrics::counter!(m::INGEST_REQUESTS, label::TRANSPORT => t, label::ENDPOINT => "conversations", label::OUTCOME => code)
                 .increment(1);
-            events::ingest(transport.as_str(), e.code(), 1);
+            events::ingest(t, code, 1);
         }
     }
     match result {
@@ -174,27 +175,29 @@ pub(super) fn require_content_type(headers: &HeaderMap, ndjson_ok: bool) -> Resu
     // Compared without case, in place: lower-casing a copy was an
     // allocation on every request.
     let is = |name: &str| mime.eq_ignore_ascii_case(name);
-    match () {
-        () if is("application/json") => Ok(false),
-        () if ndjson_ok
-            && (is("application/x-ndjson")
-                || is("application/jsonl")
-                || is("application/jsonlines")) =>
-        {
-            Ok(true)
-        }
-        () => {
-            let accepted = if ndjson_ok {
-                "application/json or application/x-ndjson"
-            } else {
-                "application/json"
-            };
-            let got = if value.is_empty() { "none" } else { value };
-            Err(ApiError::UnsupportedMediaType(format!(
-                "Content-Type must be {accepted}; got {got}"
-            )))
-        }
+    if is("application/json") {
+        return Ok(false);
     }
+    if ndjson_ok
+        && [
+            "application/x-ndjson",
+            "application/jsonl",
+            "application/jsonlines",
+        ]
+        .into_iter()
+        .any(is)
+    {
+        return Ok(true);
+    }
+    let accepted = if ndjson_ok {
+        "application/json or application/x-ndjson"
+    } else {
+        "application/json"
+    };
+    let got = if value.is_empty() { "none" } else { value };
+    Err(ApiError::UnsupportedMediaType(format!(
+        "Content-Type must be {accepted}; got {got}"
+    )))
 }
 
 /// The request body, read within the body deadline and budget

@@ -155,12 +155,7 @@ impl Standin {
 
     /// `GET /_standin/stats`.
     pub async fn stats(&self) -> Value {
-        reqwest::get(format!("{}/_standin/stats", self.url()))
-            .await
-            .expect("standin stats")
-            .json()
-            .await
-            .expect("stats json")
+        get_json(format!("{}/_standin/stats", self.url())).await
     }
 }
 
@@ -403,12 +398,7 @@ impl Daemon {
 
     /// `GET /v1/stats`, as JSON.
     pub async fn stats(&self) -> Value {
-        reqwest::get(format!("{}/v1/stats", self.base_url()))
-            .await
-            .expect("daemon stats")
-            .json()
-            .await
-            .expect("stats json")
+        get_json(format!("{}/v1/stats", self.base_url())).await
     }
 
     pub fn unix_client(&self) -> Client {
@@ -521,4 +511,14 @@ pub fn parse_vector(text: &str) -> Vec<f32> {
         .split(',')
         .map(|x| x.parse().expect("vector element"))
         .collect()
+}
+
+/// `GET url`, its body as JSON; panics (the test's failure) otherwise.
+pub async fn get_json(url: String) -> Value {
+    reqwest::get(&url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
