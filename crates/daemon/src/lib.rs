@@ -25,7 +25,6 @@ pub mod config;
 pub mod http;
 pub mod journal_replay;
 pub mod journal_startup;
-pub mod malloc_arenas;
 pub mod model_task;
 pub mod pipeline;
 pub mod queue;

@@ -105,8 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => {
             let settings = load(cli.config.as_deref())?;
-            let arenas = crate::malloc_arenas::Arenas::Unchanged;
-            serve(settings, cli.config, None, arenas).await
+            serve(settings, cli.config, None).await
         }
         Command::Migrate => {
             let settings = load(cli.config.as_deref())?;
@@ -159,8 +158,6 @@ fn serve_main(config: Option<std::path::PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Before the runtimes start threads, which would keep their arenas.
-    let arenas = crate::malloc_arenas::limit();
     let runtimes = match crate::runtimes::build(&settings) {
         Ok(runtimes) => runtimes,
         Err(e) => {
@@ -169,9 +166,7 @@ fn serve_main(config: Option<std::path::PathBuf>) -> ExitCode {
         }
     };
     let pipeline = runtimes.pipeline.as_ref().map(|r| r.handle().clone());
-    let result = runtimes
-        .ingress
-        .block_on(serve(settings, config, pipeline, arenas));
+    let result = runtimes.ingress.block_on(serve(settings, config, pipeline));
     // After a clean stop nothing is left on the pipeline runtime; whatever
     // is (a task that ignored its cancellation) must not hold the exit.
     if let Some(pipeline) = runtimes.pipeline {
@@ -193,11 +188,10 @@ async fn serve(
     settings: Settings,
     config: Option<std::path::PathBuf>,
     pipeline: Option<tokio::runtime::Handle>,
-    arenas: crate::malloc_arenas::Arenas,
 ) -> anyhow::Result<ExitCode> {
     convstore_telemetry::logging::init_with_traces(&settings.log, &settings.telemetry)
         .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), traces = convstore_telemetry::traces::enabled(), pipeline_nice = settings.pipeline.nice, malloc_arenas = ?arenas, "Starting convstore");
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), state_dir = %settings.state_dir.display(), traces = convstore_telemetry::traces::enabled(), pipeline_nice = settings.pipeline.nice, "Starting convstore");
     let status = crate::app::serve(settings, config, crate::app::shutdown_signal(), pipeline).await;
     // The last spans go out before the process does (a blocking
     // flush, bounded by the exporter's timeout).
