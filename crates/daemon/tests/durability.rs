@@ -1599,3 +1599,89 @@ async fn journal_disk_full_on_a_small_filesystem() {
         "journal not emptied at a clean stop: {left:?}"
     );
 }
+
+/// A statement that waits on the database forever (here: behind a lock
+/// another session holds on `conversations`) does not hold the exit past
+/// the drain deadline. The daemon names what it did not store, exits 1
+/// after the deadline and its bounded closing steps, and stops its cluster.
+/// Before the pool's close was bounded, it waited for those connections
+/// as long as the lock was held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_while_a_lock_blocks_every_write() {
+    const POSTS: usize = 20;
+    let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[shutdown]\ntimeout_ms = 2000\n\n[batch]\nmax_size = 8\nmax_wait_ms = 10\n",
+    );
+    let mut daemon = Daemon::start(&ws, &addr).await;
+    let base = daemon.base_url();
+    let db = connect_db(&ws.database_url()).await;
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let http = reqwest::Client::new();
+    for (i, body) in bodies().iter().take(POSTS).enumerate() {
+        let resp = http
+            .post(format!("{base}/v1/conversations"))
+            .json(&with_ids(body, Some(&format!("locked-{i}")), "locked"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            202,
+            "post {i}: {}",
+            resp.text().await.unwrap()
+        );
+    }
+    // Until a batch waits on the lock inside PostgreSQL.
+    let waiting = Instant::now();
+    loop {
+        let in_flight = scrape(&base)
+            .await
+            .sum("convstore_pipeline_in_flight_conversations", &[]);
+        if in_flight > 0.0 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "no batch reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stopping = Instant::now();
+    // Generous: the deadline (2 s), the listeners' and background tasks'
+    // 5 s, the pool's 5 s and the cluster's stop fit many times over.
+    let status = daemon.terminate(Duration::from_secs(90));
+    println!(
+        "exited with {status:?} {:?} after SIGTERM",
+        stopping.elapsed()
+    );
+    let log = daemon.log_text();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a drain that did not store everything exits 1; log:\n{log}"
+    );
+    assert!(
+        log.contains("Shutdown deadline passed"),
+        "the log names what was not stored:\n{log}"
+    );
+    assert!(
+        log.contains("Database connections still busy after the drain"),
+        "the log says why the pool did not close:\n{log}"
+    );
+    // The cluster stopped: the session holding the lock is gone with it.
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut *lock).await.is_err(),
+        "the managed cluster still answers after the daemon exited"
+    );
+}

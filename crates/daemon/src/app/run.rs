@@ -216,8 +216,30 @@ impl App {
         if let Some(journal) = ingress.journal().cloned() {
             convstore_journal::close_at_exit(journal).await;
         }
-        store.close().await;
+        close_pool(&store).await;
         Ok(status)
+    }
+}
+
+/// How long closing the database pool may wait for its connections to come
+/// back. A statement still waiting on the database (on a lock another
+/// session holds, say) would hold the close, and so the exit, forever: past
+/// `shutdown.timeout_ms`, which the drain has already spent. Stopping the
+/// managed cluster, or the process's exit, ends such connections.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes the pool within [`POOL_CLOSE_TIMEOUT`].
+async fn close_pool(store: &convstore_store::Store) {
+    if tokio::time::timeout(POOL_CLOSE_TIMEOUT, store.close())
+        .await
+        .is_err()
+    {
+        let pool = store.pool();
+        tracing::warn!(
+            busy = (pool.size() as usize).saturating_sub(pool.num_idle()),
+            waited_ms = POOL_CLOSE_TIMEOUT.as_millis() as u64,
+            "Database connections still busy after the drain (a statement waiting on a lock?): exiting without them"
+        );
     }
 }
 
