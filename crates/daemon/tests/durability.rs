@@ -1218,7 +1218,7 @@ async fn ack_latency_queued_vs_durable() {
             &standin.url(),
             MODEL,
             DIMS,
-            &format!("[journal]\nenabled = {journal}\n\n[queue]\ncapacity = 100000\n"),
+            &format!("[journal]\nenabled = {journal}\n\n[queue]\ncapacity = 100000\nmax_backlog_seconds = 0\n"),
         );
         let mut daemon = Daemon::start(&ws, &addr).await;
         let levels: &[&str] = if journal {

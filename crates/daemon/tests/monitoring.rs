@@ -173,7 +173,7 @@ async fn metrics_agree_exactly_with_postgres_and_the_standin() {
         &standin.url(),
         MODEL,
         DIMS,
-        "[queue]\ncapacity = 20000\n[cache]\nmax_entries = 100000\n",
+        "[queue]\ncapacity = 20000\nmax_backlog_seconds = 0\n[cache]\nmax_entries = 100000\n",
     );
     let daemon = Daemon::start(&ws, &addr).await;
     let base = daemon.base_url();

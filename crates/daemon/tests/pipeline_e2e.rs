@@ -35,7 +35,12 @@ async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> reqwest
 async fn sample_is_stored_over_every_transport_with_exact_vectors() {
     let standin = Standin::start(MODEL, DIMS, CONTEXT, &[]);
     let ws = Workspace::new();
-    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "[queue]\ncapacity = 20000\n");
+    let addr = ws.write_config(
+        &standin.url(),
+        MODEL,
+        DIMS,
+        "[queue]\ncapacity = 20000\nmax_backlog_seconds = 0\n",
+    );
     let daemon = Daemon::start(&ws, &addr).await;
     let data = conversations();
     let n = data.len();

@@ -59,6 +59,7 @@ unix_socket = "{socket}"
 
 [queue]
 capacity = 20000
+max_backlog_seconds = 0
 
 [embedding]
 model = "{MODEL}"

@@ -228,6 +228,19 @@ impl Workspace {
         self.path().join("convstore.toml")
     }
 
+    /// The managed cluster's postmaster, while its `postmaster.pid` says it
+    /// runs: the file is there and its first line names a live `postgres`.
+    fn running_postmaster(&self) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.path().join("state/postgres/data/postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        // A pid the file names may have been reused since.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains("postgres")
+            .then_some(pid)
+    }
+
     /// URL of the managed cluster's database (over its Unix socket).
     pub fn database_url(&self) -> String {
         format!(
@@ -434,6 +447,26 @@ impl Daemon {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
         self.wait_exit(limit)
+    }
+}
+
+/// A daemon that was killed (a test that failed, a crash test) cannot stop
+/// its managed cluster: stop it here, so no cluster outlives its test and
+/// its deleted directory.
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let Some(pid) = self.running_postmaster() else {
+            return;
+        };
+        // SAFETY: kill(2) on the postmaster's pid, checked just above;
+        // SIGQUIT is PostgreSQL's immediate shutdown. No memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGQUIT);
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) && self.running_postmaster().is_some() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
