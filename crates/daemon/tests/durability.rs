@@ -438,12 +438,8 @@ async fn kill9_at_random_points_loses_nothing_acknowledged() {
 
 /// Postmaster pid of the workspace's managed cluster.
 fn postmaster_pid(ws: &Workspace) -> i32 {
-    let text = std::fs::read_to_string(ws.path().join("state/postgres/data/postmaster.pid"))
-        .expect("postmaster.pid");
-    text.lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("pid in postmaster.pid")
+    ws.running_postmaster()
+        .expect("postmaster.pid names a running postmaster")
 }
 
 /// The postmaster and every process it started.

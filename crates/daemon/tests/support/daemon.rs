@@ -230,7 +230,7 @@ impl Workspace {
 
     /// The managed cluster's postmaster, while its `postmaster.pid` says it
     /// runs: the file is there and its first line names a live `postgres`.
-    fn running_postmaster(&self) -> Option<i32> {
+    pub fn running_postmaster(&self) -> Option<i32> {
         let text =
             std::fs::read_to_string(self.path().join("state/postgres/data/postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
