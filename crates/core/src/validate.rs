@@ -175,7 +175,15 @@ pub fn parse_append(body: &[u8], limits: Limits) -> Result<Vec<Message>, InputEr
 /// conversation it was a third of the enqueue time (PERFORMANCE.md).
 pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
     refuse_non_object(body, "the body")?;
-    match serde_json::from_slice::<ConversationIn>(body) {
+    // UTF-8 checked once for the whole body, then parsed as text: from
+    // bytes, serde_json checks every string it reads on its own, a call per
+    // string. A body that is not UTF-8 is parsed from bytes, so its error
+    // (position and field) is serde_json's as before.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<ConversationIn>(text),
+        Err(_) => serde_json::from_slice::<ConversationIn>(body),
+    };
+    match parsed {
         Ok(parsed) => {
             let conversation = validate(parsed, limits)?;
             // Only metadata can hold a number (every other field is text);
@@ -881,6 +889,26 @@ mod tests {
         assert_eq!(err.code(), "invalid_json");
         let err = parse_conversation(b"\xff\xfe", LIMITS).unwrap_err();
         assert_eq!(err.code(), "invalid_json");
+    }
+
+    /// A valid body is parsed as text after one UTF-8 check of the whole;
+    /// one with a byte that is not UTF-8 is parsed from bytes, so its error
+    /// still says where the byte is.
+    #[test]
+    fn bytes_that_are_not_utf8_keep_their_position_in_the_error() {
+        let body = b"{\"user_id\":\"u\",\"channel\":\"c\",\"messages\":[{\"role\":\"user\",\"content\":\"ok\"},{\"role\":\"user\",\"content\":\"caf\xe9\"}]}";
+        let err = parse_conversation(body, LIMITS).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        assert!(
+            err.to_string()
+                .contains("invalid unicode code point at line 1 column 102"),
+            "{err}"
+        );
+        let mut fixed = body.to_vec();
+        let at = fixed.iter().position(|&b| b == 0xe9).unwrap();
+        fixed.splice(at..=at, "\u{e9}".bytes());
+        let conversation = parse_conversation(&fixed, LIMITS).unwrap();
+        assert_eq!(conversation.messages[1].content, "caf\u{e9}");
     }
 
     /// Valid bodies skip the path-tracking parser; the errors of invalid
