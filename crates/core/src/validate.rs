@@ -158,13 +158,27 @@ pub struct AppendIn<'a> {
 }
 
 /// Parses and validates the body of an append: the messages to add.
+///
+/// As [`parse_conversation`]: the plain parser for a valid body, the
+/// path-tracking one only to name the field of an error.
 pub fn parse_append(body: &[u8], limits: Limits) -> Result<Vec<Message>, InputError> {
     refuse_non_object(body, "the body")?;
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed: AppendIn = serde_path_to_error::deserialize(&mut de).map_err(schema_error)?;
-    de.end()
-        .map_err(|e| InputError::invalid_json(format!("trailing data after the messages: {e}")))?;
-    validate_messages(parsed.messages, limits)
+    match parse_plain::<AppendIn>(body) {
+        Ok(parsed) => validate_messages(parsed.messages, limits),
+        Err(plain) => Err(explain_parse_error::<AppendIn>(body, plain, "the messages")),
+    }
+}
+
+/// serde_json's plain parse of a whole body. UTF-8 is checked once for the
+/// whole body, then it is parsed as text: from bytes, serde_json checks
+/// every string it reads (each key and value) with a call of its own. A
+/// body that is not UTF-8 is parsed from bytes, so its error (position and
+/// all) is serde_json's as before.
+fn parse_plain<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde_json::Error> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
 }
 
 /// Parses and validates one conversation from JSON bytes.
@@ -175,15 +189,7 @@ pub fn parse_append(body: &[u8], limits: Limits) -> Result<Vec<Message>, InputEr
 /// conversation it was a third of the enqueue time (PERFORMANCE.md).
 pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
     refuse_non_object(body, "the body")?;
-    // UTF-8 checked once for the whole body, then parsed as text: from
-    // bytes, serde_json checks every string it reads on its own, a call per
-    // string. A body that is not UTF-8 is parsed from bytes, so its error
-    // (position and field) is serde_json's as before.
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str::<ConversationIn>(text),
-        Err(_) => serde_json::from_slice::<ConversationIn>(body),
-    };
-    match parsed {
+    match parse_plain::<ConversationIn>(body) {
         Ok(parsed) => {
             let conversation = validate(parsed, limits)?;
             // Only metadata can hold a number (every other field is text);
@@ -195,24 +201,29 @@ pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, I
             }
             Ok(conversation)
         }
-        Err(plain) => Err(explain_parse_error(body, plain)),
+        Err(plain) => Err(explain_parse_error::<ConversationIn>(
+            body,
+            plain,
+            "the conversation",
+        )),
     }
 }
 
-/// The error for a body serde_json refused, naming the field it concerns.
-fn explain_parse_error(body: &[u8], plain: serde_json::Error) -> InputError {
+/// The error for a body serde_json refused as a `T` (`what` it holds, for
+/// the message), naming the field it concerns.
+fn explain_parse_error<'a, T: serde::Deserialize<'a>>(
+    body: &'a [u8],
+    plain: serde_json::Error,
+    what: &str,
+) -> InputError {
     let mut de = serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize::<_, ConversationIn>(&mut de) {
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Err(e) => schema_error(e),
         Ok(_) => match de.end() {
-            Err(e) => {
-                InputError::invalid_json(format!("trailing data after the conversation: {e}"))
-            }
+            Err(e) => InputError::invalid_json(format!("trailing data after {what}: {e}")),
             // Both parsers read the same grammar; should they ever
             // disagree, the plain error still says what is wrong.
-            Ok(()) => {
-                InputError::invalid_json(format!("body is not a valid conversation: {plain}"))
-            }
+            Ok(()) => InputError::invalid_json(format!("body is not valid as {what}: {plain}")),
         },
     }
 }
@@ -889,6 +900,37 @@ mod tests {
         assert_eq!(err.code(), "invalid_json");
         let err = parse_conversation(b"\xff\xfe", LIMITS).unwrap_err();
         assert_eq!(err.code(), "invalid_json");
+    }
+
+    /// An append takes the plain parser when valid and names the field of
+    /// what it refuses, as a conversation does.
+    #[test]
+    fn append_errors_name_their_field_and_valid_appends_parse() {
+        let append_field = |body: &str| match parse_append(body.as_bytes(), LIMITS) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => (e.code(), e.field().unwrap_or("<none>").to_string()),
+        };
+        assert_eq!(
+            append_field(
+                r#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":7}]}"#
+            ),
+            ("invalid_field", "messages[1].content".to_string())
+        );
+        assert_eq!(
+            append_field(r#"{"messages":[{"role":"user","content":"a","colour":"red"}]}"#),
+            ("invalid_field", "messages[0].colour".to_string())
+        );
+        let (code, _) = append_field(r#"{"messages":[{"role":"user","content":"a"}]} {}"#);
+        assert_eq!(code, "invalid_json");
+        let messages = parse_append(
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"caf\u{e9} \\u00e9\",\"message_id\":\"m1\"}]}"
+                .as_bytes(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].content, "caf\u{e9} \u{e9}");
+        assert_eq!(messages[0].message_id.as_deref(), Some("m1"));
     }
 
     /// A valid body is parsed as text after one UTF-8 check of the whole;
