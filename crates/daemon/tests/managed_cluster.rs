@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cluster::{TestCluster, postgres_processes_in, require_setup, test_settings};
+use cluster::{TestCluster, postgres_processes_in, postmaster_pid, require_setup, test_settings};
 use convstore_store::managed::{ManagedCluster, ManagedError};
 use sqlx::{Connection, PgConnection};
 
@@ -40,16 +40,6 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn read_postmaster_pid(data_dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 fn count_initdb_runs(log: &Path) -> usize {
@@ -211,7 +201,7 @@ async fn stale_pid_file_of_a_dead_process_is_removed() {
 
     tc.start_again().await;
     assert_eq!(
-        read_postmaster_pid(&data_dir),
+        postmaster_pid(&data_dir),
         Some(tc.cluster().pid()),
         "the new server wrote its own postmaster.pid"
     );
@@ -242,7 +232,7 @@ async fn stale_pid_file_naming_an_unrelated_live_process_is_removed_and_it_survi
         still_running,
         "an unrelated process must never be signalled"
     );
-    assert_eq!(read_postmaster_pid(&data_dir), Some(tc.cluster().pid()));
+    assert_eq!(postmaster_pid(&data_dir), Some(tc.cluster().pid()));
 }
 
 #[tokio::test]
@@ -306,7 +296,7 @@ async fn orphaned_server_is_replaced() {
         .join("data")
         .canonicalize()
         .expect("data dir");
-    let orphan = read_postmaster_pid(&data_dir).expect("orphan's postmaster.pid");
+    let orphan = postmaster_pid(&data_dir).expect("orphan's postmaster.pid");
     assert!(
         !pid_gone(orphan),
         "the orphan server should still be running"

@@ -202,6 +202,18 @@ pub async fn start_cluster(settings: &Settings) -> ManagedCluster {
     }
 }
 
+/// The pid on the first line of the cluster's `postmaster.pid`, if the
+/// file is there (it may name a process that has since gone).
+pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Live processes whose working directory is `data_dir`: every PostgreSQL
 /// process of a cluster chdirs into its data directory.
 pub fn postgres_processes_in(data_dir: &Path) -> Vec<u32> {

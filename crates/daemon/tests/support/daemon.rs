@@ -231,9 +231,8 @@ impl Workspace {
     /// The managed cluster's postmaster, while its `postmaster.pid` says it
     /// runs: the file is there and its first line names a live `postgres`.
     pub fn running_postmaster(&self) -> Option<i32> {
-        let text =
-            std::fs::read_to_string(self.path().join("state/postgres/data/postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let pid = super::cluster::postmaster_pid(&self.path().join("state/postgres/data"))?;
+        let pid = i32::try_from(pid).ok()?;
         // A pid the file names may have been reused since.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         String::from_utf8_lossy(&cmdline)
