@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use crate::batch_body::split_items;
 use crate::journal::{entry, record};
 use crate::model::Conversation;
-use crate::validate::{Limits, ROLES, conversation_from_value, parse_conversation};
+use crate::validate::{Limits, ROLES, parse_batch_item, parse_conversation};
 
 /// Small limits, so that random inputs reach every bound.
 pub const FUZZ_LIMITS: Limits = Limits {
@@ -52,8 +52,8 @@ pub fn check(data: &[u8]) {
                 return;
             };
             assert!(items.len() <= 64, "more items than max_items passed");
-            for value in items.into_iter().flatten() {
-                if let Ok(c) = conversation_from_value(value, FUZZ_LIMITS) {
+            for item in items {
+                if let Ok(c) = parse_batch_item(item, FUZZ_LIMITS) {
                     check_accepted(&c, &FUZZ_LIMITS);
                 }
             }

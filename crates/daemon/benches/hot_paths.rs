@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use convstore::queue::BoundedQueue;
+use convstore_core::batch_body::split_items;
 use convstore_core::chunker::Chunker;
 use convstore_core::model::{Chunk, Conversation, content_hash};
-use convstore_core::validate::{Limits, conversation_from_value, parse_conversation};
+use convstore_core::validate::{Limits, parse_batch_item, parse_conversation};
 use convstore_embed::cache::{CacheKey, EmbeddingCache};
 use convstore_store::copy::CopyEncoder;
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
@@ -121,9 +122,9 @@ fn data() -> Data {
         .iter()
         .map(|v| serde_json::to_vec(v).expect("serialise"))
         .collect();
-    let conversations: Vec<Conversation> = values
-        .into_iter()
-        .map(|v| conversation_from_value(v, LIMITS).expect("the data passes validation"))
+    let conversations: Vec<Conversation> = bodies
+        .iter()
+        .map(|body| parse_conversation(body, LIMITS).expect("the data passes validation"))
         .collect();
     let mut by_size: Vec<usize> = (0..bodies.len()).collect();
     by_size.sort_by_key(|&i| bodies[i].len());
@@ -197,6 +198,35 @@ fn ingest(c: &mut Criterion<Clock>, d: &Data) {
             })
         });
     }
+    group.finish();
+}
+
+/// The default `server.max_batch_items` is 1,000; `convstore enqueue`
+/// sends 500 per request.
+const BATCH_ITEMS: usize = 500;
+
+/// What a `POST /v1/conversations/batch` handler does with the body
+/// before admitting anything: split it into items, then parse and validate
+/// each (a JSON array of the data's first 500 conversations).
+fn batch_ingest(c: &mut Criterion<Clock>, d: &Data) {
+    let mut body = b"[".to_vec();
+    for (i, one) in d.bodies.iter().take(BATCH_ITEMS).enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(one);
+    }
+    body.push(b']');
+    let mut group = c.benchmark_group("ingest_batch");
+    group.throughput(Throughput::Elements(BATCH_ITEMS as u64));
+    group.bench_function(BenchmarkId::new("split_parse_validate", BATCH_ITEMS), |b| {
+        b.iter(|| {
+            let items = split_items(black_box(&body), false, 1000).expect("a valid array");
+            for item in items {
+                black_box(parse_batch_item(item, LIMITS).expect("valid"));
+            }
+        })
+    });
     group.finish();
 }
 
@@ -371,6 +401,7 @@ fn traces(c: &mut Criterion<Clock>, d: &Data) {
 fn hot_paths(c: &mut Criterion<Clock>) {
     let d = data();
     ingest(c, &d);
+    batch_ingest(c, &d);
     copy_encode(c, &d);
     cache(c, &d);
     chunker(c, &d);

@@ -23,7 +23,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use convstore::config::SearchSettings;
 use convstore_core::chunker::Chunker;
 use convstore_core::model::{ChunkVector, EmbeddedChunk, ReadyConversation};
-use convstore_core::validate::{Limits, conversation_from_value};
+use convstore_core::validate::{Limits, parse_conversation};
 use convstore_standin::standin_vector;
 use convstore_store::Store;
 use convstore_store::schema::{HNSW_INDEX, TEXT_INDEX};
@@ -94,7 +94,8 @@ fn prepare(n: usize) -> (Vec<ReadyConversation>, Vec<Known>) {
     let mut known = Vec::with_capacity(data.len());
     for (i, value) in data.into_iter().enumerate() {
         let value = decorate(i, value);
-        let conversation = conversation_from_value(value, Limits::DEFAULT).expect("valid");
+        let body = serde_json::to_vec(&value).expect("serialise");
+        let conversation = parse_conversation(&body, Limits::DEFAULT).expect("valid");
         let chunks: Vec<EmbeddedChunk> = chunker
             .chunk(&conversation)
             .into_iter()

@@ -20,7 +20,7 @@ use super::intake::{Reached, Wait, WaitLevel, admit, parse_wait, wait_for};
 use super::{IngressState, Transport};
 use convstore_core::batch_body::split_items;
 use convstore_core::lifecycle::Change;
-use convstore_core::validate::{conversation_from_value, parse_conversation, row_id};
+use convstore_core::validate::{parse_batch_item, parse_conversation, row_id};
 use convstore_telemetry::events::label;
 
 type AppState = State<Arc<IngressState>>;
@@ -411,7 +411,7 @@ type ItemOutcomes = Vec<(
 /// was accepted a prefix of what was sent.
 async fn admit_items(
     state: &IngressState,
-    items: Vec<Result<serde_json::Value, convstore_core::InputError>>,
+    items: convstore_core::batch_body::Items<'_>,
     level: WaitLevel,
 ) -> ItemOutcomes {
     let limits = state.limits();
@@ -419,10 +419,9 @@ async fn admit_items(
     let mut queue_full: Option<ApiError> = None;
     for item in items {
         let started = Instant::now();
-        let outcome = match (item, &queue_full) {
-            (_, Some(full)) => Err(full.clone()),
-            (Err(e), None) => Err(e.into()),
-            (Ok(value), None) => match conversation_from_value(value, limits.validation) {
+        let outcome = match &queue_full {
+            Some(full) => Err(full.clone()),
+            None => match parse_batch_item(item, limits.validation) {
                 Ok(conversation) => admit(state, Change::Post(conversation), level).await,
                 Err(e) => Err(e.into()),
             },
@@ -449,22 +448,18 @@ async fn admit_items(
 async fn admit_items_shared(
     state: &IngressState,
     shared: &std::sync::Arc<convstore_nats::SharedIntake>,
-    items: Vec<Result<serde_json::Value, convstore_core::InputError>>,
+    items: convstore_core::batch_body::Items<'_>,
     level: WaitLevel,
 ) -> ItemOutcomes {
     let limits = state.limits();
     let started = Instant::now();
     let mut sent = Vec::with_capacity(items.len());
     for item in items {
-        sent.push(match item {
+        sent.push(match parse_batch_item(item, limits.validation) {
+            Ok(conversation) => {
+                super::intake::send_shared(state, shared, Change::Post(conversation), level).await
+            }
             Err(e) => Err(e.into()),
-            Ok(value) => match conversation_from_value(value, limits.validation) {
-                Ok(conversation) => {
-                    super::intake::send_shared(state, shared, Change::Post(conversation), level)
-                        .await
-                }
-                Err(e) => Err(e.into()),
-            },
         });
     }
     futures::future::join_all(sent.into_iter().map(|sent| async move {
