@@ -413,3 +413,69 @@ async fn bad_managed_bin_dir_says_what_is_wrong() {
     assert!(matches!(err, ManagedError::BadBinDir { .. }), "{err}");
     assert!(err.to_string().contains("initdb"), "{err}");
 }
+
+/// `convstore migrate` (ExecStartPre, or by hand before an upgrade) on a
+/// state directory with no cluster yet: it creates the cluster, applies the
+/// schema, registers the configured model, says so, and leaves no
+/// PostgreSQL running; a second run changes nothing and succeeds.
+#[tokio::test]
+async fn convstore_migrate_prepares_the_database_and_stops_its_cluster() {
+    require_setup();
+    let dir = cluster::traversable_tempdir();
+    let state = dir.path().join("state");
+    let config = dir.path().join("convstore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n\n[database]\nmanaged_shared_buffers = \"16MB\"\n\n\
+             [embedding]\nmodel = \"migrate-test-model\"\ndimensions = 8\n\n\
+             [[embedding.backends]]\nname = \"unused\"\nkind = \"ollama\"\nurl = \"http://127.0.0.1:9\"\n",
+            state.display()
+        ),
+    )
+    .expect("write config");
+    let settings = test_settings(&state);
+    let data_dir = settings.managed_cluster_dir().join("data");
+    for run in 1..=2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_convstore"))
+            .args(["migrate", "--config"])
+            .arg(&config)
+            .env_remove("CONVSTORE_CONFIG")
+            .output()
+            .expect("run convstore migrate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "run {run}: {:?}\n{stderr}",
+            out.status
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "migrations applied",
+            "run {run}"
+        );
+        assert_eq!(
+            postgres_processes_in(&data_dir),
+            Vec::<u32>::new(),
+            "run {run}: migrate left PostgreSQL running"
+        );
+        assert!(!data_dir.join("postmaster.pid").exists(), "run {run}");
+    }
+    let cluster = cluster::start_cluster(&settings).await;
+    let mut conn = connect(&cluster.url()).await;
+    let model: (String, i32) =
+        sqlx::query_as("SELECT model, dimensions FROM embedding_models WHERE role = 'current'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("the configured model is registered");
+    assert_eq!(model, ("migrate-test-model".to_string(), 8));
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname IN ('conversations', 'conversation_chunks')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("tables");
+    assert_eq!(tables, 2);
+    conn.close().await.ok();
+    cluster.stop().await.expect("stop");
+}

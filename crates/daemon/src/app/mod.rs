@@ -161,7 +161,9 @@ pub async fn migrate_only(settings: &Settings) -> anyhow::Result<()> {
         store
             .ensure_text_index(&settings.search.text_search_language()?)
             .await?;
-        store.close().await;
+        // Bounded, as at the daemon's exit: the managed cluster is
+        // stopped next whatever a connection is still doing.
+        run::close_pool(&store).await;
         anyhow::Ok(())
     }
     .await;

@@ -229,7 +229,7 @@ impl App {
 const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Closes the pool within [`POOL_CLOSE_TIMEOUT`].
-async fn close_pool(store: &convstore_store::Store) {
+pub(super) async fn close_pool(store: &convstore_store::Store) {
     if tokio::time::timeout(POOL_CLOSE_TIMEOUT, store.close())
         .await
         .is_err()

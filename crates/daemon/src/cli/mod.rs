@@ -71,15 +71,48 @@ pub struct CheckConfigArgs {
 /// The example configuration shipped as /etc/convstore/convstore.toml.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../../../packaging/convstore.toml");
 
-/// Parses arguments and runs the chosen command.
+/// Parses arguments and runs the chosen command. The daemon builds its own
+/// runtimes (`serve_main`); the commands that only read the configuration
+/// need none; the clients run on one built for them.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match &cli.command {
-        Command::CheckConfig(args) => return check_config(cli.config.as_deref(), args),
-        Command::Reload(args) => return reload::run(cli.config.as_deref(), args),
-        Command::Serve => return serve_main(cli.config),
-        _ => {}
+    let Cli { config, command } = Cli::parse();
+    let config_path = config.as_deref();
+    match command {
+        Command::Serve => serve_main(config),
+        Command::CheckConfig(args) => check_config(config_path, &args),
+        Command::Reload(args) => reload::run(config_path, &args),
+        Command::Migrate => on_a_runtime(async {
+            let settings = load(config_path)?;
+            convstore_telemetry::logging::init(&settings.log);
+            crate::app::migrate_only(&settings).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Enqueue(args) => {
+            on_a_runtime(async { enqueue::run(args, &load(config_path)?).await })
+        }
+        Command::Status(args) => {
+            on_a_runtime(async { status::run(args, &load(config_path)?).await })
+        }
+        Command::Search(args) => {
+            on_a_runtime(async { search::run(args, &load(config_path)?).await })
+        }
+        Command::Delete(args) => {
+            on_a_runtime(async { forget::delete(args, &load(config_path)?).await })
+        }
+        Command::EraseUser(args) => {
+            on_a_runtime(async { forget::erase_user(args, &load(config_path)?).await })
+        }
+        Command::Redrive(args) => {
+            on_a_runtime(async { forget::redrive(args, &load(config_path)?).await })
+        }
+        Command::Bench(args) => on_a_runtime(async { bench::run(args, &load(config_path)?).await }),
     }
+}
+
+/// Runs a client command to completion on a runtime of its own; its error,
+/// if any, is the exit's.
+fn on_a_runtime(command: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,59 +123,12 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli));
-    match result {
+    match runtime.block_on(command) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("convstore: {e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Serve => {
-            let settings = load(cli.config.as_deref())?;
-            serve(settings, cli.config, None).await
-        }
-        Command::Migrate => {
-            let settings = load(cli.config.as_deref())?;
-            convstore_telemetry::logging::init(&settings.log);
-            crate::app::migrate_only(&settings).await?;
-            println!("migrations applied");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig(args) => Ok(check_config(cli.config.as_deref(), &args)),
-        Command::Reload(args) => Ok(reload::run(cli.config.as_deref(), &args)),
-        Command::Enqueue(args) => {
-            let settings = load(cli.config.as_deref())?;
-            enqueue::run(args, &settings).await
-        }
-        Command::Status(args) => {
-            let settings = load(cli.config.as_deref())?;
-            status::run(args, &settings).await
-        }
-        Command::Search(args) => {
-            let settings = load(cli.config.as_deref())?;
-            search::run(args, &settings).await
-        }
-        Command::Delete(args) => {
-            let settings = load(cli.config.as_deref())?;
-            forget::delete(args, &settings).await
-        }
-        Command::EraseUser(args) => {
-            let settings = load(cli.config.as_deref())?;
-            forget::erase_user(args, &settings).await
-        }
-        Command::Redrive(args) => {
-            let settings = load(cli.config.as_deref())?;
-            forget::redrive(args, &settings).await
-        }
-        Command::Bench(args) => {
-            let settings = load(cli.config.as_deref())?;
-            bench::run(args, &settings).await
         }
     }
 }
