@@ -165,7 +165,12 @@ pub fn parse_append(body: &[u8], limits: Limits) -> Result<Vec<Message>, InputEr
     refuse_non_object(body, "the body")?;
     match parse_plain::<AppendIn>(body) {
         Ok(parsed) => validate_messages(parsed.messages, limits),
-        Err(plain) => Err(explain_parse_error::<AppendIn>(body, plain, "the messages")),
+        Err(plain) => Err(explain_parse_error::<AppendIn>(
+            body,
+            plain,
+            "the messages",
+            "body",
+        )),
     }
 }
 
@@ -189,7 +194,7 @@ fn parse_plain<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde
 /// conversation it was a third of the enqueue time (PERFORMANCE.md).
 pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
     refuse_non_object(body, "the body")?;
-    parse_object_as_conversation(body, limits)
+    parse_object_as_conversation(body, limits, "body")
 }
 
 /// Parses and validates one item of a batch (its text, from
@@ -197,18 +202,18 @@ pub fn parse_conversation(body: &[u8], limits: Limits) -> Result<Conversation, I
 /// the same parser, the same errors, each field named from the item's root.
 pub fn parse_batch_item(item: &[u8], limits: Limits) -> Result<Conversation, InputError> {
     refuse_non_object(item, "each item")?;
-    parse_object_as_conversation(item, limits).map_err(|e| match e {
-        // The error is the item's, answered among the others': "body is not
-        // valid JSON" would blame the request.
-        InputError::InvalidJson(message) if message.starts_with("body ") => {
-            InputError::InvalidJson(format!("the item {}", &message["body ".len()..]))
-        }
-        other => other,
-    })
+    // The error is the item's, answered among the others': "body is not
+    // valid JSON" would blame the request.
+    parse_object_as_conversation(item, limits, "the item")
 }
 
-/// [`parse_conversation`] past its check that the text is an object.
-fn parse_object_as_conversation(body: &[u8], limits: Limits) -> Result<Conversation, InputError> {
+/// [`parse_conversation`] past its check that the text is an object;
+/// `text` names the text in errors ("body", "the item").
+fn parse_object_as_conversation(
+    body: &[u8],
+    limits: Limits,
+    text: &str,
+) -> Result<Conversation, InputError> {
     match parse_plain::<ConversationIn>(body) {
         Ok(parsed) => {
             let conversation = validate(parsed, limits)?;
@@ -225,25 +230,27 @@ fn parse_object_as_conversation(body: &[u8], limits: Limits) -> Result<Conversat
             body,
             plain,
             "the conversation",
+            text,
         )),
     }
 }
 
-/// The error for a body serde_json refused as a `T` (`what` it holds, for
-/// the message), naming the field it concerns.
+/// The error for a body serde_json refused as a `T` (`what` it holds, and
+/// `text`, what the messages call the body), naming the field it concerns.
 fn explain_parse_error<'a, T: serde::Deserialize<'a>>(
     body: &'a [u8],
     plain: serde_json::Error,
     what: &str,
+    text: &str,
 ) -> InputError {
     let mut de = serde_json::Deserializer::from_slice(body);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
-        Err(e) => schema_error(e),
+        Err(e) => schema_error_in(e, text),
         Ok(_) => match de.end() {
             Err(e) => InputError::invalid_json(format!("trailing data after {what}: {e}")),
             // Both parsers read the same grammar; should they ever
             // disagree, the plain error still says what is wrong.
-            Ok(()) => InputError::invalid_json(format!("body is not valid as {what}: {plain}")),
+            Ok(()) => InputError::invalid_json(format!("{text} is not valid as {what}: {plain}")),
         },
     }
 }
@@ -281,6 +288,14 @@ pub fn json_kind(value: &serde_json::Value) -> &'static str {
 }
 
 pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> InputError {
+    schema_error_in(e, "body")
+}
+
+/// [`schema_error`], calling the text that was parsed `text`.
+fn schema_error_in<E: std::fmt::Display>(
+    e: serde_path_to_error::Error<E>,
+    text: &str,
+) -> InputError {
     let path = e.path().to_string();
     let inner = e.inner().to_string();
     let looks_syntactic = inner.contains("at line")
@@ -289,7 +304,7 @@ pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> I
         && !inner.contains("unknown field")
         && !inner.contains("missing field");
     if looks_syntactic {
-        return InputError::invalid_json(format!("body is not valid JSON: {inner}"));
+        return InputError::invalid_json(format!("{text} is not valid JSON: {inner}"));
     }
     if path == "." || path.is_empty() {
         // Missing, unknown or repeated top-level fields: serde names the
@@ -301,7 +316,7 @@ pub fn schema_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> I
             .any(|kind| inner.starts_with(kind));
         return match quoted_field(&inner).filter(|_| named_field) {
             Some(field) => InputError::invalid_field(&field, inner),
-            None => InputError::invalid_json(format!("body is not a valid request: {inner}")),
+            None => InputError::invalid_json(format!("{text} is not a valid request: {inner}")),
         };
     }
     InputError::invalid_field(&path, inner)
