@@ -321,8 +321,17 @@ async fn a_call_whose_caller_gave_up_is_withdrawn_before_it_runs() {
     );
     let worker = lane.clone();
     let kept = tokio::spawn(async move { worker.embed(&long).await });
-    // Let the long call's inputs reach the scheduler first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The long call's inputs reach the scheduler together; once its first
+    // batch has run they are all pending, ahead of the call below. (A fixed
+    // sleep was not always long enough on a loaded machine.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while counter_of(m::BUILTIN_TOKENS, name, Some("real")) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the long call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let abandoned: Vec<String> = (0..40).map(|i| format!("where is parcel {i}?")).collect();
     let gave_up = tokio::time::timeout(Duration::from_millis(300), lane.embed(&abandoned)).await;
     assert!(
