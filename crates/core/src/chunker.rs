@@ -367,7 +367,7 @@ mod tests {
             messages: messages
                 .iter()
                 .map(|(r, c)| Message {
-                    role: r.to_string(),
+                    role: crate::model::Role::from_word(r).expect("a role"),
                     content: c.to_string(),
                     ts: None,
                     message_id: None,

@@ -410,7 +410,7 @@ fn append_messages(c: &mut Conversation, messages: &[Message]) -> usize {
                 if !transcript.is_empty() && !transcript.ends_with('\n') {
                     transcript.push('\n');
                 }
-                transcript.push_str(&m.role);
+                transcript.push_str(m.role.as_str());
                 transcript.push_str(": ");
                 transcript.push_str(&m.content);
                 transcript.push('\n');
@@ -426,10 +426,11 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::model::Role;
 
     fn message(content: &str, id: Option<&str>) -> Message {
         Message {
-            role: "user".into(),
+            role: Role::User,
             content: content.into(),
             ts: None,
             message_id: id.map(str::to_string),

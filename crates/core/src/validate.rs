@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::model::{Conversation, Message};
+use crate::model::{Conversation, Message, Role};
 
 use crate::error::InputError;
 use crate::strict_json::{StrictValue, may_hold_wide_integer, wide_integers};
@@ -19,8 +19,6 @@ use crate::strict_json::{StrictValue, may_hold_wide_integer, wide_integers};
 /// Namespace of the row ids derived from callers' ids (UUIDv5), so the
 /// same client id always maps to the same row.
 const CLIENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_5b7d_4e21_9c8a_2f4d_1e0b_7c55);
-
-pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 /// Limits that come from configuration (`server.max_messages`, `[limits]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +92,10 @@ pub struct ConversationIn<'a> {
 #[schema(as = MessageIn)]
 pub struct MessageIn<'a> {
     /// `system`, `user`, `assistant` or `tool`.
-    #[schema(pattern = "^(system|user|assistant|tool)$", example = "user")]
-    role: String,
+    #[schema(value_type = String, pattern = "^(system|user|assistant|tool)$", example = "user")]
+    // Borrowed: it only names a [`Role`], it is never kept.
+    #[serde(borrow)]
+    role: TextIn<'a>,
     #[schema(min_length = 1, example = "Book me a flight to Seattle on Friday.")]
     content: String,
     /// RFC 3339, between 1970 and now + 1 day.
@@ -460,16 +460,16 @@ fn validate_messages(
     // list by doubling and shrinks it at the end, an allocation each time.
     let mut validated = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
-        if !ROLES.contains(&m.role.as_str()) {
+        let Some(role) = Role::from_word(&m.role) else {
             return Err(InputError::invalid_field(
                 &format!("messages[{i}].role"),
                 format!(
                     "`{}` is not one of {}",
                     truncate_for_message(&m.role),
-                    ROLES.join(", ")
+                    Role::ALL.map(Role::as_str).join(", ")
                 ),
             ));
-        }
+        };
         check_text(
             Field::Message(i, "content"),
             &m.content,
@@ -485,7 +485,7 @@ fn validate_messages(
             return Err(Field::Message(i, "message_id").error(why));
         }
         validated.push(Message {
-            role: m.role,
+            role,
             content: m.content,
             ts,
             message_id: m.message_id,

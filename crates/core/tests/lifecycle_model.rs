@@ -20,7 +20,7 @@ use uuid::Uuid;
 use convstore_core::lifecycle::{
     Append, Change, Stamp, StampedChange, Tombstones, Version, erased_conversations, fold,
 };
-use convstore_core::model::{Conversation, Message};
+use convstore_core::model::{Conversation, Message, Role};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -66,7 +66,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn message(text: String, id: Option<u8>) -> Message {
     Message {
-        role: "user".into(),
+        role: Role::User,
         content: text,
         ts: None,
         message_id: id.map(|i| format!("m{i}")),

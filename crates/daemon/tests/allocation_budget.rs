@@ -157,11 +157,11 @@ fn conversation(id: usize, messages: usize) -> Value {
 }
 
 /// The allocations the conversation itself is made of once validated:
-/// its message list, and per message the role, content and message id;
-/// the client id, user id and channel; the metadata object (one node, two
-/// keys, one string value).
+/// its message list, and per message the content and message id (a role
+/// is a `Role`, no allocation); the client id, user id and channel; the
+/// metadata object (one node, two keys, one string value).
 fn own_allocations(messages: u64) -> u64 {
-    1 + 3 * messages + 3 + 4
+    1 + 2 * messages + 3 + 4
 }
 
 /// Reallocations of a list read by serde, which starts at 4 entries and

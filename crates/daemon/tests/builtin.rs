@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use convstore_core::chunker::{Chunker, estimate_tokens, fit_exactly};
-use convstore_core::model::{Conversation, Message};
+use convstore_core::model::{Conversation, Message, Role};
 use convstore_embed::settings::{BuiltinEngine, BuiltinPrecision};
 use convstore_embed::{EmbedError, Embedder};
 use convstore_embed_builtin::engine::{EngineOptions, cpu_has_bf16};
@@ -414,13 +414,13 @@ fn chunks_fit_the_model_exactly() {
         channel: "c".into(),
         messages: vec![
             Message {
-                role: "user".into(),
+                role: Role::User,
                 content: format!("Why did these deliveries fail? {}", hashes.join(" ")),
                 ts: None,
                 message_id: None,
             },
             Message {
-                role: "assistant".into(),
+                role: Role::Assistant,
                 content: "Their tracking ids are not in our system.".into(),
                 ts: None,
                 message_id: None,

@@ -16,7 +16,7 @@ use cluster::TestCluster;
 use convstore::config::WriteMethod;
 use convstore_core::model::{
     Chunk, ChunkVector, Conversation, EmbeddedChunk, EmbeddingStatus, Message, ReadyConversation,
-    content_hash,
+    Role, content_hash,
 };
 use convstore_store::copy::CopyEncoder;
 use convstore_store::layout::Layout;
@@ -105,13 +105,13 @@ fn conversation(id: Uuid, client_id: Option<&str>, n: usize) -> Conversation {
         channel: "web".into(),
         messages: vec![
             Message {
-                role: "user".into(),
+                role: Role::User,
                 content: format!("Book me a flight to Seattle, number {n} — ünïcode"),
                 ts: Some(ts(n as i64)),
                 message_id: None,
             },
             Message {
-                role: "assistant".into(),
+                role: Role::Assistant,
                 content: "Done.".into(),
                 ts: None,
                 message_id: None,

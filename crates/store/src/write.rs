@@ -357,7 +357,7 @@ fn check_conversation(ready: &ReadyConversation, dims: Option<usize>) -> Result<
         }
     }
     for (i, m) in c.messages.iter().enumerate() {
-        if m.role.contains('\0') || m.content.contains('\0') {
+        if m.content.contains('\0') {
             return Err(format!("messages[{i}] contains a NUL byte"));
         }
     }

@@ -187,17 +187,12 @@ pub(crate) mod tests {
             DateTime::<Utc>::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
         });
         let message = (
-            prop_oneof![
-                Just("user"),
-                Just("assistant"),
-                Just("system"),
-                Just("tool")
-            ],
+            proptest::sample::select(crate::model::Role::ALL.to_vec()),
             text,
             proptest::option::of(ts.clone()),
         )
             .prop_map(|(role, content, ts)| Message {
-                role: role.to_string(),
+                role,
                 content,
                 ts,
                 message_id: None,
@@ -332,7 +327,7 @@ pub(crate) mod tests {
             user_id: "u".into(),
             channel: "web".into(),
             messages: vec![Message {
-                role: "user".into(),
+                role: crate::model::Role::User,
                 content: "hi".into(),
                 ts: None,
                 message_id: None,

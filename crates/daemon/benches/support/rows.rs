@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use convstore_core::model::{
-    Chunk, ChunkVector, Conversation, EmbeddedChunk, Message, ReadyConversation, content_hash,
+    Chunk, ChunkVector, Conversation, EmbeddedChunk, Message, ReadyConversation, Role, content_hash,
 };
 use convstore_store::Store;
 use uuid::Uuid;
@@ -163,7 +163,7 @@ impl Generator {
                 user_id: format!("user-{}", self.next_id % 100),
                 channel: "bench".into(),
                 messages: vec![Message {
-                    role: "user".into(),
+                    role: Role::User,
                     content: transcript,
                     ts: None,
                     message_id: None,
