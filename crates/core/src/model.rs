@@ -7,10 +7,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Who wrote a message. An enum, not the text the client sent: four
-/// words need no allocation per message, and a queued message is smaller
-/// by the string (about 50 bytes with the allocator's share). Serialised
-/// as the lower-case word (the journal, the stored `messages`, the API).
+/// Who wrote a message: `system`, `user`, `assistant` or `tool`.
+// An enum, not the text the client sent: four words need no allocation
+// per message, and a queued message is smaller by the string (about 50
+// bytes with the allocator's share). Serialised as the lower-case word,
+// so the journal, the stored `messages` and the API are as they were.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
