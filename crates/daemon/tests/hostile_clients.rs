@@ -418,14 +418,14 @@ async fn stalled_bodies_are_bounded_in_memory_and_time() {
     );
     assert_eq!(held, 0, "no stalled body is held");
     assert_eq!(count(503) + count(408) + count(0), STALLED, "{answers:?}");
-    // A refusal closes the connection with the rest of the body unread,
-    // which the kernel turns into a reset; a client that has not read the
-    // answer before the reset arrives loses it. How many do depends on how
-    // soon the client's task runs: 99 of 800 on a loaded CI machine, where
-    // the bound was 80 and earlier runs had stayed under it. A lingering close
-    // (drain for a moment after answering) would remove the race; until
-    // then the bound is a quarter, so a server that mostly resets instead
-    // of answering still fails here.
+    // A refusal leaves the rest of the body unsent. Closing on it unread is
+    // a reset, and 99 of 800 answers were lost on a loaded CI machine
+    // (none on a quiet one). The daemon now lingers (reads and discards
+    // what still comes, `http::serve`), which removes that reset; but the
+    // CI losses were never reproduced elsewhere, so the reset is not proven
+    // their only cause, and a client descheduled for longer than the daemon
+    // lingers can still meet one. The bound stays a quarter: a server that
+    // mostly resets instead of answering still fails here.
     assert!(count(0) <= STALLED / 4, "most refusals arrive as answers");
     assert!(count(408) > 0, "bodies within the budget time out");
     assert!(
@@ -440,5 +440,121 @@ async fn stalled_bodies_are_bounded_in_memory_and_time() {
     assert_eq!(scrape.value("convstore_http_body_buffered_bytes", &[]), 0.0);
     let client = reqwest::Client::new();
     let (status, answer) = post_stored(&client, &daemon.base_url(), conversation(2)).await;
+    assert_eq!(status, 201, "{answer}");
+}
+
+/// A client that writes its whole request before reading (as Python's
+/// `http.client`, so `requests`, does) and whose body is refused before it
+/// is read. Returns whether the whole body was written, and the answer's
+/// head and body (empty when the connection was reset before it).
+fn post_whole_then_read<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    body_len: usize,
+) -> (bool, String) {
+    let head = format!(
+        "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {body_len}\r\n\r\n"
+    );
+    let body = vec![b' '; body_len];
+    let written = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(&body))
+        .is_ok();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    (written, String::from_utf8_lossy(&answer).to_string())
+}
+
+/// The client keeps sending after its answer, forever: the daemon reads and
+/// discards only so much, for only so long, then closes. Returns how long
+/// the client could keep writing.
+fn send_forever_after_the_answer<S: std::io::Write>(mut stream: S) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let head = "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 999999999999\r\n\r\n";
+    let chunk = vec![b' '; 64 * 1024];
+    let _ = stream.write_all(head.as_bytes());
+    while started.elapsed() < std::time::Duration::from_secs(120) {
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
+/// A body refused before it is read whole (here 413: over
+/// `server.max_body_bytes`) leaves the client still sending. Closing with
+/// its bytes unread would reset the connection: the client's write fails
+/// and the answer that says what is wrong is lost. The daemon lingers
+/// instead: it answers, reads and discards the rest, then closes. Over TCP
+/// and the Unix socket; and a client that never stops sending is still
+/// closed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_is_answered_not_reset_while_the_client_still_sends() {
+    let standin = Standin::start(MODEL, DIMS, 512, &[]);
+    let ws = Workspace::new();
+    let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
+    let daemon = Daemon::start(&ws, &addr).await;
+    let socket = ws.socket();
+    // 8 MiB, against the default limit of 1 MiB: far more than the
+    // kernel's socket buffers take before the daemon has answered.
+    const BODY: usize = 8 << 20;
+
+    let tcp_addr = addr.clone();
+    let unix_path = socket.clone();
+    let (tcp, unix) = tokio::task::spawn_blocking(move || {
+        let timeout = Some(std::time::Duration::from_secs(30));
+        let tcp = std::net::TcpStream::connect(&tcp_addr).unwrap();
+        tcp.set_read_timeout(timeout).unwrap();
+        tcp.set_write_timeout(timeout).unwrap();
+        let unix = std::os::unix::net::UnixStream::connect(&unix_path).unwrap();
+        unix.set_read_timeout(timeout).unwrap();
+        unix.set_write_timeout(timeout).unwrap();
+        (
+            post_whole_then_read(tcp, BODY),
+            post_whole_then_read(unix, BODY),
+        )
+    })
+    .await
+    .unwrap();
+    for (transport, (written, answer)) in [("tcp", tcp), ("unix", unix)] {
+        assert!(
+            written,
+            "{transport}: the body could not be sent whole (reset); answer {answer:?}"
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 413 "),
+            "{transport}: {answer:?}"
+        );
+        assert!(
+            answer.contains("payload_too_large"),
+            "{transport}: {answer:?}"
+        );
+    }
+
+    let tcp_addr = addr.clone();
+    let unix_path = socket.clone();
+    let (tcp_for, unix_for) = tokio::task::spawn_blocking(move || {
+        let tcp = std::net::TcpStream::connect(&tcp_addr).unwrap();
+        let unix = std::os::unix::net::UnixStream::connect(&unix_path).unwrap();
+        (
+            send_forever_after_the_answer(tcp),
+            send_forever_after_the_answer(unix),
+        )
+    })
+    .await
+    .unwrap();
+    // The daemon stops reading after 2 s or 64 MiB; a minute is only a
+    // bound that a daemon which never closes would break.
+    for (transport, sent_for) in [("tcp", tcp_for), ("unix", unix_for)] {
+        assert!(
+            sent_for < std::time::Duration::from_secs(60),
+            "{transport}: the daemon took what the client sent for {sent_for:?}"
+        );
+    }
+
+    // And it still serves.
+    let client = reqwest::Client::new();
+    let (status, answer) = post_stored(&client, &daemon.base_url(), conversation(3)).await;
     assert_eq!(status, 201, "{answer}");
 }

@@ -22,6 +22,17 @@
 //!
 //! The request body's own deadline and memory budget are enforced where it
 //! is read ([`super::body`]).
+//!
+//! **Lingering close.** A request refused before its body is read whole
+//! (413 over `server.max_body_bytes`, 503 `bodies_full`, 408) leaves the
+//! client still sending. Closing a socket with unread input makes the
+//! kernel answer with a reset, and a client that writes its whole body
+//! before reading (Python's `http.client`, so `requests`) then fails with
+//! `BrokenPipeError` and never sees the answer that names the problem. So
+//! after the last answer the connection is shut for writing and what the
+//! client still sends is read and discarded until it closes, within
+//! [`LINGER_TIME`], [`LINGER_READ_TIMEOUT`] and [`LINGER_MAX_BYTES`]
+//! (nginx's `lingering_close`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +43,7 @@ use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -69,6 +80,14 @@ const SHED_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// time is dropped: hyper finishes a request in progress first, but a
 /// half-sent head is not a request.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// After the last answer, the longest a connection is kept open to take in
+/// what its client is still sending (the rest of a refused body).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// A lingering client that sends nothing for this long is closed on.
+const LINGER_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// At most this much is read and discarded after the last answer.
+const LINGER_MAX_BYTES: usize = 64 << 20;
 
 /// Serves `app` on `listener` until `stop` is cancelled, then lets the
 /// requests in progress finish.
@@ -156,28 +175,40 @@ async fn serve_connection<I>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
+    let mut connection = builder.serve_connection(TokioIo::new(io), service);
     let mut closing: Option<Instant> = None;
     loop {
         let grace = closing.map_or_else(far_future, |since| since + CLOSE_GRACE);
         tokio::select! {
-            served = connection.as_mut() => {
-                if let Err(e) = served {
-                    if e.is_timeout() {
-                        closed(transport, HEADER_TIMEOUT);
+            served = &mut connection => {
+                match served {
+                    Ok(()) => {
+                        // hyper has written the last answer and shut the
+                        // connection for writing; the socket is ours again.
+                        let io = connection.into_parts().io.into_inner();
+                        tokio::select! {
+                            () = linger(io) => {}
+                            // Also the deadline: LINGER_TIME after the last
+                            // answer, or at once when that was long ago.
+                            _ = activity.unused_for(LINGER_TIME) => {}
+                        }
                     }
-                    tracing::debug!(error = %e, transport, "HTTP connection ended with an error");
+                    Err(e) => {
+                        if e.is_timeout() {
+                            closed(transport, HEADER_TIMEOUT);
+                        }
+                        tracing::debug!(error = %e, transport, "HTTP connection ended with an error");
+                    }
                 }
                 return;
             }
             () = stop.cancelled(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
+                std::pin::Pin::new(&mut connection).graceful_shutdown();
                 closing = Some(Instant::now());
             }
             why = activity.unused_for(limits.idle_timeout), if closing.is_none() => {
                 closed(transport, why.as_str());
-                connection.as_mut().graceful_shutdown();
+                std::pin::Pin::new(&mut connection).graceful_shutdown();
                 closing = Some(Instant::now());
             }
             () = tokio::time::sleep_until(grace), if closing.is_some() => {
@@ -189,6 +220,31 @@ async fn serve_connection<I>(
                 closing = Some(Instant::now());
             }
         }
+    }
+}
+
+/// Reads and discards what the client still sends, until it closes, pauses
+/// for [`LINGER_READ_TIMEOUT`], fails, or [`LINGER_MAX_BYTES`] were read;
+/// then the socket is closed with nothing unread, so with no reset.
+async fn linger<I>(mut io: I)
+where
+    I: tokio::io::AsyncRead + Unpin,
+{
+    // On the heap: every connection's task would otherwise carry it.
+    let mut discard = vec![0u8; 4096];
+    let mut drained = 0usize;
+    while drained < LINGER_MAX_BYTES {
+        match tokio::time::timeout(LINGER_READ_TIMEOUT, io.read(&mut discard)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            // Closed by the client, broken, or silent.
+            _ => break,
+        }
+    }
+    if drained > 0 {
+        tracing::debug!(
+            drained,
+            "Read what the client still sent after the last answer"
+        );
     }
 }
 
