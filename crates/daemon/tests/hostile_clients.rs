@@ -487,14 +487,25 @@ fn send_forever_after_the_answer<S: std::io::Write>(mut stream: S) -> std::time:
 /// its bytes unread would reset the connection: the client's write fails
 /// and the answer that says what is wrong is lost. The daemon lingers
 /// instead: it answers, reads and discards the rest, then closes. Over TCP
-/// and the Unix socket; and a client that never stops sending is still
-/// closed on.
+/// and the Unix socket; a client that never stops sending is still closed
+/// on; and a connection shed at `server.max_connections` gets its 503 the
+/// same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_body_is_answered_not_reset_while_the_client_still_sends() {
+    const MAX_CONNECTIONS: usize = 4;
     let standin = Standin::start(MODEL, DIMS, 512, &[]);
     let ws = Workspace::new();
     let addr = ws.write_config(&standin.url(), MODEL, DIMS, "");
-    let daemon = Daemon::start(&ws, &addr).await;
+    let max_connections = MAX_CONNECTIONS.to_string();
+    let daemon = Daemon::start_with_env(
+        &ws,
+        &addr,
+        &[(
+            "CONVSTORE_SERVER__MAX_CONNECTIONS",
+            max_connections.as_str(),
+        )],
+    )
+    .await;
     let socket = ws.socket();
     // 8 MiB, against the default limit of 1 MiB: far more than the
     // kernel's socket buffers take before the daemon has answered.
@@ -552,6 +563,48 @@ async fn a_refused_body_is_answered_not_reset_while_the_client_still_sends() {
             "{transport}: the daemon took what the client sent for {sent_for:?}"
         );
     }
+
+    // Every TCP slot serving a request whose body is slow to come: the
+    // next connection is shed, and its whole request is taken in first.
+    let serving = connect_many(
+        &addr,
+        MAX_CONNECTIONS,
+        b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 1000\r\n\r\n{",
+    )
+    .await;
+    assert_eq!(serving.len(), MAX_CONNECTIONS);
+    // Serving once their handlers read the first byte of each body.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while scrape(&daemon)
+        .await
+        .value("convstore_http_body_buffered_bytes", &[])
+        < MAX_CONNECTIONS as f64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow bodies never started being read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let tcp_addr = addr.clone();
+    let (written, answer) = tokio::task::spawn_blocking(move || {
+        let tcp = std::net::TcpStream::connect(&tcp_addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        tcp.set_write_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        post_whole_then_read(tcp, BODY)
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 "),
+        "a connection over the limit: {answer:?}"
+    );
+    assert!(answer.contains("too_many_connections"), "{answer:?}");
+    assert!(written, "the shed request could not be sent whole (reset)");
+    drop(serving);
 
     // And it still serves.
     let client = reqwest::Client::new();

@@ -24,8 +24,8 @@
 //! is read ([`super::body`]).
 //!
 //! **Lingering close.** A request refused before its body is read whole
-//! (413 over `server.max_body_bytes`, 503 `bodies_full`, 408) leaves the
-//! client still sending. Closing a socket with unread input makes the
+//! (413 over `server.max_body_bytes`, 503 `bodies_full`, 408, and a
+//! connection shed at the limit) leaves the client still sending. Closing a socket with unread input makes the
 //! kernel answer with a reset, and a client that writes its whole body
 //! before reading (Python's `http.client`, so `requests`) then fails with
 //! `BrokenPipeError` and never sees the answer that names the problem. So
@@ -258,10 +258,11 @@ fn closed(transport: &'static str, reason: &'static str) {
 }
 
 /// Answers a connection over the limit with a 503 and closes it, in the
-/// background and within [`SHED_WRITE_TIMEOUT`].
+/// background and within [`SHED_WRITE_TIMEOUT`]; lingering in that time,
+/// since the client's request is left unread.
 fn shed<I>(mut io: I, max_connections: usize, shedding: &Arc<AtomicUsize>)
 where
-    I: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if shedding.fetch_add(1, Ordering::Relaxed) >= MAX_SHEDDING {
         shedding.fetch_sub(1, Ordering::Relaxed);
@@ -272,7 +273,9 @@ where
         let answer = refusal(max_connections);
         let _ = tokio::time::timeout(SHED_WRITE_TIMEOUT, async {
             io.write_all(answer.as_bytes()).await?;
-            io.shutdown().await
+            io.shutdown().await?;
+            linger(io).await;
+            std::io::Result::Ok(())
         })
         .await;
         shedding.fetch_sub(1, Ordering::Relaxed);
