@@ -91,9 +91,9 @@ pub struct ConversationIn<'a> {
 #[serde(deny_unknown_fields)]
 #[schema(as = MessageIn)]
 pub struct MessageIn<'a> {
-    /// `system`, `user`, `assistant` or `tool`.
-    #[schema(value_type = String, pattern = "^(system|user|assistant|tool)$", example = "user")]
-    // Borrowed: it only names a [`Role`], it is never kept.
+    // Documented as the `Role` it names, whose words it must be. Borrowed:
+    // it is never kept.
+    #[schema(value_type = Role)]
     #[serde(borrow)]
     role: TextIn<'a>,
     #[schema(min_length = 1, example = "Book me a flight to Seattle on Friday.")]
