@@ -37,7 +37,8 @@
 #  * when root, the system account `convstore` the managed PostgreSQL runs
 #    as (PostgreSQL refuses to run as root);
 #  * when root and missing, the Debian packages these steps need
-#    (python3-pip, ca-certificates).
+#    (python3-pip, ca-certificates), and `make`, which building the daemon
+#    needs (it compiles jemalloc, the daemon's allocator, from C).
 #
 # What the tests need as well (--tests):
 #  * when root and missing, the monitoring tests' tools: `prometheus` (for
@@ -533,6 +534,8 @@ main() {
         exec 9>"$(dirname "$PGINSTALL")/.setup.lock"
         flock 9
     fi
+    # Building the daemon compiles jemalloc (its allocator) from C with make.
+    command -v make >/dev/null || apt_install make
     pg_installed || install_postgres
     pg_installed || die "$PGINSTALL still has no working PostgreSQL with pgvector"
     model_installed || install_model

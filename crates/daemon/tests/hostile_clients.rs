@@ -428,8 +428,13 @@ async fn stalled_bodies_are_bounded_in_memory_and_time() {
     // mostly resets instead of answering still fails here.
     assert!(count(0) <= STALLED / 4, "most refusals arrive as answers");
     assert!(count(408) > 0, "bodies within the budget time out");
+    // Beyond the budget: 800 connections' own buffers, and what the
+    // allocator keeps of freed ones for reuse. jemalloc (the daemon's
+    // allocator) keeps freed pages up to 10 s, so its peak here is 62–77 MiB
+    // over the start against glibc's 46–58 MiB; with the budget ignored the
+    // 800 bodies alone would hold 200 MiB.
     assert!(
-        peak < rss_before + BUDGET + (64 << 20),
+        peak < rss_before + BUDGET + (96 << 20),
         "RSS peaked at {} MiB from {} MiB with a {} MiB body budget",
         peak >> 20,
         rss_before >> 20,

@@ -1,14 +1,18 @@
-//! Giving freed heap back to the system.
+//! Giving freed glibc heap back to the system.
 //!
-//! glibc's malloc keeps memory freed inside its arenas (one per thread that
-//! allocated) for reuse and returns only what sits at the top of the main
-//! heap: after a flood of connections or bodies ended, RSS stayed at its
-//! peak (59 → 376 MB after four rounds of idle connections, issue 15; 30 →
-//! 105 MiB after 12,000 connections here). `malloc_trim(0)` releases the
-//! free pages of every arena (`madvise(MADV_DONTNEED)`) while keeping the
-//! memory in use where it is. It walks the free lists, so it runs on a
-//! timer, not after every free: once per [`TRIM_INTERVAL`], on a blocking
-//! thread so it never delays a request.
+//! The daemon's own allocations go to jemalloc (the binary's global
+//! allocator), whose background thread returns pages left free for 10 s.
+//! What C libraries allocate (the OpenVINO runtime of the builtin model)
+//! still goes to glibc's malloc, which keeps memory freed inside its arenas
+//! for reuse and returns only what sits at the top of the main heap: before
+//! jemalloc, RSS stayed at its peak after a flood of connections or bodies
+//! ended (59 → 376 MB after four rounds of idle connections, issue 15).
+//! `malloc_trim(0)` releases the free pages of every glibc arena
+//! (`madvise(MADV_DONTNEED)`) while keeping the memory in use where it is.
+//! It walks the free lists, so it runs on a timer, not after every free:
+//! once per [`TRIM_INTERVAL`], on a blocking thread so it never delays a
+//! request. Test binaries that link the library keep glibc as their
+//! allocator, and this trims theirs.
 
 use std::time::Duration;
 
@@ -39,6 +43,6 @@ fn trim() {
     }
 }
 
-/// Other allocators (musl's, jemalloc) return memory themselves.
+/// Other C allocators (musl's) return memory themselves.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
