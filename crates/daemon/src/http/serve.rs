@@ -25,14 +25,16 @@
 //!
 //! **Lingering close.** A request refused before its body is read whole
 //! (413 over `server.max_body_bytes`, 503 `bodies_full`, 408, and a
-//! connection shed at the limit) leaves the client still sending. Closing a socket with unread input makes the
-//! kernel answer with a reset, and a client that writes its whole body
-//! before reading (Python's `http.client`, so `requests`) then fails with
-//! `BrokenPipeError` and never sees the answer that names the problem. So
-//! after the last answer the connection is shut for writing and what the
-//! client still sends is read and discarded until it closes, within
-//! [`LINGER_TIME`], [`LINGER_READ_TIMEOUT`] and [`LINGER_MAX_BYTES`]
-//! (nginx's `lingering_close`).
+//! connection shed at the limit) leaves the client still sending. Closing
+//! a socket with unread input makes the kernel answer with a reset, and a
+//! client that writes its whole body before reading (Python's
+//! `http.client`, so `requests`) then fails with `BrokenPipeError` and
+//! never sees the answer that names the problem. So after the last answer
+//! the connection is shut for writing and what the client still sends is
+//! read and discarded until it closes, within [`LINGER_TIME`],
+//! [`LINGER_READ_TIMEOUT`] and [`LINGER_MAX_BYTES`] (nginx's
+//! `lingering_close`); a shed connection within its
+//! [`SHED_WRITE_TIMEOUT`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
