@@ -299,6 +299,14 @@ pub async fn wait_for_commit(
 ) -> anyhow::Result<Settled> {
     let mut last: Option<Stored> = None;
     let mut last_change = Instant::now();
+    // A commit's counters are separate increments, and a scrape renders
+    // them one by one: it can see every conversation counted but not yet
+    // the last batch's chunks (one CI run: 2,906 chunks reported, 2,977
+    // stored). The daemon counts a commit's chunks before its
+    // conversations, so a scrape that starts after the conversations are
+    // counted sees the chunks too: complete counts are read once more,
+    // POLL later, and taken when unchanged.
+    let mut complete_once: Option<Stored> = None;
     loop {
         let after = fetch(client).await?;
         let now = Instant::now();
@@ -309,7 +317,12 @@ pub async fn wait_for_commit(
         }
         progress(&stored);
         let complete = stored.settled() >= accepted;
-        if complete || abandon.is_cancelled() || now.duration_since(last_change) >= settle_timeout {
+        let confirmed = complete && complete_once == Some(stored);
+        if complete {
+            complete_once = Some(stored);
+        }
+        if confirmed || abandon.is_cancelled() || now.duration_since(last_change) >= settle_timeout
+        {
             return Ok(Settled {
                 stored,
                 complete,
