@@ -15,7 +15,8 @@
 //! Profiles (`BENCH_PROFILES`, comma-separated; default all but
 //! `managed-256MB`):
 //! - `stock-1`: PostgreSQL's own defaults where convstore changes them
-//!   (shared_buffers 128MB, maintenance_work_mem 64MB, wal_level replica),
+//!   (shared_buffers 128MB, maintenance_work_mem 64MB, wal_level replica,
+//!   glibc's own malloc behaviour),
 //!   one writer: a default-configured server fed by one COPY session, as
 //!   `../shared/reference/postgres-bulk-insert.md` measured it;
 //! - `stock`: the same server settings, `BENCH_WRITERS` writers (what the
@@ -30,6 +31,7 @@
 //! Exploration knobs: `BENCH_MANAGED_SETTINGS="k=v;k=v"` added to the
 //! managed profile's `database.managed_settings`, `BENCH_MANAGED_SHARED_BUFFERS`,
 //! `BENCH_MANAGED_HNSW=m/ef_construction` (its index),
+//! `BENCH_MANAGED_GLIBC_TUNABLES` (its malloc tunables, `""` = glibc's own),
 //! `BENCH_DIMS` (768), `BENCH_VECTORS` (`clustered`, or `uniform`: see
 //! `rows::Vectors`), `BENCH_BATCH` conversations per batch (64),
 //! `BENCH_CHUNKS` per conversation (2), `BENCH_REPEAT` repetitions (3; the
@@ -72,6 +74,8 @@ struct Profile {
     name: &'static str,
     shared_buffers: String,
     settings: BTreeMap<String, String>,
+    /// `database.managed_glibc_tunables` (`""` for the stock server).
+    glibc_tunables: String,
     /// Concurrent writers (`None`: `BENCH_WRITERS`).
     writers: Option<usize>,
     /// How the index is built.
@@ -122,6 +126,7 @@ fn profiles() -> Vec<Profile> {
                 name: "stock-1",
                 shared_buffers: "128MB".into(),
                 settings: stock_settings(),
+                glibc_tunables: String::new(),
                 writers: Some(1),
                 hnsw: HnswBuild::default(),
             },
@@ -129,6 +134,7 @@ fn profiles() -> Vec<Profile> {
                 name: "stock",
                 shared_buffers: "128MB".into(),
                 settings: stock_settings(),
+                glibc_tunables: String::new(),
                 writers: None,
                 hnsw: HnswBuild::default(),
             },
@@ -136,6 +142,7 @@ fn profiles() -> Vec<Profile> {
                 name: "managed-256MB",
                 shared_buffers: "256MB".into(),
                 settings: defaults.managed_settings.clone(),
+                glibc_tunables: defaults.managed_glibc_tunables.clone(),
                 writers: None,
                 hnsw: defaults.hnsw(),
             },
@@ -143,6 +150,7 @@ fn profiles() -> Vec<Profile> {
                 name: "managed-m16",
                 shared_buffers: defaults.managed_shared_buffers.clone(),
                 settings: defaults.managed_settings.clone(),
+                glibc_tunables: defaults.managed_glibc_tunables.clone(),
                 writers: None,
                 hnsw: HnswBuild::default(),
             },
@@ -161,6 +169,8 @@ fn profiles() -> Vec<Profile> {
                     shared_buffers: std::env::var("BENCH_MANAGED_SHARED_BUFFERS")
                         .unwrap_or_else(|_| defaults.managed_shared_buffers.clone()),
                     settings,
+                    glibc_tunables: std::env::var("BENCH_MANAGED_GLIBC_TUNABLES")
+                        .unwrap_or_else(|_| defaults.managed_glibc_tunables.clone()),
                     writers: None,
                     hnsw: managed_hnsw(defaults.hnsw()),
                 }
@@ -236,6 +246,7 @@ async fn run_profile(profile: &Profile, p: &Params) -> Outcome {
     let cluster = cluster::TestCluster::start_with(|s| {
         s.database.managed_shared_buffers = profile.shared_buffers.clone();
         s.database.managed_settings = profile.settings.clone();
+        s.database.managed_glibc_tunables = profile.glibc_tunables.clone();
         s.database.pool_size = std::num::NonZeroU32::new(writers as u32 + 2).unwrap();
     })
     .await;

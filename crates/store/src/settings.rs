@@ -34,6 +34,12 @@ pub struct DatabaseSettings {
     /// managed mode depends on (where and how it listens, where the data
     /// lives) are refused: [`RESERVED_MANAGED_SETTINGS`].
     pub managed_settings: BTreeMap<String, String>,
+    /// Managed mode: glibc's malloc tunables the PostgreSQL processes start
+    /// with (their `GLIBC_TUNABLES`); `""` = glibc's own behaviour. The
+    /// default keeps each process's freed heap for reuse instead of handing
+    /// it back to the kernel after every HNSW insert
+    /// ([`DEFAULT_MANAGED_GLIBC_TUNABLES`]).
+    pub managed_glibc_tunables: String,
     /// How long start-up waits for the database before giving up.
     pub connect_timeout_ms: NonZeroU64,
     /// `0`: plain tables. `N` (2 to 1,024): `conversations` and
@@ -50,6 +56,18 @@ pub struct DatabaseSettings {
     /// goes to the primary: a replica may lag.
     pub read_url: String,
 }
+
+/// pgvector's HNSW insert copies every graph element it visits into a
+/// memory context that is freed after the row: a few MB allocated and
+/// freed per chunk. glibc gives the top of a freed heap back to the kernel
+/// (`brk`) and faults it in again, zeroed, on the next row; with the
+/// sample's conversations that was a third of PostgreSQL's CPU at 374
+/// conversations/s (docs/PERFORMANCE.md, "glibc's heap in the managed cluster"). A 16 MB pad on
+/// top of the heap keeps those pages, and allocations up to 4 MB come from
+/// the heap rather than from a fresh `mmap` each. Setting either turns off
+/// glibc's sliding mmap threshold, so both are set.
+pub const DEFAULT_MANAGED_GLIBC_TUNABLES: &str =
+    "glibc.malloc.top_pad=16777216:glibc.malloc.mmap_threshold=4194304";
 
 /// The most hash partitions `database.partitions` may ask for.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -100,6 +118,12 @@ impl DatabaseSettings {
                 reason,
             });
         }
+        if let Err(reason) = check_glibc_tunables(&self.managed_glibc_tunables) {
+            return Err(InvalidSetting {
+                key: "database.managed_glibc_tunables".into(),
+                reason,
+            });
+        }
         for (name, value) in &self.managed_settings {
             let key = format!("database.managed_settings.{name}");
             let well_formed = !name.is_empty()
@@ -132,6 +156,44 @@ impl DatabaseSettings {
     }
 }
 
+/// `name=value` pairs joined by `:`, every name one of glibc's
+/// (`glibc.` and lower-case words): the form `GLIBC_TUNABLES` takes. glibc
+/// itself ignores what it cannot read, so a typo would otherwise go
+/// unnoticed.
+fn check_glibc_tunables(tunables: &str) -> Result<(), String> {
+    if tunables.is_empty() {
+        return Ok(());
+    }
+    for item in tunables.split(':') {
+        let Some((name, value)) = item.split_once('=') else {
+            return Err(format!(
+                "`{item}` is not name=value (pairs are joined by `:`, as in GLIBC_TUNABLES)"
+            ));
+        };
+        let name_ok = name.strip_prefix("glibc.").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        });
+        if !name_ok {
+            return Err(format!(
+                "`{name}` is not a glibc tunable name (`glibc.` and lower-case words, as in glibc.malloc.top_pad)"
+            ));
+        }
+        let value_ok = !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | ',' | '_' | '.'));
+        if !value_ok {
+            return Err(format!(
+                "the value of `{name}` must be a number or word (letters, digits, `-+,_.`), got `{value}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
@@ -142,6 +204,7 @@ impl Default for DatabaseSettings {
             managed_user: String::new(),
             managed_shared_buffers: "auto".into(),
             managed_settings: BTreeMap::new(),
+            managed_glibc_tunables: DEFAULT_MANAGED_GLIBC_TUNABLES.into(),
             connect_timeout_ms: const { nz_u64(30_000) },
             partitions: 0,
             // Measured against pgvector's 16 / 64 at 100k 768-d rows
@@ -307,6 +370,37 @@ mod tests {
             let err = with(name, value).validate().expect_err(name);
             assert_eq!(err.key, format!("database.managed_settings.{name}"));
             assert!(err.reason.contains(says), "{name}: {}", err.reason);
+        }
+    }
+
+    #[test]
+    fn glibc_tunables_are_pairs_of_glibc_names_and_values() {
+        let with = |tunables: &str| DatabaseSettings {
+            managed_glibc_tunables: tunables.to_string(),
+            ..DatabaseSettings::default()
+        };
+        for ok in [
+            DEFAULT_MANAGED_GLIBC_TUNABLES,
+            "",
+            "glibc.malloc.top_pad=0",
+            "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0x10000",
+            "glibc.cpu.hwcaps=-AVX512F,-AVX512VL",
+        ] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("top_pad=1", "not a glibc tunable name"),
+            ("glibc.=1", "not a glibc tunable name"),
+            ("glibc.malloc.top_pad", "not name=value"),
+            ("glibc.malloc.top_pad=1:", "not name=value"),
+            ("glibc.malloc.top_pad=", "must be a number or word"),
+            ("glibc.malloc.top_pad=1 2", "must be a number or word"),
+            ("glibc.malloc.top_pad=1\nX=1", "must be a number or word"),
+            ("GLIBC.malloc.top_pad=1", "not a glibc tunable name"),
+        ] {
+            let err = with(bad).validate().expect_err(bad);
+            assert_eq!(err.key, "database.managed_glibc_tunables");
+            assert!(err.reason.contains(says), "{bad}: {}", err.reason);
         }
     }
 }

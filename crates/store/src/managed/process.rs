@@ -6,6 +6,8 @@
 //! processes or their output; the steps that decide when to do so live in
 //! the sibling modules.
 
+use std::borrow::Cow;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
@@ -136,6 +138,13 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
         // SIGKILL would skip the shutdown checkpoint and strand backends;
         // Drop sends SIGINT instead.
         .kill_on_drop(false);
+    let glibc_tunables = glibc_tunables(
+        &settings.database.managed_glibc_tunables,
+        std::env::var_os("GLIBC_TUNABLES"),
+    );
+    if let Some(tunables) = &glibc_tunables {
+        cmd.env("GLIBC_TUNABLES", tunables);
+    }
     if settings.nice > 0 {
         let nice = libc::c_int::from(settings.nice);
         // SAFETY: runs in the child between fork and exec, where only
@@ -150,6 +159,9 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
             });
         }
     }
+    let tunables_shown = glibc_tunables
+        .as_deref()
+        .map_or(Cow::Borrowed("(inherited)"), OsStr::to_string_lossy);
     info!(
         bin_dir = %plan.bins.bin_dir.display(),
         version = %plan.bins.version,
@@ -158,9 +170,26 @@ pub(super) fn spawn_postgres(plan: &Plan, settings: &Settings) -> Result<Child, 
         log = %layout.log_path.display(),
         nice = settings.nice,
         %shared_buffers,
+        glibc_tunables = %tunables_shown,
         "Starting managed PostgreSQL"
     );
     cmd.spawn().map_err(io_err("start", &plan.bins.postgres))
+}
+
+/// The `GLIBC_TUNABLES` PostgreSQL starts with: `database.managed_glibc_tunables`
+/// followed by what convstore itself was started with, so an operator's
+/// own value for a name wins (glibc applies the pairs in order). `None`:
+/// nothing configured, the inherited environment stays as it is.
+fn glibc_tunables(configured: &str, inherited: Option<OsString>) -> Option<OsString> {
+    if configured.is_empty() {
+        return None;
+    }
+    let mut tunables = OsString::from(configured);
+    if let Some(inherited) = inherited.filter(|v| !v.is_empty()) {
+        tunables.push(":");
+        tunables.push(inherited);
+    }
+    Some(tunables)
 }
 
 /// `mmap` (files under the data directory) when `/dev/shm` is small or
@@ -397,6 +426,25 @@ pub(super) fn log_tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn glibc_tunables_are_ours_then_the_inherited_ones() {
+        let ours = crate::settings::DEFAULT_MANAGED_GLIBC_TUNABLES;
+        assert_eq!(glibc_tunables(ours, None), Some(OsString::from(ours)));
+        assert_eq!(
+            glibc_tunables(ours, Some(OsString::new())),
+            Some(OsString::from(ours))
+        );
+        assert_eq!(
+            glibc_tunables(ours, Some("glibc.malloc.top_pad=0".into())),
+            Some(OsString::from(format!("{ours}:glibc.malloc.top_pad=0")))
+        );
+        // Nothing configured: the environment is passed on untouched.
+        assert_eq!(
+            glibc_tunables("", Some("glibc.malloc.top_pad=0".into())),
+            None
+        );
+    }
 
     #[test]
     fn log_tail_keeps_the_last_lines() {
