@@ -57,17 +57,19 @@ pub struct DatabaseSettings {
     pub read_url: String,
 }
 
-/// pgvector's HNSW insert copies every graph element it visits into a
-/// memory context that is freed after the row: a few MB allocated and
-/// freed per chunk. glibc gives the top of a freed heap back to the kernel
-/// (`brk`) and faults it in again, zeroed, on the next row; with the
-/// sample's conversations that was a third of PostgreSQL's CPU at 374
-/// conversations/s (docs/PERFORMANCE.md, "glibc's heap in the managed cluster"). A 16 MB pad on
-/// top of the heap keeps those pages, and allocations up to 4 MB come from
-/// the heap rather than from a fresh `mmap` each. Setting either turns off
-/// glibc's sliding mmap threshold, so both are set.
+/// pgvector's HNSW insert copies every graph element it visits (3 KB at
+/// 768 dimensions) into a memory context freed after the row. glibc's
+/// malloc returns the top of a freed heap to the kernel (`brk`) once more
+/// than its trim threshold is free, and the next row faults the pages in
+/// again, zeroed. The threshold slides up (to 64 MB at most) only after a
+/// large block has been freed, which a backend writing small batches never
+/// does: at 312 to 374 conversations/s PostgreSQL spent 1.5 to 1.85 times
+/// the CPU it spends with these settings (docs/PERFORMANCE.md, "glibc's
+/// heap in the managed cluster"). They are the ceilings the sliding
+/// thresholds reach (mmap 32 MB, trim 64 MB), from the first allocation;
+/// lower fixed ones made large COPYs slower.
 pub const DEFAULT_MANAGED_GLIBC_TUNABLES: &str =
-    "glibc.malloc.top_pad=16777216:glibc.malloc.mmap_threshold=4194304";
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864";
 
 /// The most hash partitions `database.partitions` may ask for.
 pub const MAX_PARTITIONS: u32 = 1024;
