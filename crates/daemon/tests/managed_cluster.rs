@@ -188,10 +188,10 @@ async fn postgres_starts_with_the_configured_malloc_tunables() {
         None => DEFAULT_MANAGED_GLIBC_TUNABLES.to_string(),
     };
     let seen = glibc_tunables_of(tc.cluster().pid()).expect("GLIBC_TUNABLES is set");
-    // glibc up to 2.37 writes a NUL over the first `:` of the original
-    // string as it parses it (seen with Debian 12's 2.36: a `sleep` started
-    // with both pairs shows only the first in /proc), so the first pair may
-    // be all that is left to see; both still apply (`ld.so --list-tunables`).
+    // Debian 12's glibc (2.36) writes a NUL over the first `:` of the
+    // original string as it parses it (a `sleep` started with both pairs
+    // shows only the first in /proc), so the first pair may be all that is
+    // left to see; both still apply (`ld.so --list-tunables`).
     assert!(
         seen == expected || expected.starts_with(&format!("{seen}:")),
         "postgres started with GLIBC_TUNABLES={seen:?}, expected {expected:?}"
