@@ -610,6 +610,20 @@ async fn a_refused_body_is_answered_not_reset_while_the_client_still_sends() {
     assert!(answer.contains("too_many_connections"), "{answer:?}");
     assert!(written, "the shed request could not be sent whole (reset)");
     drop(serving);
+    // The slots are freed once the daemon has seen those clients close,
+    // which takes it a moment: a request sent before that is rightly shed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while scrape(&daemon)
+        .await
+        .value("convstore_http_connections", &[("transport", "tcp")])
+        >= 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed slow-body connections were never released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // And it still serves.
     let client = reqwest::Client::new();
