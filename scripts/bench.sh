@@ -28,9 +28,11 @@
 #                    <n> = 1 | 16 connections, BENCH_ACK_COUNT requests
 #                    each (default 4000), every request with new text;
 #      open-<t>      single posts, open loop at BENCH_OPEN_RATE per second
-#                    (default: half the stored rate the sample run reached)
-#                    for BENCH_DURATION seconds (default 20): latency from
-#                    the scheduled send time, and received→committed.
+#                    (default: half the stored rate the sample run reached,
+#                    a burst into an empty index, so more than half what
+#                    the machine sustains) for BENCH_DURATION seconds
+#                    (default 20): latency from the scheduled send time,
+#                    and received→committed.
 #      *-held        the ack and open runs again, with commits held (the
 #                    queue keeps everything, PostgreSQL does nothing): the
 #                    acknowledgement path without storage competing for
@@ -40,6 +42,16 @@
 #                    open runs while this daemon stores what its own
 #                    storing run of that name had to store: the floor on
 #                    a machine as busy as convstore's storing run had it.
+#    Then the sustained rate, on a fresh daemon:
+#      sustained     an open loop offering the sample run's stored rate
+#                    for BENCH_SUSTAIN_DURATION seconds (default 30): more
+#                    than the daemon stores once its index grows, so the
+#                    queue fills and the rest is answered 429; what it
+#                    stored, first request to last commit, is the maximum
+#                    sustained rate;
+#      sustained-half  on the same daemon and its grown index, an open
+#                    loop at half that rate for BENCH_DURATION seconds:
+#                    received→committed at half the sustained rate.
 # 3. The floor server (tools/ack-floor: read the body, push it onto a
 #    channel, answer 202) under the same ack and open runs, alone.
 # 4. The Ollama-like stand-in (BENCH_OLLAMA_MS per request + BENCH_OLLAMA_
@@ -62,6 +74,7 @@ cd "$(dirname "$0")/.."
 
 REPEAT=${BENCH_REPEAT:-3}
 DURATION=${BENCH_DURATION:-20}
+SUSTAIN_DURATION=${BENCH_SUSTAIN_DURATION:-30}
 ACK_COUNT=${BENCH_ACK_COUNT:-4000}
 OPEN_RATE=${BENCH_OPEN_RATE:-}
 OLLAMA_MS=${BENCH_OLLAMA_MS:-15}
@@ -515,6 +528,14 @@ for rep in $(seq "$REPEAT"); do
     SOCKET=$DAEMON_SOCKET
     HTTP=$DAEMON_HTTP
     WS=$DAEMON_WS
+    stop_stack
+
+    start_stack 1 0 0
+    OFFER=$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"]))' "$OUT/sample-$rep.json")
+    run "sustained-$rep" --socket "$SOCKET" --rate "$OFFER" --duration "$SUSTAIN_DURATION" --unique-text
+    HALF=$(python3 -c 'import json, sys; print(max(1, round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"] / 2)))' "$OUT/sustained-$rep.json")
+    echo "$HALF" >"$OUT/sustained-half-rate-$rep"
+    run "sustained-half-$rep" --socket "$SOCKET" --rate "$HALF" --duration "$DURATION" --concurrency 16 --unique-text
     stop_stack
 
     start_floor

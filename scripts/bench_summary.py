@@ -17,6 +17,8 @@ ENQUEUE_P99_TARGET_US = 50
 ACK_P99_RATIO_TARGET = 2.0
 THROUGHPUT_RATIO_TARGET = 0.6
 STORED_RATIO_TARGET = 0.8
+# Issue 22: no regression of the stored rate.
+STORED_RATIO_TARGET_ISSUE_22 = 0.9
 E2E_P95_TARGET_MS = 100
 RSS_IDLE_TARGET_MB = 64
 RSS_FULL_TARGET_MB = 256
@@ -127,6 +129,35 @@ def beside_storage(runs):
                   f"{num(r, '{:.2f}×')}, {verdict(None if r is None else r >= THROUGHPUT_RATIO_TARGET)}.")
 
 
+def sustained_section(runs, out):
+    """The sustained rate (an over-rate open loop on a fresh daemon) and
+    received→committed at half of it, on the same daemon."""
+    if "sustained" not in runs:
+        return
+    print("## Received → committed at half the maximum sustained rate\n")
+    print("A fresh daemon offered the sample run's stored rate, more than it stores once its")
+    print("index grows: the queue fills and the rest is answered 429. What it stored, first")
+    print("request to last commit, is the sustained rate; then, on the same daemon and its")
+    print("grown index, an open loop at half of it. The over-rate run's received→committed")
+    print("is the backlog it was let build (`queue.max_backlog_seconds`), which the histogram")
+    print("resolves only to its 10–30 s bucket: its drain after the last answer shows it instead.\n")
+    print("| run | offered/s | answered 429 | stored conv/s | drained after the last answer | p50 | p95 | p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ["sustained", "sustained-half"]:
+        latency = name == "sustained-half"
+        print("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            name, num(m(runs, name, "measured", "target_rate")),
+            num(m(runs, name, "measured", "reject_share"), "{:.0%}"),
+            num(m(runs, name, "stored", "conversations_per_s")),
+            num(m(runs, name, "stored", "drain_s"), "{:.1f} s"),
+            *(num(m(runs, name, "server", f"end_to_end_{q}_ms") if latency else None, "{:.0f} ms")
+              for q in ("p50", "p95", "p99")),
+        ))
+    p95 = m(runs, "sustained-half", "server", "end_to_end_p95_ms")
+    print(f"\nTarget p95 ≤ {E2E_P95_TARGET_MS} ms at half the sustained rate: {num(p95, '{:.0f} ms')}, "
+          f"{verdict(None if p95 is None else p95 <= E2E_P95_TARGET_MS)}.\n")
+
+
 def main(out):
     runs = load(out)
     reps = max((len(v) for v in runs.values()), default=0)
@@ -205,30 +236,30 @@ def main(out):
             num(ratio(rate, copy), "{:.2f}"),
         ))
     print("\nThe floor is the faster COPY.")
-    print(f"\nTarget stored ≥ {STORED_RATIO_TARGET:.0%} of raw COPY: {num(stored_ratio, '{:.0%}')}, "
-          f"{verdict(None if stored_ratio is None else stored_ratio >= STORED_RATIO_TARGET)}.\n")
+    print(f"\nTarget stored ≥ {STORED_RATIO_TARGET:.0%} of raw COPY: {num(stored_ratio, '{:.1%}')}, "
+          f"{verdict(None if stored_ratio is None else stored_ratio >= STORED_RATIO_TARGET)}; "
+          f"issue 22's ≥ {STORED_RATIO_TARGET_ISSUE_22:.0%}: "
+          f"{verdict(None if stored_ratio is None else stored_ratio >= STORED_RATIO_TARGET_ISSUE_22)}.\n")
 
-    print("## Received → committed at half the maximum sustained rate\n")
+    sustained_section(runs, out)
+
+    print("## Received → committed in the open loops\n")
     rates = []
     for path in glob.glob(os.path.join(out, "open-rate-*")):
         with open(path) as f:
             rates.append(float(f.read()))
-    print(f"Open-loop rate: {num(med(rates))}/s, half the stored rate of the sample run.\n")
+    print(f"Open-loop rate: {num(med(rates))}/s, half the stored rate of the sample run: a burst")
+    print("into an empty index, so more than half what the machine sustains.\n")
     print("| run | stored conv/s | p50 | p95 | p99 |")
     print("|---|---:|---:|---:|---:|")
-    p95s = []
     for name in ["open-unix", "open-http"]:
-        p95 = m(runs, name, "server", "end_to_end_p95_ms")
-        p95s.append(p95)
         print("| {} | {} | {} | {} | {} |".format(
             name, num(m(runs, name, "stored", "conversations_per_s")),
             num(m(runs, name, "server", "end_to_end_p50_ms"), "{:.0f} ms"),
-            num(p95, "{:.0f} ms"),
+            num(m(runs, name, "server", "end_to_end_p95_ms"), "{:.0f} ms"),
             num(m(runs, name, "server", "end_to_end_p99_ms"), "{:.0f} ms"),
         ))
-    worst_p95 = max((v for v in p95s if v is not None), default=None)
-    print(f"\nTarget p95 ≤ {E2E_P95_TARGET_MS} ms: worst {num(worst_p95, '{:.0f} ms')}, "
-          f"{verdict(None if worst_p95 is None else worst_p95 <= E2E_P95_TARGET_MS)}.\n")
+    print()
 
     print("## Embedding behind an Ollama-like latency\n")
     print("The whole sample; each stand-in computes one request at a time. Ratio: to the")
