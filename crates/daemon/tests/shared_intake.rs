@@ -215,10 +215,25 @@ async fn three_instances_with_one_killed_store_every_acknowledged_conversation_o
         all.len()
     );
     // A graceful stop acknowledges what its drain stored before it exits:
-    // nothing is left unacknowledged to be delivered again after ack_wait.
-    let redelivered_before = metric_sum(&a.base_url(), "convstore_nats_messages_redelivered_total")
-        .await
-        + metric_sum(&c.base_url(), "convstore_nats_messages_redelivered_total").await;
+    // nothing it stored is delivered again after ack_wait. A change it
+    // stored that came again would reach A or C as an unchanged repeat, a
+    // duplicate. A message B was handed but had not stored when it stopped
+    // may come again (that is how it is not lost): A or C stores it, once.
+    let repeats = |base: String| async move {
+        (
+            metric_sum(&base, "convstore_conversations_duplicate_total").await,
+            metric_sum(&base, "convstore_nats_messages_redelivered_total").await,
+        )
+    };
+    let (duplicates_a, redelivered_a) = repeats(a.base_url()).await;
+    let (duplicates_c, redelivered_c) = repeats(c.base_url()).await;
+    let (duplicates_before, redelivered_before) =
+        (duplicates_a + duplicates_c, redelivered_a + redelivered_c);
+    // Those so far include the changes B stored but had not acknowledged
+    // when it was killed: delivered again, and counted as repeats.
+    eprintln!(
+        "before B's graceful stop: A and C counted {duplicates_before} repeats in {redelivered_before} redeliveries"
+    );
     let late: Vec<usize> = (total + 100..total + 300).collect();
     let http = reqwest::Client::new();
     for i in &late {
@@ -254,13 +269,38 @@ async fn three_instances_with_one_killed_store_every_acknowledged_conversation_o
     }
     // Past ack_wait (3 s): nothing B stored came again to A or C.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let redelivered_after = metric_sum(&a.base_url(), "convstore_nats_messages_redelivered_total")
-        .await
-        + metric_sum(&c.base_url(), "convstore_nats_messages_redelivered_total").await;
+    let (duplicates_a, redelivered_a) = repeats(a.base_url()).await;
+    let (duplicates_c, redelivered_c) = repeats(c.base_url()).await;
+    let (duplicates_after, redelivered_after) =
+        (duplicates_a + duplicates_c, redelivered_a + redelivered_c);
     assert_eq!(
-        redelivered_after, redelivered_before,
-        "changes B stored while stopping were delivered again"
+        duplicates_after, duplicates_before,
+        "changes B stored while stopping were delivered again (redelivered to A and C: {redelivered_before} before B stopped, {redelivered_after} after)"
     );
+    // And a stored change that does come again is counted so: one of B's
+    // late posts, posted again to A, reaches A or C through the stream as a
+    // repeat.
+    let resp = http
+        .post(format!("{}/v1/conversations", a.base_url()))
+        .json(&conversation(total + 100))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let started = Instant::now();
+    loop {
+        let (duplicates_a, _) = repeats(a.base_url()).await;
+        let (duplicates_c, _) = repeats(c.base_url()).await;
+        if duplicates_a + duplicates_c == duplicates_after + 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a stored change posted again was not counted as a repeat: {} repeats, {duplicates_after} before",
+            duplicates_a + duplicates_c
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
