@@ -296,6 +296,13 @@ run() {
     cpu >"$OUT/$name.cpu-after"
 }
 
+# stored_rate REPORT DIVISOR: the stored conversations per second of a
+# `convstore bench` JSON report, divided by DIVISOR, as a whole rate of at
+# least 1 (an open loop's --rate).
+stored_rate() {
+    python3 -c 'import json, sys; print(max(1, round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"] / float(sys.argv[2]))))' "$1" "$2"
+}
+
 psql_db() {
     "$PSQL" -X -q -v ON_ERROR_STOP=1 "$DB" "$@"
 }
@@ -509,7 +516,7 @@ for rep in $(seq "$REPEAT"); do
     run "reingest-$rep" --socket "$SOCKET" --count 4000 --concurrency 16
     RATE=$OPEN_RATE
     if [ -z "$RATE" ]; then
-        RATE=$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"] / 2))' "$OUT/sample-$rep.json")
+        RATE=$(stored_rate "$OUT/sample-$rep.json" 2)
     fi
     echo "$RATE" >"$OUT/open-rate-$rep"
     ack_runs "-$rep" run
@@ -531,9 +538,9 @@ for rep in $(seq "$REPEAT"); do
     stop_stack
 
     start_stack 1 0 0
-    OFFER=$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"]))' "$OUT/sample-$rep.json")
+    OFFER=$(stored_rate "$OUT/sample-$rep.json" 1)
     run "sustained-$rep" --socket "$SOCKET" --rate "$OFFER" --duration "$SUSTAIN_DURATION" --unique-text
-    HALF=$(python3 -c 'import json, sys; print(max(1, round(json.load(open(sys.argv[1]))["stored"]["conversations_per_s"] / 2)))' "$OUT/sustained-$rep.json")
+    HALF=$(stored_rate "$OUT/sustained-$rep.json" 2)
     echo "$HALF" >"$OUT/sustained-half-rate-$rep"
     run "sustained-half-$rep" --socket "$SOCKET" --rate "$HALF" --duration "$DURATION" --concurrency 16 --unique-text
     stop_stack

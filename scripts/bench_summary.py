@@ -129,7 +129,7 @@ def beside_storage(runs):
                   f"{num(r, '{:.2f}×')}, {verdict(None if r is None else r >= THROUGHPUT_RATIO_TARGET)}.")
 
 
-def sustained_section(runs, out):
+def sustained_section(runs):
     """The sustained rate (an over-rate open loop on a fresh daemon) and
     received→committed at half of it, on the same daemon."""
     if "sustained" not in runs:
@@ -241,7 +241,7 @@ def main(out):
           f"issue 22's ≥ {STORED_RATIO_TARGET_ISSUE_22:.0%}: "
           f"{verdict(None if stored_ratio is None else stored_ratio >= STORED_RATIO_TARGET_ISSUE_22)}.\n")
 
-    sustained_section(runs, out)
+    sustained_section(runs)
 
     print("## Received → committed in the open loops\n")
     rates = []
