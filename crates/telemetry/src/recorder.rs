@@ -71,3 +71,38 @@ pub fn render(handle: &PrometheusHandle) -> String {
     crate::process::render(&mut text);
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest bucket bound of `name` that holds every observation.
+    fn bound_holding_all(text: &str, name: &str, count: u64) -> Option<f64> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (le, value) = rest.split_once("\"} ")?;
+                Some((le.parse::<f64>().ok()?, value.trim().parse::<u64>().ok()?))
+            })
+            .filter(|&(_, seen)| seen == count)
+            .map(|(le, _)| le)
+            .reduce(f64::min)
+    }
+
+    #[test]
+    fn end_to_end_times_of_a_saturated_daemon_are_resolved_just_above_the_backlog_bound() {
+        let recorder = prometheus_recorder();
+        let handle = recorder.handle();
+        // What a daemon held at the default 10 s backlog reports.
+        let observed = [10.1, 10.4, 10.9, 11.6];
+        metrics::with_local_recorder(&recorder, || {
+            for seconds in observed {
+                metrics::histogram!(m::END_TO_END_SECONDS).record(seconds);
+            }
+        });
+        let text = handle.render();
+        let bound = bound_holding_all(&text, m::END_TO_END_SECONDS, observed.len() as u64);
+        assert_eq!(bound, Some(12.5), "buckets rendered:\n{text}");
+    }
+}
