@@ -14,10 +14,14 @@
 //! The estimate ([`StoreRate`]) only learns from seconds in which the
 //! pipeline had more work than it could take, from start to end (at least
 //! a full batch queued at both ends: every worker was busy), since a
-//! pipeline that keeps up stores what arrives, not what it can. It is a
-//! moving average over intervals that end in a store, so a database outage
-//! (nothing stored for a long while) freezes it instead of dragging it to
-//! zero and the queue keeps its room to ride the outage out. Until it has
+//! pipeline that keeps up stores what arrives, not what it can. It is the
+//! lower of two moving averages over intervals that end in a store: a
+//! slow one that holds the limit steady, and a fast one that takes over
+//! while the rate falls (a growing index slows every insert), so the
+//! backlog admitted at yesterday's rate does not outlast the allowed
+//! seconds. A database outage (nothing stored for a long while) freezes
+//! both instead of dragging them to zero, and the queue keeps its room to
+//! ride the outage out. Until it has
 //! measured anything the count bound (`queue.capacity`) applies alone; the
 //! limit never falls below a floor that keeps every worker fed with full
 //! batches.
@@ -35,15 +39,25 @@ pub const EVERY: Duration = Duration::from_secs(1);
 /// An interval with work and no store that lasts longer than this is a
 /// stall (database down, embedding backend gone), not a rate: dropped.
 const STALL: Duration = Duration::from_secs(30);
-/// Time constant of the moving average: a change of store rate (a slower
-/// model, a bigger index) reaches the limit within a few of these.
+/// Time constant of the slow moving average: a rise of the store rate
+/// reaches the limit within a few of these, and one second's noise (a
+/// checkpoint, batches committing in bursts) barely moves it.
 const SMOOTHING: Duration = Duration::from_secs(10);
+/// Time constant of the fast moving average, which bounds the estimate
+/// while the rate falls. With the slow one alone the estimate lags a
+/// falling rate by about its time constant times the fall per second:
+/// from a fresh index, where the store rate halves within half a minute,
+/// that admitted 13–14 s of work (p95 received → committed) for a 10 s
+/// backlog; a simulation of the same fall gives 10.8 s with both.
+const FALLING: Duration = Duration::from_secs(3);
 
 /// The store rate the pipeline achieves while it has work, learnt from
 /// successive observations of the stored-conversations total.
 #[derive(Debug, Clone)]
 pub struct StoreRate {
-    per_second: Option<f64>,
+    /// The slow and the fast moving average, measured together.
+    steady: Option<f64>,
+    recent: Option<f64>,
     /// Stored total and time at the last observation.
     last: Option<(u64, Instant, bool)>,
     /// Busy time since the last store.
@@ -62,16 +76,22 @@ impl Default for StoreRate {
 impl StoreRate {
     pub fn new() -> StoreRate {
         StoreRate {
-            per_second: None,
+            steady: None,
+            recent: None,
             last: None,
             busy: Duration::ZERO,
             stalled: false,
         }
     }
 
-    /// Conversations stored per second while busy; `None` until measured.
+    /// Conversations stored per second while busy: the lower of the slow
+    /// and the fast average, so a falling rate is followed within seconds
+    /// and a rising one at the slow pace. `None` until measured.
     pub fn per_second(&self) -> Option<f64> {
-        self.per_second
+        match (self.steady, self.recent) {
+            (Some(steady), Some(recent)) => Some(steady.min(recent)),
+            (steady, recent) => steady.or(recent),
+        }
     }
 
     /// Records that `stored_total` conversations had been stored by `now`
@@ -99,13 +119,23 @@ impl StoreRate {
             self.busy = Duration::ZERO;
             return;
         }
-        let sample = stored as f64 / self.busy.as_secs_f64().max(1e-3);
-        let weight = 1.0 - (-self.busy.as_secs_f64() / SMOOTHING.as_secs_f64()).exp();
-        self.per_second = Some(match self.per_second {
-            Some(rate) => rate + weight * (sample - rate),
-            None => sample,
-        });
-        self.busy = Duration::ZERO;
+        let busy = std::mem::take(&mut self.busy);
+        let sample = stored as f64 / busy.as_secs_f64().max(1e-3);
+        self.steady = Some(moving_average(self.steady, sample, busy, SMOOTHING));
+        self.recent = Some(moving_average(self.recent, sample, busy, FALLING));
+    }
+}
+
+/// `average` moved towards `sample`, measured over `over`, with time
+/// constant `constant` (an interval as long as it moves it 63 % of the
+/// way); the first sample is taken as it is.
+fn moving_average(average: Option<f64>, sample: f64, over: Duration, constant: Duration) -> f64 {
+    match average {
+        Some(average) => {
+            let weight = 1.0 - (-over.as_secs_f64() / constant.as_secs_f64()).exp();
+            average + weight * (sample - average)
+        }
+        None => sample,
     }
 }
 
@@ -242,6 +272,52 @@ mod tests {
         }
         let r = rate.per_second().expect("measured");
         assert!((r - 100.0).abs() < 100.0 * 0.05, "{r}");
+    }
+
+    #[test]
+    fn a_falling_rate_is_followed_within_seconds_so_the_backlog_stays_near_its_bound() {
+        // A fresh index: the store rate falls from 900 to 450 a second
+        // over 30 s as every insert gets dearer, then holds.
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        let mut stored = 0;
+        let mut worst_backlog: f64 = 0.0;
+        rate.observe(t0, stored, true);
+        for s in 1..=60 {
+            let actual = 900u64.saturating_sub(15 * s).max(450);
+            stored += actual;
+            rate.observe(at(t0, s), stored, true);
+            let limit = admission_limit(rate.per_second(), Duration::from_secs(10), 1, 1_000_000);
+            // How long the admitted queue takes to store at the true rate.
+            worst_backlog = worst_backlog.max(limit as f64 / actual as f64);
+        }
+        // The slow average alone admits ~13 s here.
+        assert!(
+            worst_backlog < 11.0,
+            "admitted {worst_backlog:.1} s of work for 10 s"
+        );
+        let r = rate.per_second().expect("measured");
+        assert!((r - 450.0).abs() < 450.0 * 0.01, "{r}");
+    }
+
+    #[test]
+    fn a_rising_rate_is_followed_at_the_slow_pace() {
+        let t0 = Instant::now();
+        let mut rate = StoreRate::new();
+        let mut stored = 0;
+        rate.observe(t0, stored, true);
+        for s in 1..=60 {
+            stored += 450;
+            rate.observe(at(t0, s), stored, true);
+        }
+        // Twice as fast from here on: after 3 s the fast average is past
+        // 730 a second, the estimate still below 600.
+        for s in 61..=63 {
+            stored += 900;
+            rate.observe(at(t0, s), stored, true);
+        }
+        let r = rate.per_second().expect("measured");
+        assert!(r > 500.0 && r < 600.0, "{r}");
     }
 
     #[test]
