@@ -10,10 +10,11 @@
 //!   once the queue is full, everything accepted is stored after SIGCONT
 //!   with no operator; then the postmaster is killed and the daemon
 //!   restarts the managed cluster on its own.
-//! - `admission_follows_the_store_rate_and_refusals_are_not_losses`: a
+//! - `admission_follows_the_store_rate_across_a_restart_and_refusals_are_not_losses`: a
 //!   slow pipeline under a 200/s load: the queue admits about
 //!   `queue.max_backlog_seconds` of the measured store rate, far below its
-//!   capacity, answers 429 past it, and stores everything it accepted.
+//!   capacity, answers 429 past it, and stores everything it accepted;
+//!   restarted, it admits by the saved estimate from the first request.
 //! - `embedders_down_60s_stores_pending_then_backfills`: the only embedding
 //!   backend down for 60 s under load: nothing lost, stored as pending, all
 //!   embedded by the backfill once it is back.
@@ -683,7 +684,7 @@ async fn database_frozen_30s_then_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_follows_the_store_rate_and_refusals_are_not_losses() {
+async fn admission_follows_the_store_rate_across_a_restart_and_refusals_are_not_losses() {
     // A slow backend (~250 ms a call, one worker, batches of 8): the
     // pipeline stores a few dozen a second while clients send 200 a
     // second. With 2 s of backlog allowed, the queue must admit about
@@ -767,6 +768,18 @@ async fn admission_follows_the_store_rate_and_refusals_are_not_losses() {
     );
     db.close().await;
     assert!(daemon.terminate(Duration::from_secs(60)).success());
+    // The estimate outlives the process: restarted with no load at all, the
+    // daemon admits by it from its first request, not by the capacity.
+    let mut restarted = Daemon::start(&ws, &addr).await;
+    let limit = restarted.stats().await["queue"]["admission_limit"]
+        .as_u64()
+        .expect("admission_limit");
+    assert!(
+        (16..1_000).contains(&limit),
+        "a restarted daemon must admit by the saved store rate, not its capacity of {CAPACITY}: {limit}; log:\n{}",
+        restarted.log_text()
+    );
+    assert!(restarted.terminate(Duration::from_secs(60)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,12 +193,22 @@ impl App {
                 .get()
                 .saturating_mul(settings.pipeline.workers.get())
                 .saturating_mul(2);
+            let admission = crate::admission::AdmissionSettings {
+                max_backlog: Duration::from_secs(u64::from(settings.queue.max_backlog_seconds)),
+                floor,
+                busy_at: settings.batch.max_size.get(),
+            };
+            let mut saved = crate::admission::saved::SavedRate::new(
+                &settings.state_dir,
+                &settings.embedding.model,
+            );
+            let rate = crate::admission::resume(&queue, &mut saved, admission);
             background.spawn(crate::admission::run(
                 queue.clone(),
                 move || done.load(Ordering::Relaxed),
-                Duration::from_secs(u64::from(settings.queue.max_backlog_seconds)),
-                floor,
-                settings.batch.max_size.get(),
+                admission,
+                rate,
+                saved,
                 stop_background.clone(),
             ));
         }

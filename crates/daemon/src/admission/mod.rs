@@ -24,7 +24,10 @@
 //! ride the outage out. Until it has
 //! measured anything the count bound (`queue.capacity`) applies alone; the
 //! limit never falls below a floor that keeps every worker fed with full
-//! batches.
+//! batches. The estimate is kept across restarts ([`saved`]), so a
+//! restarted daemon admits its backlog's worth from the first request.
+
+pub mod saved;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::queue::BoundedQueue;
 use convstore_telemetry::metrics as m;
+use saved::SavedRate;
 
 /// How often the limit follows the rate.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -81,6 +85,16 @@ impl StoreRate {
             last: None,
             busy: Duration::ZERO,
             stalled: false,
+        }
+    }
+
+    /// An estimate that starts from `per_second` (saved by an earlier run)
+    /// and learns as [`StoreRate::new`]'s does.
+    pub fn seeded(per_second: f64) -> StoreRate {
+        StoreRate {
+            steady: Some(per_second),
+            recent: Some(per_second),
+            ..StoreRate::new()
         }
     }
 
@@ -158,37 +172,84 @@ pub fn admission_limit(
     }
 }
 
-/// Moves `queue`'s admission limit with the store rate until `stop`.
-/// `stored_total` reads the lifetime count of conversations the pipeline
-/// finished; `busy_at` is the queue depth (a full batch) from which every
-/// worker counts as busy.
+/// How the queue's admission follows the store rate.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionSettings {
+    /// `queue.max_backlog_seconds`.
+    pub max_backlog: Duration,
+    /// The limit's lower bound (full batches for every worker).
+    pub floor: usize,
+    /// The queue depth (a full batch) from which every worker counts as
+    /// busy.
+    pub busy_at: usize,
+}
+
+/// The estimate a started daemon begins with: the one `saved` by an
+/// earlier run, if any, already applied to `queue`'s limit, so the first
+/// request is admitted by it (call before intake opens).
+pub fn resume<T>(
+    queue: &BoundedQueue<T>,
+    saved: &mut SavedRate,
+    settings: AdmissionSettings,
+) -> StoreRate {
+    let Some(per_second) = saved.load() else {
+        return StoreRate::new();
+    };
+    let rate = StoreRate::seeded(per_second);
+    apply(queue, &rate, settings);
+    tracing::info!(
+        conversations_per_second = per_second,
+        admission_limit = queue.admission_limit(),
+        "Admitting by the store rate saved by the last run until it is measured again"
+    );
+    rate
+}
+
+/// Moves `queue`'s admission limit with the store rate until `stop`,
+/// starting from `rate` ([`resume`]) and saving it as it moves and when
+/// stopped. `stored_total` reads the lifetime count of conversations the
+/// pipeline finished.
 pub async fn run<T: Send + 'static>(
     queue: Arc<BoundedQueue<T>>,
     stored_total: impl Fn() -> u64 + Send + 'static,
-    max_backlog: Duration,
-    floor: usize,
-    busy_at: usize,
+    settings: AdmissionSettings,
+    mut rate: StoreRate,
+    mut saved: SavedRate,
     stop: CancellationToken,
 ) {
-    let mut rate = StoreRate::new();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                if let Some(r) = rate.per_second() {
+                    saved.save(r, Instant::now(), true);
+                }
+                return;
+            }
             _ = tick.tick() => {}
         }
-        rate.observe(
-            Instant::now(),
-            stored_total(),
-            queue.len() >= busy_at.max(1),
-        );
-        let limit = admission_limit(rate.per_second(), max_backlog, floor, queue.capacity());
-        queue.set_admission_limit(limit);
-        metrics::gauge!(m::QUEUE_ADMISSION_LIMIT).set(queue.admission_limit() as f64);
+        let now = Instant::now();
+        rate.observe(now, stored_total(), queue.len() >= settings.busy_at.max(1));
+        apply(&queue, &rate, settings);
         if let Some(r) = rate.per_second() {
-            metrics::gauge!(m::QUEUE_STORE_RATE).set(r);
+            saved.save(r, now, false);
         }
+    }
+}
+
+/// Sets `queue`'s limit for `rate`, and the gauges that show both.
+fn apply<T>(queue: &BoundedQueue<T>, rate: &StoreRate, settings: AdmissionSettings) {
+    let limit = admission_limit(
+        rate.per_second(),
+        settings.max_backlog,
+        settings.floor,
+        queue.capacity(),
+    );
+    queue.set_admission_limit(limit);
+    metrics::gauge!(m::QUEUE_ADMISSION_LIMIT).set(queue.admission_limit() as f64);
+    if let Some(r) = rate.per_second() {
+        metrics::gauge!(m::QUEUE_STORE_RATE).set(r);
     }
 }
 
