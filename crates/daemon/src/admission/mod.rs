@@ -21,11 +21,11 @@
 //! backlog admitted at yesterday's rate does not outlast the allowed
 //! seconds. A database outage (nothing stored for a long while) freezes
 //! both instead of dragging them to zero, and the queue keeps its room to
-//! ride the outage out. Until it has
-//! measured anything the count bound (`queue.capacity`) applies alone; the
-//! limit never falls below a floor that keeps every worker fed with full
-//! batches. The estimate is kept across restarts ([`saved`]), so a
-//! restarted daemon admits its backlog's worth from the first request.
+//! ride the outage out. Until it has measured anything the count bound
+//! (`queue.capacity`) applies alone; the limit never falls below a floor
+//! that keeps every worker fed with full batches. The estimate is kept
+//! across restarts ([`saved`]), so a restarted daemon admits its
+//! backlog's worth from the first request.
 
 pub mod saved;
 
