@@ -21,7 +21,11 @@
 //! backlog admitted at yesterday's rate does not outlast the allowed
 //! seconds. A database outage (nothing stored for a long while) freezes
 //! both instead of dragging them to zero, and the queue keeps its room to
-//! ride the outage out. Until it has measured anything the count bound
+//! ride the outage out. The backlog the limit bounds is the queue plus
+//! the batches already in the pipeline's hands (the workers', the one
+//! waiting for a worker, the one the batcher is handing over): they are
+//! stored before anything queued, so each of them is a conversation less
+//! the queue may admit. Until it has measured anything the count bound
 //! (`queue.capacity`) applies alone; the limit never falls below a floor
 //! that keeps every worker fed with full batches. The estimate is kept
 //! across restarts ([`saved`]), so a restarted daemon admits its
@@ -153,12 +157,15 @@ fn moving_average(average: Option<f64>, sample: f64, over: Duration, constant: D
     }
 }
 
-/// What the queue admits for `rate` and `max_backlog`: the backlog's worth
-/// of conversations, at least `floor`, at most `capacity` (also without a
-/// rate yet, or with `max_backlog` zero: admission by count only).
+/// What the queue admits for `rate` and `max_backlog` while `in_flight`
+/// conversations are already in the pipeline's hands: the backlog's worth
+/// of conversations less those, at least `floor`, at most `capacity` (also
+/// without a rate yet, or with `max_backlog` zero: admission by count
+/// only).
 pub fn admission_limit(
     rate: Option<f64>,
     max_backlog: Duration,
+    in_flight: usize,
     floor: usize,
     capacity: usize,
 ) -> usize {
@@ -166,7 +173,9 @@ pub fn admission_limit(
         Some(per_second) if !max_backlog.is_zero() => {
             let items = (per_second * max_backlog.as_secs_f64()).ceil();
             // f64 → usize saturates; the clamp keeps it in range anyway.
-            (items as usize).clamp(floor.min(capacity), capacity)
+            (items as usize)
+                .saturating_sub(in_flight)
+                .clamp(floor.min(capacity), capacity)
         }
         _ => capacity,
     }
@@ -196,7 +205,8 @@ pub fn resume<T>(
         return StoreRate::new();
     };
     let rate = StoreRate::seeded(per_second);
-    apply(queue, &rate, settings);
+    // Nothing is in the pipeline's hands before intake opens.
+    apply(queue, &rate, 0, settings);
     tracing::info!(
         conversations_per_second = per_second,
         admission_limit = queue.admission_limit(),
@@ -208,10 +218,12 @@ pub fn resume<T>(
 /// Moves `queue`'s admission limit with the store rate until `stop`,
 /// starting from `rate` ([`resume`]) and saving it as it moves and when
 /// stopped. `stored_total` reads the lifetime count of conversations the
-/// pipeline finished.
+/// pipeline finished, `in_flight` how many it has taken from the queue and
+/// not finished yet.
 pub async fn run<T: Send + 'static>(
     queue: Arc<BoundedQueue<T>>,
     stored_total: impl Fn() -> u64 + Send + 'static,
+    in_flight: impl Fn() -> usize + Send + 'static,
     settings: AdmissionSettings,
     mut rate: StoreRate,
     mut saved: SavedRate,
@@ -231,18 +243,25 @@ pub async fn run<T: Send + 'static>(
         }
         let now = Instant::now();
         rate.observe(now, stored_total(), queue.len() >= settings.busy_at.max(1));
-        apply(&queue, &rate, settings);
+        apply(&queue, &rate, in_flight(), settings);
         if let Some(r) = rate.per_second() {
             saved.save(r, now, false);
         }
     }
 }
 
-/// Sets `queue`'s limit for `rate`, and the gauges that show both.
-fn apply<T>(queue: &BoundedQueue<T>, rate: &StoreRate, settings: AdmissionSettings) {
+/// Sets `queue`'s limit for `rate` with `in_flight` conversations in the
+/// pipeline's hands, and the gauges that show both.
+fn apply<T>(
+    queue: &BoundedQueue<T>,
+    rate: &StoreRate,
+    in_flight: usize,
+    settings: AdmissionSettings,
+) {
     let limit = admission_limit(
         rate.per_second(),
         settings.max_backlog,
+        in_flight,
         settings.floor,
         queue.capacity(),
     );
@@ -338,7 +357,10 @@ mod tests {
     #[test]
     fn a_falling_rate_is_followed_within_seconds_so_the_backlog_stays_near_its_bound() {
         // A fresh index: the store rate falls from 900 to 450 a second
-        // over 30 s as every insert gets dearer, then holds.
+        // over 30 s as every insert gets dearer, then holds. The pipeline
+        // holds six batches of 64 throughout (four workers', one waiting,
+        // one being handed over), as the defaults do when saturated.
+        let in_flight = 6 * 64;
         let t0 = Instant::now();
         let mut rate = StoreRate::new();
         let mut stored = 0;
@@ -348,11 +370,19 @@ mod tests {
             let actual = 900u64.saturating_sub(15 * s).max(450);
             stored += actual;
             rate.observe(at(t0, s), stored, true);
-            let limit = admission_limit(rate.per_second(), Duration::from_secs(10), 1, 1_000_000);
-            // How long the admitted queue takes to store at the true rate.
-            worst_backlog = worst_backlog.max(limit as f64 / actual as f64);
+            let limit = admission_limit(
+                rate.per_second(),
+                Duration::from_secs(10),
+                in_flight,
+                1,
+                1_000_000,
+            );
+            // How long the admitted queue, behind what the pipeline
+            // holds, takes to store at the true rate.
+            worst_backlog = worst_backlog.max((limit + in_flight) as f64 / actual as f64);
         }
-        // The slow average alone admits ~13 s here.
+        // The slow average alone admits ~13 s here; leaving the pipeline's
+        // batches out of the count, ~11.7 s.
         assert!(
             worst_backlog < 11.0,
             "admitted {worst_backlog:.1} s of work for 10 s"
@@ -384,16 +414,33 @@ mod tests {
     #[test]
     fn the_limit_is_the_backlog_at_the_rate_within_floor_and_capacity() {
         let ten = Duration::from_secs(10);
-        assert_eq!(admission_limit(None, ten, 512, 10_000), 10_000);
-        assert_eq!(admission_limit(Some(300.0), ten, 512, 10_000), 3_000);
-        assert_eq!(admission_limit(Some(20.0), ten, 512, 10_000), 512);
-        assert_eq!(admission_limit(Some(5_000.0), ten, 512, 10_000), 10_000);
+        assert_eq!(admission_limit(None, ten, 0, 512, 10_000), 10_000);
+        assert_eq!(admission_limit(Some(300.0), ten, 0, 512, 10_000), 3_000);
+        assert_eq!(admission_limit(Some(20.0), ten, 0, 512, 10_000), 512);
+        assert_eq!(admission_limit(Some(5_000.0), ten, 0, 512, 10_000), 10_000);
         assert_eq!(
-            admission_limit(Some(300.0), Duration::ZERO, 512, 10_000),
+            admission_limit(Some(300.0), Duration::ZERO, 0, 512, 10_000),
             10_000
         );
         // A floor above the capacity cannot raise the limit past it.
-        assert_eq!(admission_limit(Some(1.0), ten, 512, 100), 100);
-        assert_eq!(admission_limit(Some(f64::INFINITY), ten, 512, 100), 100);
+        assert_eq!(admission_limit(Some(1.0), ten, 0, 512, 100), 100);
+        assert_eq!(admission_limit(Some(f64::INFINITY), ten, 0, 512, 100), 100);
+    }
+
+    #[test]
+    fn what_the_pipeline_holds_counts_against_the_backlog() {
+        let ten = Duration::from_secs(10);
+        // 3,000 conversations are 10 s at 300 a second; 384 of them are
+        // already in the workers' hands.
+        assert_eq!(admission_limit(Some(300.0), ten, 384, 512, 10_000), 2_616);
+        // Never below the floor, which keeps the workers fed ...
+        assert_eq!(admission_limit(Some(60.0), ten, 384, 512, 10_000), 512);
+        assert_eq!(admission_limit(Some(60.0), ten, 5_000, 512, 10_000), 512);
+        // ... and no count of it matters without a rate.
+        assert_eq!(admission_limit(None, ten, 384, 512, 10_000), 10_000);
+        assert_eq!(
+            admission_limit(Some(5_000.0), ten, 384, 512, 10_000),
+            10_000
+        );
     }
 }

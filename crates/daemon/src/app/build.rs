@@ -185,6 +185,7 @@ impl App {
         ));
         if settings.queue.max_backlog_seconds > 0 {
             let done = ctx.conversations_done.clone();
+            let in_flight = ctx.in_flight.clone();
             // Two full batches per worker: the pipeline never waits for
             // intake because of the limit.
             let floor = settings
@@ -206,6 +207,7 @@ impl App {
             background.spawn(crate::admission::run(
                 queue.clone(),
                 move || done.load(Ordering::Relaxed),
+                move || in_flight.load(Ordering::Relaxed),
                 admission,
                 rate,
                 saved,
