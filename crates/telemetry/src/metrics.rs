@@ -288,14 +288,15 @@ pub const ENQUEUE_BUCKETS: &[f64] = &[
 ];
 /// Milliseconds to a minute: embedding, storage, queue wait, end to end.
 /// The alert thresholds (store 50/100 ms, embedding 200/500 ms) are bucket
-/// bounds, so `histogram_quantile` is exact where it matters. 12.5, 15 and
+/// bounds, so `histogram_quantile` is exact where it matters; 150 ms sizes
+/// a miss of the 100 ms received → committed target. 12.5, 15 and
 /// 20 s resolve a saturated daemon: admission holds the backlog to
 /// `queue.max_backlog_seconds` (10 by default), so its queue waits and end
 /// to end times sit just above 10 s, where one 10–30 s bucket made every
 /// quantile read as ~27 s.
 pub const STAGE_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 12.5, 15.0,
-    20.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 12.5,
+    15.0, 20.0, 30.0, 60.0,
 ];
 /// Tens of microseconds to seconds: a publish waits for the stream's
 /// acknowledgement (and its fsync, with `sync_interval: always`).
