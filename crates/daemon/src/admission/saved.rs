@@ -11,7 +11,11 @@
 //! The file is a hint, not state: a missing, unreadable or foreign one
 //! (another model) means no estimate, and a failed write loses nothing.
 //! It is replaced by rename, so a crash leaves the old or the new one.
+//! It is read only if it is a regular file of at most [`MAX_BYTES`], so
+//! whatever else lies at its path cannot hold up start-up (a FIFO would
+//! block the open) or fill memory.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,8 @@ pub const FILE_NAME: &str = "store-rate.json";
 const EVERY: Duration = Duration::from_secs(10);
 /// A change smaller than this share of the saved rate is not written.
 const CHANGE: f64 = 0.05;
+/// A saved estimate is under 100 bytes; a larger file is not one.
+const MAX_BYTES: u64 = 4096;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Saved {
@@ -55,9 +61,9 @@ impl SavedRate {
 
     /// The saved rate for this model, if there is a usable one.
     pub fn load(&mut self) -> Option<f64> {
-        let text = match std::fs::read(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        let text = match read_hint(&self.path) {
+            Ok(Some(text)) => text,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "Cannot read the saved store rate; admitting by queue.capacity until the rate is measured");
                 return None;
@@ -122,6 +128,29 @@ impl SavedRate {
     }
 }
 
+/// The file at `path` if it is a regular one of at most [`MAX_BYTES`];
+/// `None` if there is none.
+fn read_hint(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_BYTES + 1)
+        .read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_BYTES} bytes, so not a saved rate"
+        )));
+    }
+    Ok(Some(text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +185,33 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             assert_eq!(SavedRate::new(dir.path(), "m").load(), None, "{text:?}");
         }
+    }
+
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // A directory in its place.
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(SavedRate::new(dir.path(), "m").load(), None);
+        std::fs::remove_dir(&path).unwrap();
+        // A valid estimate padded past the bound.
+        let padded = format!(
+            r#"{{"model": "m", "conversations_per_second": 300{}}}"#,
+            " ".repeat(MAX_BYTES as usize)
+        );
+        std::fs::write(&path, padded).unwrap();
+        assert_eq!(SavedRate::new(dir.path(), "m").load(), None);
+        // A FIFO, whose open would block until a writer came.
+        std::fs::remove_file(&path).unwrap();
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert_eq!(SavedRate::new(dir.path(), "m").load(), None);
+        // Within the bound, the same estimate is read.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, r#"{"model": "m", "conversations_per_second": 300}"#).unwrap();
+        assert_eq!(SavedRate::new(dir.path(), "m").load(), Some(300.0));
     }
 
     #[test]
