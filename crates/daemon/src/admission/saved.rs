@@ -27,7 +27,9 @@ pub const FILE_NAME: &str = "store-rate.json";
 const EVERY: Duration = Duration::from_secs(10);
 /// A change smaller than this share of the saved rate is not written.
 const CHANGE: f64 = 0.05;
-/// A saved estimate is under 100 bytes; a larger file is not one.
+/// A saved estimate is a model's name and a number: tens of bytes for any
+/// real model name, so a larger file is not one (a name of kilobytes would
+/// only cost the hint).
 const MAX_BYTES: u64 = 4096;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
